@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` runs the main job, `make test` the tests.
+# Both start with `make setup`, which installs whatever a fresh machine lacks and nothing else.
+
+VENV   := .venv
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: setup lint test test-matrix demo clean
+
+setup:
+	@bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Default suite: PostgreSQL 13, 15 and 17; other majors run in `make test-matrix`.
+test: lint
+	$(PYTEST) -m "not matrix"
+
+test-matrix: setup
+	$(PYTEST) -m matrix
+
+demo: setup
+	@bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The cloud-dump command line: coordinator of backups, restore, and WAL front ends."""

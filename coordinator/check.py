@@ -1,0 +1,44 @@
+"""``cloud-dump check``: prove the paths a backup will use, before a backup needs them.
+
+Directly: write, read back and delete a small object in the store. Through the broker: find the
+workers, make sure someone consumes each queue, and have every worker do the same storage round
+trip, so a worker with wrong credentials shows up now rather than in the middle of the night.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from storage import Storage
+from storage.redact import redact_url
+from workers.diagnostics import PingResult, ping_storage
+
+
+def check_storage(storage: Storage, report: Callable[[str], None]) -> PingResult:
+    result = ping_storage(storage, "cli")
+    report(
+        f"storage {storage.url}: ok ({result.size_bytes // 1024} KiB round trip in "
+        f"{result.elapsed_ms:.0f} ms)"
+    )
+    return result
+
+
+def check_workers(
+    broker_url: str, result_backend: str | None, timeout_s: float, report: Callable[[str], None]
+) -> list[PingResult]:
+    from coordinator import dispatch
+
+    app = dispatch.connect_broker(broker_url, result_backend)
+    report(f"broker {redact_url(broker_url)}: ok")
+    workers = dispatch.live_workers(app)
+    dispatch.require_queue_consumers(workers)
+    results = []
+    for worker, queues in sorted(workers.items()):
+        payload = dispatch.run_on_worker(app, worker, "cloud_dump.ping_storage", timeout_s)
+        result = PingResult.model_validate(payload)
+        report(
+            f"worker {worker} (queues {','.join(queues)}): storage {result.storage} ok "
+            f"in {result.elapsed_ms:.0f} ms"
+        )
+        results.append(result)
+    return results

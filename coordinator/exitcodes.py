@@ -1,0 +1,58 @@
+"""Exit codes of the ``cloud-dump`` command, and which error maps to which.
+
+The README documents this table; scripts and monitoring may rely on it, so codes are never
+reused for another meaning.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from storage.errors import (
+    BrokerUnreachable,
+    CloudDumpError,
+    ConfigError,
+    NoWorkerAvailable,
+    RemoteTaskFailed,
+    StorageError,
+    StorageUnreachable,
+)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    # An unexpected failure (a bug: please report it with the --log-level debug output).
+    FAILURE = 1
+    # Bad command line, or a command this version does not implement yet.
+    USAGE = 2
+    # A flag or environment value is invalid (storage URL, name, number out of range).
+    CONFIG = 3
+    # The storage endpoint or directory could not be reached (after retries).
+    STORAGE_UNREACHABLE = 4
+    # The store answered with an error retrying will not fix (no bucket, access denied, ...).
+    STORAGE_ERROR = 5
+    # The Celery broker (Redis) could not be reached.
+    BROKER_UNREACHABLE = 6
+    # The broker answered, but no worker took the work in time.
+    NO_WORKER = 7
+    # A worker ran the task and it failed (its error is in the message).
+    TASK_FAILED = 8
+
+
+# Most specific first: the first matching class decides.
+_EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
+    (ConfigError, ExitCode.CONFIG),
+    (StorageUnreachable, ExitCode.STORAGE_UNREACHABLE),
+    (StorageError, ExitCode.STORAGE_ERROR),
+    (BrokerUnreachable, ExitCode.BROKER_UNREACHABLE),
+    (NoWorkerAvailable, ExitCode.NO_WORKER),
+    (RemoteTaskFailed, ExitCode.TASK_FAILED),
+    (CloudDumpError, ExitCode.FAILURE),
+]
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    for cls, code in _EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return ExitCode.FAILURE

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian 12 machine: system packages, the project's venv, and the
+# PostgreSQL binaries of other majors. Every step checks first and does nothing when its work
+# is already done, so a second `make test` reinstalls nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_MAJORS=${PG_MAJORS:-"13 14 16 17 18"}
+VENV=.venv
+
+say() { printf 'setup: %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- Debian packages ----------------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v age >/dev/null || missing+=(age)
+command -v zstd >/dev/null || missing+=(zstd)
+command -v npm >/dev/null || missing+=(npm)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+[ -x /usr/lib/postgresql/15/bin/pg_verifybackup ] || missing+=(postgresql-client-15)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+    say "Debian packages present"
+fi
+id postgres >/dev/null 2>&1 || { say "error: no 'postgres' OS user after installing postgresql-15"; exit 1; }
+
+# --- the virtualenv -----------------------------------------------------------------------
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp=$VENV/.cloud-dump-installed
+if [ ! -x $VENV/bin/python ]; then
+    say "creating $VENV"
+    python3 -m venv $VENV
+fi
+if [ ! -f $stamp ] || [ pyproject.toml -nt $stamp ]; then
+    say "installing cloud-dump and its test and dev extras into $VENV"
+    $VENV/bin/python -m pip install -q --upgrade pip
+    $VENV/bin/python -m pip install -q -e '.[test,dev]'
+    touch $stamp
+else
+    say "$VENV up to date"
+fi
+
+# --- PostgreSQL binaries of other majors ----------------------------------------------------
+# shellcheck disable=SC2086
+$VENV/bin/python -m tests.rig.pgbin fetch $PG_MAJORS

@@ -1,0 +1,156 @@
+"""The Storage protocol: the one interface every other package uses to reach object storage.
+
+Contract (checked for every backend by ``tests/storage/test_contract.py``):
+
+- Keys are ``/``-separated relative paths (no leading ``/``, no empty, ``.`` or ``..`` segment);
+  a backend's URL prefix is applied inside the backend, callers never see it.
+- ``get``/``get_range``/``head`` of a missing key raise ``ObjectNotFound``; ``delete`` of a missing
+  key succeeds (deletes are idempotent, as on S3).
+- ``get_range(key, start, length)`` returns ``min(length, size - start)`` bytes, ``b""`` when
+  ``start >= size``; it never raises for a range past the end.
+- ``put(..., if_absent=True)`` creates the object only if the key is free and raises
+  ``ObjectExists`` otherwise, atomically: two racing writers cannot both succeed.
+- A write is visible whole or not at all: no reader ever sees a partial object.
+- Multipart: ``upload_part`` may be called from any process for an upload created in another;
+  re-uploading a part number replaces it. ``complete_multipart`` takes the parts in order, and
+  raises ``PartTooSmall`` if a part other than the last is under ``min_part_size_bytes``; the
+  object appears only when it returns. ``abort_multipart`` discards the parts;
+  ``list_multipart_uploads`` shows uploads created and neither completed nor aborted.
+- Every failure is a ``StorageError``: ``TransientStorageError`` when retrying may help,
+  ``PermanentStorageError`` otherwise. Backends retry transient failures internally (with
+  backoff) before raising.
+
+Callers ask a backend what it supports through ``capabilities``, never which backend it is.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+MiB = 1024 * 1024
+
+# S3's limits (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html). Some
+# S3-compatible stores allow fewer parts (1,000 is common), hence the configurable count.
+S3_MIN_PART_SIZE_BYTES = 5 * MiB
+S3_MAX_PART_SIZE_BYTES = 5 * 1024 * MiB
+S3_MAX_PART_COUNT = 10_000
+MIN_CONFIGURABLE_PART_COUNT = 1_000
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend allows for multipart uploads."""
+
+    min_part_size_bytes: int
+    max_part_size_bytes: int
+    max_part_count: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Metadata of a stored object.
+
+    ``checksum_sha256`` is the hex SHA-256 of the whole object when the store knows it (objects
+    written with ``put``), ``None`` otherwise (S3 keeps only a checksum of checksums for
+    multipart objects).
+    """
+
+    key: str
+    size: int
+    etag: str
+    checksum_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    """A part the store accepted; ``complete_multipart`` takes a list of these."""
+
+    part_number: int
+    etag: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """A multipart upload in progress."""
+
+    key: str
+    upload_id: str
+
+
+class Storage(Protocol):
+    """Object storage as cloud-dump needs it. See the module docstring for the contract."""
+
+    @property
+    def url(self) -> str:
+        """Where this storage points, without credentials (safe to log)."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in key order."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def create_multipart(self, key: str) -> str:
+        """Start a multipart upload of ``key`` and return its upload id."""
+        ...
+
+    def upload_part(
+        self, key: str, upload_id: str, part_number: int, data: bytes, *, sha256: str
+    ) -> UploadedPart:
+        """Store part ``part_number`` (1-based); ``sha256`` is the hex digest of ``data``.
+
+        Raises ``ChecksumMismatch`` when the bytes do not match ``sha256`` (the store verifies
+        it where it can; a backend that cannot sends it along for the store to check).
+        """
+        ...
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[UploadedPart]
+    ) -> ObjectInfo: ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    # builtins.list: inside this class, ``list`` names the method above.
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]: ...
+
+    def close(self) -> None:
+        """Release connections; the object must not be used afterwards."""
+        ...
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``: the checksum format used across cloud-dump."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a well-formed relative key, else raise ``ValueError``.
+
+    Both backends call this so that a key accepted by one is accepted by the other; the local
+    backend relies on it to keep every path inside its root.
+    """
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid storage key '{key}'")
+    segments = key.split("/")
+    # A trailing "/" is never an object key; empty, "." and ".." segments could escape a root.
+    if any(s in ("", ".", "..") for s in segments):
+        raise ValueError(f"invalid storage key '{key}'")
+    return key

@@ -1,0 +1,109 @@
+"""Where things live in a store: the seed's flat and ``--cluster`` key layouts, in one place.
+
+Flat (no cluster)::
+
+    <name>/manifest.json
+    <name>/base.tar.zst[.age]            <name>/<oid>.tar.zst[.age]
+    <name>/backup_manifest[.age]
+    <wal_prefix>/<segment>.zst[.age]     (wal_prefix defaults to "wal_archive")
+
+Cluster ``C``::
+
+    C/backup/<name>/...                  C/wal_archive/<segment>...
+
+Keys are relative to the storage URL's prefix, which the backend applies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from storage.errors import ConfigError
+
+Compression = Literal["zstd", "gzip", "lz4", "none"]
+
+COMPRESSION_SUFFIXES: dict[str, str] = {"zstd": ".zst", "gzip": ".gz", "lz4": ".lz4", "none": ""}
+ENCRYPTED_SUFFIX = ".age"
+DEFAULT_WAL_PREFIX = "wal_archive"
+MANIFEST_NAME = "manifest.json"
+BACKUP_MANIFEST_NAME = "backup_manifest"
+
+# Backup and cluster names become key segments: keep them to a portable, unambiguous set.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a valid backup or cluster name, else raise ``ConfigError``."""
+    if not _NAME_RE.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"invalid {kind} name '{value}': use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def compression_suffix(compression: str) -> str:
+    try:
+        return COMPRESSION_SUFFIXES[compression]
+    except KeyError:
+        raise ConfigError(
+            f"unknown compression '{compression}': use one of {', '.join(COMPRESSION_SUFFIXES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key layout for one store: flat when ``cluster`` is None, cluster layout otherwise."""
+
+    cluster: str | None = None
+    wal_prefix: str = DEFAULT_WAL_PREFIX
+
+    def __post_init__(self) -> None:
+        if self.cluster is not None:
+            validate_name("cluster", self.cluster)
+        segments = self.wal_prefix.strip("/").split("/")
+        if any(s in ("", ".", "..") for s in segments):
+            raise ConfigError(f"invalid WAL prefix '{self.wal_prefix}'")
+
+    @property
+    def backups_root(self) -> str:
+        """Prefix under which every backup directory lives ("" in the flat layout)."""
+        return f"{self.cluster}/backup/" if self.cluster else ""
+
+    @property
+    def wal_root(self) -> str:
+        """Prefix of the WAL archive, ending in "/"."""
+        if self.cluster:
+            return f"{self.cluster}/wal_archive/"
+        return self.wal_prefix.strip("/") + "/"
+
+    def backup_prefix(self, name: str) -> str:
+        validate_name("backup", name)
+        # In the flat layout a backup named like the WAL prefix would share its directory.
+        if self.cluster is None and name == self.wal_root.split("/")[0]:
+            raise ConfigError(f"backup name '{name}' is reserved for the WAL archive")
+        return f"{self.backups_root}{name}/"
+
+    def manifest_key(self, name: str) -> str:
+        return self.backup_prefix(name) + MANIFEST_NAME
+
+    def backup_manifest_key(self, name: str, *, encrypted: bool) -> str:
+        return self.backup_prefix(name) + BACKUP_MANIFEST_NAME + _enc(encrypted)
+
+    def archive_key(self, name: str, archive: str, compression: str, *, encrypted: bool) -> str:
+        """Key of one tablespace archive: ``archive`` is "base" or a tablespace oid."""
+        if archive != "base" and not archive.isdigit():
+            raise ValueError(f"invalid archive name '{archive}'")
+        return (
+            f"{self.backup_prefix(name)}{archive}.tar"
+            f"{compression_suffix(compression)}{_enc(encrypted)}"
+        )
+
+    def wal_key(self, file_name: str, compression: str, *, encrypted: bool) -> str:
+        return f"{self.wal_root}{file_name}{compression_suffix(compression)}{_enc(encrypted)}"
+
+
+def _enc(encrypted: bool) -> str:
+    return ENCRYPTED_SUFFIX if encrypted else ""

@@ -1,0 +1,441 @@
+"""The local backend: the Storage protocol over a directory (``file:///path``).
+
+It owns the mapping of keys onto files under a root, atomic writes, the emulation of multipart
+uploads on disk, and the translation of ``OSError`` into ``storage.errors`` (``_translated``).
+
+On-disk layout under the root::
+
+    <key>                                    one file per object
+    .cloud-dump-uploads/<upload_id>/meta.json   {"key": ..., "initiated_ns": ...}
+    .cloud-dump-uploads/<upload_id>/part-00001  one file per uploaded part
+    **/.cloud-dump-tmp-*                     files being written; never listed
+
+Every write goes to a temp file in the target's directory, is fsynced, renamed (or hard-linked,
+for create-if-absent) onto its name, and the directory is fsynced: a reader sees the old object,
+the new one, or none, never a part of one. All multipart state lives on disk, so parts may come
+from any process on any host that mounts the same directory.
+
+Costs: ``head`` reads the whole file to compute its SHA-256 (a local disk reads at GB/s, and
+callers head rarely); ``list`` only stats. An object's ETag is derived from its inode, size and
+mtime, so it changes whenever the object is rewritten, like an S3 ETag, without reading it.
+
+Differences from S3 that callers can meet: a key cannot be both an object and the parent of
+another key ("a" and "a/b"), and keys whose first segment is ``.cloud-dump-uploads`` or with a
+segment starting with ``.cloud-dump-tmp-`` are reserved. Transient I/O errors are not retried.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from storage.base import (
+    S3_MAX_PART_SIZE_BYTES,
+    S3_MIN_PART_SIZE_BYTES,
+    Capabilities,
+    MultipartUpload,
+    ObjectInfo,
+    UploadedPart,
+    sha256_hex,
+    validate_key,
+)
+from storage.errors import (
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectNotFound,
+    PartTooSmall,
+    PermanentStorageError,
+    StorageError,
+    TransientStorageError,
+    UploadNotFound,
+)
+
+if TYPE_CHECKING:
+    # Only for annotations: storage/__init__ imports this module lazily, at run time.
+    from storage import StorageOptions
+
+TMP_PREFIX = ".cloud-dump-tmp-"
+UPLOADS_DIR = ".cloud-dump-uploads"
+_META_NAME = "meta.json"
+_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+_COPY_CHUNK_BYTES = 1024 * 1024
+
+# Errors that retrying cannot fix: the operator must change permissions, space or the path.
+_PERMANENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+        errno.ENOTSUP,
+    }
+)
+# On a read, these mean "there is no object under that key" (S3 would answer 404).
+_MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
+
+
+class LocalStorage:
+    """Objects as files under ``root_path``; see ``storage.base`` for the contract."""
+
+    def __init__(self, root_path: str, options: StorageOptions) -> None:
+        # Nothing touches the disk here: the root is created by the first write.
+        self._root = Path(root_path)
+        self._options = options
+
+    # -- protocol: identity ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"file://{self._root}"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # The same limits as S3, so that a backup tested locally behaves the same on S3.
+        return Capabilities(
+            min_part_size_bytes=S3_MIN_PART_SIZE_BYTES,
+            max_part_size_bytes=S3_MAX_PART_SIZE_BYTES,
+            max_part_count=self._options.max_part_count,
+        )
+
+    # -- protocol: objects ----------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
+        path = self._path(key)
+        with _translated("write", path):
+            if not _write_atomically(path, lambda f: f.write(data), exclusive=if_absent):
+                raise ObjectExists(key)
+            return _object_info(key, path, sha256_hex(data))
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        with _translated("read", path, key=key):
+            return path.read_bytes()
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"invalid range start={start} length={length}")
+        path = self._path(key)
+        with _translated("read", path, key=key), path.open("rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        with _translated("read", path, key=key), path.open("rb") as f:
+            digest = hashlib.sha256()
+            while chunk := f.read(_COPY_CHUNK_BYTES):
+                digest.update(chunk)
+            return _object_info(key, path, digest.hexdigest())
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if prefix:
+            validate_key(prefix.removesuffix("/"))
+        # Walk only the deepest directory the prefix fully names.
+        start = self._root / prefix.rpartition("/")[0]
+        found: builtins.list[ObjectInfo] = []
+        with _translated("list", start):
+            for key, path in self._walk(start):
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):  # deleted while we walked
+                        found.append(_object_info(key, path, None))
+        # S3 sorts by UTF-8 bytes; code point order of str is the same order.
+        yield from sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        # Deletes are idempotent: a key that names nothing is already deleted.
+        with (
+            _translated("delete", path),
+            contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        ):
+            path.unlink()
+            _fsync_dir(path.parent)
+
+    # -- protocol: multipart --------------------------------------------------------------------
+
+    def create_multipart(self, key: str) -> str:
+        self._path(key)
+        upload_id = uuid.uuid4().hex
+        uploads = self._root / UPLOADS_DIR
+        staging = uploads / f"{TMP_PREFIX}{upload_id}"
+        meta = {"key": key, "initiated_ns": time.time_ns()}
+        with _translated("write", staging):
+            staging.mkdir(parents=True)
+            # Built aside and renamed into place, so that an upload is never seen without meta.
+            _write_atomically(staging / _META_NAME, lambda f: f.write(json.dumps(meta).encode()))
+            staging.rename(uploads / upload_id)
+            _fsync_dir(uploads)
+        return upload_id
+
+    def upload_part(
+        self, key: str, upload_id: str, part_number: int, data: bytes, *, sha256: str
+    ) -> UploadedPart:
+        self._check_part_number(part_number)
+        upload_dir = self._upload_dir(key, upload_id)
+        actual = sha256_hex(data)
+        if actual != sha256.lower():
+            raise ChecksumMismatch(
+                f"part {part_number} of multipart upload '{upload_id}' of '{key}' does not "
+                f"match its sha256: expected {sha256.lower()}, got {actual}"
+            )
+        path = upload_dir / _part_name(part_number)
+        with _translated("write", path):
+            try:
+                # No mkdir here: a missing directory means the upload was aborted meanwhile.
+                _write_atomically(path, lambda f: f.write(data), make_parents=False)
+            except FileNotFoundError:
+                raise _upload_not_found(key, upload_id) from None
+        return UploadedPart(part_number, actual, len(data), actual)
+
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: Sequence[UploadedPart]
+    ) -> ObjectInfo:
+        target = self._path(key)
+        upload_dir = self._upload_dir(key, upload_id)
+        part_paths = self._check_parts(key, upload_id, upload_dir, parts)
+        digest = hashlib.sha256()
+
+        def assemble(out: IO[bytes]) -> None:
+            for part, path in zip(parts, part_paths, strict=True):
+                _copy_part(path, out, digest, part, upload_id)
+
+        with _translated("write", target):
+            _write_atomically(target, assemble)
+            self._discard_upload_dir(upload_dir)
+            return _object_info(key, target, digest.hexdigest())
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        upload_dir = self._upload_dir(key, upload_id)
+        with _translated("delete", upload_dir):
+            try:
+                self._discard_upload_dir(upload_dir)
+            except FileNotFoundError:
+                raise _upload_not_found(key, upload_id) from None
+
+    def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
+        uploads_root = self._root / UPLOADS_DIR
+        found: builtins.list[tuple[str, int, str]] = []
+        with _translated("list", uploads_root):
+            try:
+                entries = sorted(entry.name for entry in uploads_root.iterdir())
+            except FileNotFoundError:
+                return []
+            for upload_id in entries:
+                meta = _read_meta(uploads_root / upload_id) if _is_upload_id(upload_id) else None
+                if meta is not None and str(meta["key"]).startswith(prefix):
+                    found.append((str(meta["key"]), int(meta["initiated_ns"]), upload_id))
+        return [MultipartUpload(key, upload_id) for key, _, upload_id in sorted(found)]
+
+    def close(self) -> None:
+        """Nothing to release: every operation opens and closes its own files."""
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        segments = key.split("/")
+        if segments[0] == UPLOADS_DIR or any(s.startswith(TMP_PREFIX) for s in segments):
+            raise ValueError(f"storage key '{key}' uses a name reserved by the local backend")
+        return self._root / key
+
+    def _walk(self, start: Path) -> Iterator[tuple[str, Path]]:
+        """(key, path) of every object file under ``start``; a missing start yields nothing."""
+        for dir_name, dir_names, file_names in os.walk(start, onerror=_raise_unless_missing):
+            directory = Path(dir_name)
+            if directory == self._root and UPLOADS_DIR in dir_names:
+                dir_names.remove(UPLOADS_DIR)
+            dir_names[:] = [d for d in dir_names if not d.startswith(TMP_PREFIX)]
+            for name in file_names:
+                if not name.startswith(TMP_PREFIX):
+                    path = directory / name
+                    yield path.relative_to(self._root).as_posix(), path
+
+    def _check_part_number(self, part_number: int) -> None:
+        if not 1 <= part_number <= self._options.max_part_count:
+            raise ValueError(
+                f"part number {part_number} is outside 1..{self._options.max_part_count}"
+            )
+
+    def _upload_dir(self, key: str, upload_id: str) -> Path:
+        """The directory of an upload in progress for ``key``; ``UploadNotFound`` otherwise."""
+        self._path(key)
+        if not _is_upload_id(upload_id):
+            raise _upload_not_found(key, upload_id)
+        upload_dir = self._root / UPLOADS_DIR / upload_id
+        with _translated("read", upload_dir):
+            meta = _read_meta(upload_dir)
+        if meta is None or meta.get("key") != key:
+            raise _upload_not_found(key, upload_id)
+        return upload_dir
+
+    def _check_parts(
+        self, key: str, upload_id: str, upload_dir: Path, parts: Sequence[UploadedPart]
+    ) -> builtins.list[Path]:
+        """Paths of the listed parts, after S3's checks: present, in order, big enough."""
+        if not parts:
+            raise PermanentStorageError(f"multipart upload '{upload_id}' of '{key}' has no parts")
+        numbers = [p.part_number for p in parts]
+        if numbers != sorted(set(numbers)):
+            raise PermanentStorageError(
+                f"parts of multipart upload '{upload_id}' of '{key}' are not in ascending order"
+            )
+        paths = [upload_dir / _part_name(n) for n in numbers]
+        minimum = self.capabilities.min_part_size_bytes
+        for index, path in enumerate(paths):
+            with _translated("read", path):
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    raise PermanentStorageError(
+                        f"part {numbers[index]} of multipart upload '{upload_id}' of '{key}' "
+                        "was never uploaded"
+                    ) from None
+            if index < len(paths) - 1 and size < minimum:
+                raise PartTooSmall(
+                    f"part {numbers[index]} of multipart upload '{upload_id}' of '{key}' is "
+                    f"{size} bytes, under the store's minimum of {minimum} bytes"
+                )
+        return paths
+
+    def _discard_upload_dir(self, upload_dir: Path) -> None:
+        # Renamed first so that the upload disappears from listings at once, even if removing
+        # its parts is interrupted.
+        doomed = upload_dir.with_name(f"{TMP_PREFIX}{upload_dir.name}")
+        upload_dir.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_atomically(
+    path: Path,
+    write: Callable[[IO[bytes]], object],
+    *,
+    exclusive: bool = False,
+    make_parents: bool = True,
+) -> bool:
+    """Write a file so that ``path`` shows the old content, or all of the new, never a part.
+
+    With ``exclusive`` the file is hard-linked into place, which fails if ``path`` exists: an
+    atomic create-if-absent, unlike a check followed by a rename. Returns False when ``path``
+    was taken (only with ``exclusive``), True when the file was written.
+    """
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
+    # Not mkstemp: its 0600 mode would ignore the umask that operators set for shared stores.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                path.hardlink_to(tmp)
+            except FileExistsError:
+                return False
+        else:
+            tmp.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_part(
+    path: Path, out: IO[bytes], digest: hashlib._Hash, part: UploadedPart, upload_id: str
+) -> None:
+    """Append one part to ``out``, checking it is the part the caller uploaded (its ETag)."""
+    part_digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY_CHUNK_BYTES):
+            part_digest.update(chunk)
+            digest.update(chunk)
+            out.write(chunk)
+    if part_digest.hexdigest() != part.etag:
+        # S3 answers InvalidPart: the part was replaced since the caller uploaded it.
+        raise PermanentStorageError(
+            f"part {part.part_number} of multipart upload '{upload_id}' does not match its etag"
+        )
+
+
+def _object_info(key: str, path: Path, sha256: str | None) -> ObjectInfo:
+    st = path.stat()
+    etag = f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+    return ObjectInfo(key, st.st_size, etag, sha256)
+
+
+def _read_meta(upload_dir: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((upload_dir / _META_NAME).read_bytes())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_upload_id(name: str) -> bool:
+    # Upload ids become path segments: only our own uuid4 hex form can name a directory.
+    return _UPLOAD_ID_RE.fullmatch(name) is not None
+
+
+def _part_name(part_number: int) -> str:
+    return f"part-{part_number:05d}"
+
+
+def _upload_not_found(key: str, upload_id: str) -> UploadNotFound:
+    return UploadNotFound(f"multipart upload '{upload_id}' of '{key}' not found")
+
+
+def _raise_unless_missing(exc: OSError) -> None:
+    # A directory removed while we walk, or a prefix whose parent is an object: nothing to list.
+    if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+        raise exc
+
+
+@contextlib.contextmanager
+def _translated(action: str, path: Path, *, key: str | None = None) -> Iterator[None]:
+    """The one place where ``OSError`` becomes a ``StorageError``.
+
+    ``key`` is given for reads of an object, where a missing path means a missing object.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise _translate(exc, action, path, key) from exc
+
+
+def _translate(exc: OSError, action: str, path: Path, key: str | None) -> StorageError:
+    if key is not None and exc.errno in _MISSING_ERRNOS:
+        return ObjectNotFound(key)
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    message = f"cannot {action} '{path}': {reason}"
+    if exc.errno in _PERMANENT_ERRNOS:
+        return PermanentStorageError(message)
+    return TransientStorageError(message)

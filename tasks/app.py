@@ -1,0 +1,46 @@
+"""The Celery application workers run: ``celery -A tasks.app worker -Q parts,wal``.
+
+Settings are read from the ``CLOUD_DUMP_*`` environment once, when the worker imports this
+module. Each pool process builds its own storage client on first use, after the fork: boto3
+clients must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from storage import Storage, open_storage
+from storage.errors import ConfigError
+from storage.redact import redact_url
+from tasks.config import make_app
+from tasks.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStorage:
+    """The storage of this worker process, built lazily and rebuilt after a fork."""
+
+    def __init__(self, worker_settings: WorkerSettings) -> None:
+        self._settings = worker_settings
+        self._storage: Storage | None = None
+        self._pid = 0
+
+    def get(self) -> Storage:
+        if self._storage is None or self._pid != os.getpid():
+            url = self._settings.storage
+            if not url:
+                raise ConfigError(
+                    "worker has no storage: set CLOUD_DUMP_STORAGE (s3://... or file:///...)"
+                )
+            self._storage = open_storage(url, self._settings.storage_options())
+            self._pid = os.getpid()
+            log.info("worker process %d uses storage %s", self._pid, self._storage.url)
+        return self._storage
+
+
+settings = WorkerSettings()
+app = make_app(settings.broker_url, settings.result_backend)
+worker_storage = WorkerStorage(settings)
+log.info("cloud-dump worker app: broker %s", redact_url(settings.broker_url))

@@ -1,0 +1,50 @@
+"""Building a configured Celery app, for workers (``tasks.app``) and the coordinator alike.
+
+Queues: ``parts`` (backup part uploads, finalisation, diagnostics) and ``wal`` (WAL pushes), so
+that archiving never waits behind a large backup. Every worker also listens on its own direct
+queue (``worker_direct``) so that ``cloud-dump check`` can test each worker's path to storage.
+Tasks are acknowledged late and rejected when their worker dies, so a message is not lost with
+a worker; the coordinator still re-dispatches overdue parts itself, because Redis redelivers an
+unacknowledged message only after its visibility timeout (DESIGN.md §3, invariant 5).
+
+Importing this module reads no environment: the coordinator builds its app from CLI flags.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Queue
+
+PARTS_QUEUE = "parts"
+WAL_QUEUE = "wal"
+TASK_MODULES = ["tasks.diagnostics"]
+
+
+def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
+    """A Celery app talking to ``broker_url``; results go to the same Redis unless told."""
+    app = Celery("cloud_dump", include=TASK_MODULES)
+    app.conf.update(
+        broker_url=broker_url,
+        result_backend=result_backend or broker_url,
+        # json only: task arguments are small models, and pickle would run code from the broker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One task at a time per process: a prefetched part would sit idle behind a slow one.
+        worker_prefetch_multiplier=1,
+        worker_direct=True,
+        task_default_queue=PARTS_QUEUE,
+        task_queues=(Queue(PARTS_QUEUE), Queue(WAL_QUEUE)),  # type: ignore[no-untyped-call]
+        task_routes={"cloud_dump.push_wal": {"queue": WAL_QUEUE}},
+        task_track_started=True,
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # Fail fast instead of retrying a dead broker forever inside a CLI call.
+        broker_connection_timeout=5,
+        redis_socket_connect_timeout=5,
+        redis_socket_timeout=30,
+    )
+    return app

@@ -1,0 +1,41 @@
+"""Worker settings, read once from the environment when a worker process starts.
+
+Every variable is ``CLOUD_DUMP_<FIELD>``: ``CLOUD_DUMP_BROKER_URL``, ``CLOUD_DUMP_STORAGE``,
+``CLOUD_DUMP_S3_ENDPOINT``, ... Storage credentials are not settings: boto3's standard chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles) supplies them, so they
+never pass through cloud-dump's own configuration, logs or task messages.
+"""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage import StorageOptions
+from storage.base import S3_MAX_PART_COUNT
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class WorkerSettings(BaseSettings):
+    """What a worker needs: where tasks come from and which store it writes to."""
+
+    model_config = SettingsConfigDict(env_prefix="CLOUD_DUMP_", extra="ignore")
+
+    broker_url: str = DEFAULT_BROKER_URL
+    # Results (ETags, confirmations) go back through Redis too unless told otherwise.
+    result_backend: str | None = None
+    storage: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_path_style: bool | None = None
+    s3_max_parts: int = S3_MAX_PART_COUNT
+    storage_max_attempts: int = 5
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions(
+            s3_endpoint=self.s3_endpoint,
+            s3_region=self.s3_region,
+            s3_path_style=self.s3_path_style,
+            max_part_count=self.s3_max_parts,
+            max_attempts=self.storage_max_attempts,
+        )

@@ -1,0 +1,160 @@
+"""Fixtures for Redis and real Celery worker processes.
+
+``redis_server`` (session) is a private ``redis-server`` on a free loopback port, with no
+persistence. ``start_workers`` (function) starts ``celery -A tasks.app worker`` subprocesses
+against it with the environment of a storage target, waits until each answers a ping, and at the
+end of the test stops them by PID and flushes Redis, so no message left by one test is picked up
+by the workers of the next.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from tasks.config import make_app
+from tests.rig.procs import ServerProcess, free_port, port_open
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def flush(self) -> None:
+        redis.Redis(port=self.port).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make setup`")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    server = ServerProcess(
+        "redis-server",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        workdir / "redis.log",
+    )
+    server.wait_until(lambda: port_open(port), timeout_s=20)
+    yield RedisServer(port)
+    server.stop()
+
+
+@dataclass
+class WorkerPool:
+    """Celery worker processes sharing one broker; each has a known node name."""
+
+    broker_url: str
+    processes: list[ServerProcess] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        app = make_app(self.broker_url)
+        deadline = time.monotonic() + timeout_s
+        pending = set(self.names)
+        while pending and time.monotonic() < deadline:
+            for proc in self.processes:
+                if proc.proc.poll() is not None:
+                    pytest.fail(f"{proc.name} exited early; see {proc.log_path}")
+            replies = app.control.ping(destination=sorted(pending), timeout=0.5) or []
+            for reply in replies:
+                pending -= set(reply)
+        if pending:
+            pytest.fail(f"workers {sorted(pending)} did not answer within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+
+@pytest.fixture
+def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
+    """``start(env, count=2, queues="parts,wal")`` starts ``count`` worker processes."""
+    pools: list[WorkerPool] = []
+
+    def start(env: Mapping[str, str], count: int = 2, queues: str = "parts,wal") -> WorkerPool:
+        pool = WorkerPool(redis_server.url)
+        token = uuid.uuid4().hex[:6]
+        child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": redis_server.url}
+        for i in range(count):
+            name = f"w{i + 1}-{token}@rig"
+            argv = [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "tasks.app",
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                "1",
+                "-n",
+                name,
+                "-l",
+                "info",
+                # Gossip, mingle and heartbeats only slow the start of a test worker.
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+            pool.processes.append(
+                ServerProcess(
+                    f"celery worker {name}",
+                    argv,
+                    tmp_path / f"worker-{i + 1}.log",
+                    env=child_env,
+                    cwd=REPO_ROOT,
+                )
+            )
+            pool.names.append(name)
+        pools.append(pool)
+        pool.wait_ready()
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.stop()
+    redis_server.flush()
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``cloud-dump`` console script, as an operator would."""
+    return subprocess.run(
+        [str(VENV_BIN / "cloud-dump"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )

@@ -1,0 +1,403 @@
+"""The Storage contract (see ``storage/base.py``), run unchanged against every backend.
+
+The ``storage`` fixture is parametrized over the local directory backend and S3 on a real moto
+server (``tests/rig/moto.py``). A behaviour only one backend can show is said so where it is
+tested.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+
+from storage import Storage, StorageOptions, open_storage
+from storage.base import MiB, ObjectInfo, UploadedPart, sha256_hex
+from storage.errors import (
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectNotFound,
+    PartTooSmall,
+    StorageError,
+    UploadNotFound,
+)
+from tests.rig.moto import StorageTarget, local_target
+
+PART_BYTES = 5 * MiB  # the smallest part both backends accept (S3's minimum)
+
+
+def payload(seed: int, size: int) -> bytes:
+    """Deterministic bytes, so that a child process can rebuild what the parent expects."""
+    return random.Random(seed).randbytes(size)
+
+
+# -- objects --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello, storage", b"", bytes(range(256)) * 64 + b"\x00\xff\r\n"],
+    ids=["text", "empty", "binary"],
+)
+def test_put_then_get_returns_the_same_bytes(storage: Storage, data: bytes) -> None:
+    info = storage.put("backup-1/manifest.json", data)
+
+    assert storage.get("backup-1/manifest.json") == data
+    assert info.key == "backup-1/manifest.json"
+    assert info.size == len(data)
+    assert info.checksum_sha256 == sha256_hex(data)
+
+
+def test_put_without_condition_replaces_the_object(storage: Storage) -> None:
+    storage.put("k", b"first")
+    storage.put("k", b"second, longer")
+
+    assert storage.get("k") == b"second, longer"
+
+
+@pytest.mark.parametrize(
+    ("start", "length", "expected"),
+    [
+        (3, 4, b"3456"),
+        (6, 4, b"6789"),
+        (8, 100, b"89"),
+        (10, 5, b""),
+        (50, 5, b""),
+        (2, 0, b""),
+    ],
+    ids=["middle", "up-to-end", "past-end-truncated", "start-at-end", "start-beyond-end", "empty"],
+)
+def test_get_range_returns_the_bytes_inside_the_object(
+    storage: Storage, start: int, length: int, expected: bytes
+) -> None:
+    storage.put("r", b"0123456789")
+
+    assert storage.get_range("r", start, length) == expected
+
+
+def test_get_range_of_an_empty_object_is_empty(storage: Storage) -> None:
+    storage.put("empty", b"")
+
+    assert storage.get_range("empty", 0, 10) == b""
+
+
+@pytest.mark.parametrize("operation", ["get", "get_range", "head"])
+def test_reading_a_missing_object_raises_object_not_found(storage: Storage, operation: str) -> None:
+    storage.put("present/file", b"x")  # the store and its prefix exist; the key does not
+    reads: dict[str, Callable[[], object]] = {
+        "get": lambda: storage.get("present/missing"),
+        "get_range": lambda: storage.get_range("present/missing", 0, 10),
+        "head": lambda: storage.head("present/missing"),
+    }
+
+    with pytest.raises(ObjectNotFound) as caught:
+        reads[operation]()
+    assert caught.value.key == "present/missing"
+
+
+def test_reading_from_a_store_never_written_raises_object_not_found(storage: Storage) -> None:
+    with pytest.raises(ObjectNotFound):
+        storage.get("nothing/here")
+
+
+def test_delete_removes_the_object_and_deleting_again_is_fine(storage: Storage) -> None:
+    storage.put("d/obj", b"x")
+
+    storage.delete("d/obj")
+    storage.delete("d/obj")
+    storage.delete("never/existed")
+
+    with pytest.raises(ObjectNotFound):
+        storage.head("d/obj")
+
+
+def test_conditional_put_creates_a_free_key(storage: Storage) -> None:
+    storage.put("wal/000000010000000000000001.zst", b"segment", if_absent=True)
+
+    assert storage.get("wal/000000010000000000000001.zst") == b"segment"
+
+
+def test_conditional_put_refuses_an_existing_key_and_keeps_its_bytes(storage: Storage) -> None:
+    storage.put("wal/00000002.history", b"original")
+
+    with pytest.raises(ObjectExists) as caught:
+        storage.put("wal/00000002.history", b"impostor", if_absent=True)
+
+    assert caught.value.key == "wal/00000002.history"
+    assert storage.get("wal/00000002.history") == b"original"
+
+
+def test_head_reports_size_etag_and_checksum(storage: Storage) -> None:
+    data = payload(1, 1000)
+    put_info = storage.put("h/obj", data)
+
+    info = storage.head("h/obj")
+
+    assert info == ObjectInfo("h/obj", 1000, put_info.etag, sha256_hex(data))
+    assert info.etag
+
+
+def test_etag_changes_when_the_object_is_rewritten(storage: Storage) -> None:
+    first = storage.put("e", b"one").etag
+
+    second = storage.put("e", b"two!").etag
+
+    assert first != second
+    assert storage.head("e").etag == second
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "../escape", "a/./b", "a/../../b", "dir/"])
+def test_malformed_keys_are_rejected(storage: Storage, key: str) -> None:
+    with pytest.raises(ValueError, match="invalid storage key"):
+        storage.put(key, b"x")
+
+
+# -- listing --------------------------------------------------------------------------------------
+
+
+def populate(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        storage.put(key, key.encode())
+
+
+def listed_keys(storage: Storage, prefix: str) -> list[str]:
+    return [info.key for info in storage.list(prefix)]
+
+
+def test_list_returns_nested_keys_under_a_prefix_in_key_order(storage: Storage) -> None:
+    populate(storage, ["b/2/z", "a/1", "b/1", "b/2/a", "b-sibling", "c"])
+
+    assert listed_keys(storage, "b/") == ["b/1", "b/2/a", "b/2/z"]
+    assert listed_keys(storage, "b/2/") == ["b/2/a", "b/2/z"]
+
+
+def test_list_with_a_partial_segment_prefix_matches_by_string(storage: Storage) -> None:
+    populate(storage, ["backup-2024/x", "backup-2025/y", "backups/z", "other"])
+
+    assert listed_keys(storage, "backup-") == ["backup-2024/x", "backup-2025/y"]
+    assert listed_keys(storage, "backups/z") == ["backups/z"]
+    assert listed_keys(storage, "nope") == []
+
+
+def test_list_of_everything_shows_relative_keys_only(storage: Storage) -> None:
+    populate(storage, ["one", "two/three"])
+
+    infos = list(storage.list(""))
+
+    # The store URL's own prefix (and any internal bookkeeping) never shows through.
+    assert [i.key for i in infos] == ["one", "two/three"]
+    assert [i.size for i in infos] == [3, 9]
+    assert all(i.etag for i in infos)
+
+
+def test_list_of_an_empty_store_is_empty(storage: Storage) -> None:
+    assert listed_keys(storage, "") == []
+
+
+def test_list_does_not_show_multipart_uploads_in_progress(storage: Storage) -> None:
+    upload_id = storage.create_multipart("big")
+    storage.upload_part("big", upload_id, 1, b"x", sha256=sha256_hex(b"x"))
+
+    assert listed_keys(storage, "") == []
+    storage.abort_multipart("big", upload_id)
+
+
+# -- multipart ------------------------------------------------------------------------------------
+
+
+def upload_part_in_child(
+    url: str, options: StorageOptions, key: str, upload_id: str, part_number: int, size: int
+) -> tuple[int, UploadedPart]:
+    """Runs in a spawned process: open the store afresh, as a worker would, and upload."""
+    data = payload(part_number, size)
+    store = open_storage(url, options)
+    try:
+        return os.getpid(), store.upload_part(
+            key, upload_id, part_number, data, sha256=sha256_hex(data)
+        )
+    finally:
+        store.close()
+
+
+def complete_in_child(
+    url: str, options: StorageOptions, key: str, upload_id: str, parts: list[UploadedPart]
+) -> tuple[int, ObjectInfo]:
+    store = open_storage(url, options)
+    try:
+        return os.getpid(), store.complete_multipart(key, upload_id, parts)
+    finally:
+        store.close()
+
+
+def test_multipart_from_separate_processes_assembles_the_exact_bytes(
+    storage_target: StorageTarget, storage: Storage
+) -> None:
+    key = "backup-1/base.tar.zst"
+    sizes = {1: PART_BYTES, 2: PART_BYTES, 3: 12345}
+    upload_id = storage.create_multipart(key)
+    spawn = get_context("spawn")
+    executors = [ProcessPoolExecutor(max_workers=1, mp_context=spawn) for _ in range(4)]
+    try:
+        uploads: list[Future[tuple[int, UploadedPart]]] = [
+            executors[n - 1].submit(
+                upload_part_in_child,
+                storage_target.url,
+                storage_target.options,
+                key,
+                upload_id,
+                n,
+                sizes[n],
+            )
+            for n in (1, 2, 3)
+        ]
+        results = [f.result(timeout=120) for f in uploads]
+        parts = [part for _, part in results]
+        completion = executors[3].submit(
+            complete_in_child, storage_target.url, storage_target.options, key, upload_id, parts
+        )
+        pid, info = completion.result(timeout=120)
+    finally:
+        for executor in executors:
+            executor.shutdown()
+
+    expected = b"".join(payload(n, sizes[n]) for n in (1, 2, 3))
+    assert len({pid, os.getpid(), *(p for p, _ in results)}) == 5
+    assert info.key == key
+    assert info.size == len(expected)
+    assert storage.get(key) == expected
+    assert storage.head(key).size == len(expected)
+    assert storage.list_multipart_uploads("") == []
+
+
+def test_complete_rejects_a_small_part_that_is_not_last_and_stores_nothing(
+    storage: Storage,
+) -> None:
+    key = "backup-1/base.tar.zst"
+    upload_id = storage.create_multipart(key)
+    small = payload(7, 1024)
+    parts = [
+        storage.upload_part(key, upload_id, n, small, sha256=sha256_hex(small)) for n in (1, 2)
+    ]
+
+    with pytest.raises(PartTooSmall):
+        storage.complete_multipart(key, upload_id, parts)
+
+    with pytest.raises(ObjectNotFound):
+        storage.head(key)
+    storage.abort_multipart(key, upload_id)
+
+
+def test_a_single_small_part_is_a_valid_last_part(storage: Storage) -> None:
+    upload_id = storage.create_multipart("tiny")
+    part = storage.upload_part("tiny", upload_id, 1, b"abc", sha256=sha256_hex(b"abc"))
+
+    storage.complete_multipart("tiny", upload_id, [part])
+
+    assert storage.get("tiny") == b"abc"
+
+
+def test_reuploading_a_part_number_replaces_the_part(storage: Storage) -> None:
+    key = "re/upload"
+    upload_id = storage.create_multipart(key)
+    first, second, tail = payload(1, PART_BYTES), payload(2, PART_BYTES), b"tail"
+    storage.upload_part(key, upload_id, 1, first, sha256=sha256_hex(first))
+    replacement = storage.upload_part(key, upload_id, 1, second, sha256=sha256_hex(second))
+    last = storage.upload_part(key, upload_id, 2, tail, sha256=sha256_hex(tail))
+
+    storage.complete_multipart(key, upload_id, [replacement, last])
+
+    assert storage.get(key) == second + tail
+
+
+def test_abort_discards_the_upload(storage: Storage) -> None:
+    key = "aborted/base.tar"
+    upload_id = storage.create_multipart(key)
+    part = storage.upload_part(key, upload_id, 1, b"data", sha256=sha256_hex(b"data"))
+
+    storage.abort_multipart(key, upload_id)
+
+    with pytest.raises(ObjectNotFound):
+        storage.head(key)
+    assert storage.list_multipart_uploads("aborted/") == []
+    with pytest.raises(UploadNotFound):
+        storage.abort_multipart(key, upload_id)
+    # Real S3 and the local backend answer UploadNotFound to these two; moto 5.x fails with HTTP
+    # 500 (a KeyError on the aborted upload), which arrives as a TransientStorageError.
+    with pytest.raises(StorageError):
+        storage.upload_part(key, upload_id, 2, b"late", sha256=sha256_hex(b"late"))
+    with pytest.raises(StorageError):
+        storage.complete_multipart(key, upload_id, [part])
+
+
+def test_local_backend_answers_upload_not_found_after_abort(tmp_path: Path) -> None:
+    store = local_target(tmp_path / "store").open()
+    upload_id = store.create_multipart("k")
+    part = store.upload_part("k", upload_id, 1, b"data", sha256=sha256_hex(b"data"))
+    store.abort_multipart("k", upload_id)
+
+    with pytest.raises(UploadNotFound):
+        store.upload_part("k", upload_id, 2, b"late", sha256=sha256_hex(b"late"))
+    with pytest.raises(UploadNotFound):
+        store.complete_multipart("k", upload_id, [part])
+
+
+def test_unknown_upload_id_is_upload_not_found(storage: Storage) -> None:
+    with pytest.raises(UploadNotFound):
+        storage.abort_multipart("k", "0123456789abcdef0123456789abcdef")
+
+
+def test_list_multipart_uploads_shows_uploads_in_progress_by_prefix(storage: Storage) -> None:
+    keys = ["backups/b/base.tar", "backups/a/base.tar", "other/x"]
+    ids = {key: storage.create_multipart(key) for key in keys}
+
+    under_backups = storage.list_multipart_uploads("backups/")
+    everything = storage.list_multipart_uploads("")
+
+    assert [(u.key, u.upload_id) for u in under_backups] == [
+        ("backups/a/base.tar", ids["backups/a/base.tar"]),
+        ("backups/b/base.tar", ids["backups/b/base.tar"]),
+    ]
+    assert sorted(u.key for u in everything) == sorted(keys)
+    assert storage.list_multipart_uploads("backups/a") == [
+        u for u in under_backups if u.key.startswith("backups/a")
+    ]
+    for key, upload_id in ids.items():
+        storage.abort_multipart(key, upload_id)
+    assert storage.list_multipart_uploads("") == []
+
+
+def test_capabilities_state_s3_part_limits(storage: Storage) -> None:
+    caps = storage.capabilities
+
+    assert caps.min_part_size_bytes == 5 * MiB
+    assert caps.max_part_size_bytes == 5 * 1024 * MiB
+    assert caps.max_part_count == 10_000
+
+
+def test_url_names_the_store(storage_target: StorageTarget, storage: Storage) -> None:
+    assert storage.url == storage_target.url
+
+
+# -- checksums ------------------------------------------------------------------------------------
+# moto does not validate x-amz-checksum-sha256 (it stores whatever it is sent), so a wrong
+# checksum can only be shown to be refused by the local backend; real S3 answers BadDigest, which
+# storage/s3.py maps to ChecksumMismatch.
+
+
+def test_local_upload_part_with_a_wrong_sha256_is_refused_and_not_stored(tmp_path: Path) -> None:
+    store = local_target(tmp_path / "store").open()
+    upload_id = store.create_multipart("k")
+
+    with pytest.raises(ChecksumMismatch):
+        store.upload_part("k", upload_id, 1, b"real bytes", sha256=sha256_hex(b"other bytes"))
+
+    with pytest.raises(StorageError):
+        # Completing with the part the caller believed it sent finds nothing to assemble.
+        store.complete_multipart(
+            "k", upload_id, [UploadedPart(1, sha256_hex(b"other"), 5, sha256_hex(b"other"))]
+        )
