@@ -9,13 +9,20 @@ from __future__ import annotations
 from enum import IntEnum
 
 from storage.errors import (
+    BackupExists,
+    BackupNotFound,
     BrokerUnreachable,
     CloudDumpError,
     ConfigError,
+    DatabaseError,
+    DatabaseUnreachable,
+    DecryptionFailed,
+    IntegrityError,
     NoWorkerAvailable,
     RemoteTaskFailed,
     StorageError,
     StorageUnreachable,
+    TargetNotEmpty,
 )
 
 
@@ -37,6 +44,20 @@ class ExitCode(IntEnum):
     NO_WORKER = 7
     # A worker ran the task and it failed (its error is in the message).
     TASK_FAILED = 8
+    # Could not connect to or authenticate with PostgreSQL.
+    DATABASE_UNREACHABLE = 9
+    # PostgreSQL refused or failed the backup (e.g. not enough wal senders).
+    DATABASE_ERROR = 10
+    # No complete backup of that name.
+    BACKUP_NOT_FOUND = 11
+    # The backup name is taken, by a complete backup or one in progress.
+    BACKUP_EXISTS = 12
+    # The restore target (PGDATA or a tablespace directory) is not empty; nothing was written.
+    TARGET_NOT_EMPTY = 13
+    # Wrong passphrase or identity.
+    DECRYPTION_FAILED = 14
+    # Stored or restored bytes do not match their checksums (corrupted or missing data).
+    INTEGRITY = 15
 
 
 # Most specific first: the first matching class decides.
@@ -47,6 +68,13 @@ _EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
     (BrokerUnreachable, ExitCode.BROKER_UNREACHABLE),
     (NoWorkerAvailable, ExitCode.NO_WORKER),
     (RemoteTaskFailed, ExitCode.TASK_FAILED),
+    (DatabaseUnreachable, ExitCode.DATABASE_UNREACHABLE),
+    (DatabaseError, ExitCode.DATABASE_ERROR),
+    (BackupNotFound, ExitCode.BACKUP_NOT_FOUND),
+    (BackupExists, ExitCode.BACKUP_EXISTS),
+    (TargetNotEmpty, ExitCode.TARGET_NOT_EMPTY),
+    (DecryptionFailed, ExitCode.DECRYPTION_FAILED),
+    (IntegrityError, ExitCode.INTEGRITY),
     (CloudDumpError, ExitCode.FAILURE),
 ]
 

@@ -15,6 +15,13 @@ re-raised ``from`` the original so the traceback (shown at DEBUG) keeps the caus
      │         ├── ChecksumMismatch     bytes do not match the checksum they were sent with
      │         ├── PartTooSmall         a non-last multipart part is under the store's minimum
      │         └── UploadNotFound       the multipart upload id is unknown (completed or aborted)
+     ├── DatabaseError               the PostgreSQL server failed a request
+     │    └── DatabaseUnreachable    could not connect or authenticate
+     ├── BackupNotFound              no manifest.json for that backup name
+     ├── BackupExists                the backup name is taken (or claimed by a running backup)
+     ├── TargetNotEmpty              restore target (PGDATA, tablespace dir) has files in it
+     ├── DecryptionFailed            wrong passphrase or identity, or not encrypted to it
+     ├── IntegrityError              fetched or restored bytes do not match their checksums
      └── BrokerError
           ├── BrokerUnreachable      the Celery broker or result backend could not be reached
           ├── NoWorkerAvailable      the broker answered but no worker took the work in time
@@ -93,3 +100,31 @@ class NoWorkerAvailable(BrokerError):
 
 class RemoteTaskFailed(BrokerError):
     """A task failed on a worker; the message carries the worker's error."""
+
+
+class DatabaseError(CloudDumpError):
+    """The PostgreSQL server refused or failed a request."""
+
+
+class DatabaseUnreachable(DatabaseError):
+    """Could not connect to (or authenticate with) the PostgreSQL server."""
+
+
+class BackupNotFound(CloudDumpError):
+    """No complete backup (manifest.json) exists under that name."""
+
+
+class BackupExists(CloudDumpError):
+    """The backup name is already used by a complete or a running backup."""
+
+
+class TargetNotEmpty(CloudDumpError):
+    """A restore target directory exists and is not empty: nothing was written."""
+
+
+class DecryptionFailed(CloudDumpError):
+    """The passphrase or identity does not decrypt the backup."""
+
+
+class IntegrityError(CloudDumpError):
+    """Bytes fetched or restored do not match the checksums recorded at backup time."""

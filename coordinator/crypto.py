@@ -1,0 +1,270 @@
+"""age encryption for backups and WAL: keys, small objects, and streams in constant memory.
+
+Two modes, both readable with the standard ``age`` CLI:
+
+- recipients: data is encrypted to X25519 public keys (``age1...``) read from files; restore needs
+  a matching identity (``AGE-SECRET-KEY-1...``): ``age -d -i key.txt base.tar.zst.age``.
+- passphrase: scrypt costs ~1.7 s per call and pyrage's passphrase API is bytes-only, so data is
+  encrypted to a fresh X25519 identity, and that identity is stored passphrase-encrypted beside
+  the backup (a wrapped key): ``age -d backup_key.age > key.txt`` asks for the passphrase, then
+  ``age -d -i key.txt ...`` reads the data.
+
+pyrage's stream functions pull from a reader and push to a writer on the calling thread, holding
+the GIL between callbacks; ``StreamEncryptor`` turns that into a push interface (``write``)
+and ``decrypting_reader`` into a pull interface (``read``), each with a helper thread and a
+bounded queue, so memory stays flat whatever the size of the stream.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import pyrage
+
+from storage.errors import ConfigError, DecryptionFailed
+
+_QUEUE_DEPTH = 16  # chunks in flight between the caller and the age thread
+_EOF = b""
+
+
+def read_recipients(paths: Sequence[Path]) -> list[str]:
+    """Public keys (``age1...``) from files: one per line, ``#`` comments and blanks ignored.
+
+    An identity file is accepted too (``age-keygen`` output): its public key is derived, so the
+    same file works for both ``--recipient-key`` and ``--identity-key`` in tests and demos.
+    """
+    keys: list[str] = []
+    for path in paths:
+        for line in _key_lines(path):
+            if line.startswith("AGE-SECRET-KEY-1"):
+                keys.append(str(_parse_identity(line, path).to_public()))
+            else:
+                _parse_recipient(line, path)
+                keys.append(line)
+    if not keys:
+        raise ConfigError("no recipient public key found in " + ", ".join(map(str, paths)))
+    return keys
+
+
+def read_identities(paths: Sequence[Path]) -> list[str]:
+    """Secret keys (``AGE-SECRET-KEY-1...``) from files, validated."""
+    identities = [
+        line
+        for path in paths
+        for line in _key_lines(path)
+        if line.startswith("AGE-SECRET-KEY-1") and _parse_identity(line, path)
+    ]
+    if not identities:
+        raise ConfigError(
+            "no age identity (AGE-SECRET-KEY-1...) found in " + ", ".join(map(str, paths))
+        )
+    return identities
+
+
+def generate_identity() -> tuple[str, str]:
+    """A fresh X25519 identity: (secret key, public key)."""
+    identity = pyrage.x25519.Identity.generate()
+    return str(identity), str(identity.to_public())
+
+
+def wrap_identity(identity: str, passphrase: str) -> bytes:
+    """The identity encrypted with ``passphrase`` (age scrypt), as ``age -d`` reads it."""
+    return bytes(pyrage.passphrase.encrypt((identity + "\n").encode(), passphrase))
+
+
+def unwrap_identity(wrapped: bytes, passphrase: str) -> str:
+    try:
+        plain = pyrage.passphrase.decrypt(wrapped, passphrase)
+    except pyrage.DecryptError as exc:
+        raise DecryptionFailed("wrong passphrase: it does not decrypt the backup key") from exc
+    return bytes(plain).decode().strip()
+
+
+def encrypt_bytes(data: bytes, recipients: Sequence[str]) -> bytes:
+    return bytes(pyrage.encrypt(data, _recipients(recipients)))
+
+
+def decrypt_bytes(data: bytes, identities: Sequence[str], what: str) -> bytes:
+    try:
+        return bytes(pyrage.decrypt(data, _identities(identities)))
+    except pyrage.DecryptError as exc:
+        raise DecryptionFailed(f"cannot decrypt {what}: {_decrypt_reason(exc)}") from exc
+
+
+class StreamEncryptor:
+    """Push plaintext with ``write``; ciphertext (one age stream) goes to ``out``.
+
+    ``out`` is called from the encryptor's thread, in order. ``close`` finishes the stream,
+    waits for the thread and re-raises anything it raised (including from ``out``).
+    """
+
+    def __init__(self, recipients: Sequence[str], out: Callable[[bytes], None]) -> None:
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        reader = _QueueReader(self._chunks)
+        writer = _CallbackWriter(out)
+        parsed = _recipients(recipients)
+        self._thread = threading.Thread(
+            target=self._run, args=(reader, writer, parsed), name="age-encrypt", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, reader: _QueueReader, writer: _CallbackWriter, recipients: list[object]) -> None:
+        try:
+            pyrage.encrypt_io(reader, writer, recipients)
+        except BaseException as exc:  # handed to the caller in close()
+            self._error = exc
+            reader.drain()
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if data:
+            self._chunks.put(bytes(data))
+
+    def close(self) -> None:
+        self._chunks.put(_EOF)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def decrypting_reader(
+    source: BinaryIO, identities: Sequence[str], what: str
+) -> io.BufferedReader:
+    """A readable file of the plaintext of the age stream read from ``source``.
+
+    A wrong identity raises ``DecryptionFailed`` from the first read.
+    """
+    return io.BufferedReader(_DecryptingReader(source, _identities(identities), what), 1 << 20)
+
+
+class _DecryptingReader(io.RawIOBase):
+    def __init__(self, source: BinaryIO, identities: list[object], what: str) -> None:
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._buffer = memoryview(b"")
+        self._done = False
+        self._what = what
+        self._thread = threading.Thread(
+            target=self._run, args=(source, identities), name="age-decrypt", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: BinaryIO, identities: list[object]) -> None:
+        try:
+            pyrage.decrypt_io(source, _QueueWriter(self._chunks), identities)
+            self._chunks.put(_EOF)
+        except BaseException as exc:
+            self._chunks.put(exc)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buffer and not self._done:
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                if isinstance(item, pyrage.DecryptError):
+                    raise DecryptionFailed(
+                        f"cannot decrypt {self._what}: {_decrypt_reason(item)}"
+                    ) from item
+                raise item
+            if item == _EOF:
+                self._done = True
+            self._buffer = memoryview(item)
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+class _QueueReader:
+    """What pyrage reads plaintext from: chunks handed over by ``StreamEncryptor.write``."""
+
+    def __init__(self, chunks: queue.Queue[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = memoryview(b"")
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buffer and not self._eof:
+            chunk = self._chunks.get()
+            self._eof = chunk == _EOF
+            self._buffer = memoryview(chunk)
+        n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        out = bytes(self._buffer[:n])
+        self._buffer = self._buffer[n:]
+        return out
+
+    def drain(self) -> None:
+        """After a failure, keep consuming so that a producer blocked on put() is released."""
+        while not self._eof:
+            self._eof = self._chunks.get() == _EOF
+
+
+class _CallbackWriter:
+    def __init__(self, out: Callable[[bytes], None]) -> None:
+        self._out = out
+
+    def write(self, data: bytes) -> int:
+        self._out(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _QueueWriter:
+    def __init__(self, chunks: queue.Queue[bytes | BaseException]) -> None:
+        self._chunks = chunks
+
+    def write(self, data: bytes) -> int:
+        if data:
+            self._chunks.put(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _key_lines(path: Path) -> Iterable[str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file '{path}': {exc.strerror}") from exc
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _parse_recipient(line: str, path: Path) -> object:
+    try:
+        return pyrage.x25519.Recipient.from_str(line)
+    except Exception as exc:  # pyrage raises RecipientError; keep the key text out of it
+        raise ConfigError(f"'{path}' holds something that is not an age public key") from exc
+
+
+def _parse_identity(line: str, path: Path) -> pyrage.x25519.Identity:
+    try:
+        return pyrage.x25519.Identity.from_str(line)
+    except Exception as exc:  # never echo a secret key in a message
+        raise ConfigError(f"'{path}' holds an invalid age identity") from exc
+
+
+def _recipients(keys: Sequence[str]) -> list[object]:
+    return [pyrage.x25519.Recipient.from_str(k) for k in keys]
+
+
+def _identities(keys: Sequence[str]) -> list[object]:
+    return [pyrage.x25519.Identity.from_str(k) for k in keys]
+
+
+def _decrypt_reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "no matching keys" in text:
+        return "no identity given matches its recipients (wrong key?)"
+    return text.rstrip(".") or "decryption failed"
