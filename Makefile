@@ -21,7 +21,7 @@ test-matrix: setup
 	$(PYTEST) -m matrix
 
 demo: setup
-	@bash scripts/demo.sh
+	$(VENV)/bin/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from storage import Storage
+from storage.errors import ConfigError, RemoteTaskFailed, StorageError
 from storage.redact import redact_url
 from workers.diagnostics import PingResult, ping_storage
 
@@ -34,7 +35,11 @@ def check_workers(
     dispatch.require_queue_consumers(workers)
     results = []
     for worker, queues in sorted(workers.items()):
-        payload = dispatch.run_on_worker(app, worker, "cloud_dump.ping_storage", timeout_s)
+        try:
+            payload = dispatch.run_on_worker(app, worker, "cloud_dump.ping_storage", timeout_s)
+        except (StorageError, ConfigError) as exc:
+            # The worker's own view of its storage: say whose it is.
+            raise RemoteTaskFailed(f"worker '{worker}': {exc}") from exc
         result = PingResult.model_validate(payload)
         report(
             f"worker {worker} (queues {','.join(queues)}): storage {result.storage} ok "

@@ -11,20 +11,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from coordinator.exitcodes import ExitCode, exit_code_for
-from storage import StorageOptions, open_storage
 from storage.errors import CloudDumpError, ConfigError
 
 log = logging.getLogger("cloud_dump")
 
+# argparse's group and subparser types are private; these are what we pass around.
+_Group = Any
+_Subparsers = Any
+
 # Commands of the seed that later releases fill in; they parse nothing yet and exit USAGE.
 _PLANNED = {
-    "backup": "stream a physical backup of a PostgreSQL cluster to storage",
-    "restore": "restore a backup into an empty PGDATA (optionally to a point in time)",
-    "list": "list the backups in storage",
     "wal-push": "archive one WAL file (use as archive_command: wal-push %%p %%f)",
     "wal-fetch": "fetch one WAL file (use as restore_command: wal-fetch %%f %%p)",
 }
@@ -35,7 +37,7 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     raw = _env(name)
     if raw is None:
         return default
@@ -43,6 +45,21 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name}='{raw}' is not a whole number") from None
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}='{raw}' is not a number") from None
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = _env(name)
+    return [item for item in raw.split(",") if item] if raw else None
 
 
 def _env_bool(name: str) -> bool | None:
@@ -57,75 +74,121 @@ def _env_bool(name: str) -> bool | None:
     raise ConfigError(f"environment variable {name}='{raw}' is not true or false")
 
 
+def _flag(group: _Group, flag: str, env: str | None, help_text: str, **kw: Any) -> None:
+    """Add ``flag`` whose default comes from ``env``; --help names the variable."""
+    if env is not None:
+        kind = kw.get("type")
+        if "default" not in kw:
+            if kind is int:
+                kw["default"] = _env_int(env, None)
+            elif kind is float:
+                kw["default"] = _env_float(env, None)
+            else:
+                kw["default"] = _env(env)
+        elif kind is int:
+            kw["default"] = _env_int(env, kw["default"])
+        elif kind is float:
+            kw["default"] = _env_float(env, kw["default"])
+        help_text += f" (env {env})"
+    group.add_argument(flag, help=help_text, **kw)
+
+
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command: where the store and the broker are, and logging."""
     g = parser.add_argument_group("storage and broker")
-    g.add_argument(
-        "--storage",
-        default=_env("CLOUD_DUMP_STORAGE"),
-        metavar="URL",
-        help="s3://bucket[/prefix] or file:///path (env CLOUD_DUMP_STORAGE)",
-    )
-    g.add_argument(
-        "--s3-endpoint",
-        default=_env("CLOUD_DUMP_S3_ENDPOINT"),
-        metavar="URL",
-        help="S3-compatible endpoint, e.g. MinIO (env CLOUD_DUMP_S3_ENDPOINT)",
-    )
-    g.add_argument(
-        "--s3-region",
-        default=_env("CLOUD_DUMP_S3_REGION"),
-        metavar="REGION",
-        help="S3 region (env CLOUD_DUMP_S3_REGION)",
-    )
-    g.add_argument(
-        "--s3-path-style",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("CLOUD_DUMP_S3_PATH_STYLE"),
-        help="path-style addressing; default: on with --s3-endpoint (env CLOUD_DUMP_S3_PATH_STYLE)",
-    )
-    g.add_argument(
-        "--s3-max-parts",
-        type=int,
-        metavar="N",
-        default=_env_int("CLOUD_DUMP_S3_MAX_PARTS", 10_000),
-        help="most parts the store accepts in one upload, 1000-10000 "
-        "(env CLOUD_DUMP_S3_MAX_PARTS, default 10000)",
-    )
-    g.add_argument(
-        "--storage-max-attempts",
-        type=int,
-        metavar="N",
-        default=_env_int("CLOUD_DUMP_STORAGE_MAX_ATTEMPTS", 5),
-        help="attempts per storage request, with backoff "
-        "(env CLOUD_DUMP_STORAGE_MAX_ATTEMPTS, default 5)",
-    )
-    g.add_argument(
-        "--broker",
-        default=_env("CLOUD_DUMP_BROKER_URL"),
-        metavar="URL",
-        help="Celery broker, e.g. redis://host:6379/0; without it work runs "
-        "in-process (env CLOUD_DUMP_BROKER_URL)",
-    )
-    g.add_argument(
-        "--result-backend",
-        default=_env("CLOUD_DUMP_RESULT_BACKEND"),
-        metavar="URL",
-        help="where task results go; default: the broker (env CLOUD_DUMP_RESULT_BACKEND)",
-    )
-    parser.add_argument(
-        "--cluster",
-        default=_env("CLOUD_DUMP_CLUSTER"),
-        metavar="NAME",
-        help="cluster namespace: <cluster>/backup/, <cluster>/wal_archive/ "
-        "(env CLOUD_DUMP_CLUSTER)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=_env("CLOUD_DUMP_LOG_LEVEL") or "info",
-        choices=["debug", "info", "warning", "error"],
-        help="(env CLOUD_DUMP_LOG_LEVEL, default info)",
-    )
+    _flag(g, "--storage", "CLOUD_DUMP_STORAGE", "s3://bucket[/prefix] or file:///path",
+          metavar="URL")
+    _flag(g, "--s3-endpoint", "CLOUD_DUMP_S3_ENDPOINT", "S3-compatible endpoint, e.g. MinIO",
+          metavar="URL")
+    _flag(g, "--s3-region", "CLOUD_DUMP_S3_REGION", "S3 region", metavar="REGION")
+    g.add_argument("--s3-path-style", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("CLOUD_DUMP_S3_PATH_STYLE"),
+                   help="path-style addressing; default: on with --s3-endpoint "
+                        "(env CLOUD_DUMP_S3_PATH_STYLE)")
+    _flag(g, "--s3-max-parts", "CLOUD_DUMP_S3_MAX_PARTS",
+          "most parts the store accepts in one upload, 1000-10000 (default 10000)",
+          type=int, default=10_000, metavar="N")
+    _flag(g, "--storage-max-attempts", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS",
+          "attempts per storage request, with backoff (default 5)", type=int, default=5,
+          metavar="N")
+    _flag(g, "--broker", "CLOUD_DUMP_BROKER_URL",
+          "Celery broker, e.g. redis://host:6379/0; without it work runs in-process",
+          metavar="URL")
+    _flag(g, "--result-backend", "CLOUD_DUMP_RESULT_BACKEND",
+          "where task results go; default: the broker", metavar="URL")
+    _flag(g, "--staging-url", "CLOUD_DUMP_STAGING_URL",
+          "Redis for staged part payloads; default: the broker", metavar="URL")
+    _flag(parser, "--cluster", "CLOUD_DUMP_CLUSTER",
+          "cluster namespace: <cluster>/backup/, <cluster>/wal_archive/", metavar="NAME")
+    _flag(parser, "--log-level", "CLOUD_DUMP_LOG_LEVEL", "default info",
+          default=_env("CLOUD_DUMP_LOG_LEVEL") or "info",
+          choices=["debug", "info", "warning", "error"])
+
+
+def _add_secret_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("encryption")
+    _flag(g, "--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE",
+          "read the passphrase from the first line of FILE", metavar="FILE")
+    # Not _flag: the value of a flag shows in `ps`, the environment's does not.
+    g.add_argument("--passphrase", default=None,
+                   help="the passphrase itself (visible in ps: prefer --passphrase-file or "
+                        "env CLOUD_DUMP_PASSPHRASE)")
+
+
+def _add_backup_parser(commands: _Subparsers) -> None:
+    p = commands.add_parser("backup", help="stream a physical backup of a cluster to storage",
+                            description="Take a base backup over the replication protocol "
+                                        "and store it; with --broker the workers upload it.")
+    _flag(p, "--name", "CLOUD_DUMP_BACKUP_NAME", "name of the backup (unique)", metavar="NAME")
+    _flag(p, "--db-url", "CLOUD_DUMP_DB_URL",
+          "replication connection, postgres://user@host/postgres?replication=yes",
+          metavar="URL")
+    _flag(p, "--compression", "CLOUD_DUMP_COMPRESSION", "default zstd",
+          default=_env("CLOUD_DUMP_COMPRESSION") or "zstd",
+          choices=["zstd", "gzip", "lz4", "none"])
+    _flag(p, "--compression-level", "CLOUD_DUMP_COMPRESSION_LEVEL",
+          "level for the algorithm (default: fast)", type=int, metavar="N")
+    p.add_argument("--encrypt", action="store_true",
+                   default=_env_bool("CLOUD_DUMP_ENCRYPT") or False,
+                   help="encrypt with age (env CLOUD_DUMP_ENCRYPT)")
+    p.add_argument("--recipient-key", action="append", metavar="FILE",
+                   default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
+                   help="age public key file (repeatable; env CLOUD_DUMP_RECIPIENT_KEY, "
+                        "comma-separated)")
+    _add_secret_flags(p)
+    _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL",
+          "uploads in flight / upload threads without a broker (default 4)",
+          type=int, default=4, metavar="N")
+    _flag(p, "--part-size-mib", "CLOUD_DUMP_PART_SIZE_MIB",
+          "target part size; grows for large archives (default 16)", type=int, default=16,
+          metavar="MIB")
+    _flag(p, "--part-timeout", "CLOUD_DUMP_PART_TIMEOUT",
+          "re-send a part not confirmed after this long (default 300)", type=float,
+          default=300.0, metavar="SECONDS")
+    _flag(p, "--task-timeout", "CLOUD_DUMP_TASK_TIMEOUT",
+          "wait this long for claim/finalize tasks (default 600)", type=float, default=600.0,
+          metavar="SECONDS")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="live progress line on a terminal (default on)")
+    _add_common_flags(p)
+
+
+def _add_restore_parser(commands: _Subparsers) -> None:
+    p = commands.add_parser("restore", help="restore a backup into an empty PGDATA",
+                            description="Download, decrypt, decompress and verify a backup "
+                                        "into an empty or absent directory.")
+    _flag(p, "--name", "CLOUD_DUMP_BACKUP_NAME", "name of the backup", metavar="NAME")
+    _flag(p, "--pgdata", "PGDATA", "target directory (absent or empty)", metavar="DIR")
+    p.add_argument("--identity-key", action="append", metavar="FILE",
+                   default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
+                   help="age identity (private key) file (repeatable; "
+                        "env CLOUD_DUMP_IDENTITY_KEY)")
+    _add_secret_flags(p)
+    p.add_argument("--tablespace-mapping", action="append", metavar="OLD=NEW",
+                   help="restore the tablespace recorded at OLD into NEW (repeatable)")
+    _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL", "ranged downloads in flight (default 4)",
+          type=int, default=4, metavar="N")
+    _add_common_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,9 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
         "point-in-time restore, with a Celery worker pool doing the uploads.",
         epilog="Exit codes: 0 ok, 1 unexpected failure, 2 usage, 3 configuration, "
         "4 storage unreachable, 5 storage error, 6 broker unreachable, 7 no worker, "
-        "8 task failed on a worker. See README.md.",
+        "8 task failed on a worker, 9 database unreachable, 10 database error, "
+        "11 backup not found, 12 backup exists, 13 target not empty, 14 decryption failed, "
+        "15 integrity error, 16 local i/o error. See README.md.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_backup_parser(commands)
+    _add_restore_parser(commands)
+    listing = commands.add_parser("list", help="list the backups in storage")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common_flags(listing)
     for name, summary in _PLANNED.items():
         commands.add_parser(name, help=summary, description=summary)
     check = commands.add_parser(
@@ -147,40 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
         "storage through the broker (with --broker).",
     )
     _add_common_flags(check)
-    check.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long to wait for each worker (default 30)",
-    )
+    check.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="how long to wait for each worker (default 30)")
     return parser
 
 
-def _storage_options(args: argparse.Namespace) -> StorageOptions:
-    return StorageOptions(
-        s3_endpoint=args.s3_endpoint,
-        s3_region=args.s3_region,
-        s3_path_style=args.s3_path_style,
-        max_part_count=args.s3_max_parts,
-        max_attempts=args.storage_max_attempts,
-    )
+def _run(args: argparse.Namespace) -> ExitCode:
+    from coordinator import commands
 
-
-def _run_check(args: argparse.Namespace) -> ExitCode:
-    from coordinator.check import check_storage, check_workers
-
-    if not args.storage and not args.broker:
-        raise ConfigError("nothing to check: give --storage, --broker or both")
-    report: Callable[[str], None] = print
-    if args.storage:
-        storage = open_storage(args.storage, _storage_options(args))
-        try:
-            check_storage(storage, report)
-        finally:
-            storage.close()
-    if args.broker:
-        check_workers(args.broker, args.result_backend, args.timeout, report)
+    handlers = {
+        "backup": commands.run_backup,
+        "restore": commands.run_restore,
+        "list": commands.run_list,
+        "check": commands.run_check,
+    }
+    if hasattr(args, "passphrase"):
+        args.passphrase_from_flag = args.passphrase is not None
+        args.passphrase = args.passphrase or _env("CLOUD_DUMP_PASSPHRASE")
+    handlers[args.command](args, print)
     return ExitCode.OK
 
 
@@ -202,6 +256,15 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
+def _install_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that a stopped backup cleans up after itself."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Building the parser reads environment defaults, which may be invalid.
@@ -219,12 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("'%s' is not implemented in this version yet", args.command)
         return ExitCode.USAGE
     try:
-        return _run_check(args)
+        _install_sigterm()
+        return _run(args)
     except CloudDumpError as exc:
         log.error("%s", exc)
         log.debug("details", exc_info=True)
         return exit_code_for(exc)
+    except OSError as exc:
+        # Local disk trouble (the library translates storage and network errors itself).
+        where = f" '{exc.filename}'" if exc.filename else ""
+        log.error("%s%s", (exc.strerror or str(exc)).lower(), where)
+        log.debug("details", exc_info=True)
+        return ExitCode.LOCAL_IO
     except KeyboardInterrupt:
+        # Reached after the command cleaned up (a backup aborts its uploads first).
         log.error("interrupted")
         return 130
     except Exception as exc:

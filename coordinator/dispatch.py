@@ -10,12 +10,19 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
 from kombu.exceptions import OperationalError
 
-from storage.errors import BrokerUnreachable, NoWorkerAvailable, RemoteTaskFailed
+from storage.errors import (
+    BrokerUnreachable,
+    CloudDumpError,
+    NoWorkerAvailable,
+    RemoteTaskFailed,
+)
 from storage.redact import redact_url
 from tasks.config import PARTS_QUEUE, WAL_QUEUE, make_app
+from workers.backup import UploadPartResult
 
 START_WORKER_HINT = "start one with 'celery -A tasks.app worker -Q parts,wal'"
 
@@ -57,17 +64,47 @@ def require_queue_consumers(workers: dict[str, list[str]]) -> None:
 def run_on_worker(app: Celery, worker: str, task_name: str, timeout_s: float) -> Any:
     """Run ``task_name`` (no arguments) on one named worker and return its result."""
     result = app.send_task(task_name, queue=worker_direct(worker), expires=timeout_s)
+    return _wait(result, f"'{task_name}' on '{worker}'", timeout_s)
+
+
+def call_task(app: Celery, task_name: str, argument: Any, timeout_s: float) -> Any:
+    """Run ``task_name(argument)`` on any worker of the ``parts`` queue and return its result."""
+    result = app.send_task(task_name, args=[argument], queue=PARTS_QUEUE)
+    return _wait(result, f"'{task_name}'", timeout_s)
+
+
+class CeleryPartHandle:
+    """A part upload sent to the workers (``coordinator.runners.PartHandle``)."""
+
+    def __init__(self, result: AsyncResult) -> None:
+        self._result = result
+
+    def done(self) -> bool:
+        try:
+            return bool(self._result.ready())
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnreachable(f"broker stopped answering: {_reason(exc)}") from exc
+
+    def result(self) -> UploadPartResult:
+        payload = _wait(self._result, "'cloud_dump.upload_part'", timeout_s=30)
+        return UploadPartResult.model_validate(payload)
+
+
+def _wait(result: AsyncResult, what: str, timeout_s: float) -> Any:
+    """The task's return value; its failure re-raised as a project error."""
     try:
         return result.get(timeout=timeout_s, propagate=True)
     except CeleryTimeout as exc:
         raise NoWorkerAvailable(
-            f"worker '{worker}' did not answer '{task_name}' within {timeout_s:.0f} s"
+            f"no worker finished {what} within {timeout_s:.0f} s: {START_WORKER_HINT}"
         ) from exc
     except (OperationalError, OSError) as exc:
         raise BrokerUnreachable(f"broker stopped answering: {_reason(exc)}") from exc
+    except CloudDumpError:
+        # Celery re-created the worker's own error (BackupExists, ChecksumMismatch, ...).
+        raise
     except Exception as exc:
-        # Whatever the worker raised, re-created by Celery from its JSON result.
-        raise RemoteTaskFailed(f"'{task_name}' failed on '{worker}': {exc}") from exc
+        raise RemoteTaskFailed(f"{what} failed on a worker: {exc}") from exc
     finally:
         result.forget()
 

@@ -58,6 +58,8 @@ class ExitCode(IntEnum):
     DECRYPTION_FAILED = 14
     # Stored or restored bytes do not match their checksums (corrupted or missing data).
     INTEGRITY = 15
+    # A local file or directory could not be read or written (permissions, disk full).
+    LOCAL_IO = 16
 
 
 # Most specific first: the first matching class decides.
@@ -76,6 +78,7 @@ _EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
     (DecryptionFailed, ExitCode.DECRYPTION_FAILED),
     (IntegrityError, ExitCode.INTEGRITY),
     (CloudDumpError, ExitCode.FAILURE),
+    (OSError, ExitCode.LOCAL_IO),
 ]
 
 

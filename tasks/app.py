@@ -15,6 +15,7 @@ from storage.errors import ConfigError
 from storage.redact import redact_url
 from tasks.config import make_app
 from tasks.settings import WorkerSettings
+from workers.staging import RedisStage
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,23 @@ class WorkerStorage:
         return self._storage
 
 
+class WorkerStage:
+    """The Redis stage of this worker process, built lazily and rebuilt after a fork."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._stage: RedisStage | None = None
+        self._pid = 0
+
+    def get(self) -> RedisStage:
+        if self._stage is None or self._pid != os.getpid():
+            self._stage = RedisStage(self._url)
+            self._pid = os.getpid()
+        return self._stage
+
+
 settings = WorkerSettings()
 app = make_app(settings.broker_url, settings.result_backend)
 worker_storage = WorkerStorage(settings)
+worker_stage = WorkerStage(settings.staging_url or settings.broker_url)
 log.info("cloud-dump worker app: broker %s", redact_url(settings.broker_url))

@@ -25,6 +25,8 @@ class WorkerSettings(BaseSettings):
     # Results (ETags, confirmations) go back through Redis too unless told otherwise.
     result_backend: str | None = None
     storage: str | None = None
+    # Where staged part payloads live; the broker's Redis unless told otherwise.
+    staging_url: str | None = None
     s3_endpoint: str | None = None
     s3_region: str | None = None
     s3_path_style: bool | None = None

@@ -25,9 +25,9 @@ def test_help_lists_the_seed_commands() -> None:
 
 
 def test_unimplemented_command_says_so_and_exits_usage() -> None:
-    result = run_cli("backup", "--name", "x")
+    result = run_cli("wal-push", "pg_wal/000000010000000000000001", "000000010000000000000001")
     assert result.returncode == ExitCode.USAGE
-    assert_one_line_error(result.stderr, "'backup' is not implemented")
+    assert_one_line_error(result.stderr, "'wal-push' is not implemented")
 
 
 def test_check_storage_round_trip_on_local_directory(tmp_path: Path) -> None:
@@ -51,16 +51,26 @@ def test_invalid_environment_value_is_a_config_error() -> None:
 
 
 def test_flag_wins_over_environment(tmp_path: Path) -> None:
-    result = run_cli("check", "--storage", f"file://{tmp_path}",
-                     env={"CLOUD_DUMP_STORAGE": "ftp://wrong/"})
+    result = run_cli(
+        "check", "--storage", f"file://{tmp_path}", env={"CLOUD_DUMP_STORAGE": "ftp://wrong/"}
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_unreachable_s3_endpoint_names_it_and_exits_storage_unreachable() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
-    result = run_cli("check", "--storage", "s3://bucket/prefix", "--s3-endpoint", endpoint,
-                     env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-value",
-                          "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "2"})
+    result = run_cli(
+        "check",
+        "--storage",
+        "s3://bucket/prefix",
+        "--s3-endpoint",
+        endpoint,
+        env={
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "secret-value",
+            "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "2",
+        },
+    )
     assert result.returncode == ExitCode.STORAGE_UNREACHABLE
     assert_one_line_error(result.stderr, endpoint)
     assert "secret-value" not in result.stderr + result.stdout

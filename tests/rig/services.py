@@ -130,7 +130,7 @@ def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callabl
                 ServerProcess(
                     f"celery worker {name}",
                     argv,
-                    tmp_path / f"worker-{i + 1}.log",
+                    tmp_path / f"worker-{token}-{i + 1}.log",
                     env=child_env,
                     cwd=REPO_ROOT,
                 )

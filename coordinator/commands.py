@@ -1,0 +1,196 @@
+"""What each command does with its parsed flags: build settings, storage and runner, run.
+
+``coordinator.cli`` parses and maps errors to exit codes; this module turns flags into the
+objects the library code takes, reading key and passphrase files here, at the edge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from storage import Storage, StorageOptions, open_storage
+from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
+from storage.errors import ConfigError
+from storage.layout import Layout, validate_name
+
+if TYPE_CHECKING:
+    from coordinator.backup import Encryption
+    from coordinator.runners import Runner
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+
+
+def storage_options(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
+        s3_path_style=args.s3_path_style,
+        max_part_count=args.s3_max_parts,
+        max_attempts=args.storage_max_attempts,
+    )
+
+
+def open_store(args: argparse.Namespace) -> Storage:
+    if not args.storage:
+        raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
+    return open_storage(args.storage, storage_options(args))
+
+
+def layout_of(args: argparse.Namespace) -> Layout:
+    return Layout(cluster=args.cluster)
+
+
+def read_passphrase(args: argparse.Namespace) -> str | None:
+    """From --passphrase-file, CLOUD_DUMP_PASSPHRASE or --passphrase (warned: ps shows it)."""
+    if args.passphrase_file:
+        try:
+            text = Path(args.passphrase_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read passphrase file '{args.passphrase_file}': {exc.strerror}"
+            ) from exc
+        passphrase = text.splitlines()[0] if text else ""
+    elif args.passphrase:
+        if args.passphrase_from_flag:
+            log.warning("--passphrase is visible to every user in 'ps': prefer "
+                        "--passphrase-file or CLOUD_DUMP_PASSPHRASE")
+        passphrase = args.passphrase
+    else:
+        return None
+    if not passphrase:
+        raise ConfigError("the passphrase is empty")
+    return str(passphrase)
+
+
+def run_backup(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.backup import BackupPlan, run_backup
+
+    name = validate_name("backup", args.name or "")
+    layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
+    if not args.db_url:
+        raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")
+    plan = BackupPlan(
+        name=name,
+        cluster=args.cluster,
+        dsn=args.db_url,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        encryption=_backup_encryption(args),
+        max_in_flight=max(2, args.parallel * 2),
+        part_timeout_s=args.part_timeout,
+        target_part_bytes=args.part_size_mib * 1024 * 1024,
+        show_progress=args.progress,
+    )
+    runner, capabilities = _runner(args)
+    try:
+        manifest = run_backup(plan, runner, capabilities)
+    finally:
+        runner.close()
+    report(f"backup '{manifest.name}' complete: {len(manifest.archives)} archive(s), "
+           f"{manifest.stored_size} bytes stored, WAL {manifest.start_wal_file} .. "
+           f"{manifest.end_wal_file}")
+
+
+def _backup_encryption(args: argparse.Namespace) -> Encryption | None:
+    from coordinator.backup import Encryption
+    from coordinator.crypto import read_recipients
+
+    passphrase = read_passphrase(args)
+    keys = [Path(p) for p in args.recipient_key or []]
+    if keys and passphrase:
+        raise ConfigError("give either --recipient-key or a passphrase, not both")
+    if keys:
+        return Encryption(read_recipients(keys))
+    if passphrase:
+        return Encryption.with_passphrase(passphrase)
+    if args.encrypt:
+        raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
+    return None
+
+
+def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
+    """Celery workers when a broker is given, else threads of this process."""
+    if args.broker:
+        from coordinator.dispatch import connect_broker
+        from coordinator.runners import CeleryRunner
+        from workers.staging import RedisStage
+
+        app = connect_broker(args.broker, args.result_backend)
+        stage = RedisStage(args.staging_url or args.broker)
+        # The workers hold the storage; the store's limits come from the flags.
+        capabilities = Capabilities(
+            S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
+        )
+        return CeleryRunner(app, stage, task_timeout_s=args.task_timeout), capabilities
+    from coordinator.runners import EmbeddedRunner
+
+    storage = open_store(args)
+    return EmbeddedRunner(storage, args.parallel), storage.capabilities
+
+
+def run_restore(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.restore import restore_backup
+
+    name = validate_name("backup", args.name or "")
+    if not args.pgdata:
+        raise ConfigError("no target directory given: use --pgdata or PGDATA")
+    storage = open_store(args)
+    try:
+        summary = restore_backup(
+            storage,
+            layout_of(args),
+            name,
+            Path(args.pgdata),
+            identity_paths=[Path(p) for p in args.identity_key or []],
+            passphrase=read_passphrase(args),
+            tablespace_mapping=_mapping(args.tablespace_mapping or []),
+            parallel=args.parallel,
+        )
+    finally:
+        storage.close()
+    report(f"restored backup '{name}' into {args.pgdata}: {summary}")
+
+
+def _mapping(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.startswith("/") or not new.startswith("/"):
+            raise ConfigError(f"invalid --tablespace-mapping '{pair}': expected /OLD=/NEW")
+        mapping[old.rstrip("/")] = new.rstrip("/")
+    return mapping
+
+
+def run_list(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.listing import find_backups, print_json, print_table
+
+    storage = open_store(args)
+    try:
+        manifests = find_backups(storage, layout_of(args))
+    finally:
+        storage.close()
+    if args.json:
+        print_json(manifests, report)
+    else:
+        print_table(manifests, layout_of(args), report)
+
+
+def run_check(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.check import check_storage, check_workers
+
+    if not args.storage and not args.broker:
+        raise ConfigError("nothing to check: give --storage, --broker or both")
+    if args.storage:
+        storage = open_store(args)
+        try:
+            check_storage(storage, report)
+        finally:
+            storage.close()
+    if args.broker:
+        check_workers(args.broker, args.result_backend, args.timeout, report)
+

@@ -1,0 +1,48 @@
+"""Backup tasks: thin wrappers that validate a request, call ``workers.backup``, return JSON.
+
+Transient storage failures are retried here with backoff; permanent ones fail the task at once
+and reach the coordinator as the error they are (Celery re-creates project exceptions from
+their JSON form, so ``BackupExists`` stays ``BackupExists``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.errors import TransientStorageError
+from tasks.app import app, worker_stage, worker_storage
+from workers import backup
+
+_RETRY: dict[str, Any] = {
+    "autoretry_for": (TransientStorageError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": 5,
+}
+
+
+@app.task(name="cloud_dump.claim_backup", **_RETRY)  # type: ignore[untyped-decorator]
+def claim_backup_task(request: dict[str, Any]) -> None:
+    backup.claim_backup(worker_storage.get(), backup.ClaimRequest.model_validate(request))
+
+
+@app.task(name="cloud_dump.open_archive", **_RETRY)  # type: ignore[untyped-decorator]
+def open_archive_task(key: str) -> str:
+    return backup.open_archive(worker_storage.get(), key)
+
+
+@app.task(name="cloud_dump.upload_part", **_RETRY)  # type: ignore[untyped-decorator]
+def upload_part_task(request: dict[str, Any]) -> dict[str, Any]:
+    parsed = backup.UploadPartRequest.model_validate(request)
+    return backup.upload_part(worker_storage.get(), worker_stage.get(), parsed).model_dump()
+
+
+@app.task(name="cloud_dump.finalize_backup", **_RETRY)  # type: ignore[untyped-decorator]
+def finalize_backup_task(request: dict[str, Any]) -> None:
+    parsed = backup.FinalizeRequest.model_validate(request)
+    backup.finalize_backup(worker_storage.get(), worker_stage.get(), parsed)
+
+
+@app.task(name="cloud_dump.abort_backup", **_RETRY)  # type: ignore[untyped-decorator]
+def abort_backup_task(request: dict[str, Any]) -> None:
+    backup.abort_backup(worker_storage.get(), backup.AbortRequest.model_validate(request))

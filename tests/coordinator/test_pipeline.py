@@ -1,0 +1,347 @@
+"""The archive pipeline: stored bytes decode with the standard tools, parts are exact, failures
+stop every thread, and part sizes keep any plausible stream within the store's part count."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lz4.frame
+import pytest
+
+from coordinator.crypto import generate_identity
+from coordinator.parts import PartSizer
+from coordinator.pipeline import ArchiveSummary, ArchiveWriter
+from storage.base import Capabilities, MiB
+from storage.errors import PermanentStorageError
+
+GiB = 1024 * MiB
+S3 = Capabilities(min_part_size_bytes=5 * MiB, max_part_size_bytes=5 * GiB, max_part_count=10_000)
+PART = 5 * MiB
+# Uneven writes, including single bytes and one larger than a part.
+CHUNK_SIZES = [1, 7, 4096, 65_539, 1, 6 * MiB + 13, 100_000, 31_337, 1 << 20, 3]
+
+
+class CollectingSink:
+    """Keeps every part, and checks the documented calling thread and order."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.parts: list[tuple[int, bytes, str]] = []
+        self.fail_at = fail_at
+        self.raised: BaseException | None = None
+
+    def put_part(self, part_number: int, data: bytes, sha256: str) -> None:
+        assert threading.current_thread().name == "archive-parts"
+        assert part_number == len(self.parts) + 1
+        assert isinstance(data, bytes)
+        if part_number == self.fail_at:
+            self.raised = SinkFailed(f"part {part_number} rejected")
+            raise self.raised
+        self.parts.append((part_number, data, sha256))
+
+    @property
+    def stored(self) -> bytes:
+        return b"".join(data for _, data, _ in self.parts)
+
+
+class SinkFailed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sample() -> bytes:
+    """~30 MB of table-like rows (compressible) with incompressible stretches."""
+    rnd = random.Random(42)
+    blocks = []
+    for block in range(30):
+        if block % 5 == 4:
+            blocks.append(rnd.randbytes(MiB))
+        else:
+            rows = (
+                b"%d\t%d\t%d\t%s\n" % (block * 20_000 + i, rnd.getrandbits(20), i % 97, b" " * 40)
+                for i in range(18_000)
+            )
+            blocks.append(b"".join(rows)[:MiB])
+    return b"".join(blocks)
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    secret, public = generate_identity()
+    key_file = tmp_path_factory.mktemp("age") / "key.txt"
+    key_file.write_text(secret + "\n")
+    return key_file, public
+
+
+def chunks(data: bytes, sizes: list[int] = CHUNK_SIZES) -> Iterator[memoryview]:
+    view = memoryview(data)
+    position, i = 0, 0
+    while position < len(data):
+        size = sizes[i % len(sizes)]
+        yield view[position : position + size]
+        position += size
+        i += 1
+
+
+def write_archive(writer: ArchiveWriter, data: bytes) -> ArchiveSummary:
+    for chunk in chunks(data):
+        writer.write(chunk)
+    return writer.close()
+
+
+def run_tool(*argv: str, data: bytes) -> bytes:
+    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+
+def decode(stored: bytes, compression: str, key_file: Path | None) -> bytes:
+    """What restore does, with the standard tools (lz4 through its library: no CLI in setup)."""
+    if key_file is not None:
+        stored = run_tool("age", "-d", "-i", str(key_file), data=stored)
+    if compression == "zstd":
+        return run_tool("zstd", "-dc", data=stored)
+    if compression == "gzip":
+        return run_tool("gzip", "-dc", data=stored)
+    if compression == "lz4":
+        return bytes(lz4.frame.decompress(stored))
+    return stored
+
+
+def assert_parts_match(summary: ArchiveSummary, sink: CollectingSink, part_size: int) -> None:
+    stored = sink.stored
+    assert summary.stored_size == len(stored)
+    assert summary.sha256 == hashlib.sha256(stored).hexdigest()
+    assert [p.number for p in summary.parts] == list(range(1, len(sink.parts) + 1))
+    for record, (number, data, sha256) in zip(summary.parts, sink.parts, strict=True):
+        assert (record.number, record.size, record.sha256) == (number, len(data), sha256)
+        assert sha256 == hashlib.sha256(data).hexdigest()
+    assert all(len(data) == part_size for _, data, _ in sink.parts[:-1])
+    assert 0 < len(sink.parts[-1][1]) <= part_size
+
+
+def baseline_threads() -> int:
+    return threading.active_count()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "lz4", "none"])
+def test_stored_stream_is_cut_exactly_and_decodes_with_standard_tools(
+    sample: bytes, identity: tuple[Path, str], compression: str, encrypted: bool
+) -> None:
+    key_file, public = identity
+    sink = CollectingSink()
+    writer = ArchiveWriter(
+        sink,
+        PartSizer(S3, None, target_part_bytes=PART),
+        client_compression=compression,
+        recipients=[public] if encrypted else None,
+    )
+    summary = write_archive(writer, sample)
+
+    assert summary.input_size == len(sample)
+    assert_parts_match(summary, sink, PART)
+    assert decode(sink.stored, compression, key_file if encrypted else None) == sample
+
+
+def test_age_stream_cut_at_arbitrary_offsets_decrypts_once_concatenated(
+    identity: tuple[Path, str],
+) -> None:
+    # Parts of 100,003 bytes never line up with age's 64 KiB chunks.
+    key_file, public = identity
+    odd = Capabilities(min_part_size_bytes=1, max_part_size_bytes=100_003, max_part_count=1000)
+    plaintext = random.Random(7).randbytes(3 * MiB + 5)
+    sink = CollectingSink()
+    writer = ArchiveWriter(
+        sink,
+        PartSizer(odd, None, target_part_bytes=100_003),
+        client_compression="none",
+        recipients=[public],
+    )
+    summary = write_archive(writer, plaintext)
+
+    assert len(summary.parts) > 30
+    assert_parts_match(summary, sink, 100_003)
+    assert run_tool("age", "-d", "-i", str(key_file), data=sink.stored) == plaintext
+
+
+def test_empty_archive_is_one_empty_part() -> None:
+    # A multipart upload needs at least one part; S3 accepts an empty last (here: only) part.
+    sink = CollectingSink()
+    summary = ArchiveWriter(sink, PartSizer(S3, 0), client_compression="none").close()
+
+    assert [(n, d) for n, d, _ in sink.parts] == [(1, b"")]
+    assert summary == ArchiveSummary(
+        stored_size=0,
+        input_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        parts=summary.parts,
+    )
+    assert summary.parts[0].size == 0
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_empty_archive_still_decodes(compression: str, identity: tuple[Path, str]) -> None:
+    key_file, public = identity
+    sink = CollectingSink()
+    summary = ArchiveWriter(
+        sink, PartSizer(S3, 0), client_compression=compression, recipients=[public]
+    ).close()
+
+    assert len(summary.parts) == 1
+    assert decode(sink.stored, compression, key_file) == b""
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
+def test_sink_error_is_raised_unwrapped_and_no_thread_is_left(
+    sample: bytes, identity: tuple[Path, str], encrypted: bool
+) -> None:
+    before = baseline_threads()
+    sink = CollectingSink(fail_at=2)
+    writer = ArchiveWriter(
+        sink,
+        PartSizer(S3, None, target_part_bytes=PART),
+        client_compression="none",
+        recipients=[identity[1]] if encrypted else None,
+    )
+    with pytest.raises(SinkFailed) as caught:
+        write_archive(writer, sample)
+
+    assert caught.value is sink.raised
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="closed or aborted"):
+        writer.write(b"more")
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
+def test_abort_mid_stream_stops_threads_and_discards_the_rest(
+    sample: bytes, identity: tuple[Path, str], encrypted: bool
+) -> None:
+    before = baseline_threads()
+    sink = CollectingSink()
+    writer = ArchiveWriter(
+        sink,
+        PartSizer(S3, None, target_part_bytes=PART),
+        client_compression="zstd",
+        recipients=[identity[1]] if encrypted else None,
+    )
+    for chunk in chunks(sample[: 12 * MiB]):
+        writer.write(chunk)
+    writer.abort()
+    writer.abort()  # idempotent
+
+    assert threading.active_count() == before
+    assert all(len(data) == PART for _, data, _ in sink.parts)  # no short "last" part
+    with pytest.raises(ValueError, match="closed or aborted"):
+        writer.close()
+
+
+def test_slow_sink_blocks_writes_within_a_few_parts(sample: bytes) -> None:
+    # Backpressure: memory stays at a few parts however much the caller pushes.
+    release = threading.Event()
+    pushed = 0
+
+    class BlockingSink(CollectingSink):
+        def put_part(self, part_number: int, data: bytes, sha256: str) -> None:
+            release.wait()
+            super().put_part(part_number, data, sha256)
+
+    def push(writer: ArchiveWriter) -> None:
+        nonlocal pushed
+        for chunk in chunks(sample, [64 * 1024]):
+            writer.write(chunk)
+            pushed += len(chunk)
+        writer.close()
+
+    sink = BlockingSink()
+    writer = ArchiveWriter(
+        sink, PartSizer(S3, None, target_part_bytes=PART), client_compression="none"
+    )
+    pusher = threading.Thread(target=push, args=(writer,), daemon=True)
+    pusher.start()
+    try:
+        time.sleep(0.5)
+        blocked_at = pushed
+    finally:
+        release.set()
+        pusher.join(timeout=10)
+    # One part inside put_part, one queued, one being filled.
+    assert PART <= blocked_at <= 3 * PART
+    assert sink.stored == sample
+
+
+def test_stream_beyond_the_part_count_fails_clearly() -> None:
+    tiny = Capabilities(min_part_size_bytes=1, max_part_size_bytes=4, max_part_count=3)
+    sizer = PartSizer(tiny, None, target_part_bytes=1)
+    assert [sizer.size_for(n) for n in (1, 2, 3)] == [1, 2, 4]
+    writer = ArchiveWriter(CollectingSink(), sizer, client_compression="none")
+    writer.write(b"x" * 7)  # exactly the capacity of three parts
+
+    with pytest.raises(PermanentStorageError, match="limit of 3 parts"):
+        writer.write(b"x")
+        writer.close()
+
+
+# PartSizer: arithmetic only, no bytes.
+
+
+def parts_needed(sizer: PartSizer, stream_bytes: int) -> int:
+    number, covered = 0, 0
+    while covered < stream_bytes:
+        number += 1
+        covered += sizer.size_for(number)
+    return max(number, 1)
+
+
+def test_initial_part_size_comes_from_target_minimum_or_estimate() -> None:
+    assert PartSizer(S3, None).size_for(1) == 16 * MiB
+    assert PartSizer(S3, 1 * GiB, target_part_bytes=1).size_for(1) == 5 * MiB
+    # 1 TiB * 1.25 / 10,000 = 131.07 MiB, rounded up to a MiB.
+    assert PartSizer(S3, 1024 * GiB).size_for(1) == 132 * MiB
+    huge = PartSizer(S3, 10_000 * 5 * GiB)
+    assert huge.size_for(1) == 5 * GiB
+
+
+def test_parts_stay_at_the_initial_size_while_within_the_estimate() -> None:
+    sizer = PartSizer(S3, 500 * GiB)
+    initial = sizer.size_for(1)
+    assert parts_needed(sizer, 500 * GiB) <= S3.max_part_count * 0.8
+    assert all(sizer.size_for(n) == initial for n in range(1, parts_needed(sizer, 500 * GiB)))
+
+
+@pytest.mark.parametrize("count", [1000, 10_000])
+@pytest.mark.parametrize("estimate", [None, 0, 10 * MiB, 3 * GiB, 200 * GiB, 4 * 1024 * GiB])
+def test_part_sizes_respect_store_limits_and_never_shrink(count: int, estimate: int | None) -> None:
+    caps = Capabilities(5 * MiB, 5 * GiB, count)
+    sizer = PartSizer(caps, estimate)
+    sizes = [sizer.size_for(n) for n in range(1, count + 1)]
+    assert all(caps.min_part_size_bytes <= s <= caps.max_part_size_bytes for s in sizes)
+    assert sizes == sorted(sizes)
+    # The guarantee in PartSizer's docstring: the estimate plus half the remaining parts at max.
+    spare_parts = count - sizer.estimated_parts
+    assert sizer.capacity_bytes == sum(sizes)
+    assert sizer.capacity_bytes >= (estimate or 0) + spare_parts // 2 * caps.max_part_size_bytes
+    assert parts_needed(sizer, sizer.capacity_bytes) == count
+
+
+def test_stream_twenty_times_its_estimate_fits_in_a_thousand_parts() -> None:
+    caps = Capabilities(5 * MiB, 5 * GiB, 1000)
+    estimate = 10 * GiB
+    sizer = PartSizer(caps, estimate)
+
+    assert parts_needed(sizer, estimate) <= 800
+    assert parts_needed(sizer, 20 * estimate) <= 1000
+
+
+def test_stream_without_estimate_grows_to_store_limits() -> None:
+    caps = Capabilities(5 * MiB, 5 * GiB, 1000)
+    sizer = PartSizer(caps, None)
+
+    # Small backups keep small parts: the first band of 55 parts holds 880 MiB.
+    assert sizer.band_parts == 55
+    assert {sizer.size_for(n) for n in range(1, 56)} == {16 * MiB}
+    assert sizer.size_for(56) == 32 * MiB
+    assert parts_needed(sizer, 2 * 1024 * GiB) <= 1000

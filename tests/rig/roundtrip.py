@@ -1,0 +1,40 @@
+"""Back up and restore through the CLI, then compare the restored cluster's rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.rig import sample
+from tests.rig.moto import StorageTarget
+from tests.rig.postgres import PgCluster, make_postgres_dir
+from tests.rig.restored import started
+from tests.rig.services import RedisServer, run_cli
+
+
+def backup_cli(cluster: PgCluster, target: StorageTarget, name: str, *extra: str,
+               broker: RedisServer | None = None) -> None:
+    args = ["backup", "--name", name, "--db-url", cluster.replication_url(),
+            "--part-size-mib", "5", "--no-progress", *extra]
+    if broker is not None:
+        args += ["--broker", broker.url]
+    result = run_cli(*args, env=target.env)
+    assert result.returncode == 0, result.stderr
+
+
+def restore_cli(target: StorageTarget, name: str, pgdata: Path, *extra: str) -> None:
+    result = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *extra, env=target.env)
+    assert result.returncode == 0, result.stderr
+
+
+def restore_and_compare(cluster: PgCluster, target: StorageTarget, name: str,
+                        tablespace: Path, expected: dict[str, str], *extra: str) -> None:
+    pgdata = make_postgres_dir("cloud-dump-restore-") / "data"
+    new_tablespace = make_postgres_dir("cloud-dump-restore-ts-")
+    restore_cli(target, name, pgdata, "--tablespace-mapping", f"{tablespace}={new_tablespace}",
+                *extra)
+    assert not (pgdata / "recovery.signal").exists()
+    with started(cluster.major, pgdata, new_tablespace) as restored:
+        assert sample.digest(restored.sql) == expected
+        location = restored.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace "
+                                "WHERE spcname = 'ts'")
+        assert location == [(str(new_tablespace),)]

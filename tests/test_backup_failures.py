@@ -1,0 +1,271 @@
+"""Bad input and broken parts: a clear one-line error, a documented exit code, nothing left
+that looks like a valid backup or a usable PGDATA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coordinator.crypto import generate_identity
+from coordinator.exitcodes import ExitCode
+from storage.manifest import BackupManifest
+from tests.rig import sample
+from tests.rig.moto import StorageTarget
+from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
+from tests.rig.procs import free_port
+from tests.rig.roundtrip import restore_and_compare
+from tests.rig.services import VENV_BIN, RedisServer, WorkerPool, run_cli
+
+
+@pytest.fixture(scope="session")
+def source(pg_factory: PgFactory) -> PgCluster:
+    cluster = pg_factory(15)
+    cluster.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+    return cluster
+
+
+def backup(cluster: PgCluster, target: StorageTarget, name: str, *extra: str) -> None:
+    result = run_cli("backup", f"--name={name}", "--db-url", cluster.replication_url(),
+                     "--no-progress", *extra, env=target.env)
+    assert result.returncode == 0, result.stderr
+
+
+def one_line_error(stderr: str, *fragments: str) -> None:
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
+    assert len(errors) == 1, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_no_usable_pgdata(pgdata: Path) -> None:
+    assert not (pgdata / "PG_VERSION").exists()
+    assert not pgdata.exists() or not any(pgdata.iterdir())
+
+
+def listed(target: StorageTarget) -> list[str]:
+    result = run_cli("list", "--json", env=target.env)
+    assert result.returncode == 0, result.stderr
+    return [row["name"] for row in json.loads(result.stdout)]
+
+
+def fresh_pgdata() -> Path:
+    return make_postgres_dir("cloud-dump-fail-") / "data"
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x..y", "", "-dash", "wal_archive"])
+def test_backup_rejects_bad_names_before_connecting(name: str, tmp_path: Path) -> None:
+    result = run_cli("backup", f"--name={name}", "--db-url",
+                     f"postgres://u:p@127.0.0.1:{free_port()}/postgres",
+                     "--storage", f"file://{tmp_path}")
+    assert result.returncode == ExitCode.CONFIG
+    one_line_error(result.stderr, "name")
+    assert not list(tmp_path.iterdir())
+
+
+def test_backup_refuses_an_existing_name_and_leaves_it_unchanged(
+    source: PgCluster, storage_target: StorageTarget
+) -> None:
+    backup(source, storage_target, "b1")
+    before = {i.key: i.etag for i in storage_target.open().list("b1/")}
+    result = run_cli("backup", "--name", "b1", "--db-url", source.replication_url(),
+                     env=storage_target.env)
+    assert result.returncode == ExitCode.BACKUP_EXISTS
+    one_line_error(result.stderr, "backup 'b1' already exists")
+    assert {i.key: i.etag for i in storage_target.open().list("b1/")} == before
+
+
+def test_backup_unreachable_database(storage_target: StorageTarget) -> None:
+    port = free_port()
+    result = run_cli("backup", "--name", "b1", "--db-url",
+                     f"postgres://repl:sekret@127.0.0.1:{port}/postgres?replication=yes",
+                     env=storage_target.env)
+    assert result.returncode == ExitCode.DATABASE_UNREACHABLE
+    one_line_error(result.stderr, f"127.0.0.1:{port}")
+    assert "sekret" not in result.stderr
+    assert listed(storage_target) == []
+    assert storage_target.open().list_multipart_uploads("") == []
+
+
+def test_backup_unreachable_broker(source: PgCluster, tmp_path: Path) -> None:
+    result = run_cli("backup", "--name", "b1", "--db-url", source.replication_url(),
+                     "--broker", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == ExitCode.BROKER_UNREACHABLE
+    one_line_error(result.stderr, "cannot reach broker")
+
+
+def test_backup_unreachable_storage(source: PgCluster) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("backup", "--name", "b1", "--db-url", source.replication_url(),
+                     "--storage", "s3://bucket", "--s3-endpoint", endpoint,
+                     "--storage-max-attempts", "1",
+                     env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert result.returncode == ExitCode.STORAGE_UNREACHABLE
+    one_line_error(result.stderr, endpoint)
+
+
+def test_restore_refuses_non_empty_pgdata_and_touches_nothing(
+    source: PgCluster, storage_target: StorageTarget
+) -> None:
+    backup(source, storage_target, "b1")
+    pgdata = fresh_pgdata()
+    pgdata.mkdir()
+    (pgdata / "precious").write_text("keep me")
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=storage_target.env)
+    assert result.returncode == ExitCode.TARGET_NOT_EMPTY
+    one_line_error(result.stderr, str(pgdata))
+    assert [p.name for p in pgdata.iterdir()] == ["precious"]
+    assert (pgdata / "precious").read_text() == "keep me"
+
+
+def test_restore_of_a_missing_backup(storage_target: StorageTarget) -> None:
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "nope", "--pgdata", str(pgdata), env=storage_target.env)
+    assert result.returncode == ExitCode.BACKUP_NOT_FOUND
+    one_line_error(result.stderr, "'nope'")
+    assert not pgdata.exists()
+
+
+def test_restore_wrong_passphrase(source: PgCluster, storage_target: StorageTarget,
+                                  tmp_path: Path) -> None:
+    (tmp_path / "right").write_text("right passphrase\n")
+    (tmp_path / "wrong").write_text("wrong passphrase\n")
+    backup(source, storage_target, "b1", "--passphrase-file", str(tmp_path / "right"))
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata),
+                     "--passphrase-file", str(tmp_path / "wrong"), env=storage_target.env)
+    assert result.returncode == ExitCode.DECRYPTION_FAILED
+    one_line_error(result.stderr, "passphrase")
+    assert_no_usable_pgdata(pgdata)
+
+
+def test_restore_wrong_identity(source: PgCluster, storage_target: StorageTarget,
+                                tmp_path: Path) -> None:
+    _, public = generate_identity()
+    other_secret, _ = generate_identity()
+    (tmp_path / "key.pub").write_text(public)
+    (tmp_path / "other.txt").write_text(other_secret)
+    backup(source, storage_target, "b1", "--recipient-key", str(tmp_path / "key.pub"))
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata),
+                     "--identity-key", str(tmp_path / "other.txt"), env=storage_target.env)
+    assert result.returncode == ExitCode.DECRYPTION_FAILED
+    one_line_error(result.stderr)
+    assert_no_usable_pgdata(pgdata)
+
+
+def _base_key(target: StorageTarget, name: str) -> str:
+    manifest = BackupManifest.from_json(target.open().get(f"{name}/manifest.json"), name)
+    return next(a.key for a in manifest.archives if a.name == "base")
+
+
+def test_restore_corrupted_archive(source: PgCluster, storage_target: StorageTarget) -> None:
+    backup(source, storage_target, "b1")
+    store = storage_target.open()
+    key = _base_key(storage_target, "b1")
+    data = bytearray(store.get(key))
+    data[len(data) // 2] ^= 0xFF
+    store.delete(key)
+    store.put(key, bytes(data))
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=storage_target.env)
+    assert result.returncode == ExitCode.INTEGRITY, result.stderr
+    one_line_error(result.stderr)
+    assert_no_usable_pgdata(pgdata)
+
+
+def test_restore_missing_archive(source: PgCluster, storage_target: StorageTarget) -> None:
+    backup(source, storage_target, "b1")
+    storage_target.open().delete(_base_key(storage_target, "b1"))
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=storage_target.env)
+    assert result.returncode == ExitCode.INTEGRITY, result.stderr
+    one_line_error(result.stderr, "missing")
+    assert_no_usable_pgdata(pgdata)
+
+
+# --- processes dying mid-backup --------------------------------------------------------------
+
+
+@pytest.fixture
+def big_source(pg_factory: PgFactory) -> tuple[PgCluster, Path, dict[str, str]]:
+    """Enough data that a backup is made of many parts and takes a moment."""
+    cluster = pg_factory(15)
+    tablespace = sample.populate(cluster, rows=200_000)
+    return cluster, tablespace, sample.digest(cluster.sql)
+
+
+def _start_backup(cluster: PgCluster, target: StorageTarget, name: str,
+                  redis: RedisServer, *extra: str) -> subprocess.Popen[str]:
+    argv = [str(VENV_BIN / "cloud-dump"), "backup", "--name", name, "--db-url",
+            cluster.replication_url(), "--broker", redis.url, "--part-size-mib", "5",
+            "--compression", "none", "--no-progress", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **target.env})
+
+
+# What a worker logs when it takes a part (its start-up banner names the task too).
+PART_RECEIVED = "Task cloud_dump.upload_part["
+
+
+def _wait_for_line(path: Path, needle: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_worker_killed_mid_backup_does_not_fail_it(
+    big_source: tuple[PgCluster, Path, dict[str, str]],
+    storage_target: StorageTarget,
+    redis_server: RedisServer,
+    start_workers: Callable[..., WorkerPool],
+) -> None:
+    cluster, tablespace, expected = big_source
+    victim = start_workers(storage_target.env, count=1)
+    coordinator = _start_backup(cluster, storage_target, "b1", redis_server,
+                                "--part-timeout", "5")
+    # Kill the only worker the moment it receives its first part: the message is lost with
+    # it, and only the coordinator's re-dispatch can bring that part in.
+    assert _wait_for_line(victim.processes[0].log_path, PART_RECEIVED, 60)
+    victim.processes[0].kill_group(signal.SIGKILL)
+    start_workers(storage_target.env, count=1)
+    _, stderr = coordinator.communicate(timeout=300)
+    assert coordinator.returncode == 0, stderr
+    assert "sending it again" in stderr
+    restore_and_compare(cluster, storage_target, "b1", tablespace, expected)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_coordinator_killed_mid_backup_leaves_no_listed_backup(
+    sig: int,
+    big_source: tuple[PgCluster, Path, dict[str, str]],
+    storage_target: StorageTarget,
+    redis_server: RedisServer,
+    start_workers: Callable[..., WorkerPool],
+) -> None:
+    cluster = big_source[0]
+    pool = start_workers(storage_target.env, count=2)
+    coordinator = _start_backup(cluster, storage_target, "b1", redis_server)
+    assert _wait_for_line(pool.processes[0].log_path, PART_RECEIVED, 60) or \
+        _wait_for_line(pool.processes[1].log_path, PART_RECEIVED, 1)
+    coordinator.send_signal(sig)
+    coordinator.communicate(timeout=120)
+    assert coordinator.returncode != 0
+    time.sleep(1)  # let the last in-flight parts land
+    assert listed(storage_target) == []
+    pgdata = fresh_pgdata()
+    result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=storage_target.env)
+    assert result.returncode == ExitCode.BACKUP_NOT_FOUND
+    if sig == signal.SIGTERM:
+        # A stopped coordinator cleans up: no upload, no object, no claim left behind.
+        assert storage_target.open().list_multipart_uploads("") == []
+        assert list(storage_target.open().list("b1/")) == []

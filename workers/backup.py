@@ -1,0 +1,213 @@
+"""The units of work of a backup: claim a name, open archives, upload parts, finalize, abort.
+
+Plain functions: storage and stage come in as arguments, requests and results are small
+pydantic models (what Celery carries as JSON and Flower displays: keys, sizes, checksums,
+references; never bytes or secrets). Every function can be run again with the same request and
+end in the same state, because acks_late and the coordinator's re-dispatch both re-run work.
+
+Life of a backup in storage (DESIGN.md §3, invariant 3):
+  ``backup.claim`` (create-if-absent)  → archives as multipart uploads → ``backup_manifest``
+  → optional ``backup_key.age`` → ``manifest.json`` LAST → ``backup.claim`` removed.
+Until ``manifest.json`` exists nothing lists or restores the backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+from pydantic import BaseModel
+
+from storage import Storage, UploadedPart
+from storage.base import sha256_hex
+from storage.errors import (
+    BackupExists,
+    ChecksumMismatch,
+    ObjectExists,
+    ObjectNotFound,
+    UploadNotFound,
+)
+from storage.layout import Layout
+from workers.staging import Stage
+
+log = logging.getLogger(__name__)
+
+CLAIM_NAME = "backup.claim"
+WRAPPED_KEY_NAME = "backup_key.age"
+
+
+class BackupRef(BaseModel):
+    """Which backup: its name and the layout it lives in."""
+
+    name: str
+    cluster: str | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(cluster=self.cluster)
+
+    def key(self, file_name: str) -> str:
+        return self.layout.backup_prefix(self.name) + file_name
+
+
+class ClaimRequest(BaseModel):
+    backup: BackupRef
+    # Shown to whoever finds the claim of a run that died: when, where, which run.
+    run_id: str
+    host: str
+    started_at: str
+
+
+class UploadPartRequest(BaseModel):
+    key: str
+    upload_id: str
+    part_number: int
+    size: int
+    sha256: str
+    ref: str
+
+
+class UploadPartResult(BaseModel):
+    part_number: int
+    etag: str
+    size: int
+    sha256: str
+
+
+class ArchiveUpload(BaseModel):
+    key: str
+    upload_id: str
+    parts: list[UploadPartResult]
+
+
+class FinalizeRequest(BaseModel):
+    backup: BackupRef
+    run_id: str
+    archives: list[ArchiveUpload]
+    backup_manifest_key: str
+    backup_manifest_ref: str
+    wrapped_key_ref: str | None = None
+    manifest_ref: str
+
+
+class AbortRequest(BaseModel):
+    backup: BackupRef
+    run_id: str
+    uploads: list[ArchiveUpload]
+
+
+def claim_backup(storage: Storage, request: ClaimRequest) -> None:
+    """Take the backup name, or raise ``BackupExists`` if a backup or another run has it."""
+    backup = request.backup
+    if _exists(storage, backup.layout.manifest_key(backup.name)):
+        raise BackupExists(f"backup '{backup.name}' already exists in {storage.url}")
+    claim = json.dumps(request.model_dump(exclude={"backup"})).encode()
+    try:
+        storage.put(backup.key(CLAIM_NAME), claim, if_absent=True)
+    except ObjectExists:
+        holder = _read_claim(storage, backup.key(CLAIM_NAME))
+        if holder.get("run_id") == request.run_id:
+            return  # our own claim, written by an earlier attempt of this very task
+        raise BackupExists(
+            f"backup '{backup.name}' is claimed by run {holder.get('run_id', '?')} started "
+            f"{holder.get('started_at', '?')} on {holder.get('host', '?')}: it is running, or "
+            f"it was killed (then delete '{backup.key(CLAIM_NAME)}' or use another name)"
+        ) from None
+
+
+def open_archive(storage: Storage, key: str) -> str:
+    """Start the multipart upload of one archive; return its upload id."""
+    return storage.create_multipart(key)
+
+
+def upload_part(storage: Storage, stage: Stage, request: UploadPartRequest) -> UploadPartResult:
+    """Upload one staged part after checking it is the bytes the coordinator hashed."""
+    data = stage.get(request.ref)
+    if len(data) != request.size or sha256_hex(data) != request.sha256:
+        raise ChecksumMismatch(
+            f"staged part {request.part_number} of '{request.key}' does not match its checksum"
+        )
+    part = storage.upload_part(
+        request.key, request.upload_id, request.part_number, data, sha256=request.sha256
+    )
+    return UploadPartResult(
+        part_number=part.part_number, etag=part.etag, size=part.size, sha256=part.sha256
+    )
+
+
+def finalize_backup(storage: Storage, stage: Stage, request: FinalizeRequest) -> None:
+    """Complete every archive, store the manifests (``manifest.json`` last), drop the claim."""
+    for archive in request.archives:
+        _complete_archive(storage, archive)
+    storage.put(request.backup_manifest_key, stage.get(request.backup_manifest_ref))
+    if request.wrapped_key_ref is not None:
+        storage.put(request.backup.key(WRAPPED_KEY_NAME), stage.get(request.wrapped_key_ref))
+    manifest = stage.get(request.manifest_ref)
+    manifest_key = request.backup.layout.manifest_key(request.backup.name)
+    try:
+        storage.put(manifest_key, manifest, if_absent=True)
+    except ObjectExists:
+        # A re-run of this task after the write landed finds its own manifest: fine. Anything
+        # else is another backup that took the name, which the claim should have prevented.
+        if storage.get(manifest_key) != manifest:
+            raise BackupExists(
+                f"backup '{request.backup.name}' was completed by another run"
+            ) from None
+    storage.delete(request.backup.key(CLAIM_NAME))
+
+
+def abort_backup(storage: Storage, request: AbortRequest) -> None:
+    """Undo a failed run: abort its uploads and remove what it stored, claim last.
+
+    Every upload under the backup's prefix is aborted, not only those the coordinator knew of:
+    it may have been stopped while an upload was being opened. The claim makes the prefix this
+    run's alone. A complete backup (manifest.json) is never touched.
+    """
+    backup = request.backup
+    if _exists(storage, backup.layout.manifest_key(backup.name)):
+        return
+    prefix = backup.layout.backup_prefix(backup.name)
+    known = {(u.key, u.upload_id) for u in request.uploads}
+    listed = {(u.key, u.upload_id) for u in storage.list_multipart_uploads(prefix)}
+    for key, upload_id in sorted(known | listed):
+        with contextlib.suppress(UploadNotFound):
+            storage.abort_multipart(key, upload_id)
+    claim_key = backup.key(CLAIM_NAME)
+    for info in list(storage.list(prefix)):
+        if info.key != claim_key:
+            storage.delete(info.key)
+    holder = _read_claim(storage, claim_key)
+    if holder.get("run_id") == request.run_id:
+        storage.delete(claim_key)
+
+
+def _complete_archive(storage: Storage, archive: ArchiveUpload) -> None:
+    parts = [UploadedPart(p.part_number, p.etag, p.size, p.sha256) for p in archive.parts]
+    try:
+        storage.complete_multipart(archive.key, archive.upload_id, parts)
+    except UploadNotFound:
+        # Completed by an earlier run of this task: then the object is there, whole.
+        if _size(storage, archive.key) != sum(p.size for p in parts):
+            raise
+        log.info("archive '%s' was already complete", archive.key)
+
+
+def _exists(storage: Storage, key: str) -> bool:
+    return _size(storage, key) >= 0
+
+
+def _size(storage: Storage, key: str) -> int:
+    """The object's size, or -1 when it does not exist."""
+    try:
+        return storage.head(key).size
+    except ObjectNotFound:
+        return -1
+
+
+def _read_claim(storage: Storage, key: str) -> dict[str, str]:
+    try:
+        data = json.loads(storage.get(key))
+    except (ObjectNotFound, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,94 @@
+"""Where part payloads wait between the coordinator and the worker that uploads them.
+
+Task messages carry a reference, never the bytes (a 16 MiB payload inline in a Celery message
+cost ~7x the round trip of passing a key, DESIGN.md §3). With a broker the stage is Redis: the
+coordinator writes a payload with a TTL, a worker reads it, and the coordinator deletes it once
+the upload is confirmed; the TTL only cleans up after a coordinator that died. Without a broker
+the stage is a dictionary in the coordinator's process.
+
+The coordinator owns a payload's life: a worker never deletes one, so a part that is
+re-dispatched (its first worker looked dead) still finds its bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from storage.errors import BrokerUnreachable, CloudDumpError
+
+STAGE_KEY_PREFIX = "cloud-dump:stage:"
+
+
+class StagedPayloadMissing(CloudDumpError):
+    """The staged payload is gone (expired, or its coordinator gave up and deleted it)."""
+
+
+class Stage(Protocol):
+    def put(self, ref: str, data: bytes, ttl_s: int) -> None: ...
+
+    def get(self, ref: str) -> bytes: ...
+
+    def delete(self, *refs: str) -> None: ...
+
+
+class MemoryStage:
+    """In-process stage for the embedded (no broker) mode."""
+
+    def __init__(self) -> None:
+        self._payloads: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, ref: str, data: bytes, ttl_s: int) -> None:
+        with self._lock:
+            self._payloads[ref] = data
+
+    def get(self, ref: str) -> bytes:
+        with self._lock:
+            try:
+                return self._payloads[ref]
+            except KeyError:
+                raise StagedPayloadMissing(f"staged payload '{ref}' is gone") from None
+
+    def delete(self, *refs: str) -> None:
+        with self._lock:
+            for ref in refs:
+                self._payloads.pop(ref, None)
+
+
+class RedisStage:
+    """Payloads in Redis under ``cloud-dump:stage:<ref>``, each with a TTL."""
+
+    def __init__(self, url: str) -> None:
+        import redis  # only the broker path needs it
+
+        self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60)
+        self._url = url
+
+    def put(self, ref: str, data: bytes, ttl_s: int) -> None:
+        try:
+            self._client.set(STAGE_KEY_PREFIX + ref, data, ex=ttl_s)
+        except self._redis_errors as exc:
+            raise BrokerUnreachable(f"cannot stage a payload in redis: {exc}") from exc
+
+    def get(self, ref: str) -> bytes:
+        try:
+            data = self._client.get(STAGE_KEY_PREFIX + ref)
+        except self._redis_errors as exc:
+            raise BrokerUnreachable(f"cannot read a staged payload from redis: {exc}") from exc
+        if data is None:
+            raise StagedPayloadMissing(f"staged payload '{ref}' is gone (expired or abandoned)")
+        assert isinstance(data, bytes)
+        return data
+
+    def delete(self, *refs: str) -> None:
+        if not refs:
+            return
+        try:
+            self._client.delete(*(STAGE_KEY_PREFIX + ref for ref in refs))
+        except self._redis_errors as exc:
+            raise BrokerUnreachable(f"cannot delete staged payloads in redis: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()
