@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from storage import Storage, StorageOptions, open_storage
 from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
@@ -74,6 +76,9 @@ def run_backup(args: argparse.Namespace, report: Report) -> None:
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
     if not args.db_url:
         raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")
+    if args.db_url != os.environ.get("CLOUD_DUMP_DB_URL") and _has_password(args.db_url):
+        log.warning("the password in --db-url is visible to every user in 'ps': prefer "
+                    "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
     plan = BackupPlan(
         name=name,
         cluster=args.cluster,
@@ -94,6 +99,15 @@ def run_backup(args: argparse.Namespace, report: Report) -> None:
     report(f"backup '{manifest.name}' complete: {len(manifest.archives)} archive(s), "
            f"{manifest.stored_size} bytes stored, WAL {manifest.start_wal_file} .. "
            f"{manifest.end_wal_file}")
+
+
+def _has_password(dsn: str) -> bool:
+    if "://" in dsn:
+        try:
+            return urlsplit(dsn).password is not None
+        except ValueError:
+            return False
+    return "password=" in dsn
 
 
 def _backup_encryption(args: argparse.Namespace) -> Encryption | None:

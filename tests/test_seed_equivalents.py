@@ -18,6 +18,7 @@ from tests.rig import sample
 from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 from tests.rig.services import run_cli
+from tests.rig.tty import run_with_prompt_answer
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -159,6 +160,24 @@ def test_backup_encrypted_passphrase_stores_a_wrapped_key(
     secret = passphrase_file.read_text().strip().encode()
     for key in keys:
         assert secret not in storage_target.open().get(key)
+
+
+def test_passphrase_backup_reads_with_standard_tools(
+    source: tuple[PgCluster, Path], storage_target: StorageTarget, passphrase_file: Path,
+    tmp_path: Path,
+) -> None:
+    """The README's commands: unwrap the key with `age -d` and the passphrase, then read."""
+    backup(source, storage_target, "b1", "--passphrase-file", str(passphrase_file))
+    wrapped = tmp_path / "backup_key.age"
+    wrapped.write_bytes(storage_target.open().get("b1/backup_key.age"))
+    status = run_with_prompt_answer(
+        ["age", "-d", "-o", str(tmp_path / "key.txt"), str(wrapped)],
+        b"passphrase", passphrase_file.read_text().strip(),
+    )
+    assert status == 0
+    stored = storage_target.open().get("b1/base.tar.zst.age")
+    names = tar_listing(stored, ["age", "-d", "-i", str(tmp_path / "key.txt")], ["zstd", "-dc"])
+    assert "PG_VERSION" in names
 
 
 def test_backup_no_collision(source: tuple[PgCluster, Path],
