@@ -13,13 +13,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from coordinator.exitcodes import ExitCode, exit_code_for
 from storage.errors import CloudDumpError, ConfigError
 
 log = logging.getLogger("cloud_dump")
+_N = TypeVar("_N", int, float)
 
 # argparse's group and subparser types are private; these are what we pass around.
 _Group = Any
@@ -37,24 +38,15 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def _env_int(name: str, default: int | None) -> int | None:
+def _env_number(name: str, default: _N | None, kind: Callable[[str], _N]) -> _N | None:
     raw = _env(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"environment variable {name}='{raw}' is not a whole number") from None
-
-
-def _env_float(name: str, default: float | None) -> float | None:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}='{raw}' is not a number") from None
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"environment variable {name}='{raw}' is not {what}") from None
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -78,17 +70,10 @@ def _flag(group: _Group, flag: str, env: str | None, help_text: str, **kw: Any) 
     """Add ``flag`` whose default comes from ``env``; --help names the variable."""
     if env is not None:
         kind = kw.get("type")
-        if "default" not in kw:
-            if kind is int:
-                kw["default"] = _env_int(env, None)
-            elif kind is float:
-                kw["default"] = _env_float(env, None)
-            else:
-                kw["default"] = _env(env)
-        elif kind is int:
-            kw["default"] = _env_int(env, kw["default"])
-        elif kind is float:
-            kw["default"] = _env_float(env, kw["default"])
+        if kind in (int, float):
+            kw["default"] = _env_number(env, kw.get("default"), kind)
+        elif "default" not in kw:
+            kw["default"] = _env(env)
         help_text += f" (env {env})"
     group.add_argument(flag, help=help_text, **kw)
 

@@ -17,6 +17,7 @@ bounded queue, so memory stays flat whatever the size of the stream.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import threading
@@ -150,20 +151,28 @@ class _DecryptingReader(io.RawIOBase):
         self._buffer = memoryview(b"")
         self._done = False
         self._what = what
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(source, identities), name="age-decrypt", daemon=True
         )
         self._thread.start()
 
     def _run(self, source: BinaryIO, identities: list[object]) -> None:
+        writer = _QueueWriter(self._chunks, self._cancelled)
         try:
-            pyrage.decrypt_io(source, _QueueWriter(self._chunks), identities)
-            self._chunks.put(_EOF)
+            pyrage.decrypt_io(source, writer, identities)
+            writer.put(_EOF)
         except BaseException as exc:
-            self._chunks.put(exc)
+            with contextlib.suppress(OSError):  # nobody is reading any more
+                writer.put(exc)
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Stop the decrypting thread too, even if the stream was not read to its end."""
+        self._cancelled.set()
+        super().close()
 
     def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buffer and not self._done:
@@ -221,13 +230,25 @@ class _CallbackWriter:
 
 
 class _QueueWriter:
-    def __init__(self, chunks: queue.Queue[bytes | BaseException]) -> None:
+    """Where pyrage writes plaintext; gives up once the reader is closed."""
+
+    def __init__(self, chunks: queue.Queue[bytes | BaseException], cancelled: threading.Event):
         self._chunks = chunks
+        self._cancelled = cancelled
 
     def write(self, data: bytes) -> int:
         if data:
-            self._chunks.put(bytes(data))
+            self.put(bytes(data))
         return len(data)
+
+    def put(self, item: bytes | BaseException) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise OSError("decryption abandoned: the reader was closed")
 
     def flush(self) -> None:
         pass
