@@ -10,6 +10,9 @@ Contract (checked for every backend by ``tests/storage/test_contract.py``):
   ``start >= size``; it never raises for a range past the end.
 - ``put(..., if_absent=True)`` creates the object only if the key is free and raises
   ``ObjectExists`` otherwise, atomically: two racing writers cannot both succeed.
+- ``put(..., metadata=...)`` stores a few short string facts with the object, atomically with
+  it (keys lower case ``[a-z0-9-]``, values printable ASCII); ``head`` returns them (``{}``
+  when there are none). ``list`` does not (``metadata`` is None there).
 - A write is visible whole or not at all: no reader ever sees a partial object.
 - Multipart: ``upload_part`` may be called from any process for an upload created in another;
   re-uploading a part number replaces it. ``complete_multipart`` takes the parts in order, and
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +67,7 @@ class ObjectInfo:
     size: int
     etag: str
     checksum_sha256: str | None = None
+    metadata: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,14 @@ class Storage(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo: ...
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo: ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -139,6 +151,22 @@ class Storage(Protocol):
 def sha256_hex(data: bytes) -> str:
     """Hex SHA-256 of ``data``: the checksum format used across cloud-dump."""
     return hashlib.sha256(data).hexdigest()
+
+
+_METADATA_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+def validate_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
+    """Return ``metadata`` if every backend can store it unchanged, else raise ``ValueError``.
+
+    S3 lower-cases keys and limits headers to printable ASCII, so that is the common ground.
+    """
+    for key, value in metadata.items():
+        if not _METADATA_KEY_RE.fullmatch(key):
+            raise ValueError(f"invalid metadata key '{key}'")
+        if len(value) > 1024 or not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"invalid metadata value for '{key}'")
+    return metadata
 
 
 def validate_key(key: str) -> str:

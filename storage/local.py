@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ from storage.base import (
     UploadedPart,
     sha256_hex,
     validate_key,
+    validate_metadata,
 )
 from storage.errors import (
     ChecksumMismatch,
@@ -70,6 +71,8 @@ UPLOADS_DIR = ".cloud-dump-uploads"
 _META_NAME = "meta.json"
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 _COPY_CHUNK_BYTES = 1024 * 1024
+# Object metadata lives in an extended attribute of the object's own file.
+_METADATA_XATTR = "user.cloud-dump.metadata"
 
 # Errors that retrying cannot fix: the operator must change permissions, space or the path.
 _PERMANENT_ERRNOS = frozenset(
@@ -115,12 +118,28 @@ class LocalStorage:
 
     # -- protocol: objects ----------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         path = self._path(key)
+        meta = dict(validate_metadata(metadata or {}))
+
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+            if meta:
+                # On the temporary file, before it is linked into place: the object and its
+                # metadata appear together or not at all.
+                os.setxattr(f.fileno(), _METADATA_XATTR, json.dumps(meta).encode())
+
         with _translated("write", path):
-            if not _write_atomically(path, lambda f: f.write(data), exclusive=if_absent):
+            if not _write_atomically(path, write, exclusive=if_absent):
                 raise ObjectExists(key)
-            return _object_info(key, path, sha256_hex(data))
+            return _object_info(key, path, sha256_hex(data), meta)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -141,7 +160,7 @@ class LocalStorage:
             digest = hashlib.sha256()
             while chunk := f.read(_COPY_CHUNK_BYTES):
                 digest.update(chunk)
-            return _object_info(key, path, digest.hexdigest())
+            return _object_info(key, path, digest.hexdigest(), _read_metadata(f.fileno()))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         if prefix:
@@ -384,10 +403,24 @@ def _copy_part(
         )
 
 
-def _object_info(key: str, path: Path, sha256: str | None) -> ObjectInfo:
+def _object_info(
+    key: str, path: Path, sha256: str | None, metadata: Mapping[str, str] | None = None
+) -> ObjectInfo:
     st = path.stat()
     etag = f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
-    return ObjectInfo(key, st.st_size, etag, sha256)
+    return ObjectInfo(key, st.st_size, etag, sha256, metadata)
+
+
+def _read_metadata(fd: int) -> dict[str, str]:
+    try:
+        raw = os.getxattr(fd, _METADATA_XATTR)
+    except OSError as exc:
+        # No attribute, or a filesystem without user xattrs (then nothing could be stored).
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return {}
+        raise
+    value = json.loads(raw)
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def _read_meta(upload_dir: Path) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import boto3
@@ -55,6 +55,7 @@ from storage.base import (
     ObjectInfo,
     UploadedPart,
     validate_key,
+    validate_metadata,
 )
 from storage.errors import (
     ChecksumMismatch,
@@ -144,7 +145,15 @@ class S3Storage:
 
     # -- protocol: objects ----------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> ObjectInfo:
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        meta = dict(validate_metadata(metadata or {}))
         digest = hashlib.sha256(data).digest()
         args: dict[str, Any] = {
             "Bucket": self._bucket,
@@ -156,9 +165,11 @@ class S3Storage:
         }
         if if_absent:
             args["IfNoneMatch"] = "*"
+        if meta:
+            args["Metadata"] = meta
         with self._translated(key):
             response = self._client().put_object(**args)
-        return ObjectInfo(key, len(data), _strip_etag(response["ETag"]), digest.hex())
+        return ObjectInfo(key, len(data), _strip_etag(response["ETag"]), digest.hex(), meta)
 
     def get(self, key: str) -> bytes:
         full_key = self._full_key(key)
@@ -208,7 +219,11 @@ class S3Storage:
             )
         etag = _strip_etag(response["ETag"])
         return ObjectInfo(
-            key, int(response["ContentLength"]), etag, _whole_object_sha256(response, etag)
+            key,
+            int(response["ContentLength"]),
+            etag,
+            _whole_object_sha256(response, etag),
+            {str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()},
         )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

@@ -401,3 +401,19 @@ def test_local_upload_part_with_a_wrong_sha256_is_refused_and_not_stored(tmp_pat
         store.complete_multipart(
             "k", upload_id, [UploadedPart(1, sha256_hex(b"other"), 5, sha256_hex(b"other"))]
         )
+
+
+def test_metadata_is_stored_with_the_object(storage: Storage) -> None:
+    storage.put("meta/a", b"payload", metadata={"raw-sha256": "ab" * 32, "system-id": "123"})
+    assert storage.head("meta/a").metadata == {"raw-sha256": "ab" * 32, "system-id": "123"}
+    storage.put("meta/b", b"plain")
+    assert storage.head("meta/b").metadata == {}
+
+
+def test_refused_conditional_create_keeps_the_first_metadata(storage: Storage) -> None:
+    storage.put("meta/a", b"first", if_absent=True, metadata={"raw-sha256": "1" * 64})
+    with pytest.raises(ObjectExists):
+        storage.put("meta/a", b"second", if_absent=True, metadata={"raw-sha256": "2" * 64})
+    info = storage.head("meta/a")
+    assert info.metadata == {"raw-sha256": "1" * 64}
+    assert storage.get("meta/a") == b"first"
