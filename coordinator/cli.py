@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from coordinator.exitcodes import ExitCode, exit_code_for
@@ -26,11 +27,6 @@ _N = TypeVar("_N", int, float)
 _Group = Any
 _Subparsers = Any
 
-# Commands of the seed that later releases fill in; they parse nothing yet and exit USAGE.
-_PLANNED = {
-    "wal-push": "archive one WAL file (use as archive_command: wal-push %%p %%f)",
-    "wal-fetch": "fetch one WAL file (use as restore_command: wal-fetch %%f %%p)",
-}
 
 
 def _env(name: str) -> str | None:
@@ -105,6 +101,9 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
           "Redis for staged part payloads; default: the broker", metavar="URL")
     _flag(parser, "--cluster", "CLOUD_DUMP_CLUSTER",
           "cluster namespace: <cluster>/backup/, <cluster>/wal_archive/", metavar="NAME")
+    _flag(parser, "--config", "CLOUD_DUMP_CONFIG",
+          "KEY=VALUE file of settings and credentials, read before the environment defaults",
+          metavar="FILE")
     _flag(parser, "--log-level", "CLOUD_DUMP_LOG_LEVEL", "default info",
           default=_env("CLOUD_DUMP_LOG_LEVEL") or "info",
           choices=["debug", "info", "warning", "error"])
@@ -173,7 +172,86 @@ def _add_restore_parser(commands: _Subparsers) -> None:
                    help="restore the tablespace recorded at OLD into NEW (repeatable)")
     _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL", "ranged downloads in flight (default 4)",
           type=int, default=4, metavar="N")
+    _add_recovery_flags(p)
+    _add_wal_flags(p)
     _add_common_flags(p)
+
+
+def _add_recovery_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("point-in-time recovery (writes restore_command, the target "
+                                  "and recovery.signal)")
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--recovery-target-time", metavar="TIME",
+                        help="stop at this time, e.g. '2026-03-22 14:30:00 UTC'")
+    target.add_argument("--recovery-target-lsn", metavar="LSN", help="stop at this LSN")
+    target.add_argument("--recovery-target-xid", metavar="XID", help="stop at this transaction")
+    target.add_argument("--recovery-target-name", metavar="NAME",
+                        help="stop at this restore point (pg_create_restore_point)")
+    target.add_argument("--recovery-target", choices=["immediate", "latest"],
+                        help="immediate: as soon as consistent; latest: all archived WAL")
+    g.add_argument("--recovery-target-timeline", metavar="latest|N",
+                   help="timeline to follow (PostgreSQL's default: latest)")
+    g.add_argument("--recovery-target-exclusive", action="store_true",
+                   help="stop just before the target instead of just after it")
+    g.add_argument("--restore-config", metavar="FILE",
+                   help="where to write the settings restore_command reads (default: "
+                        "cloud-dump-restore.conf beside PGDATA, mode 0600)")
+
+
+def _add_wal_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("WAL archive")
+    _flag(g, "--wal-prefix", "CLOUD_DUMP_WAL_PREFIX",
+          "WAL archive prefix in the flat layout (default wal_archive)", metavar="PREFIX")
+    _flag(g, "--spool-dir", "CLOUD_DUMP_SPOOL_DIR",
+          "local directory for confirmation markers and prefetched WAL "
+          "(default: pg_wal/cloud-dump of the data directory)", metavar="DIR")
+
+
+def _add_wal_parsers(commands: _Subparsers) -> None:
+    push = commands.add_parser(
+        "wal-push", help="archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
+        description="Archive one WAL file; exit 0 only once it is stored. Settings come from "
+                    "the environment or --config, never inline secrets.")
+    push.add_argument("path", metavar="PATH", help="%%p: the file, relative to PGDATA")
+    push.add_argument("file_name", metavar="NAME", help="%%f: its WAL file name")
+    _flag(push, "--compression", "CLOUD_DUMP_WAL_COMPRESSION", "default zstd",
+          default=_env("CLOUD_DUMP_WAL_COMPRESSION") or "zstd",
+          choices=["zstd", "gzip", "lz4", "none"])
+    push.add_argument("--compress", dest="compression", action="store_const", const="zstd",
+                      help="the seed's flag: same as --compression zstd")
+    push.add_argument("--encrypt", action="store_true",
+                      default=_env_bool("CLOUD_DUMP_WAL_ENCRYPT") or False,
+                      help="encrypt with age (env CLOUD_DUMP_WAL_ENCRYPT)")
+    push.add_argument("--recipient-key", action="append", metavar="FILE",
+                      default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
+                      help="age public key file (env CLOUD_DUMP_RECIPIENT_KEY)")
+    _add_secret_flags(push)
+    _flag(push, "--look-ahead", "CLOUD_DUMP_WAL_LOOK_AHEAD",
+          "also push up to N more segments already marked .ready (default 8)",
+          type=int, default=8, metavar="N")
+    _flag(push, "--timeout", "CLOUD_DUMP_WAL_PUSH_TIMEOUT",
+          "give up (non-zero) if storage has not confirmed after this long (default 300)",
+          type=float, default=300.0, metavar="SECONDS")
+    _add_wal_flags(push)
+    _add_common_flags(push)
+
+    fetch = commands.add_parser(
+        "wal-fetch", help="fetch one WAL file (restore_command = 'cloud-dump wal-fetch %%f %%p')",
+        description="Fetch one WAL file into PATH. Exit 0 fetched, 1 not in the archive, "
+                    "126 any other failure (PostgreSQL then stops recovery).")
+    fetch.add_argument("file_name", metavar="NAME", help="%%f: the WAL file name wanted")
+    fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
+    fetch.add_argument("--identity-key", action="append", metavar="FILE",
+                       default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
+                       help="age identity file (env CLOUD_DUMP_IDENTITY_KEY)")
+    _add_secret_flags(fetch)
+    _flag(fetch, "--prefetch", "CLOUD_DUMP_WAL_PREFETCH",
+          "also fetch up to N following segments in parallel (default 8)",
+          type=int, default=8, metavar="N")
+    fetch.add_argument("--allow-partial", action="store_true",
+                       help="serve <segment>.partial files when asked for them")
+    _add_wal_flags(fetch)
+    _add_common_flags(fetch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list the backups in storage")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common_flags(listing)
-    for name, summary in _PLANNED.items():
-        commands.add_parser(name, help=summary, description=summary)
+    _add_wal_parsers(commands)
     check = commands.add_parser(
         "check",
         help="prove the storage and worker paths work (write, read back, delete)",
@@ -207,7 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> ExitCode:
+def _run(args: argparse.Namespace) -> int:
+    # The environment's passphrase is read here rather than as a flag default, so that only a
+    # passphrase typed on the command line (visible in ps) gets the warning.
+    if hasattr(args, "passphrase"):
+        args.passphrase_from_flag = args.passphrase is not None
+        args.passphrase = args.passphrase or _env("CLOUD_DUMP_PASSPHRASE")
+    # The WAL commands first: they run once per segment and import only what they need.
+    if args.command == "wal-push":
+        from coordinator.walpush import run_wal_push
+
+        run_wal_push(args)
+        return ExitCode.OK
+    if args.command == "wal-fetch":
+        from coordinator.walfetch import run_wal_fetch
+
+        return run_wal_fetch(args)
     from coordinator import commands
 
     handlers = {
@@ -216,9 +308,6 @@ def _run(args: argparse.Namespace) -> ExitCode:
         "list": commands.run_list,
         "check": commands.run_check,
     }
-    if hasattr(args, "passphrase"):
-        args.passphrase_from_flag = args.passphrase is not None
-        args.passphrase = args.passphrase or _env("CLOUD_DUMP_PASSPHRASE")
     handlers[args.command](args, print)
     return ExitCode.OK
 
@@ -251,21 +340,26 @@ def _install_sigterm() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # restore_command treats exit codes up to 125 as "not in the archive" and may promote:
+    # every wal-fetch failure, a usage error included, must be 126.
+    failed = ExitCode.WAL_FETCH_FAILED if argv[:1] == ["wal-fetch"] else None
     try:
+        load_config_file(argv)
         # Building the parser reads environment defaults, which may be invalid.
-        parser = build_parser()
-        # Planned commands accept (and ignore) any flags, so that scripts written for the seed
-        # get "not implemented" rather than a complaint about the flags.
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command not in _PLANNED:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args = build_parser().parse_args(argv)
     except ConfigError as exc:
         print(f"cloud-dump: error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
-    _setup_logging(getattr(args, "log_level", "info"))
-    if args.command in _PLANNED:
-        log.error("'%s' is not implemented in this version yet", args.command)
-        return ExitCode.USAGE
+        return failed or ExitCode.CONFIG
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        code = exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+        return failed if (failed and code) else code
+    _setup_logging(args.log_level)
+    code = _run_and_map_errors(args)
+    return failed if (failed and code not in (ExitCode.OK, 1)) else code
+
+
+def _run_and_map_errors(args: argparse.Namespace) -> int:
     try:
         _install_sigterm()
         return _run(args)
@@ -292,6 +386,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         log.debug("details", exc_info=True)
         return ExitCode.FAILURE
+
+
+def load_config_file(argv: Sequence[str]) -> None:
+    """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment.
+
+    KEY=VALUE lines, as a systemd EnvironmentFile: ``#`` comments, optional ``export`` and
+    quotes. Variables already in the environment win, flags win over both. This is how
+    archive_command and restore_command get their settings and credentials without a secret
+    on the command line (``ps``) or in postgresql.auto.conf.
+    """
+    path = os.environ.get("CLOUD_DUMP_CONFIG")
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if not path:
+        return
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from exc
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        os.environ.setdefault(key, value)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from urllib.parse import urlsplit
 from storage import Storage, StorageOptions, open_storage
 from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
 from storage.errors import ConfigError
-from storage.layout import Layout, validate_name
+from storage.layout import DEFAULT_WAL_PREFIX, Layout, validate_name
 
 if TYPE_CHECKING:
     from coordinator.backup import Encryption
+    from coordinator.recovery import RecoveryTarget, WalFetchCommand
     from coordinator.runners import Runner
 
 log = logging.getLogger(__name__)
@@ -148,11 +149,15 @@ def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
 
 
 def run_restore(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.recovery import target_from_args, wal_fetch_command
     from coordinator.restore import restore_backup
 
     name = validate_name("backup", args.name or "")
     if not args.pgdata:
         raise ConfigError("no target directory given: use --pgdata or PGDATA")
+    # Refuse a bad recovery target before downloading anything.
+    target = target_from_args(args)
+    command = wal_fetch_command(args, Path(args.pgdata), os.environ) if target else None
     storage = open_store(args)
     try:
         summary = restore_backup(
@@ -168,6 +173,30 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
     finally:
         storage.close()
     report(f"restored backup '{name}' into {args.pgdata}: {summary}")
+    if target is not None and command is not None:
+        _configure_recovery(Path(args.pgdata), target, command, report)
+
+
+def _configure_recovery(
+    pgdata: Path, target: RecoveryTarget, command: WalFetchCommand, report: Report
+) -> None:
+    from coordinator.recovery import AWS_VARIABLES, configure_recovery, time_has_zone
+
+    written = configure_recovery(pgdata, target, command)
+    shown = {k: v for k, v in written.items() if v and k != "restore_command"}
+    report(f"point-in-time recovery: wrote restore_command and "
+           f"{', '.join(f'{k} = {v!r}' for k, v in shown.items())} to "
+           f"{pgdata / 'postgresql.auto.conf'}; created {pgdata / 'recovery.signal'}")
+    secrets = [k for k in command.settings
+               if k in AWS_VARIABLES or k in ("CLOUD_DUMP_PASSPHRASE", "CLOUD_DUMP_PASSPHRASE_FILE",
+                                              "CLOUD_DUMP_IDENTITY_KEY")]
+    report(f"restore_command reads its settings from {command.config_path} (mode 0600"
+           + (f"; holds {', '.join(secrets)} from this restore" if secrets else "")
+           + "): it must be owned by the server's OS user, as must any key or passphrase "
+             "file it names")
+    if target.setting == "recovery_target_time" and not time_has_zone(target.value or ""):
+        log.warning("the recovery target time has no time zone: the server reads it in its "
+                    "own TimeZone setting")
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:
@@ -182,16 +211,22 @@ def _mapping(pairs: list[str]) -> dict[str, str]:
 
 def run_list(args: argparse.Namespace, report: Report) -> None:
     from coordinator.listing import find_backups, print_json, print_table
+    from coordinator.walrange import archived_segment_names, wal_range
 
+    # `list` has no --wal-prefix flag of its own: the environment sets it for the flat layout.
+    wal_prefix = getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX")
+    layout = Layout(cluster=args.cluster, wal_prefix=wal_prefix or DEFAULT_WAL_PREFIX)
     storage = open_store(args)
     try:
-        manifests = find_backups(storage, layout_of(args))
+        manifests = find_backups(storage, layout)
+        archived = archived_segment_names(storage, layout) if manifests else set()
     finally:
         storage.close()
+    ranges = {m.name: wal_range(m, archived) for m in manifests}
     if args.json:
-        print_json(manifests, report)
+        print_json(manifests, report, ranges)
     else:
-        print_table(manifests, layout_of(args), report)
+        print_table(manifests, layout, report, ranges)
 
 
 def run_check(args: argparse.Namespace, report: Report) -> None:

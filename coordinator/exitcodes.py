@@ -23,6 +23,7 @@ from storage.errors import (
     StorageError,
     StorageUnreachable,
     TargetNotEmpty,
+    WalConflict,
 )
 
 
@@ -60,6 +61,11 @@ class ExitCode(IntEnum):
     INTEGRITY = 15
     # A local file or directory could not be read or written (permissions, disk full).
     LOCAL_IO = 16
+    # wal-push: a different file is archived under that name, or WAL of another cluster.
+    WAL_CONFLICT = 17
+    # wal-fetch only: any failure other than "not in the archive". Above 125, so PostgreSQL
+    # stops recovery instead of taking it as the end of the archive and promoting early.
+    WAL_FETCH_FAILED = 126
 
 
 # Most specific first: the first matching class decides.
@@ -77,6 +83,7 @@ _EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
     (TargetNotEmpty, ExitCode.TARGET_NOT_EMPTY),
     (DecryptionFailed, ExitCode.DECRYPTION_FAILED),
     (IntegrityError, ExitCode.INTEGRITY),
+    (WalConflict, ExitCode.WAL_CONFLICT),
     (CloudDumpError, ExitCode.FAILURE),
     (OSError, ExitCode.LOCAL_IO),
 ]

@@ -34,7 +34,7 @@ import crc32c
 from storage.errors import IntegrityError
 
 PARTIAL_SUFFIX = ".cloud-dump-partial"
-_COPY_BYTES = 1024 * 1024
+_COPY_BYTES = 64 * 1024  # larger chunks made glibc map and unmap each one: 3x slower (bench/backup)
 _DIR_MODE = 0o700
 _TBLSPC_DIR = "pg_tblspc"
 

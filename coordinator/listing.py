@@ -1,19 +1,26 @@
 """``cloud-dump list``: the complete backups in a store, newest first.
 
 Only backups with a ``manifest.json`` exist (it is written last); prefixes of running or
-abandoned runs are not shown.
+abandoned runs are not shown. Under each backup, the WAL archived after it
+(``coordinator.walrange``): how far point-in-time recovery from it can go.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from storage import Storage
 from storage.errors import PermanentStorageError
 from storage.layout import MANIFEST_NAME, Layout
 from storage.manifest import BackupManifest
+
+if TYPE_CHECKING:
+    from coordinator.walrange import WalRange
+
+WalRanges = Mapping[str, "WalRange | None"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,10 @@ def _size(n: int) -> str:
 
 
 def print_table(
-    manifests: list[BackupManifest], layout: Layout, out: Callable[[str], None]
+    manifests: list[BackupManifest],
+    layout: Layout,
+    out: Callable[[str], None],
+    wal_ranges: WalRanges | None = None,
 ) -> None:
     if layout.cluster:
         out(f"Cluster: {layout.cluster}  (WAL archive: {layout.wal_root})")
@@ -56,11 +66,18 @@ def print_table(
         stamp = m.end_time.strftime("%Y-%m-%d %H:%M:%S UTC")
         out(f"{m.name:<28}{stamp:<27}{'yes' if m.encrypted else 'no':<11}{m.pg_version:<12}"
             f"{_size(m.stored_size):>10}")
+        if wal_ranges is not None:
+            wal = wal_ranges.get(m.name)
+            out(f"  {wal.describe() if wal else 'no WAL archived'}")
     if not manifests:
         out("(no backups)")
 
 
-def print_json(manifests: list[BackupManifest], out: Callable[[str], None]) -> None:
+def print_json(
+    manifests: list[BackupManifest],
+    out: Callable[[str], None],
+    wal_ranges: WalRanges | None = None,
+) -> None:
     rows = [
         {
             "name": m.name,
@@ -77,7 +94,14 @@ def print_json(manifests: list[BackupManifest], out: Callable[[str], None]) -> N
             "end_wal_file": m.end_wal_file,
             "compression": m.compression,
             "stored_bytes": m.stored_size,
+            "wal": _wal_json((wal_ranges or {}).get(m.name)),
         }
         for m in manifests
     ]
     out(json.dumps(rows, indent=2))
+
+
+def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
+    if wal is None:
+        return None
+    return {"first": wal.first, "last": wal.last, "segments": wal.segments}

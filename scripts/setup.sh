@@ -20,7 +20,12 @@ command -v zstd >/dev/null || missing+=(zstd)
 command -v npm >/dev/null || missing+=(npm)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/pg_verifybackup ] || missing+=(postgresql-client-15)
-python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The venv is built from Debian's interpreter: archive_command and restore_command run
+# cloud-dump as the postgres user, who cannot reach an interpreter under a private home
+# directory (pyenv's, for instance).
+PYTHON=${CLOUD_DUMP_PYTHON:-/usr/bin/python3}
+[ -x "$PYTHON" ] || missing+=(python3)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq
@@ -33,9 +38,13 @@ id postgres >/dev/null 2>&1 || { say "error: no 'postgres' OS user after install
 # --- the virtualenv -----------------------------------------------------------------------
 # Reinstall only when pyproject.toml changed since the last successful install.
 stamp=$VENV/.cloud-dump-installed
+if [ -x $VENV/bin/python ] && ! runuser -u postgres -- test -x "$(readlink -f $VENV/bin/python)"; then
+    say "the interpreter of $VENV is out of the postgres user's reach: recreating it from $PYTHON"
+    rm -rf $VENV
+fi
 if [ ! -x $VENV/bin/python ]; then
     say "creating $VENV"
-    python3 -m venv $VENV
+    "$PYTHON" -m venv $VENV
 fi
 if [ ! -f $stamp ] || [ pyproject.toml -nt $stamp ]; then
     say "installing cloud-dump and its test and dev extras into $VENV"

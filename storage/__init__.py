@@ -1,76 +1,39 @@
 """Object storage for cloud-dump: the protocol, its error tree, backends and key layout.
 
-``open_storage(url, options)`` is the only place that names a backend. Backends are imported
-lazily so that a command using local storage never pays for importing boto3.
+The names below are loaded on first use (PEP 562), so that ``from storage.errors import ...``
+in a per-segment command such as ``wal-push`` does not pay for dataclasses, hashlib and the
+backends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from storage.base import (
-    MIN_CONFIGURABLE_PART_COUNT,
-    S3_MAX_PART_COUNT,
-    Capabilities,
-    MultipartUpload,
-    ObjectInfo,
-    Storage,
-    UploadedPart,
-)
-from storage.errors import ConfigError
+if TYPE_CHECKING:
+    # Redundant aliases mark these as re-exports for the type checker.
+    from storage.base import Capabilities as Capabilities
+    from storage.base import MultipartUpload as MultipartUpload
+    from storage.base import ObjectInfo as ObjectInfo
+    from storage.base import Storage as Storage
+    from storage.base import UploadedPart as UploadedPart
+    from storage.factory import StorageOptions as StorageOptions
+    from storage.factory import open_storage as open_storage
 
-__all__ = [
-    "Capabilities",
-    "MultipartUpload",
-    "ObjectInfo",
-    "Storage",
-    "StorageOptions",
-    "UploadedPart",
-    "open_storage",
-]
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """How to reach a store. Credentials are never here: boto3's standard chain supplies them."""
-
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
-    # None means: path-style when a custom endpoint is given (MinIO, moto, most gateways),
-    # virtual-hosted style on AWS.
-    s3_path_style: bool | None = None
-    max_part_count: int = S3_MAX_PART_COUNT
-    max_attempts: int = 5
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not MIN_CONFIGURABLE_PART_COUNT <= self.max_part_count <= S3_MAX_PART_COUNT:
-            raise ConfigError(
-                f"max part count {self.max_part_count} is outside "
-                f"{MIN_CONFIGURABLE_PART_COUNT}..{S3_MAX_PART_COUNT}"
-            )
-        if self.max_attempts < 1:
-            raise ConfigError("storage max attempts must be at least 1")
+_EXPORTS = {
+    "Capabilities": "storage.base",
+    "MultipartUpload": "storage.base",
+    "ObjectInfo": "storage.base",
+    "Storage": "storage.base",
+    "UploadedPart": "storage.base",
+    "StorageOptions": "storage.factory",
+    "open_storage": "storage.factory",
+}
 
 
-def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
-    """Open the store that ``url`` names: ``s3://bucket[/prefix]`` or ``file:///path``."""
-    options = options or StorageOptions()
-    parts = urlsplit(url)
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise ConfigError(f"storage URL '{url}' names no bucket")
-        from storage.s3 import S3Storage
 
-        return S3Storage(parts.netloc, parts.path.strip("/"), options)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ConfigError(f"storage URL '{url}' must be file:///absolute/path")
-        from storage.local import LocalStorage
-
-        return LocalStorage(unquote(parts.path), options)
-    raise ConfigError(
-        f"unsupported storage URL '{url}': expected s3://bucket[/prefix] or file:///path"
-    )
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'storage' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)

@@ -22,6 +22,8 @@ re-raised ``from`` the original so the traceback (shown at DEBUG) keeps the caus
      ├── TargetNotEmpty              restore target (PGDATA, tablespace dir) has files in it
      ├── DecryptionFailed            wrong passphrase or identity, or not encrypted to it
      ├── IntegrityError              fetched or restored bytes do not match their checksums
+     ├── WalConflict                 a different file is archived under that name, or the
+     │                               archive belongs to another cluster: never overwritten
      └── BrokerError
           ├── BrokerUnreachable      the Celery broker or result backend could not be reached
           ├── NoWorkerAvailable      the broker answered but no worker took the work in time
@@ -128,3 +130,8 @@ class DecryptionFailed(CloudDumpError):
 
 class IntegrityError(CloudDumpError):
     """Bytes fetched or restored do not match the checksums recorded at backup time."""
+
+
+class WalConflict(CloudDumpError):
+    """A different WAL file is already archived under the name, or the archive belongs to
+    another cluster. Nothing is overwritten."""

@@ -17,7 +17,7 @@ from kombu.entity import Queue
 
 PARTS_QUEUE = "parts"
 WAL_QUEUE = "wal"
-TASK_MODULES = ["tasks.diagnostics", "tasks.backup"]
+TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal"]
 
 
 def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
@@ -37,7 +37,10 @@ def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
         worker_direct=True,
         task_default_queue=PARTS_QUEUE,
         task_queues=(Queue(PARTS_QUEUE), Queue(WAL_QUEUE)),  # type: ignore[no-untyped-call]
-        task_routes={"cloud_dump.push_wal": {"queue": WAL_QUEUE}},
+        task_routes={
+            "cloud_dump.push_wal": {"queue": WAL_QUEUE},
+            "cloud_dump.open_wal_archive": {"queue": WAL_QUEUE},
+        },
         task_track_started=True,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,

@@ -24,10 +24,18 @@ def test_help_lists_the_seed_commands() -> None:
         assert command in result.stdout
 
 
-def test_unimplemented_command_says_so_and_exits_usage() -> None:
-    result = run_cli("wal-push", "pg_wal/000000010000000000000001", "000000010000000000000001")
-    assert result.returncode == ExitCode.USAGE
-    assert_one_line_error(result.stderr, "'wal-push' is not implemented")
+def test_wal_fetch_usage_error_stops_recovery() -> None:
+    # PostgreSQL takes an exit status up to 125 from restore_command as "not in the archive".
+    result = run_cli("wal-fetch", "000000010000000000000001")
+    assert result.returncode == ExitCode.WAL_FETCH_FAILED
+
+
+def test_config_file_supplies_settings(tmp_path: Path) -> None:
+    config = tmp_path / "cloud-dump.conf"
+    config.write_text(f"# settings\nexport CLOUD_DUMP_STORAGE='file://{tmp_path}/repo'\n")
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"storage file://{tmp_path}/repo: ok" in result.stdout
 
 
 def test_check_storage_round_trip_on_local_directory(tmp_path: Path) -> None:

@@ -48,6 +48,10 @@ MARKER_NAME = ".complete"
 NPM_TIMEOUT_S = 600.0
 
 
+# Python 3.11.4+ (and Debian's 3.11.2 lacks it): the "data" filter refuses unsafe members.
+SAFE_EXTRACT: dict[str, str] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 class FetchError(RuntimeError):
     """The binaries for a major could not be fetched or unpacked."""
 
@@ -164,7 +168,7 @@ def unpack_native(tarball: Path, stage: Path) -> None:
     extracted = stage.parent / "extracted"
     with tarfile.open(tarball) as archive:
         # The "data" filter refuses absolute paths, links and traversal out of the target.
-        archive.extractall(extracted, filter="data")
+        archive.extractall(extracted, **SAFE_EXTRACT)  # noqa: S202 - filtered where Python can
     native = extracted / "package" / "native"
     if not (native / "bin" / "initdb").is_file():
         raise FetchError(f"{tarball.name} has no native/bin/initdb")

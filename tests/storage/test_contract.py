@@ -138,7 +138,7 @@ def test_head_reports_size_etag_and_checksum(storage: Storage) -> None:
 
     info = storage.head("h/obj")
 
-    assert info == ObjectInfo("h/obj", 1000, put_info.etag, sha256_hex(data))
+    assert info == ObjectInfo("h/obj", 1000, put_info.etag, sha256_hex(data), {})
     assert info.etag
 
 

@@ -1,0 +1,552 @@
+"""Backup and restore throughput of cloud-dump against pg_basebackup, on a pgbench database.
+
+One PostgreSQL 15 cluster (Debian's build) with ``pgbench -i -s SCALE`` (logged tables), a
+private Redis, a moto S3 server and two sets of two Celery workers (``-c 1`` each): one set
+writes to a local directory, the other to moto (each set on its own Redis database, so a set
+only ever sees its own target's tasks). Each round runs, in this order::
+
+    pg_basebackup -Ft -Xfetch -c fast                          → local disk (uncompressed)
+    pg_basebackup -Ft -Xfetch -c fast --compress=server-zstd   → local disk
+    cloud-dump backup (zstd, default settings) → 2 workers → local-directory storage
+    cloud-dump backup (zstd, default settings) → 2 workers → S3 (moto)
+    zstd -dc base.tar.zst | tar -x ; sync                      (pg_basebackup's server-zstd output)
+    cloud-dump restore ← local-directory storage   (manifest verification, ends with sync)
+    cloud-dump restore ← S3 (moto)
+
+and deletes every output before the next round. Reported: medians over the rounds of the wall
+time and of MB/s of *database size* (sum of pg_database_size over all databases, MB = 10^6
+bytes), the ratios against the targets of the issue, the CPU seconds of each process involved
+(the tool itself, PostgreSQL, the workers, Redis, moto), and peak RSS: the coordinator's (and
+restore's) from ``os.wait4``, each worker process's VmHWM from /proc.
+
+Usage (as root, from the repository): ``.venv/bin/python bench/backup.py [--scale 100]
+[--rounds 3] [--skip-restore]``. Everything it starts is stopped by PID, and its temporary
+directories removed, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import boto3
+import pytest
+import redis
+
+from bench.common import (
+    MB,
+    BenchError,
+    Timed,
+    directory_bytes,
+    load_average,
+    mb,
+    process_tree,
+    run_timed,
+    tree_cpu_seconds,
+    verdict,
+    vm_hwm_bytes,
+)
+from tests.rig.postgres import PgCluster, start_cluster
+from tests.rig.procs import ServerProcess, free_port, port_open
+from tests.rig.services import WorkerPool
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PG_MAJOR = 15
+VENV_BIN = Path(sys.executable).parent
+CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+S3_PREFIX = "bench"
+WORKERS_PER_TARGET = 2
+
+# Targets of the issue (acceptance point 7).
+BACKUP_RATIO_TARGET = 0.8  # cloud-dump → local vs pg_basebackup server-zstd
+RESTORE_RATIO_TARGET = 0.7  # cloud-dump restore vs zstd -dc | tar -x
+COORDINATOR_RSS_TARGET = 200 * MB
+WORKER_RSS_TARGET = 150 * MB
+
+B_PLAIN = "pg_basebackup -Ft (uncompressed)"
+B_ZSTD = "pg_basebackup --compress=server-zstd"
+B_LOCAL = "cloud-dump backup -> local dir"
+B_S3 = "cloud-dump backup -> S3 (moto)"
+R_TAR = "zstd -dc | tar -x ; sync"
+R_LOCAL = "cloud-dump restore <- local dir"
+R_S3 = "cloud-dump restore <- S3 (moto)"
+BACKUP_CASES = [B_PLAIN, B_ZSTD, B_LOCAL, B_S3]
+RESTORE_CASES = [R_TAR, R_LOCAL, R_S3]
+COMPONENTS = ["postgres", "workers", "redis", "moto"]
+
+
+@dataclass
+class Sample:
+    """One timed run of one case."""
+
+    wall_s: float
+    tool_cpu_s: float  # the command itself (and what it waited for), from wait4
+    tool_rss: int  # its peak RSS, bytes
+    cpu: dict[str, float]  # CPU seconds of the long-running servers during the run
+    stored_bytes: int | None = None
+
+
+@dataclass
+class WorkerSet:
+    """Two Celery workers sharing one target, on their own Redis database."""
+
+    kind: str  # "local" or "s3"
+    broker_url: str
+    pool: WorkerPool
+    # "local w1" → {"main": VmHWM, "pool child": VmHWM}, bytes: each a peak since its start
+    peak_rss: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.pool.processes]
+
+    def record_peak_rss(self) -> None:
+        """VmHWM of each worker's main process and its pool child (``-c 1``)."""
+        for number, pid in enumerate(self.pids, 1):
+            worker = self.peak_rss.setdefault(f"{self.kind} w{number}", {})
+            for position, member in enumerate(process_tree(pid)):
+                role = "main" if position == 0 else "pool child"
+                hwm = vm_hwm_bytes(member)
+                if hwm is not None:
+                    worker[role] = max(worker.get(role, 0), hwm)
+
+
+@dataclass
+class Bench:
+    """Everything started for the run, and the samples taken."""
+
+    args: argparse.Namespace
+    workdir: Path
+    stack: contextlib.ExitStack
+    cluster: PgCluster | None = None
+    redis_pid: int = 0
+    redis_port: int = 0
+    moto_pid: int = 0
+    moto_endpoint: str = ""
+    bucket: str = ""
+    s3: Any = None
+    local_root: Path = Path()
+    sets: dict[str, WorkerSet] = field(default_factory=dict)
+    db_size: int = 0
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        self.cluster = start_cluster(PG_MAJOR)
+        self.stack.callback(self.cluster.destroy)
+        cluster = self.cluster
+        print(f"PostgreSQL {PG_MAJOR} on port {cluster.port}; pgbench -i -q -s {self.args.scale}")
+        started = time.perf_counter()
+        run_timed(
+            [str(cluster.bin_dir / "pgbench"), "-i", "-q", "-s", str(self.args.scale),
+             "-h", str(cluster.socket_dir), "-p", str(cluster.port), "-U", "postgres",
+             "postgres"],
+            self.logs / "pgbench.log",
+            what="pgbench -i",
+        )  # fmt: skip
+        cluster.sql("CHECKPOINT")
+        self.db_size = int(
+            cluster.sql("SELECT sum(pg_database_size(datname)) FROM pg_database")[0][0]
+        )
+        print(
+            f"  initialised in {time.perf_counter() - started:.0f} s; database size "
+            f"{mb(self.db_size)} MB (sum of pg_database_size over all databases)"
+        )
+
+    def start_server(self, name: str, argv: list[str], port: int) -> int:
+        server = ServerProcess(name, argv, self.logs / f"{name}.log")
+        self.stack.callback(server.stop)
+        server.wait_until(lambda: port_open(port), timeout_s=30)
+        return server.pid
+
+    def start_services(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise BenchError("redis-server is not installed: run `make setup`")
+        redis_dir = self.workdir / "redis"
+        redis_dir.mkdir()
+        self.redis_port = free_port()
+        self.redis_pid = self.start_server(
+            "redis-server",
+            [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(redis_dir)],
+            self.redis_port,
+        )  # fmt: skip
+        moto_port = free_port()
+        self.moto_pid = self.start_server(
+            "moto_server",
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+            moto_port,
+        )
+        self.moto_endpoint = f"http://127.0.0.1:{moto_port}"
+        self.s3 = boto3.session.Session(**_session_args()).client(
+            "s3", endpoint_url=self.moto_endpoint
+        )
+        self.stack.callback(self.s3.close)
+        self.bucket = f"bench-{uuid.uuid4().hex[:12]}"
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.local_root = self.workdir / "store"
+        self.local_root.mkdir()
+        self.sets["local"] = self.start_workers("local", 0, {"CLOUD_DUMP_STORAGE": self.local_url})
+        self.sets["s3"] = self.start_workers(
+            "s3", 1, {"CLOUD_DUMP_STORAGE": self.s3_url, **self.s3_env}
+        )
+
+    @property
+    def local_url(self) -> str:
+        return f"file://{self.local_root}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"s3://{self.bucket}/{S3_PREFIX}"
+
+    @property
+    def s3_env(self) -> dict[str, str]:
+        return {"CLOUD_DUMP_S3_ENDPOINT": self.moto_endpoint, **AWS_ENV}
+
+    def start_workers(self, kind: str, db: int, env: dict[str, str]) -> WorkerSet:
+        broker = f"redis://127.0.0.1:{self.redis_port}/{db}"
+        pool = WorkerPool(broker)
+        self.stack.callback(pool.stop)
+        child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": broker}
+        for i in range(1, WORKERS_PER_TARGET + 1):
+            name = f"{kind}{i}@bench"
+            pool.processes.append(
+                ServerProcess(
+                    f"celery worker {name}",
+                    [str(VENV_BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "parts,wal",
+                     "-c", "1", "-n", name, "-l", "info", "--without-gossip",
+                     "--without-mingle", "--without-heartbeat"],
+                    self.logs / f"worker-{kind}{i}.log",
+                    env=child_env,
+                    cwd=REPO_ROOT,
+                )
+            )  # fmt: skip
+            pool.names.append(name)
+        pool.wait_ready()
+        return WorkerSet(kind, broker, pool)
+
+    # --- accounting -----------------------------------------------------------------------------
+
+    def component_cpu(self) -> dict[str, float]:
+        assert self.cluster is not None and self.cluster.postmaster_pid is not None
+        return {
+            "postgres": tree_cpu_seconds(self.cluster.postmaster_pid),
+            "workers": sum(tree_cpu_seconds(p) for s in self.sets.values() for p in s.pids),
+            "redis": tree_cpu_seconds(self.redis_pid),
+            "moto": tree_cpu_seconds(self.moto_pid),
+        }
+
+    def measure(
+        self, case: str, run: Callable[[], Timed], stored: Callable[[], int] | None
+    ) -> None:
+        """Run one case (after a sync, so that no earlier write-back runs into it)."""
+        os.sync()
+        before = self.component_cpu()
+        timed = run()
+        time.sleep(0.2)  # let the postmaster reap the walsender, so its CPU is counted
+        after = self.component_cpu()
+        sample = Sample(
+            timed.wall_s,
+            timed.cpu_s,
+            timed.max_rss,
+            {name: after[name] - before[name] for name in COMPONENTS},
+            stored() if stored is not None else None,
+        )
+        self.samples.setdefault(case, []).append(sample)
+        print(
+            f"  {case:38} {sample.wall_s:7.2f} s {self.db_size / MB / sample.wall_s:7.0f} MB/s"
+            f"   cpu: tool {sample.tool_cpu_s:5.1f} "
+            + " ".join(f"{n} {sample.cpu[n]:5.1f}" for n in COMPONENTS)
+            + f"   rss {mb(sample.tool_rss)} MB",
+            flush=True,
+        )
+
+    # --- the cases ------------------------------------------------------------------------------
+
+    def pg_env(self) -> dict[str, str]:
+        assert self.cluster is not None
+        return {**os.environ, "PGPASSWORD": self.cluster.repl_password}
+
+    def pg_basebackup(self, out: Path, compress: bool) -> Timed:
+        assert self.cluster is not None
+        argv = [str(self.cluster.bin_dir / "pg_basebackup"), "-D", str(out), "-Ft", "-Xfetch",
+                "-c", "fast", "-h", "127.0.0.1", "-p", str(self.cluster.port),
+                "-U", self.cluster.repl_user, "-w"]  # fmt: skip
+        if compress:
+            argv.append("--compress=server-zstd")
+        return run_timed(argv, self.logs / "pg_basebackup.log", env=self.pg_env())
+
+    def cloud_dump_backup(self, name: str, kind: str) -> Timed:
+        assert self.cluster is not None
+        # The URL (with the password) goes through the environment, not the command line.
+        env = {**os.environ, "CLOUD_DUMP_DB_URL": self.cluster.replication_url()}
+        timed = run_timed(
+            [CLOUD_DUMP, "backup", "--name", name, "--broker", self.sets[kind].broker_url,
+             "--no-progress"],
+            self.logs / f"backup-{kind}.log",
+            env=env,
+            what=f"cloud-dump backup to {kind}",
+        )  # fmt: skip
+        self.sets[kind].record_peak_rss()
+        return timed
+
+    def cloud_dump_restore(self, name: str, kind: str, target: Path) -> Timed:
+        argv = [CLOUD_DUMP, "restore", "--name", name, "--pgdata", str(target)]
+        env = dict(os.environ)
+        if kind == "local":
+            argv += ["--storage", self.local_url]
+        else:
+            argv += ["--storage", self.s3_url, "--s3-endpoint", self.moto_endpoint]
+            env.update(AWS_ENV)
+        return run_timed(
+            argv, self.logs / f"restore-{kind}.log", env=env, what=f"cloud-dump restore {kind}"
+        )
+
+    def untar(self, archive: Path, target: Path) -> Timed:
+        target.mkdir()
+        script = f"set -euo pipefail; zstd -dc -- '{archive}' | tar -x -C '{target}'; sync"
+        return run_timed(["bash", "-c", script], self.logs / "untar.log", what="zstd | tar")
+
+    def s3_bytes(self, name: str) -> int:
+        return sum(o["Size"] for o in self.s3_objects(name))
+
+    def s3_objects(self, name: str) -> Iterator[dict[str, Any]]:
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{S3_PREFIX}/{name}/"):
+            yield from page.get("Contents", [])
+
+    def delete_s3_backup(self, name: str) -> None:
+        keys = [{"Key": o["Key"]} for o in self.s3_objects(name)]
+        for start in range(0, len(keys), 1000):
+            self.s3.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]}
+            )
+
+    def one_round(self, number: int) -> None:
+        print(f"round {number}/{self.args.rounds} (load average {load_average()})", flush=True)
+        here = self.workdir / f"round{number}"
+        here.mkdir()
+        plain, zstd = here / "pgbb-plain", here / "pgbb-zstd"
+        local_name, s3_name = f"r{number}-local", f"r{number}-s3"
+
+        self.measure(B_PLAIN, lambda: self.pg_basebackup(plain, False),
+                     lambda: directory_bytes(plain))  # fmt: skip
+        shutil.rmtree(plain)
+        self.measure(B_ZSTD, lambda: self.pg_basebackup(zstd, True),
+                     lambda: directory_bytes(zstd))  # fmt: skip
+        self.measure(B_LOCAL, lambda: self.cloud_dump_backup(local_name, "local"),
+                     lambda: directory_bytes(self.local_root / local_name))  # fmt: skip
+        self.measure(B_S3, lambda: self.cloud_dump_backup(s3_name, "s3"),
+                     lambda: self.s3_bytes(s3_name))  # fmt: skip
+
+        if not self.args.skip_restore:
+            target = here / "restored"
+            self.measure(R_TAR, lambda: self.untar(zstd / "base.tar.zst", target), None)
+            shutil.rmtree(target)
+            self.measure(R_LOCAL, lambda: self.cloud_dump_restore(local_name, "local", target),
+                         None)  # fmt: skip
+            shutil.rmtree(target)
+            self.measure(R_S3, lambda: self.cloud_dump_restore(s3_name, "s3", target), None)
+            shutil.rmtree(target)
+
+        shutil.rmtree(here)
+        shutil.rmtree(self.local_root / local_name)
+        self.delete_s3_backup(s3_name)
+
+    # --- report ---------------------------------------------------------------------------------
+
+    def median(self, case: str, get: Callable[[Sample], float]) -> float:
+        return statistics.median(get(s) for s in self.samples[case])
+
+    def throughput(self, case: str) -> float:
+        """Median MB/s of database size (the median of the per-run throughputs)."""
+        return self.median(case, lambda s: self.db_size / MB / s.wall_s)
+
+    def report(self) -> None:
+        rounds = len(self.samples[B_PLAIN])
+        print()
+        print(
+            f"=== results: database {mb(self.db_size)} MB (pgbench scale {self.args.scale}, "
+            f"PostgreSQL {PG_MAJOR}), medians of {rounds} round(s); MB = 10^6 bytes ==="
+        )
+        header = (
+            f"{'case':38} {'wall s':>7} {'MB/s':>6} {'(min-max)':>11} {'stored MB':>9} "
+            f"{'tool cpu':>8} {'pg cpu':>6} {'workers':>7} {'redis':>5} {'moto':>5} "
+            f"{'tool peak RSS':>13}"
+        )
+        print(header)
+        print("-" * len(header))
+        for case in BACKUP_CASES + RESTORE_CASES:
+            if case not in self.samples:
+                continue
+            rates = [self.db_size / MB / s.wall_s for s in self.samples[case]]
+            stored = [s.stored_bytes for s in self.samples[case] if s.stored_bytes is not None]
+            stored_text = mb(statistics.median(stored)) if stored else "-"
+            cpu = {n: self.median(case, lambda s, n=n: s.cpu[n]) for n in COMPONENTS}  # type: ignore[misc]
+            print(
+                f"{case:38} {self.median(case, lambda s: s.wall_s):7.2f} "
+                f"{self.throughput(case):6.0f} {f'({min(rates):.0f}-{max(rates):.0f})':>11} "
+                f"{stored_text:>9} {self.median(case, lambda s: s.tool_cpu_s):8.1f} "
+                + " ".join(
+                    f"{cpu[n]:{w}.1f}" for n, w in zip(COMPONENTS, (6, 7, 5, 5), strict=True)
+                )
+                + f" {mb(max(s.tool_rss for s in self.samples[case])):>10} MB"
+            )
+        print("(cpu columns: CPU seconds during the run; peak RSS: the largest over the rounds)")
+        self.report_ratios()
+        self.report_moto()
+        self.report_memory()
+
+    def report_ratios(self) -> None:
+        zstd = self.throughput(B_ZSTD)
+        print()
+        print("ratios (median MB/s of database size)")
+        lines = [
+            (f"{B_LOCAL} / {B_ZSTD}", self.throughput(B_LOCAL) / zstd, BACKUP_RATIO_TARGET),
+            (f"{B_S3} / {B_ZSTD}", self.throughput(B_S3) / zstd, None),
+            (f"{B_PLAIN} / {B_ZSTD}", self.throughput(B_PLAIN) / zstd, None),
+        ]
+        if R_TAR in self.samples:
+            floor = self.throughput(R_TAR)
+            lines += [
+                (f"{R_LOCAL} / {R_TAR}", self.throughput(R_LOCAL) / floor, RESTORE_RATIO_TARGET),
+                (f"{R_S3} / {R_TAR}", self.throughput(R_S3) / floor, RESTORE_RATIO_TARGET),
+            ]
+        for label, ratio, target in lines:
+            judged = f"target >= {target:.1f}x  {verdict(ratio >= target)}" if target else "(info)"
+            print(f"  {label:74} {ratio:5.2f}x  {judged}")
+
+    def report_moto(self) -> None:
+        print()
+        print("moto S3 server's share (medians)")
+        for case in (B_S3, R_S3):
+            if case not in self.samples:
+                continue
+            moto = self.median(case, lambda s: s.cpu["moto"])
+            total = self.median(case, lambda s: s.tool_cpu_s + sum(s.cpu.values()))
+            wall = self.median(case, lambda s: s.wall_s)
+            print(
+                f"  {case:38} moto {moto:5.1f} CPU s of {total:5.1f} CPU s in all "
+                f"({moto / total:4.0%}); {moto / wall:4.2f} of the machine's 2 cores for "
+                f"{wall:.1f} s"
+            )
+
+    def report_memory(self) -> None:
+        print()
+        print("peak RSS (MB = 10^6 bytes)")
+        coordinator = max(s.tool_rss for c in (B_LOCAL, B_S3) for s in self.samples[c])
+        print(
+            f"  coordinator (cloud-dump backup, wait4 ru_maxrss) {mb(coordinator):>5} MB   "
+            f"target < {mb(COORDINATOR_RSS_TARGET)} MB  "
+            f"{verdict(coordinator < COORDINATOR_RSS_TARGET)}"
+        )
+        for worker_set in self.sets.values():
+            for worker, roles in worker_set.peak_rss.items():
+                peak = max(roles.values())
+                detail = ", ".join(f"{role} {mb(hwm)}" for role, hwm in roles.items())
+                print(
+                    f"  worker {worker:9} (VmHWM: {detail:26}) {mb(peak):>5} MB   "
+                    f"target < {mb(WORKER_RSS_TARGET)} MB  {verdict(peak < WORKER_RSS_TARGET)}"
+                )
+        for case in (R_LOCAL, R_S3):
+            if case in self.samples:
+                peak = max(s.tool_rss for s in self.samples[case])
+                print(f"  {case} (wait4 ru_maxrss) {mb(peak)} MB  (info)")
+        redis_hwm = vm_hwm_bytes(self.redis_pid)
+        if redis_hwm is not None:
+            print(f"  redis-server (VmHWM, staged payloads) {mb(redis_hwm)} MB  (info)")
+
+
+def _session_args() -> dict[str, str]:
+    return {
+        "aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=100, help="pgbench scale (default 100)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--skip-restore", action="store_true", help="time backups only")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="copy the logs to ./bench-logs-<time> at the end")  # fmt: skip
+    args = parser.parse_args()
+    if args.scale < 1 or args.rounds < 1:
+        parser.error("--scale and --rounds must be at least 1")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = time.monotonic()
+    print(
+        f"bench/backup.py: scale {args.scale}, {args.rounds} round(s), {os.cpu_count()} CPUs, "
+        f"load average at start {load_average()}",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="cloud-dump-bench-", dir="/tmp"))
+    try:
+        with contextlib.ExitStack() as stack:
+            bench = Bench(args, workdir, stack)
+            bench.logs.mkdir()
+            if args.keep_logs:
+                stack.callback(_keep_logs, bench.logs)
+            try:
+                bench.start_postgres()
+                bench.start_services()
+                for number in range(1, args.rounds + 1):
+                    bench.one_round(number)
+                bench.report()
+            finally:
+                # A second Ctrl-C must not cut the clean-up short (the servers run in their
+                # own sessions: the terminal's signals do not reach them).
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, pytest.fail.Exception, redis.RedisError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\ntotal {time.monotonic() - started:.0f} s; load average at end {load_average()}")
+    return 0
+
+
+def _keep_logs(logs: Path) -> None:
+    target = Path.cwd() / f"bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(logs, target)
+    print(f"logs kept in {target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

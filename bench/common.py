@@ -1,0 +1,206 @@
+"""Helpers shared by the benchmark scripts: timed child processes, /proc accounting, formatting.
+
+- ``run_timed`` runs a command in its own session, through a small launcher that reaps it with
+  ``os.wait4``: the wall time, the CPU seconds and the peak RSS (``ru_maxrss``) of the command
+  and of every descendant it waited for. On an interrupt the command's process group is stopped.
+- ``tree_cpu_seconds`` and ``vm_hwm_bytes`` read ``/proc`` for servers that outlive one run
+  (PostgreSQL, Redis, moto, Celery workers): CPU as utime+stime of every live process in the
+  tree plus cutime+cstime (children already reaped), in seconds; memory as ``VmHWM``.
+
+Linux only. Sizes are in MB = 10^6 bytes throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark failed; the message says which and carries the log tail."""
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- timed child processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One finished command: wall seconds, CPU seconds (user+system) and peak RSS in bytes."""
+
+    wall_s: float
+    cpu_s: float
+    max_rss: int
+
+
+# Peak RSS is measured by this launcher, not by wait4 in the benchmark itself: Linux folds the
+# memory of the process that forked a command into the command's ru_maxrss (exec records the
+# high-water mark of the address space it replaces), so a command forked from the benchmark's
+# ~100 MB interpreter would never report less than that. Forked from this launcher (Python
+# started with -I -S: ~7 MB), a command's peak RSS is its own, or at least ~7 MB.
+_LAUNCHER = """
+import os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+with open(out, "w") as f:
+    f.write(f"{wall} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
+def run_timed(
+    argv: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    what: str | None = None,
+) -> Timed:
+    """Run ``argv`` to completion; raise ``BenchError`` with the log tail if it fails.
+
+    Wall time, CPU and peak RSS are those of ``argv`` and of every descendant it waited for.
+    The command gets its own session so that a Ctrl-C of the benchmark does not hit it halfway
+    through our own clean-up: on any exception (KeyboardInterrupt included) we send SIGTERM to
+    its process group, then SIGKILL, and reap it.
+    """
+    result = log_path.with_name(f"{log_path.name}.rusage")
+    with log_path.open("ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(result), *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        try:
+            proc.wait()
+        except BaseException:
+            stop_group(proc)
+            raise
+    if proc.returncode != 0:
+        raise BenchError(
+            f"{what or argv[0]} exited with status {proc.returncode}; log {log_path}:\n"
+            f"{log_tail(log_path)}"
+        )
+    wall, cpu, max_rss_kib = result.read_text().split()
+    result.unlink()
+    return Timed(float(wall), float(cpu), int(max_rss_kib) * 1024)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``proc`` (our own child), SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --- /proc accounting -----------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, is index 0)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants, parents first."""
+    children = _children_map()
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        tree.append(current)
+        queue.extend(sorted(children.get(current, [])))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the tree under ``pid``: live processes plus the children they reaped."""
+    ticks = 0
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        if fields is not None:
+            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return ticks / CLOCK_TICKS
+
+
+def vm_hwm_bytes(pid: int) -> int | None:
+    """Peak resident set size of a live process (VmHWM), None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def directory_bytes(path: Path) -> int:
+    """Apparent size of every regular file under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).lstat().st_size
+    return total
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+
+def mb(size: float) -> str:
+    return f"{size / MB:,.0f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"

@@ -1,0 +1,238 @@
+"""Recovery settings for point-in-time restore (DESIGN.md §6): what PostgreSQL needs to replay WAL
+from the archive up to a target, then promote.
+
+``configure_recovery`` appends to ``PGDATA/postgresql.auto.conf`` (PostgreSQL's own format,
+``key = 'value'``; the last occurrence of a setting wins):
+
+- ``restore_command = '<cloud-dump> wal-fetch %f %p --config <restore config>'``;
+- the target: one of ``recovery_target_time/lsn/xid/name`` or ``recovery_target = 'immediate'``
+  (none for "latest": replay everything archived). The other target settings are written
+  first as ``''``, which unsets them, so that a target left in the backed-up cluster's
+  postgresql.auto.conf cannot combine with ours ("multiple recovery targets specified");
+- ``recovery_target_inclusive``, ``recovery_target_timeline`` when given, and
+  ``recovery_target_action = 'promote'``;
+
+then creates ``recovery.signal``.
+
+No secret goes into postgresql.auto.conf (anyone with ``pg_read_all_settings`` reads it, and it
+travels in every base backup). restore_command names a *restore config file* instead: KEY=VALUE
+lines (read by ``cloud-dump --config``) with the storage location, the WAL prefix, the key file
+or passphrase, and the AWS credentials of the restore's own environment, since the server has no
+other way to get them. The file is created with mode 0600, by default beside PGDATA (not inside
+it, so that a later base backup of the restored cluster does not carry it to storage), and must
+be owned by the server's OS user: run restore as that user, or chown the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.walfetch import write_atomically
+from storage.errors import ConfigError
+
+RESTORE_CONFIG_NAME = "cloud-dump-restore.conf"
+TARGET_SETTINGS = (
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+)
+# Copied into the restore config only when the restore itself had them: boto3's standard chain
+# reads them, and the server's environment is usually bare.
+AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CA_BUNDLE",
+)
+_LSN_RE = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+# ISO 8601 as PostgreSQL reads it: date, optional time, optional zone (offset or name).
+_TIME_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?(?P<zone>\s*\S.*)?"
+)
+_MAX_RESTORE_POINT_NAME = 63  # NAMEDATALEN - 1
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where recovery stops. ``setting`` None: at the end of the archived WAL ("latest")."""
+
+    setting: str | None = None
+    value: str | None = None
+    timeline: str | None = None
+    inclusive: bool = True
+
+    def settings(self) -> dict[str, str]:
+        """The recovery settings, in the order they are written."""
+        # The unset ones first: PostgreSQL rejects assigning any target setting, even '', once
+        # another one is set ("multiple recovery targets specified").
+        out = {name: "" for name in TARGET_SETTINGS if name != self.setting}
+        if self.setting is not None:
+            out[self.setting] = self.value or ""
+        if self.setting in ("recovery_target_time", "recovery_target_lsn", "recovery_target_xid"):
+            out["recovery_target_inclusive"] = "on" if self.inclusive else "off"
+        if self.timeline is not None:
+            out["recovery_target_timeline"] = self.timeline
+        out["recovery_target_action"] = "promote"
+        return out
+
+
+def target_from_args(args: argparse.Namespace) -> RecoveryTarget | None:
+    """The target the restore flags ask for, validated; None for a plain restore."""
+    timeline = args.recovery_target_timeline
+    if timeline is not None and timeline not in ("latest", "current") and not (
+        timeline.isdigit() and int(timeline) > 0
+    ):
+        raise ConfigError(f"invalid --recovery-target-timeline '{timeline}': use latest, "
+                          "current or a timeline number")
+    given = [
+        (setting, value)
+        for setting, value in (
+            ("recovery_target_time", args.recovery_target_time),
+            ("recovery_target_lsn", args.recovery_target_lsn),
+            ("recovery_target_xid", args.recovery_target_xid),
+            ("recovery_target_name", args.recovery_target_name),
+        )
+        if value is not None
+    ]
+    if args.recovery_target == "immediate":
+        given.append(("recovery_target", "immediate"))
+    if not given and args.recovery_target != "latest" and timeline is None:
+        if args.recovery_target_exclusive:
+            raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
+        return None
+    setting, value = given[0] if given else (None, None)
+    if setting is not None and value is not None:
+        _validate(setting, value)
+    if args.recovery_target_exclusive and setting not in (
+        "recovery_target_time", "recovery_target_lsn", "recovery_target_xid"
+    ):
+        raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
+    return RecoveryTarget(setting, value, timeline, not args.recovery_target_exclusive)
+
+
+def _validate(setting: str, value: str) -> None:
+    flag = "--" + setting.replace("_", "-")
+    if setting == "recovery_target_time" and not _TIME_RE.fullmatch(value.strip()):
+        raise ConfigError(f"invalid {flag} '{value}': use 'YYYY-MM-DD HH:MM:SS[.ffffff] ZONE', "
+                          "e.g. '2026-03-22 14:30:00+00'")
+    if setting == "recovery_target_lsn" and not _LSN_RE.fullmatch(value):
+        raise ConfigError(f"invalid {flag} '{value}': expected an LSN like 0/16B3748")
+    if setting == "recovery_target_xid" and not value.isdigit():
+        raise ConfigError(f"invalid {flag} '{value}': expected a transaction id (digits)")
+    if setting == "recovery_target_name" and not 0 < len(value) <= _MAX_RESTORE_POINT_NAME:
+        raise ConfigError(f"invalid {flag}: a restore point name has 1 to 63 characters")
+
+
+def time_has_zone(value: str) -> bool:
+    match = _TIME_RE.fullmatch(value.strip())
+    return bool(match and match.group("zone"))
+
+
+@dataclass(frozen=True)
+class WalFetchCommand:
+    """How the recovering server runs wal-fetch: the executable and its restore config file."""
+
+    executable: Path
+    config_path: Path
+    settings: Mapping[str, str]
+
+    def restore_command(self) -> str:
+        # PostgreSQL expands %f/%p/%r in restore_command; a literal % in a path must be %%.
+        executable, config = (
+            shlex.quote(str(path)).replace("%", "%%")
+            for path in (self.executable, self.config_path)
+        )
+        return f"{executable} wal-fetch %f %p --config {config}"
+
+
+def wal_fetch_command(
+    args: argparse.Namespace, pgdata: Path, environ: Mapping[str, str]
+) -> WalFetchCommand:
+    """The wal-fetch invocation and settings for a restore run with ``args``.
+
+    ``CLOUD_DUMP_EXECUTABLE`` overrides the path of the command the server runs, for hosts where
+    the server's user reaches cloud-dump by another path than the one running restore.
+    """
+    settings: dict[str, str] = {"CLOUD_DUMP_STORAGE": args.storage}
+    optional = {
+        "CLOUD_DUMP_S3_ENDPOINT": args.s3_endpoint,
+        "CLOUD_DUMP_S3_REGION": args.s3_region,
+        "CLOUD_DUMP_S3_PATH_STYLE": None if args.s3_path_style is None
+        else str(args.s3_path_style).lower(),
+        "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": str(args.storage_max_attempts),
+        "CLOUD_DUMP_CLUSTER": args.cluster,
+        "CLOUD_DUMP_WAL_PREFIX": args.wal_prefix,
+        "CLOUD_DUMP_SPOOL_DIR": args.spool_dir and str(Path(args.spool_dir).absolute()),
+        "CLOUD_DUMP_IDENTITY_KEY": ",".join(
+            str(Path(p).absolute()) for p in args.identity_key or []
+        ),
+    }
+    if args.passphrase_file:
+        optional["CLOUD_DUMP_PASSPHRASE_FILE"] = str(Path(args.passphrase_file).absolute())
+    elif args.passphrase:
+        optional["CLOUD_DUMP_PASSPHRASE"] = args.passphrase
+    if str(args.storage).startswith("s3:"):
+        optional.update({name: environ.get(name) for name in AWS_VARIABLES})
+    settings.update({k: v for k, v in optional.items() if v})
+    config = Path(args.restore_config) if args.restore_config else \
+        pgdata.absolute().parent / RESTORE_CONFIG_NAME
+    executable = environ.get("CLOUD_DUMP_EXECUTABLE") or _own_executable()
+    return WalFetchCommand(Path(executable).absolute(), config.absolute(), settings)
+
+
+def _own_executable() -> str:
+    """The cloud-dump console script running now: the server runs the same installation."""
+    script = Path(sys.argv[0])
+    if script.name == "cloud-dump" and script.is_file():
+        return str(script)
+    beside = Path(sys.executable).parent / "cloud-dump"  # the venv's bin, symlinks unresolved
+    if beside.is_file():
+        return str(beside)
+    raise ConfigError("cannot tell where the cloud-dump command is installed: set "
+                      "CLOUD_DUMP_EXECUTABLE to the path the server should run")
+
+
+def configure_recovery(
+    pgdata: Path, target: RecoveryTarget, command: WalFetchCommand
+) -> dict[str, str]:
+    """Write the restore config file, the recovery settings and recovery.signal.
+
+    Returns the settings appended to postgresql.auto.conf. The config file is replaced
+    atomically, mode 0600 from its creation.
+    """
+    write_atomically(command.config_path, _config_text(command.settings).encode())
+    settings = {"restore_command": command.restore_command(), **target.settings()}
+    lines = [f"{name} = {quote_setting(value)}" for name, value in settings.items()]
+    with (pgdata / "postgresql.auto.conf").open("a") as conf:
+        conf.write("# point-in-time recovery, written by cloud-dump restore\n")
+        conf.write("\n".join(lines) + "\n")
+    (pgdata / "recovery.signal").touch(mode=0o600)
+    return settings
+
+
+def quote_setting(value: str) -> str:
+    """A postgresql.conf string literal, escaped as ALTER SYSTEM writes it."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _config_text(settings: Mapping[str, str]) -> str:
+    lines = ["# cloud-dump settings for restore_command (wal-fetch); mode 0600, may hold secrets"]
+    for key, value in settings.items():
+        if "\n" in value or "\r" in value:
+            raise ConfigError(f"the value of {key} spans lines: it cannot go into a config file")
+        # cloud-dump --config strips one pair of surrounding quotes and unescapes nothing.
+        lines.append(f'{key}="{value}"')
+    return "\n".join(lines) + "\n"

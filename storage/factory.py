@@ -1,0 +1,57 @@
+"""Opening a store: ``open_storage(url, options)`` is the only place that names a backend.
+
+Backends are imported lazily so that a command using local storage never pays for boto3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT, Storage
+from storage.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach a store. Credentials are never here: boto3's standard chain supplies them."""
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    # None means: path-style when a custom endpoint is given (MinIO, moto, most gateways),
+    # virtual-hosted style on AWS.
+    s3_path_style: bool | None = None
+    max_part_count: int = S3_MAX_PART_COUNT
+    max_attempts: int = 5
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not MIN_CONFIGURABLE_PART_COUNT <= self.max_part_count <= S3_MAX_PART_COUNT:
+            raise ConfigError(
+                f"max part count {self.max_part_count} is outside "
+                f"{MIN_CONFIGURABLE_PART_COUNT}..{S3_MAX_PART_COUNT}"
+            )
+        if self.max_attempts < 1:
+            raise ConfigError("storage max attempts must be at least 1")
+
+
+def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
+    """Open the store that ``url`` names: ``s3://bucket[/prefix]`` or ``file:///path``."""
+    options = options or StorageOptions()
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"storage URL '{url}' names no bucket")
+        from storage.s3 import S3Storage
+
+        return S3Storage(parts.netloc, parts.path.strip("/"), options)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ConfigError(f"storage URL '{url}' must be file:///absolute/path")
+        from storage.local import LocalStorage
+
+        return LocalStorage(unquote(parts.path), options)
+    raise ConfigError(
+        f"unsupported storage URL '{url}': expected s3://bucket[/prefix] or file:///path"
+    )

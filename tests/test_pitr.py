@@ -1,0 +1,121 @@
+"""Point-in-time recovery, end to end: archive_command = ``cloud-dump wal-push``, a base backup,
+rows written in phases, then restores with ``--recovery-target-time``, ``-lsn`` and ``latest``
+whose clusters replay WAL through ``cloud-dump wal-fetch`` and must reach promotion.
+
+The servers run as the ``postgres`` OS user, so archive_command and restore_command must be a
+cloud-dump that user can run: ``launcher`` provides one where the venv's own cannot be.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage import StorageOptions
+from tests.rig.launcher import postgres_cloud_dump
+from tests.rig.moto import MotoServer, StorageTarget, s3_target
+from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
+from tests.rig.restored import chown_postgres, started
+from tests.rig.roundtrip import backup_cli
+from tests.rig.services import run_cli
+
+MAJORS = [15, 17, *(pytest.param(m, marks=pytest.mark.matrix) for m in (13, 14, 16, 18))]
+PROMOTION_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def launcher() -> Path:
+    """The cloud-dump the postgres OS user runs as archive_command and restore_command."""
+    return postgres_cloud_dump()
+
+
+@pytest.fixture(params=["local", "s3"])
+def archive_target(request: pytest.FixtureRequest) -> StorageTarget:
+    """A store both root (backup, restore) and the postgres user (wal-push/fetch) can reach."""
+    if request.param == "local":
+        root = make_postgres_dir("cloud-dump-pitr-store-")
+        # wal-push (postgres) writes the WAL prefix; backup and restore run as root.
+        (root / "wal_archive").mkdir()
+        chown_postgres(root / "wal_archive")
+        url = f"file://{root}"
+
+        return StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
+    server: MotoServer = request.getfixturevalue("moto_server")
+    env: dict[str, str] = request.getfixturevalue("aws_env")
+    return s3_target(server.endpoint, request.getfixturevalue("s3_bucket"), env)
+
+
+def write_server_config(target: StorageTarget) -> Path:
+    """archive_command's settings, as an operator would keep them: a 0600 file of postgres."""
+    path = make_postgres_dir("cloud-dump-pitr-conf-") / "archive.conf"
+    path.write_text("".join(f'{k}="{v}"\n' for k, v in target.env.items()))
+    path.chmod(0o600)
+    chown_postgres(path)
+    return path
+
+
+def wait_archived(cluster: PgCluster) -> None:
+    """Switch WAL and wait until the segment holding everything so far is archived."""
+    wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    cluster.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        archived, failed = cluster.sql(
+            "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
+        if archived is not None and str(archived)[:24] >= wanted:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"segment {wanted} not archived (last failed: {failed})")
+
+
+def restore_and_count(
+    cluster: PgCluster, target: StorageTarget, launcher: Path, *flags: str
+) -> list[tuple[object, ...]]:
+    pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
+    done = run_cli("restore", "--name", "base", "--pgdata", str(pgdata), *flags,
+                   env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
+    assert done.returncode == 0, done.stderr
+    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
+    with started(cluster.major, pgdata) as restored:
+        deadline = time.monotonic() + PROMOTION_TIMEOUT_S
+        while restored.sql("SELECT pg_is_in_recovery()")[0][0]:
+            assert time.monotonic() < deadline, "the restored cluster was never promoted"
+            time.sleep(0.3)
+        return restored.sql("SELECT phase, count(*) FROM pitr GROUP BY phase ORDER BY phase")
+
+
+@pytest.fixture
+def pitr_cluster(pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path,
+                 request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    major = request.param
+    if archive_target.kind == "s3" and major != 15:
+        pytest.skip("the storage side does not depend on the server version: s3 runs on 15")
+    config = write_server_config(archive_target)
+    yield pg_factory(major, archive_command=f"{launcher} wal-push %p %f --config {config}")
+
+
+@pytest.mark.parametrize("pitr_cluster", MAJORS, indirect=True)
+def test_point_in_time_recovery_through_wal_push_and_wal_fetch(
+    pitr_cluster: PgCluster, archive_target: StorageTarget, launcher: Path
+) -> None:
+    cluster = pitr_cluster
+    backup_cli(cluster, archive_target, "base")
+    cluster.sql("CREATE TABLE pitr (id int, phase text)")
+    cluster.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 100) g")
+    time.sleep(1.1)  # commit timestamps of A and B must be told apart
+    target_time = str(cluster.sql("SELECT clock_timestamp()")[0][0])
+    time.sleep(1.1)
+    cluster.sql("INSERT INTO pitr SELECT g, 'b' FROM generate_series(1, 50) g")
+    after_b = str(cluster.sql("SELECT pg_current_wal_lsn()")[0][0])
+    cluster.sql("INSERT INTO pitr SELECT g, 'c' FROM generate_series(1, 25) g")
+    wait_archived(cluster)
+
+    assert restore_and_count(cluster, archive_target, launcher,
+                             "--recovery-target-time", target_time) == [("a", 100)]
+    assert restore_and_count(cluster, archive_target, launcher,
+                             "--recovery-target-lsn", after_b) == [("a", 100), ("b", 50)]
+    assert restore_and_count(cluster, archive_target, launcher,
+                             "--recovery-target", "latest") == [("a", 100), ("b", 50), ("c", 25)]

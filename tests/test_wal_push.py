@@ -1,0 +1,521 @@
+"""wal-push: what is stored, that it is stored once, and that nothing but a confirmed store
+returns 0 — through the installed command, against real storage, Redis, workers and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
+from coordinator.exitcodes import ExitCode
+from coordinator.walpush import segment_system_identifier
+from coordinator.walspool import select_look_ahead
+from storage import Storage
+from tests.rig.launcher import postgres_cloud_dump
+from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
+from tests.rig.postgres import OS_USER, PgCluster, PgFactory, make_postgres_dir
+from tests.rig.procs import free_port
+from tests.rig.services import VENV_BIN, WorkerPool, run_cli
+from workers.wal import ARCHIVE_INFO_NAME, ARCHIVE_KEY_NAME, RAW_SHA256, WalArchiveInfo
+
+SEGMENT_SIZE = 16 * 1024 * 1024
+SYSID_A = 7_300_000_000_000_000_001
+SYSID_B = 7_300_000_000_000_000_002
+SEG1, SEG2, SEG3, SEG4 = (f"0000000100000000000000{i:02X}" for i in range(1, 5))
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def make_segment(system_identifier: int, seed: int) -> bytes:
+    """A 16 MiB segment whose first page carries a long header, as PostgreSQL writes it."""
+    data = bytearray(SEGMENT_SIZE)
+    # magic (PG 15), info = XLP_LONG_HEADER, tli, pageaddr, rem_len; then sysid, sizes.
+    struct.pack_into("<HHIQI", data, 0, 0xD110, 0x0002, 1, 0, 0)
+    struct.pack_into("<QII", data, 24, system_identifier, SEGMENT_SIZE, 8192)
+    chunk = seed.to_bytes(8, "little") * 512
+    for offset in range(8192, SEGMENT_SIZE // 2, 8192):  # half records, half zeros: like WAL
+        data[offset : offset + len(chunk)] = chunk
+    return bytes(data)
+
+
+class WalDir:
+    """Stands for PGDATA: ``pg_wal/`` with ``archive_status/``; wal-push runs from here."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pg_wal = root / "pg_wal"
+        (self.pg_wal / "archive_status").mkdir(parents=True)
+
+    def add(self, name: str, data: bytes, ready: bool = False) -> str:
+        (self.pg_wal / name).write_bytes(data)
+        if ready:
+            (self.pg_wal / "archive_status" / f"{name}.ready").touch()
+        return name
+
+    def marker(self, name: str) -> Path:
+        return self.pg_wal / "cloud-dump" / "archived" / name
+
+    def push(self, name: str, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return run_cli("wal-push", str(self.pg_wal / name), name, *flags, env=env)
+
+
+@pytest.fixture
+def wal_dir(tmp_path: Path) -> WalDir:
+    return WalDir(tmp_path / "pgdata")
+
+
+def stored(storage: Storage, prefix: str = "wal_archive/") -> dict[str, str]:
+    return {info.key: info.etag for info in storage.list(prefix)}
+
+
+def error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# --- the seed's tests, on both backends ----------------------------------------------------
+
+
+def test_wal_push_uncompressed_stores_the_file_unchanged(
+    wal_dir: WalDir, storage_target: StorageTarget
+) -> None:
+    segment = make_segment(SYSID_A, 1)
+    wal_dir.add(SEG1, segment)
+    result = wal_dir.push(SEG1, "--compression", "none", env=storage_target.env)
+    assert result.returncode == 0, result.stderr
+    storage = storage_target.open()
+    assert storage.get(f"wal_archive/{SEG1}") == segment
+    assert storage.head(f"wal_archive/{SEG1}").metadata == {
+        RAW_SHA256: hashlib.sha256(segment).hexdigest(),
+        "system-identifier": str(SYSID_A),
+    }
+    info = WalArchiveInfo.model_validate_json(storage.get(f"wal_archive/{ARCHIVE_INFO_NAME}"))
+    assert info.system_identifier == str(SYSID_A) and info.encryption is None
+    assert wal_dir.marker(SEG1).exists()
+
+
+def test_wal_push_compressed_is_readable_with_zstd(
+    wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
+) -> None:
+    segment = make_segment(SYSID_A, 2)
+    wal_dir.add(SEG1, segment)
+    result = wal_dir.push(SEG1, "--compress", env=storage_target.env)
+    assert result.returncode == 0, result.stderr
+    blob = storage_target.open().get(f"wal_archive/{SEG1}.zst")
+    assert len(blob) < len(segment) // 10
+    (tmp_path / "seg.zst").write_bytes(blob)
+    unpacked = subprocess.run(
+        ["zstd", "-dc", str(tmp_path / "seg.zst")], capture_output=True, check=True
+    ).stdout
+    assert unpacked == segment
+
+
+def test_wal_push_passphrase_encrypted_uses_one_archive_key(
+    wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
+) -> None:
+    passphrase_file = tmp_path / "pass"
+    passphrase_file.write_text("correct horse\n")
+    flags = ("--encrypt", "--passphrase-file", str(passphrase_file))
+    first, second = make_segment(SYSID_A, 3), make_segment(SYSID_A, 4)
+    wal_dir.add(SEG1, first)
+    wal_dir.add(SEG2, second)
+    assert wal_dir.push(SEG1, *flags, env=storage_target.env).returncode == 0
+    started = time.monotonic()
+    result = wal_dir.push(SEG2, *flags, env=storage_target.env)
+    assert result.returncode == 0, result.stderr
+    # The archive key is read from the spool's cache: no scrypt (~1.7 s) for later segments.
+    assert time.monotonic() - started < 1.5
+
+    storage = storage_target.open()
+    blob = storage.get(f"wal_archive/{SEG2}.zst.age")
+    assert not blob.startswith(ZSTD_MAGIC)
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(blob)
+    info = WalArchiveInfo.model_validate_json(storage.get(f"wal_archive/{ARCHIVE_INFO_NAME}"))
+    assert info.encryption is not None
+    assert info.encryption.wrapped_identity_key == f"wal_archive/{ARCHIVE_KEY_NAME}"
+    identity = unwrap_identity(storage.get(info.encryption.wrapped_identity_key), "correct horse")
+    for name, segment in ((SEG1, first), (SEG2, second)):
+        plain = decrypt_bytes(storage.get(f"wal_archive/{name}.zst.age"), [identity], name)
+        assert zstandard.ZstdDecompressor().decompress(plain) == segment
+
+    # Another host with the wrong passphrase is refused before it encrypts anything.
+    wal_dir.add(SEG3, make_segment(SYSID_A, 5))
+    passphrase_file.write_text("wrong\n")
+    result = wal_dir.push(
+        SEG3, *flags, "--spool-dir", str(tmp_path / "other-spool"), env=storage_target.env
+    )
+    assert result.returncode == ExitCode.DECRYPTION_FAILED, result.stderr
+    assert f"wal_archive/{SEG3}.zst.age" not in stored(storage)
+
+
+def test_wal_push_key_pair_encrypted_is_readable_with_age(
+    wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
+) -> None:
+    identity, recipient = generate_identity()
+    (tmp_path / "key.txt").write_text(identity + "\n")
+    (tmp_path / "key.pub").write_text(recipient + "\n")
+    segment = make_segment(SYSID_A, 6)
+    wal_dir.add(SEG1, segment)
+    result = wal_dir.push(
+        SEG1, "--recipient-key", str(tmp_path / "key.pub"), env=storage_target.env
+    )
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "seg.zst.age").write_bytes(storage_target.open().get(f"wal_archive/{SEG1}.zst.age"))
+    compressed = subprocess.run(
+        ["age", "-d", "-i", str(tmp_path / "key.txt"), str(tmp_path / "seg.zst.age")],
+        capture_output=True,
+        check=True,
+    ).stdout
+    plain = subprocess.run(
+        ["zstd", "-dc"], input=compressed, capture_output=True, check=True
+    ).stdout
+    assert plain == segment
+
+
+def test_wal_push_twice_is_a_noop_whatever_the_settings(
+    wal_dir: WalDir, storage_target: StorageTarget
+) -> None:
+    wal_dir.add(SEG1, make_segment(SYSID_A, 7))
+    assert wal_dir.push(SEG1, env=storage_target.env).returncode == 0
+    storage = storage_target.open()
+    before = stored(storage)
+    assert wal_dir.push(SEG1, env=storage_target.env).returncode == 0  # spool marker
+    wal_dir.marker(SEG1).unlink()
+    # Without the marker the archive answers, and other settings do not make a second copy.
+    result = wal_dir.push(SEG1, "--compression", "gzip", env=storage_target.env)
+    assert result.returncode == 0, result.stderr
+    assert "already archived" in result.stderr
+    assert stored(storage) == before
+    assert wal_dir.marker(SEG1).exists()
+
+
+# --- conflicts ----------------------------------------------------------------------------
+
+
+def test_different_content_under_an_archived_name_fails_and_changes_nothing(
+    wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
+) -> None:
+    wal_dir.add(SEG1, make_segment(SYSID_A, 8))
+    assert wal_dir.push(SEG1, env=storage_target.env).returncode == 0
+    storage = storage_target.open()
+    before = {key: storage.get(key) for key in stored(storage)}
+    wal_dir.add(SEG1, make_segment(SYSID_A, 9))
+    result = wal_dir.push(
+        SEG1, "--compression", "none", "--spool-dir", str(tmp_path / "s2"), env=storage_target.env
+    )
+    assert result.returncode == ExitCode.WAL_CONFLICT
+    assert "already archived with different content" in error_line(result.stderr)
+    assert {key: storage.get(key) for key in stored(storage)} == before
+    assert not (tmp_path / "s2" / "archived" / SEG1).exists()
+
+
+def test_history_file_is_never_overwritten(wal_dir: WalDir, tmp_path: Path) -> None:
+    target = local_target(tmp_path / "store")
+    (wal_dir.root / "global").mkdir()
+    (wal_dir.root / "global" / "pg_control").write_bytes(struct.pack("<Q", SYSID_A) + bytes(100))
+    wal_dir.add("00000002.history", b"1\t0/3000000\tno recovery target specified\n")
+    assert wal_dir.push("00000002.history", env=target.env).returncode == 0
+    meta = target.open().head("wal_archive/00000002.history.zst").metadata or {}
+    assert meta["system-identifier"] == str(SYSID_A)
+    wal_dir.add("00000002.history", b"1\t0/4000000\tno recovery target specified\n")
+    wal_dir.marker("00000002.history").unlink()
+    result = wal_dir.push("00000002.history", env=target.env)
+    assert result.returncode == ExitCode.WAL_CONFLICT
+    assert "'00000002.history' is already archived" in error_line(result.stderr)
+
+
+def test_wal_of_another_cluster_is_refused(wal_dir: WalDir, tmp_path: Path) -> None:
+    target = local_target(tmp_path / "store")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 10))
+    assert wal_dir.push(SEG1, env=target.env).returncode == 0
+    wal_dir.add(SEG2, make_segment(SYSID_B, 11))
+    # Refused from the spool's cached identity, and by the store itself without it.
+    for spool in ([], ["--spool-dir", str(tmp_path / "fresh-spool")]):
+        result = wal_dir.push(SEG2, *spool, env=target.env)
+        assert result.returncode == ExitCode.WAL_CONFLICT
+        assert (
+            f"WAL of system {SYSID_B} cannot go into the archive of system {SYSID_A}"
+            in error_line(result.stderr)
+        )
+    assert list(stored(target.open())) == [
+        f"wal_archive/{SEG1}.zst",
+        "wal_archive/" + ARCHIVE_INFO_NAME,
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "000000010000000000000001.zst",
+        "RECOVERYXLOG",
+        "00000001.history.bak",
+        "0000000100000000000000G1",
+        "00000001000000000000001/",
+    ],
+)
+def test_invalid_wal_names_are_refused(wal_dir: WalDir, tmp_path: Path, name: str) -> None:
+    target = local_target(tmp_path / "store")
+    path = wal_dir.pg_wal / "file"
+    path.write_bytes(make_segment(SYSID_A, 12))
+    result = run_cli("wal-push", str(path), name, env=target.env)
+    assert result.returncode == ExitCode.CONFIG
+    assert "invalid WAL file name" in error_line(result.stderr)
+    assert not (tmp_path / "store").exists()
+
+
+# --- look-ahead and the fast path --------------------------------------------------------
+
+
+def test_look_ahead_takes_the_next_ready_segments_only() -> None:
+    ready = [
+        SEG4,
+        SEG2,
+        "00000002.history",
+        SEG1,
+        SEG3,
+        "junk",
+        f"{SEG3}.partial",
+        "000000010000000000000000",
+    ]
+    assert select_look_ahead(SEG1, ready, 8, lambda n: False) == [SEG2, SEG3, SEG4]
+    assert select_look_ahead(SEG1, ready, 2, lambda n: n == SEG2) == [SEG3, SEG4]
+    assert select_look_ahead(SEG1, ready, 0, lambda n: False) == []
+    assert select_look_ahead(SEG4, ready, 8, lambda n: False) == []
+
+
+def test_ready_segments_are_pushed_ahead_and_later_calls_return_at_once(
+    wal_dir: WalDir, tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    segments = {name: make_segment(SYSID_A, 20 + i) for i, name in enumerate([SEG1, SEG2, SEG3])}
+    for name, data in segments.items():
+        wal_dir.add(name, data, ready=True)
+    result = wal_dir.push(SEG1, "--compression", "none", env=target.env)
+    assert result.returncode == 0, result.stderr
+    storage = target.open()
+    for name, data in segments.items():
+        assert storage.get(f"wal_archive/{name}") == data
+        assert wal_dir.marker(name).exists()
+    # .ready files belong to PostgreSQL: untouched.
+    assert len(list((wal_dir.pg_wal / "archive_status").iterdir())) == 3
+    # The later call trusts its marker and touches no storage: the object deleted behind its
+    # back is not re-created (this is what makes it fast).
+    storage.delete(f"wal_archive/{SEG2}")
+    assert wal_dir.push(SEG2, "--compression", "none", env=target.env).returncode == 0
+    assert f"wal_archive/{SEG2}" not in stored(storage)
+
+
+def test_segment_header_system_identifier_matches_pg_control(pg15: PgCluster) -> None:
+    name = pg15.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    data = (pg15.datadir / "pg_wal" / name).read_bytes()
+    assert segment_system_identifier(data, name) == pg15.system_identifier()
+
+
+# --- through the broker ------------------------------------------------------------------
+
+
+def test_broker_down_fails_without_a_marker(wal_dir: WalDir, tmp_path: Path) -> None:
+    wal_dir.add(SEG1, make_segment(SYSID_A, 30))
+    env = {
+        **local_target(tmp_path / "store").env,
+        "CLOUD_DUMP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    result = wal_dir.push(SEG1, env=env)
+    assert result.returncode == ExitCode.BROKER_UNREACHABLE, result.stderr
+    assert not wal_dir.marker(SEG1).exists()
+
+
+def test_storage_down_on_the_workers_fails_without_a_marker(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], aws_env: dict[str, str]
+) -> None:
+    dead = {
+        "CLOUD_DUMP_STORAGE": "s3://nowhere/wal",
+        "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "1",
+        "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        **aws_env,
+    }
+    pool = start_workers(dead, count=1, queues="wal")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 31))
+    result = wal_dir.push(SEG1, env={"CLOUD_DUMP_BROKER_URL": pool.broker_url})
+    assert result.returncode == ExitCode.STORAGE_UNREACHABLE, result.stderr
+    assert not wal_dir.marker(SEG1).exists()
+
+
+def test_push_through_workers_reports_conflicts_and_encrypts(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    pool = start_workers(target.env, count=2, queues="wal")
+    env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
+    (tmp_path / "pass").write_text("s3cret\n")
+    flags = ("--passphrase-file", str(tmp_path / "pass"))
+    segments = {name: make_segment(SYSID_A, 40 + i) for i, name in enumerate([SEG1, SEG2, SEG3])}
+    for name, data in segments.items():
+        wal_dir.add(name, data, ready=True)
+    result = wal_dir.push(SEG1, *flags, env=env)
+    assert result.returncode == 0, result.stderr
+    storage = target.open()
+    info = WalArchiveInfo.model_validate_json(storage.get(f"wal_archive/{ARCHIVE_INFO_NAME}"))
+    assert info.encryption is not None
+    identity = unwrap_identity(storage.get(info.encryption.wrapped_identity_key), "s3cret")
+    for name, data in segments.items():
+        plain = decrypt_bytes(storage.get(f"wal_archive/{name}.zst.age"), [identity], name)
+        assert zstandard.ZstdDecompressor().decompress(plain) == data
+    wal_dir.add(SEG2, make_segment(SYSID_A, 99))
+    wal_dir.marker(SEG2).unlink()
+    result = wal_dir.push(SEG2, *flags, env=env)
+    assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
+
+
+class GatedProxy:
+    """A TCP proxy to the S3 server that holds all traffic until ``open()``: a worker using it
+    is stuck inside its push for as long as the test wants."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self._gate = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._server.accept()
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._gate.wait()
+        upstream = socket.create_connection(("127.0.0.1", self._upstream))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self.open()
+        self._server.close()
+
+
+@pytest.fixture
+def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -> StorageTarget:
+    return s3_target(moto_server.endpoint, s3_bucket, aws_env)
+
+
+def test_a_worker_killed_mid_push_does_not_lose_the_segment(
+    wal_dir: WalDir,
+    start_workers: Callable[..., WorkerPool],
+    s3_store: StorageTarget,
+    moto_server: MotoServer,
+) -> None:
+    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
+    try:
+        stuck = start_workers(
+            {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
+            count=1,
+            queues="wal",
+        )
+        segment = make_segment(SYSID_A, 50)
+        wal_dir.add(SEG1, segment)
+        push = subprocess.Popen(
+            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1],
+            env={
+                **os.environ,
+                "CLOUD_DUMP_BROKER_URL": stuck.broker_url,
+                "CLOUD_DUMP_WAL_RETRY_S": "3",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        log = stuck.processes[0].log_path
+        deadline = time.monotonic() + 30
+        while "Task cloud_dump.push_wal[" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the worker never received the push"
+            time.sleep(0.05)
+        stuck.processes[0].kill_group(signal.SIGKILL)
+        start_workers(s3_store.env, count=1, queues="wal")
+        _, stderr = push.communicate(timeout=60)
+        assert push.returncode == 0, stderr
+        assert "sending it again" in stderr
+        blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
+        assert zstandard.ZstdDecompressor().decompress(blob) == segment
+    finally:
+        proxy.close()
+
+
+# --- a real archive_command --------------------------------------------------------------
+
+
+def test_archive_command_through_two_workers(
+    pg_factory: PgFactory,
+    start_workers: Callable[..., WorkerPool],
+    s3_store: StorageTarget,
+) -> None:
+    pool = start_workers(s3_store.env, count=2, queues="wal")
+    home = make_postgres_dir("cloud-dump-walpush-")
+    home.chmod(0o755)
+    config = home / "cloud-dump.conf"
+    config.write_text(
+        f"CLOUD_DUMP_BROKER_URL={pool.broker_url}\n"
+        f"CLOUD_DUMP_STORAGE={s3_store.url}\nCLOUD_DUMP_WAL_PUSH_TIMEOUT=60\n"
+    )
+    entry = pwd.getpwnam(OS_USER)
+    os.chown(config, entry.pw_uid, entry.pw_gid)
+    config.chmod(0o600)
+    command = f"{postgres_cloud_dump()} wal-push %p %f --config {config}"
+    try:
+        cluster = pg_factory(15, archive_command=command)
+        cluster.sql("CREATE TABLE t (x int)")
+        for i in range(3):
+            cluster.sql(f"INSERT INTO t SELECT generate_series(1, {1000 * (i + 1)})")
+            cluster.sql("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 60
+        while (
+            archived := cluster.sql(
+                "SELECT archived_count, failed_count, last_failed_wal FROM pg_stat_archiver"
+            )[0]
+        )[0] < 3:
+            assert time.monotonic() < deadline, f"archiving stalled: {archived}"
+            time.sleep(0.2)
+        storage = s3_store.open()
+        keys = [k for k in stored(storage) if k.endswith(".zst")]
+        assert len(keys) >= 3
+        for key in keys:
+            name = key.removeprefix("wal_archive/").removesuffix(".zst")
+            local = cluster.datadir / "pg_wal" / name
+            if local.exists():
+                assert (
+                    zstandard.ZstdDecompressor().decompress(storage.get(key)) == local.read_bytes()
+                )
+        info = json.loads(storage.get(f"wal_archive/{ARCHIVE_INFO_NAME}"))
+        assert info["system_identifier"] == str(cluster.system_identifier())
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
