@@ -18,7 +18,7 @@ from storage import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.restored import chown_postgres, started
+from tests.rig.restored import RestoredCluster, chown_postgres, started
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import run_cli
 
@@ -57,7 +57,7 @@ def write_server_config(target: StorageTarget) -> Path:
     return path
 
 
-def wait_archived(cluster: PgCluster) -> None:
+def wait_archived(cluster: PgCluster | RestoredCluster) -> None:
     """Switch WAL and wait until the segment holding everything so far is archived."""
     wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
     cluster.sql("SELECT pg_switch_wal()")
@@ -119,3 +119,63 @@ def test_point_in_time_recovery_through_wal_push_and_wal_fetch(
                              "--recovery-target-lsn", after_b) == [("a", 100), ("b", 50)]
     assert restore_and_count(cluster, archive_target, launcher,
                              "--recovery-target", "latest") == [("a", 100), ("b", 50), ("c", 25)]
+
+
+def wait_promoted(cluster: RestoredCluster) -> None:
+    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
+    while cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
+        assert time.monotonic() < deadline, "the restored cluster was never promoted"
+        time.sleep(0.3)
+
+
+def restore_into(target: StorageTarget, launcher: Path, name: str, *flags: str) -> Path:
+    pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
+    done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
+                   env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
+    assert done.returncode == 0, done.stderr
+    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
+    return pgdata
+
+
+@pytest.mark.parametrize("archive_target", ["local"], indirect=True)
+def test_restore_after_restore_follows_the_new_timeline(
+    pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path
+) -> None:
+    """Promote a PITR copy (timeline 2, its .history archived), back it up, archive more, and
+    restore that lineage to a point on the new timeline."""
+    config = write_server_config(archive_target)
+    archive_command = f"{launcher} wal-push %p %f --config {config}"
+    source = pg_factory(15, archive_command=archive_command)
+    backup_cli(source, archive_target, "base")
+    source.sql("CREATE TABLE pitr (id int, phase text)")
+    source.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 10) g")
+    fork_lsn = str(source.sql("SELECT pg_current_wal_lsn()")[0][0])
+    source.sql("INSERT INTO pitr SELECT g, 'b' FROM generate_series(1, 10) g")
+    wait_archived(source)
+
+    copy_data = restore_into(archive_target, launcher, "base", "--recovery-target-lsn", fork_lsn)
+    with started(15, copy_data, settings={
+        "listen_addresses": "127.0.0.1", "archive_mode": "on",
+        "archive_command": archive_command,
+    }) as copy:
+        wait_promoted(copy)
+        assert copy.sql("SELECT timeline_id FROM pg_control_checkpoint()")[0][0] == 2
+        copy.sql("INSERT INTO pitr SELECT g, 'c' FROM generate_series(1, 10) g")
+        wait_archived(copy)
+        history = [i.key for i in archive_target.open().list("wal_archive/00000002.history")]
+        assert history, "the new timeline's history file was not archived"
+        url = f"postgres://repl:{source.repl_password}@127.0.0.1:{copy.port}/postgres"
+        done = run_cli("backup", "--name", "base2", "--no-progress",
+                       env={**archive_target.env, "CLOUD_DUMP_DB_URL": url})
+        assert done.returncode == 0, done.stderr
+        copy.sql("INSERT INTO pitr SELECT g, 'd' FROM generate_series(1, 10) g")
+        target_lsn = str(copy.sql("SELECT pg_current_wal_lsn()")[0][0])
+        copy.sql("INSERT INTO pitr SELECT g, 'e' FROM generate_series(1, 10) g")
+        wait_archived(copy)
+
+    lineage = restore_into(archive_target, launcher, "base2", "--recovery-target-lsn", target_lsn)
+    with started(15, lineage) as restored:
+        wait_promoted(restored)
+        rows = restored.sql("SELECT phase, count(*) FROM pitr GROUP BY phase ORDER BY phase")
+        assert rows == [("a", 10), ("c", 10), ("d", 10)]
+        assert restored.sql("SELECT timeline_id FROM pg_control_checkpoint()")[0][0] == 3

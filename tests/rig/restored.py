@@ -8,6 +8,7 @@ Tests run as root: the restored files are handed to the postgres user first.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -34,8 +35,13 @@ class RestoredCluster:
         self.log_path = self.socket_dir / "server.log"
         chown_postgres(datadir, *extra_dirs)
 
-    def start(self, timeout_s: int = 120) -> None:
-        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses='' -c archive_mode=off"
+    def start(self, timeout_s: int = 120, settings: dict[str, str] | None = None) -> None:
+        """Start; ``settings`` (e.g. archive_command, listen_addresses) override the defaults:
+        no TCP listener and no archiving, so a copy never writes into its source's archive."""
+        wanted = {"listen_addresses": "", "archive_mode": "off", **(settings or {})}
+        options = f"-p {self.port} -k {self.socket_dir} " + " ".join(
+            f"-c {key}={shlex.quote(value)}" for key, value in wanted.items()
+        )
         done = subprocess.run(
             as_postgres([str(bin_dir(self.major) / "pg_ctl"), "start", "-w", "-t", str(timeout_s),
                          "-D", str(self.datadir), "-l", str(self.log_path), "-o", options]),
@@ -50,7 +56,8 @@ class RestoredCluster:
     def sql(self, query: str, dbname: str = "postgres") -> list[tuple[object, ...]]:
         dsn = f"host={self.socket_dir} port={self.port} user=postgres dbname={dbname}"
         with psycopg.connect(dsn, autocommit=True) as conn:
-            return list(conn.execute(query.encode()).fetchall())  # type: ignore[arg-type]
+            cursor = conn.execute(query.encode())  # type: ignore[arg-type]
+            return list(cursor.fetchall()) if cursor.description is not None else []
 
     def stop(self) -> None:
         subprocess.run(
@@ -62,9 +69,10 @@ class RestoredCluster:
 
 
 @contextlib.contextmanager
-def started(major: int, datadir: Path, *extra_dirs: Path) -> Iterator[RestoredCluster]:
+def started(major: int, datadir: Path, *extra_dirs: Path,
+            settings: dict[str, str] | None = None) -> Iterator[RestoredCluster]:
     cluster = RestoredCluster(major, datadir, *extra_dirs)
-    cluster.start()
+    cluster.start(settings=settings)
     try:
         yield cluster
     finally:
