@@ -109,8 +109,24 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
           choices=["debug", "info", "warning", "error"])
 
 
-def _add_secret_flags(parser: argparse.ArgumentParser) -> None:
+def _add_key_flags(
+    parser: argparse.ArgumentParser, *, encrypting: bool, encrypt_env: str = ""
+) -> None:
+    """age keys and passphrase: public keys to encrypt, identities to decrypt."""
     g = parser.add_argument_group("encryption")
+    if encrypting:
+        g.add_argument("--encrypt", action="store_true",
+                       default=_env_bool(encrypt_env) or False,
+                       help=f"encrypt with age (env {encrypt_env}); implied by a key or passphrase")
+        g.add_argument("--recipient-key", action="append", metavar="FILE",
+                       default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
+                       help="age public key file (repeatable; env CLOUD_DUMP_RECIPIENT_KEY, "
+                            "comma-separated)")
+    else:
+        g.add_argument("--identity-key", action="append", metavar="FILE",
+                       default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
+                       help="age identity (private key) file (repeatable; "
+                            "env CLOUD_DUMP_IDENTITY_KEY, comma-separated)")
     _flag(g, "--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE",
           "read the passphrase from the first line of FILE", metavar="FILE")
     # Not _flag: the value of a flag shows in `ps`, the environment's does not.
@@ -132,14 +148,7 @@ def _add_backup_parser(commands: _Subparsers) -> None:
           choices=["zstd", "gzip", "lz4", "none"])
     _flag(p, "--compression-level", "CLOUD_DUMP_COMPRESSION_LEVEL",
           "level for the algorithm (default: fast)", type=int, metavar="N")
-    p.add_argument("--encrypt", action="store_true",
-                   default=_env_bool("CLOUD_DUMP_ENCRYPT") or False,
-                   help="encrypt with age (env CLOUD_DUMP_ENCRYPT)")
-    p.add_argument("--recipient-key", action="append", metavar="FILE",
-                   default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
-                   help="age public key file (repeatable; env CLOUD_DUMP_RECIPIENT_KEY, "
-                        "comma-separated)")
-    _add_secret_flags(p)
+    _add_key_flags(p, encrypting=True, encrypt_env="CLOUD_DUMP_ENCRYPT")
     _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL",
           "uploads in flight / upload threads without a broker (default 4)",
           type=int, default=4, metavar="N")
@@ -163,11 +172,7 @@ def _add_restore_parser(commands: _Subparsers) -> None:
                                         "into an empty or absent directory.")
     _flag(p, "--name", "CLOUD_DUMP_BACKUP_NAME", "name of the backup", metavar="NAME")
     _flag(p, "--pgdata", "PGDATA", "target directory (absent or empty)", metavar="DIR")
-    p.add_argument("--identity-key", action="append", metavar="FILE",
-                   default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
-                   help="age identity (private key) file (repeatable; "
-                        "env CLOUD_DUMP_IDENTITY_KEY)")
-    _add_secret_flags(p)
+    _add_key_flags(p, encrypting=False)
     p.add_argument("--tablespace-mapping", action="append", metavar="OLD=NEW",
                    help="restore the tablespace recorded at OLD into NEW (repeatable)")
     _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL", "ranged downloads in flight (default 4)",
@@ -219,13 +224,7 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
           choices=["zstd", "gzip", "lz4", "none"])
     push.add_argument("--compress", dest="compression", action="store_const", const="zstd",
                       help="the seed's flag: same as --compression zstd")
-    push.add_argument("--encrypt", action="store_true",
-                      default=_env_bool("CLOUD_DUMP_WAL_ENCRYPT") or False,
-                      help="encrypt with age (env CLOUD_DUMP_WAL_ENCRYPT)")
-    push.add_argument("--recipient-key", action="append", metavar="FILE",
-                      default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
-                      help="age public key file (env CLOUD_DUMP_RECIPIENT_KEY)")
-    _add_secret_flags(push)
+    _add_key_flags(push, encrypting=True, encrypt_env="CLOUD_DUMP_WAL_ENCRYPT")
     _flag(push, "--look-ahead", "CLOUD_DUMP_WAL_LOOK_AHEAD",
           "also push up to N more segments already marked .ready (default 8)",
           type=int, default=8, metavar="N")
@@ -241,10 +240,7 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
                     "126 any other failure (PostgreSQL then stops recovery).")
     fetch.add_argument("file_name", metavar="NAME", help="%%f: the WAL file name wanted")
     fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
-    fetch.add_argument("--identity-key", action="append", metavar="FILE",
-                       default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
-                       help="age identity file (env CLOUD_DUMP_IDENTITY_KEY)")
-    _add_secret_flags(fetch)
+    _add_key_flags(fetch, encrypting=False)
     _flag(fetch, "--prefetch", "CLOUD_DUMP_WAL_PREFETCH",
           "also fetch up to N following segments in parallel (default 8)",
           type=int, default=8, metavar="N")
