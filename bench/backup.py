@@ -30,23 +30,18 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
-import pytest
-import redis
 
 from bench.common import (
     MB,
@@ -56,6 +51,7 @@ from bench.common import (
     load_average,
     mb,
     process_tree,
+    run_bench,
     run_timed,
     tree_cpu_seconds,
     verdict,
@@ -491,9 +487,6 @@ def _session_args() -> dict[str, str]:
     }
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(f"signal {signum}")
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -505,47 +498,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.scale < 1 or args.rounds < 1:
         parser.error("--scale and --rounds must be at least 1")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
     print(
         f"bench/backup.py: scale {args.scale}, {args.rounds} round(s), {os.cpu_count()} CPUs, "
         f"load average at start {load_average()}",
         flush=True,
     )
-    workdir = Path(tempfile.mkdtemp(prefix="cloud-dump-bench-", dir="/tmp"))
-    try:
-        with contextlib.ExitStack() as stack:
-            bench = Bench(args, workdir, stack)
-            bench.logs.mkdir()
-            if args.keep_logs:
-                stack.callback(_keep_logs, bench.logs)
-            try:
-                bench.start_postgres()
-                bench.start_services()
-                for number in range(1, args.rounds + 1):
-                    bench.one_round(number)
-                bench.report()
-            finally:
-                # A second Ctrl-C must not cut the clean-up short (the servers run in their
-                # own sessions: the terminal's signals do not reach them).
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, pytest.fail.Exception, redis.RedisError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\ntotal {time.monotonic() - started:.0f} s; load average at end {load_average()}")
-    return 0
+    def body(workdir: Path, stack: contextlib.ExitStack[bool | None]) -> None:
+        bench = Bench(args, workdir, stack)
+        bench.start_postgres()
+        bench.start_services()
+        for number in range(1, args.rounds + 1):
+            bench.one_round(number)
+        bench.report()
 
-
-def _keep_logs(logs: Path) -> None:
-    target = Path.cwd() / f"bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.copytree(logs, target)
-    print(f"logs kept in {target}")
+    return run_bench("backup", started, args.keep_logs, body)
 
 
 if __name__ == "__main__":

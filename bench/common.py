@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+import pytest
+import redis
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
@@ -204,3 +212,46 @@ def verdict(ok: bool) -> str:
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def run_bench(name: str, started: float, keep_logs: bool,
+              body: Callable[[Path, contextlib.ExitStack[bool | None]], None]) -> int:
+    """Run ``body(workdir, stack)``: whatever it registers on ``stack`` (servers, clusters) is
+    stopped at the end, also on Ctrl-C or SIGTERM. Returns the exit status: 0, 1 when a step
+    failed, 130 when interrupted. Logs go to ``workdir/logs``, copied to ./bench-logs-<time>
+    with ``keep_logs``."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=f"cloud-dump-bench-{name}-", dir="/tmp"))
+    try:
+        with contextlib.ExitStack() as stack:
+            logs = workdir / "logs"
+            logs.mkdir()
+            if keep_logs:
+                stack.callback(_keep_logs, logs)
+            try:
+                body(workdir, stack)
+            finally:
+                # A second Ctrl-C must not cut the clean-up short (the servers run in their
+                # own sessions: the terminal's signals do not reach them).
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, pytest.fail.Exception, redis.RedisError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\ntotal {time.monotonic() - started:.0f} s; load average at end {load_average()}")
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _keep_logs(logs: Path) -> None:
+    target = Path.cwd() / f"bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(logs, target)
+    print(f"logs kept in {target}")

@@ -47,21 +47,17 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
-import pytest
-import redis
 import zstandard
 
 from bench.common import (
@@ -69,6 +65,7 @@ from bench.common import (
     load_average,
     log_tail,
     mb,
+    run_bench,
     run_timed,
     tree_cpu_seconds,
     verdict,
@@ -821,9 +818,6 @@ def _clean_env() -> dict[str, str]:
             if not k.startswith(("CLOUD_DUMP_", "AWS_"))}  # fmt: skip
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt(f"signal {signum}")
-
 
 def run(bench: Bench) -> None:
     args = bench.args
@@ -860,40 +854,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.segments < 2 * BREAKDOWN_PUSHES or args.scale < 1:
         parser.error(f"--segments must be at least {2 * BREAKDOWN_PUSHES}, --scale at least 1")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
     print(f"bench/wal.py: {args.segments} segments, {os.cpu_count()} CPUs, load average at "
           f"start {load_average()}", flush=True)  # fmt: skip
-    workdir = Path(tempfile.mkdtemp(prefix="cloud-dump-bench-wal-", dir="/tmp"))
-    try:
-        with contextlib.ExitStack() as stack:
-            bench = Bench(args, workdir, stack)
-            bench.logs.mkdir()
-            if args.keep_logs:
-                stack.callback(_keep_logs, bench.logs)
-            try:
-                run(bench)
-            finally:
-                # A second Ctrl-C must not cut the clean-up short (the servers run in their
-                # own sessions: the terminal's signals do not reach them).
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, pytest.fail.Exception, redis.RedisError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\ntotal {time.monotonic() - started:.0f} s; load average at end {load_average()}")
-    return 0
+    def body(workdir: Path, stack: contextlib.ExitStack[bool | None]) -> None:
+        run(Bench(args, workdir, stack))
 
-
-def _keep_logs(logs: Path) -> None:
-    target = Path.cwd() / f"bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.copytree(logs, target)
-    print(f"logs kept in {target}")
+    return run_bench("wal", started, args.keep_logs, body)
 
 
 if __name__ == "__main__":
