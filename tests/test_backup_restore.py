@@ -13,7 +13,7 @@ import pytest
 
 from tests.rig import sample
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
-from tests.rig.postgres import PgFactory
+from tests.rig.postgres import PgFactory, majors
 from tests.rig.roundtrip import backup_cli, restore_and_compare
 from tests.rig.services import RedisServer, WorkerPool
 
@@ -23,7 +23,7 @@ def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -
     return s3_target(moto_server.endpoint, s3_bucket, aws_env)
 
 
-MAJORS = [13, 15, 17, *(pytest.param(m, marks=pytest.mark.matrix) for m in (14, 16, 18))]
+MAJORS = majors()
 
 
 @pytest.mark.parametrize("major", MAJORS)

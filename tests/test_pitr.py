@@ -17,12 +17,12 @@ import pytest
 from storage import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
+from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
 from tests.rig.restored import RestoredCluster, chown_postgres, started
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import run_cli
 
-MAJORS = [15, 17, *(pytest.param(m, marks=pytest.mark.matrix) for m in (13, 14, 16, 18))]
+MAJORS = majors(default=(15, 17))
 PROMOTION_TIMEOUT_S = 120
 
 

@@ -15,16 +15,9 @@ import pytest
 from psycopg import pq
 
 from tests.rig import pgbin
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir, start_cluster
+from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir, start_cluster
 
-MAJORS = [
-    13,
-    pytest.param(14, marks=pytest.mark.matrix),
-    15,
-    pytest.param(16, marks=pytest.mark.matrix),
-    17,
-    pytest.param(18, marks=pytest.mark.matrix),
-]
+MAJORS = majors()
 WAL_SEGMENT_BYTES = 16 * 1024 * 1024
 
 

@@ -36,17 +36,10 @@ from tests.coordinator.replication_helpers import (
     tar_members,
 )
 from tests.rig import pgbin
-from tests.rig.postgres import PgCluster, PgFactory
+from tests.rig.postgres import PgCluster, PgFactory, majors
 from tests.rig.procs import free_port
 
-MAJORS = [
-    13,
-    pytest.param(14, marks=pytest.mark.matrix),
-    15,
-    pytest.param(16, marks=pytest.mark.matrix),
-    17,
-    pytest.param(18, marks=pytest.mark.matrix),
-]
+MAJORS = majors()
 MIB = 1024 * 1024
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 MAGIC = {"zstd": ZSTD_MAGIC, "gzip": GZIP_MAGIC, "lz4": LZ4_MAGIC}

@@ -38,6 +38,17 @@ from tests.rig.procs import free_port, log_tail
 OS_USER = "postgres"
 SUPERUSER = "postgres"
 REPLICATION_USER = "repl"
+SUPPORTED_MAJORS = (13, 14, 15, 16, 17, 18)
+# `make test` runs these majors; the others carry the `matrix` mark (`make test-matrix`).
+DEFAULT_MAJORS = (13, 15, 17)
+
+
+def majors(default: Sequence[int] = DEFAULT_MAJORS) -> list[Any]:
+    """Every supported major as a parametrize value, those outside ``default`` marked matrix."""
+    return [
+        major if major in default else pytest.param(major, marks=pytest.mark.matrix)
+        for major in SUPPORTED_MAJORS
+    ]
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
 # free_port() can race with another process taking the port before the postmaster binds it.
