@@ -118,18 +118,19 @@ _REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)?([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)
 PUSH_WRAPS = [
     "coordinator.walpush:run_wal_push",
     "coordinator.walpush:_push",
-    "coordinator.walpush:_encryption_of",
-    "coordinator.walpush:read_wal",
-    "coordinator.walpush:_open_runner",
-    "coordinator.walpush:_archive_for",
-    "coordinator.walpush:encode_wal",
-    "coordinator.walpush:compress",
-    "coordinator.walpush:CeleryWalRunner.stage_payload",
-    "coordinator.walpush:CeleryWalRunner.push",
-    "coordinator.walpush:CeleryWalRunner.delete_staged",
-    "coordinator.walpush:CeleryWalRunner.close",
+    "coordinator.walpush:_push_through_pusher",
+    "coordinator.walencode:encryption_of",
+    "coordinator.walencode:read_wal",
+    "coordinator.walrunner:open_runner",
+    "coordinator.walencode:archive_for",
+    "coordinator.walencode:encode_wal",
+    "coordinator.walencode:compress",
+    "coordinator.walrunner:CeleryWalRunner.stage_payload",
+    "coordinator.walrunner:CeleryWalRunner.push",
+    "coordinator.walrunner:CeleryWalRunner.delete_staged",
+    "coordinator.walrunner:CeleryWalRunner.close",
     "coordinator.walpush:_record",
-    "coordinator.walpush:_prune",
+    "coordinator.walpush:prune_markers",
 ]
 FETCH_WRAPS = [
     "coordinator.walfetch:run_wal_fetch",
@@ -192,24 +193,27 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
     g = s.get
     encode_other = g("encode_wal", 0) - g("compress", 0) - g("CeleryWalRunner.stage_payload", 0)
     named = [
-        ("credentials/passphrase settings", g("_encryption_of", 0)),
+        ("credentials/passphrase settings", g("encryption_of", 0)),
         ("read segment(s) + sha256", g("read_wal", 0)),
-        ("import celery/kombu/redis + connect to broker", g("_open_runner", 0)),
-        ("archive identity (spool cache)", g("_archive_for", 0)),
+        ("import celery/kombu/redis + connect to broker", g("open_runner", 0)),
+        ("archive identity (spool cache)", g("archive_for", 0)),
         ("zstd level 3 (the first call imports zstandard)", g("compress", 0)),
         ("stage payload(s) in Redis (SET)", g("CeleryWalRunner.stage_payload", 0)),
         ("encode_wal other (import workers.wal/pydantic)", encode_other),
         ("send task(s), wait for the workers' answers", g("CeleryWalRunner.push", 0)),
         ("delete staged payload(s), close", g("CeleryWalRunner.delete_staged", 0)
          + g("CeleryWalRunner.close", 0)),
-        ("write spool marker(s), prune", g("_record", 0) + g("_prune", 0)),
+        ("write spool marker(s), prune", g("_record", 0) + g("prune_markers", 0)),
     ]  # fmt: skip
     inside = sum(v for _, v in named)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
         ("import coordinator.cli + walpush", s["import"]),
         ("config file, argparse, logging", s["main"] - g("run_wal_push", 0)),
-        ("marker check, name check", g("run_wal_push", 0) - g("_push", 0)),
+        ("marker check, name check",
+         g("run_wal_push", 0) - g("_push", 0) - g("_push_through_pusher", 0)),
+        *([("hand to the WAL pusher (start it if none runs), wait for its marker",
+            g("_push_through_pusher", 0))] if g("_push_through_pusher", 0) else []),
         *(item for item in named if g("_push", 0)),
         *([("other (layout, look-ahead choice)", g("_push", 0) - inside)] if g("_push", 0) else []),
         ("interpreter exit (atexit, module teardown)", s["exit"]),
@@ -625,14 +629,18 @@ class Bench:
         out.append(f"wal-push of one new segment (--look-ahead 0), median of {len(fresh)} "
                    "calls, ms:")  # fmt: skip
         out.extend(_phase_lines(fresh, push_phases))
-        # The call that pushes a batch (its own segment and 8 look-ahead ones).
-        batch = [self.driven(root, log, push(segs[i]), PUSH_WRAPS)
-                 for i in range(10, len(segs) - 9, 10)][:3]  # fmt: skip
-        if batch:
-            sizes = "/".join(str(int(b.get("read_wal:calls", 0))) for b in batch)
-            out.append(f"wal-push with look-ahead 8 that pushes a batch ({sizes} segments), "
-                       f"median of {len(batch)} calls, ms:")  # fmt: skip
-            out.extend(_phase_lines(batch, push_phases))
+        # Calls with the default look-ahead, in order, as the archiver makes them: the first
+        # starts the pusher and waits; the later ones find their marker or wait for it.
+        waits: dict[str, list[Spans]] = {}
+        for name in segs[2 * BREAKDOWN_PUSHES : 2 * BREAKDOWN_PUSHES + 12]:
+            spans = self.driven(root, log, push(name), PUSH_WRAPS)
+            kind = ("waited for the pusher" if spans.get("_push_through_pusher")
+                    else "found its marker")  # fmt: skip
+            waits.setdefault(kind, []).append(spans)
+        for kind, samples in waits.items():
+            out.append(f"wal-push, look-ahead 8, fresh segments in order, {kind}: "
+                       f"{len(samples)} of 12 calls, median ms:")  # fmt: skip
+            out.extend(_phase_lines(samples, push_phases))
         task_s = self.worker_task_seconds()
         if task_s:
             out.append(f"worker side, cloud_dump.push_wal (GET archive info, LIST, stage GET, "

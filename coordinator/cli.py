@@ -14,9 +14,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.configfile import load_config_file
 from coordinator.exitcodes import ExitCode, exit_code_for
 from storage.errors import CloudDumpError, ConfigError
 
@@ -382,39 +382,6 @@ def _run_and_map_errors(args: argparse.Namespace) -> int:
         )
         log.debug("details", exc_info=True)
         return ExitCode.FAILURE
-
-
-def load_config_file(argv: Sequence[str]) -> None:
-    """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment.
-
-    KEY=VALUE lines, as a systemd EnvironmentFile: ``#`` comments, optional ``export`` and
-    quotes. Variables already in the environment win, flags win over both. This is how
-    archive_command and restore_command get their settings and credentials without a secret
-    on the command line (``ps``) or in postgresql.auto.conf.
-    """
-    path = os.environ.get("CLOUD_DUMP_CONFIG")
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-    if not path:
-        return
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from exc
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key.replace("_", "").isalnum():
-            raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        os.environ.setdefault(key, value)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""wal-push's local spool: confirmation markers, the cached archive identity, look-ahead choice.
+"""wal-push's local spool: confirmation markers, requests and errors, the cached archive identity.
 
 Layout (default ``<PGDATA>/pg_wal/cloud-dump/``: archive_command runs as the server's OS user,
 which owns pg_wal, and BASE_BACKUP leaves pg_wal's contents out, so the spool never lands in a
 backup or a restored cluster)::
 
     archived/<WAL file name>   "<raw sha256> <location>": written only after storage confirmed
+    requests/<WAL file name>   the absolute path of a file a wal-push call is waiting for
+    errors/<WAL file name>     {"type": ..., "message": ...}: why the WAL pusher could not
+                               push it; the waiting call reports it and removes it
     archive.json               {"location": ..., "info": WalArchiveInfo as JSON}
+    pusher.lock, pusher.log    the detached WAL pusher (``coordinator.walpushd``)
 
 A marker is what lets a later invocation answer "already archived" without starting Celery,
 boto3 or reading the segment (pgBackRest's async archiving does the same with its ``.ok``
@@ -24,14 +28,16 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-MARKER_DIR = "archived"
+from coordinator.fastpath import MARKER_DIR, archive_location
+
+__all__ = ["MARKER_DIR", "Spool", "archive_location"]
+
+REQUEST_DIR = "requests"
+ERROR_DIR = "errors"
+PUSHER_LOCK = "pusher.lock"
+PUSHER_LOG = "pusher.log"
 ARCHIVE_CACHE_NAME = "archive.json"
 _TMP_PREFIX = ".tmp-"
-
-
-def archive_location(storage_url: str | None, cluster: str | None, wal_prefix: str | None) -> str:
-    """A one-line name of the archive a push goes to (no credentials: URLs carry none)."""
-    return f"{storage_url or '-'}|{cluster or '-'}|{(wal_prefix or 'wal_archive').strip('/')}"
 
 
 def default_spool_dir(wal_path: str) -> Path:
@@ -64,6 +70,60 @@ class Spool:
 
         wal_kind(file_name)
         self._write(self.marker_path(file_name), f"{raw_sha256} {location}\n")
+
+    def request(self, file_name: str, path: Path) -> None:
+        """Ask the WAL pusher for ``file_name``, read from ``path`` (absolute)."""
+        self._write(self._entry(REQUEST_DIR, file_name), f"{path}\n")
+
+    def requested(self) -> dict[str, Path]:
+        """The files wal-push calls are waiting for, by name."""
+        found = {}
+        for entry in self._names(REQUEST_DIR):
+            with contextlib.suppress(OSError):
+                found[entry] = Path(self._entry(REQUEST_DIR, entry).read_text().strip())
+        return found
+
+    def clear_request(self, file_name: str) -> None:
+        self._entry(REQUEST_DIR, file_name).unlink(missing_ok=True)
+
+    def write_error(self, file_name: str, error: BaseException) -> None:
+        """Record why ``file_name`` could not be pushed, for the call that waits for it."""
+        import json
+
+        kind = "OSError" if isinstance(error, OSError) else type(error).__name__
+        text = json.dumps({"type": kind, "message": str(error)})
+        self._write(self._entry(ERROR_DIR, file_name), text + "\n")
+
+    def has_error(self, file_name: str) -> bool:
+        return self._entry(ERROR_DIR, file_name).exists()
+
+    def take_error(self, file_name: str) -> BaseException | None:
+        """The recorded error for ``file_name`` as an exception to raise (and forget it)."""
+        import json
+
+        path = self._entry(ERROR_DIR, file_name)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            record = {}
+        path.unlink(missing_ok=True)
+        return rebuild_error(str(record.get("type", "")), str(record.get("message", "")))
+
+    def clear_error(self, file_name: str) -> None:
+        self._entry(ERROR_DIR, file_name).unlink(missing_ok=True)
+
+    def _entry(self, kind: str, file_name: str) -> Path:
+        self.marker_path(file_name)  # the same guard on the name
+        return self.directory / kind / file_name
+
+    def _names(self, kind: str) -> list[str]:
+        try:
+            entries = list((self.directory / kind).iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [e.name for e in entries if not e.name.startswith(_TMP_PREFIX)]
 
     def read_archive_cache(self, location: str) -> str | None:
         """The cached archive identity (JSON text) for ``location``, if any."""
@@ -101,6 +161,23 @@ class Spool:
         tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
         tmp.write_text(text)
         tmp.replace(path)
+
+
+def rebuild_error(kind: str, message: str) -> BaseException:
+    """The project error named ``kind`` (an ``OSError`` for local I/O), for the exit code."""
+    from storage import errors
+
+    if kind == "OSError":
+        return OSError(message)
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, errors.CloudDumpError):
+        return cls(message)
+    return errors.CloudDumpError(message or "the WAL pusher failed without saying why")
+
+
+def archive_order(name: str) -> tuple[bool, str]:
+    """PostgreSQL's archiver order: timeline history files first, then the oldest file."""
+    return (not name.endswith(".history"), name)
 
 
 def ready_names(archive_status_dir: Path) -> list[str]:

@@ -4,6 +4,7 @@ returns 0 — through the installed command, against real storage, Redis, worker
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -16,16 +17,25 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from coordinator import fastpath
+from coordinator.background import helper_pid, helper_running
+from coordinator.cli import build_parser
 from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
 from coordinator.exitcodes import ExitCode
-from coordinator.walpush import segment_system_identifier
-from coordinator.walspool import select_look_ahead
+from coordinator.walencode import segment_system_identifier
+from coordinator.walspool import (
+    PUSHER_LOCK,
+    PUSHER_LOG,
+    Spool,
+    archive_location,
+    select_look_ahead,
+)
 from storage import Storage
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
@@ -73,10 +83,31 @@ class WalDir:
     def push(self, name: str, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         return run_cli("wal-push", str(self.pg_wal / name), name, *flags, env=env)
 
+    @property
+    def spool(self) -> Path:
+        return self.pg_wal / "cloud-dump"
+
+    def pusher_log(self) -> str:
+        path = self.spool / PUSHER_LOG
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for_pusher(self, timeout_s: float = 30.0) -> None:
+        """Until the detached WAL pusher of this spool has exited (it does when idle)."""
+        deadline = time.monotonic() + timeout_s
+        while helper_running(self.spool / PUSHER_LOCK):
+            assert time.monotonic() < deadline, f"the pusher is still running: {self.pusher_log()}"
+            time.sleep(0.05)
+
 
 @pytest.fixture
-def wal_dir(tmp_path: Path) -> WalDir:
-    return WalDir(tmp_path / "pgdata")
+def wal_dir(tmp_path: Path) -> Iterator[WalDir]:
+    wal_dir = WalDir(tmp_path / "pgdata")
+    yield wal_dir
+    # A pusher exits by itself once idle; stop one that outlives its test (only that pid).
+    pid = helper_pid(wal_dir.spool / PUSHER_LOCK)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def stored(storage: Storage, prefix: str = "wal_archive/") -> dict[str, str]:
@@ -323,6 +354,42 @@ def test_ready_segments_are_pushed_ahead_and_later_calls_return_at_once(
     assert f"wal_archive/{SEG2}" not in stored(storage)
 
 
+def test_fast_path_knows_exactly_the_flags_of_wal_push() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    push = commands.choices["wal-push"]
+    options = [a for a in push._actions if a.option_strings and "--help" not in a.option_strings]
+    takes_value = {o for a in options if a.nargs != 0 for o in a.option_strings}
+    switches = {o for a in options if a.nargs == 0 for o in a.option_strings}
+    assert takes_value == fastpath.WAL_PUSH_VALUE_FLAGS
+    assert switches == fastpath.WAL_PUSH_SWITCHES
+
+
+def test_fast_path_answers_only_for_a_marker_of_the_same_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("CLOUD_DUMP_STORAGE", "CLOUD_DUMP_CLUSTER", "CLOUD_DUMP_WAL_PREFIX",
+                "CLOUD_DUMP_SPOOL_DIR", "CLOUD_DUMP_CONFIG"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    wal_dir = WalDir(tmp_path / "pgdata")
+    path = str(wal_dir.pg_wal / SEG1)
+    location = archive_location("file:///store", "c1", None)
+    Spool(wal_dir.spool).confirm(SEG1, "0" * 64, location)
+    config = tmp_path / "cloud-dump.conf"
+    config.write_text("CLOUD_DUMP_STORAGE=file:///store\n")
+    answered = fastpath.wal_push_already_archived
+    assert answered([path, SEG1, "--storage", "file:///store", "--cluster", "c1"])
+    assert answered([path, SEG1, "--cluster=c1", "--look-ahead", "8", "--config", str(config)])
+    monkeypatch.delenv("CLOUD_DUMP_STORAGE")
+    # Another archive, an abbreviated or unknown flag, help, no marker: the full CLI decides.
+    assert not answered([path, SEG1, "--storage", "file:///other", "--cluster", "c1"])
+    assert not answered([path, SEG1, "--storage", "file:///store", "--clust", "c1"])
+    assert not answered([path, SEG1, "--storage", "file:///store", "--cluster", "c1", "-h"])
+    assert not answered([path, SEG2, "--storage", "file:///store", "--cluster", "c1"])
+    assert not answered([path, SEG1, "--storage", "file:///store", "--cluster"])
+    assert not answered([SEG1, "--storage", "file:///store"])
+
+
 def test_segment_header_system_identifier_matches_pg_control(pg15: PgCluster) -> None:
     name = pg15.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
     data = (pg15.datadir / "pg_wal" / name).read_bytes()
@@ -383,6 +450,81 @@ def test_push_through_workers_reports_conflicts_and_encrypts(
     wal_dir.marker(SEG2).unlink()
     result = wal_dir.push(SEG2, *flags, env=env)
     assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
+
+
+# --- the detached WAL pusher ---------------------------------------------------------------
+
+
+def test_pusher_pushes_ready_files_ahead_and_later_calls_need_no_broker(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    pool = start_workers(target.env, count=2, queues="wal")
+    names = [f"0000000100000000000000{i:02X}" for i in range(1, 7)]
+    segments = {name: make_segment(SYSID_A, 60 + i) for i, name in enumerate(names)}
+    for name, data in segments.items():
+        wal_dir.add(name, data, ready=True)
+    env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
+    result = wal_dir.push(names[0], "--look-ahead", "3", env=env)
+    assert result.returncode == 0, result.stderr
+    wal_dir.wait_for_pusher()
+    storage = target.open()
+    for name, data in segments.items():
+        blob = storage.get(f"wal_archive/{name}.zst")
+        assert zstandard.ZstdDecompressor().decompress(blob) == data
+        assert wal_dir.marker(name).exists()
+    assert not list((wal_dir.spool / "requests").iterdir())
+    # PostgreSQL's own status files are left alone: it marks .done after each 0.
+    assert len(list((wal_dir.pg_wal / "archive_status").glob("*.ready"))) == len(names)
+    # The later calls answer from their markers: no broker needed, none contacted.
+    dead = {"CLOUD_DUMP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    for name in names[1:]:
+        assert wal_dir.push(name, env=dead).returncode == 0
+
+
+def test_pusher_failure_of_a_look_ahead_file_is_reported_by_its_own_call(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    other = WalDir(tmp_path / "other")
+    other.add(SEG2, make_segment(SYSID_A, 70))
+    assert other.push(SEG2, env=target.env).returncode == 0  # SEG2 archived, other content
+    pool = start_workers(target.env, count=1, queues="wal")
+    env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
+    wal_dir.add(SEG1, make_segment(SYSID_A, 71), ready=True)
+    wal_dir.add(SEG2, make_segment(SYSID_A, 72), ready=True)
+    assert wal_dir.push(SEG1, env=env).returncode == 0
+    wal_dir.wait_for_pusher()
+    assert not wal_dir.marker(SEG2).exists()
+    assert (wal_dir.spool / "errors" / SEG2).exists()  # kept for SEG2's own call
+    stored_before = target.open().get(f"wal_archive/{SEG2}.zst")
+    result = wal_dir.push(SEG2, env=env)
+    assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
+    assert "already archived with different content" in error_line(result.stderr)
+    assert target.open().get(f"wal_archive/{SEG2}.zst") == stored_before
+    wal_dir.wait_for_pusher()
+    assert not (wal_dir.spool / "errors" / SEG2).exists()
+    assert not (wal_dir.spool / "requests" / SEG2).exists()
+
+
+def test_pusher_gets_its_settings_off_its_command_line(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    pool = start_workers(target.env, count=1, queues="wal")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 80), ready=True)
+    secret = "pusher-secret-passphrase"
+    env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
+    result = wal_dir.push(SEG1, "--passphrase", secret, env=env)
+    assert result.returncode == 0, result.stderr
+    pid = helper_pid(wal_dir.spool / PUSHER_LOCK)  # idle, it lingers a moment before exiting
+    assert pid is not None, "no pusher running right after the push"
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[1:3] == [b"-m", b"coordinator.walpushd"], cmdline
+    assert secret.encode() not in b" ".join(cmdline)
+    wal_dir.wait_for_pusher()
+    assert secret not in wal_dir.pusher_log()
+    assert target.open().get(f"wal_archive/{SEG1}.zst.age")
 
 
 class GatedProxy:
@@ -464,7 +606,7 @@ def test_a_worker_killed_mid_push_does_not_lose_the_segment(
         start_workers(s3_store.env, count=1, queues="wal")
         _, stderr = push.communicate(timeout=60)
         assert push.returncode == 0, stderr
-        assert "sending it again" in stderr
+        assert "sending it again" in wal_dir.pusher_log()
         blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
         assert zstandard.ZstdDecompressor().decompress(blob) == segment
     finally:

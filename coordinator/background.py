@@ -1,0 +1,135 @@
+"""Detached helper processes of the WAL commands: starting one, and making sure only one runs.
+
+PostgreSQL runs archive_command and restore_command one file at a time, and each call is a new
+process. To keep up with a busy server a call starts a helper that keeps working after the call
+has returned (pgBackRest's async archive-push and archive-get do the same): the WAL pusher
+(``coordinator.walpushd``) and the WAL prefetcher (``coordinator.walprefetch``). A helper
+
+- runs in its own session, so the signals PostgreSQL sends its own children at shutdown do not
+  cut an upload short, and its output goes to a log file in the spool, not to PostgreSQL's log;
+- gets its settings as JSON on stdin, never on its command line: ``ps`` and Flower must not
+  show a passphrase or a key path given on the caller's command line (the environment, where
+  credentials live, is inherited as usual and is readable only by the same user);
+- holds an exclusive ``flock`` on a lock file for its whole life. The kernel drops the lock when
+  the process ends, however it ends, so "is a helper running" never reads a stale pid file.
+
+This module is imported on the fast path of every WAL call: standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A helper's log is rotated (one old generation kept) when it passes this size at start-up.
+LOG_ROTATE_BYTES = 4 * 1024 * 1024
+
+
+class HelperLock:
+    """An exclusive, non-blocking ``flock`` on ``path``, held until ``release`` or exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        # For the operator (and tests): which process holds it. Never trusted for liveness.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def helper_pid(lock_path: Path) -> int | None:
+    """The pid of the helper holding ``lock_path``, None if none holds it."""
+    if not helper_running(lock_path):
+        return None
+    try:
+        return int(lock_path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def helper_running(lock_path: Path) -> bool:
+    """Whether a helper holds ``lock_path`` right now."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock, if it got one
+    return False
+
+
+def spawn_helper(
+    module: str, settings: dict[str, object], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m module`` detached, with ``settings`` on its stdin.
+
+    Returns once the settings are written; never waits for the helper. The caller may
+    ``poll()`` it while it lives; when the caller exits, the helper is reparented.
+    """
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _rotate(log_path)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        process = subprocess.Popen(  # our own interpreter and module
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(log_fd)
+    assert process.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # the helper found another one running
+        process.stdin.write(json.dumps(settings).encode())
+        process.stdin.close()
+    return process
+
+
+def read_settings() -> argparse.Namespace:
+    """In the helper: the settings its caller wrote on stdin."""
+    settings = json.loads(sys.stdin.buffer.read() or b"{}")
+    if not isinstance(settings, dict):
+        raise SystemExit("helper settings on stdin are not a JSON object")
+    return argparse.Namespace(**settings)
+
+
+def namespace_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The JSON-safe part of the caller's parsed arguments, to hand to a helper."""
+    return {
+        key: value
+        for key, value in vars(args).items()
+        if value is None or isinstance(value, str | int | float | bool | list)
+    }
+
+
+def _rotate(log_path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > LOG_ROTATE_BYTES:
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
