@@ -3,6 +3,10 @@
 - ``run_timed`` runs a command in its own session, through a small launcher that reaps it with
   ``os.wait4``: the wall time, the CPU seconds and the peak RSS (``ru_maxrss``) of the command
   and of every descendant it waited for. On an interrupt the command's process group is stopped.
+- ``become_subreaper`` and ``reap_helpers``: the WAL commands leave detached helpers (the WAL
+  pusher, the WAL prefetcher) running after they exit. As a child subreaper the benchmark
+  inherits them when their parent exits, waits for them at the end of a row and counts their
+  CPU seconds (``wait4``), which would otherwise be invisible.
 - ``tree_cpu_seconds`` and ``vm_hwm_bytes`` read ``/proc`` for servers that outlive one run
   (PostgreSQL, Redis, moto, Celery workers): CPU as utime+stime of every live process in the
   tree plus cutime+cstime (children already reaped), in seconds; memory as ``VmHWM``.
@@ -131,6 +135,50 @@ def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# --- detached helpers -----------------------------------------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are reparented to this process instead of init."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def reap_helpers(modules: Sequence[str], timeout_s: float = 60.0) -> float:
+    """Wait for our adopted children running ``python -m <module>`` to exit; their CPU seconds.
+
+    Only children whose command line names one of ``modules`` are waited for (servers started
+    with Popen are children too, and stay alive). Zombie children are reaped whatever they were:
+    an adopted helper's command line is gone once it has exited.
+    """
+    deadline = time.monotonic() + timeout_s
+    cpu_s = 0.0
+    while True:
+        alive = False
+        for pid in _children_map().get(os.getpid(), []):
+            fields = _stat_fields(pid)
+            if fields is None:
+                continue
+            if fields[0] == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    _, _, usage = os.wait4(pid, 0)
+                    cpu_s += usage.ru_utime + usage.ru_stime
+                continue
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                alive = alive or any(m.encode() in argv for m in modules)
+        if not alive:
+            return cpu_s
+        if time.monotonic() > deadline:
+            raise BenchError(f"helpers {', '.join(modules)} still running after {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 # --- /proc accounting -----------------------------------------------------------------------------

@@ -62,9 +62,11 @@ import zstandard
 
 from bench.common import (
     BenchError,
+    become_subreaper,
     load_average,
     log_tail,
     mb,
+    reap_helpers,
     run_bench,
     run_timed,
     tree_cpu_seconds,
@@ -108,7 +110,9 @@ REFERENCES = {
         ("barman-cloud-wal-restore", 1.6),
     ],
 }
-COMPONENTS = ["calls", "workers", "redis", "moto"]
+COMPONENTS = ["calls", "helpers", "workers", "redis", "moto"]
+# The detached helpers the WAL commands start (reaped and counted by reap_helpers).
+HELPER_MODULES = ["coordinator.walpushd", "coordinator.walprefetch"]
 # A request line of moto's (werkzeug's) log; errors are wrapped in ANSI colour codes.
 _REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)?([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)?" \d{3}')
 
@@ -520,9 +524,10 @@ class Bench:
         started = time.perf_counter()
         yield calls
         loop_s = time.perf_counter() - started
+        helpers_s = reap_helpers(HELPER_MODULES)  # e.g. the WAL pusher's idle exit
         time.sleep(0.3)  # moto's request log is written after the response
         after = self.server_cpu()
-        cpu = {"calls": sum(c.cpu_s for c in calls)}
+        cpu = {"calls": sum(c.cpu_s for c in calls), "helpers": helpers_s}
         cpu.update({name: after[name] - before[name] for name in after})
         row = Row(label, kind, calls, loop_s, cpu, self.s3_requests_since(offset), target)
         self.rows.append(row)
@@ -741,7 +746,8 @@ class Bench:
               f"{WORKERS} workers, moto S3; one process per segment ===")  # fmt: skip
         header = (
             f"{'case':46} {'seg/s':>6} {'mean ms':>7} {'median':>6} {'loop s':>6} "
-            f"{'calls':>5} {'workers':>7} {'redis':>5} {'moto':>5}  S3 requests/segment"
+            f"{'calls':>5} {'helpers':>7} {'workers':>7} {'redis':>5} {'moto':>5}  "
+            "S3 requests/segment"
         )
         print(header)
         print("-" * len(header))
@@ -751,11 +757,12 @@ class Bench:
             rate = f"{row.rate:6.1f}" if row.kind != "repeat" else f"{'-':>6}"
             print(f"{row.label:46} {rate} {row.mean_ms:7.0f} {row.median_ms:6.0f} "
                   f"{row.loop_s:6.1f} "
-                  + " ".join(f"{row.cpu[c]:{w}.1f}" for c, w in zip(COMPONENTS, (5, 7, 5, 5),
+                  + " ".join(f"{row.cpu[c]:{w}.1f}" for c, w in zip(COMPONENTS, (5, 7, 7, 5, 5),
                                                                        strict=True))
                   + f"  {requests or '-'}")  # fmt: skip
         print("(seg/s: segments / sum of the calls' wall time; CPU seconds during the row: the "
-              "calls themselves (wait4), both workers, redis, moto)")  # fmt: skip
+              "calls themselves (wait4), the detached WAL pusher/prefetcher they started "
+              "(wait4, as subreaper), both workers, redis, moto)")  # fmt: skip
         self.report_targets()
         if self.breakdown_lines:
             print()
@@ -860,6 +867,7 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true",
                         help="copy the logs to ./bench-logs-<time> at the end")  # fmt: skip
     args = parser.parse_args()
+    become_subreaper()  # so that reap_helpers can count the detached helpers' CPU
     if args.segments < 2 * BREAKDOWN_PUSHES or args.scale < 1:
         parser.error(f"--segments must be at least {2 * BREAKDOWN_PUSHES}, --scale at least 1")
     started = time.monotonic()

@@ -613,6 +613,46 @@ def test_a_worker_killed_mid_push_does_not_lose_the_segment(
         proxy.close()
 
 
+def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
+    wal_dir: WalDir,
+    start_workers: Callable[..., WorkerPool],
+    s3_store: StorageTarget,
+    moto_server: MotoServer,
+) -> None:
+    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
+    try:
+        pool = start_workers(
+            {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
+            count=1,
+            queues="wal",
+        )
+        segment = make_segment(SYSID_A, 51)
+        wal_dir.add(SEG1, segment, ready=True)
+        push = subprocess.Popen(
+            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1],
+            env={**os.environ, "CLOUD_DUMP_BROKER_URL": pool.broker_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while "Task cloud_dump.push_wal[" not in pool.processes[0].log_path.read_text("utf-8"):
+            assert time.monotonic() < deadline, "the worker never received the push"
+            time.sleep(0.05)
+        first = helper_pid(wal_dir.spool / PUSHER_LOCK)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # with the push in flight, its answer still to come
+        proxy.open()
+        _, stderr = push.communicate(timeout=60)
+        assert push.returncode == 0, stderr
+        assert wal_dir.marker(SEG1).exists()
+        blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
+        assert zstandard.ZstdDecompressor().decompress(blob) == segment
+        assert wal_dir.pusher_log().count("WAL pusher started") == 2  # the call started another
+    finally:
+        proxy.close()
+
+
 # --- a real archive_command --------------------------------------------------------------
 
 
