@@ -139,6 +139,9 @@ PUSH_WRAPS = [
 FETCH_WRAPS = [
     "coordinator.walfetch:run_wal_fetch",
     "coordinator.walfetch:Spool.take",
+    "coordinator.walfetch:_await_prefetched",
+    "coordinator.walfetch:_start_prefetcher",
+    "coordinator.walfetch:_fetch_directly",
     "coordinator.walfetch:_fetch",
 ]
 
@@ -225,18 +228,35 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
 
 
 def fetch_phases(s: Spans) -> list[tuple[str, float]]:
-    """The phases of one wal-fetch call, in order, adding up to its wall time."""
+    """The phases of one wal-fetch call, in order, adding up to its wall time (a call that
+    waited for the prefetcher counts its final rename in both the wait and the serve)."""
     g = s.get
-    take, fetch = g("Spool.take", 0), g("_fetch", 0)
+    take, wait = g("Spool.take", 0), g("_await_prefetched", 0)
+    start, direct, fetch = g("_start_prefetcher", 0), g("_fetch_directly", 0), g("_fetch", 0)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.cli + walfetch (storage.*)", s["import"]),
+        ("import coordinator.cli + walfetch", s["import"]),
         ("config file, argparse, logging", s["main"] - g("run_wal_fetch", 0)),
-        ("serve from spool: read, sha256, write + fsync", take),
-        ("open storage (import boto3/botocore), keys", g("run_wal_fetch", 0) - take - fetch),
-        ("fetch own (LIST, HEAD, GET), wait for prefetches", fetch),
+        ("serve from the spool: sidecar check + rename", take),
+        ("wait for the prefetcher to spool it (polling)", wait),
+        ("start the detached prefetcher", start),
+        ("open storage (import boto3/botocore), keys", direct - fetch),
+        ("fetch it directly (LIST, HEAD, GET, verify, write)", fetch),
+        ("other (names, plan, spool checks)",
+         g("run_wal_fetch", 0) - take - wait - start - direct),
         ("interpreter exit (atexit, module teardown)", s["exit"]),
-    ]
+    ]  # fmt: skip
+
+
+def fetch_kind(s: Spans) -> str:
+    """What one wal-fetch call did, for the breakdown's classes."""
+    if s.get("_fetch_directly"):
+        kind = "not spooled: fetched it directly"
+    elif s.get("_await_prefetched") and s.get("Spool.take:calls", 0) > 1:
+        kind = "served after waiting for the prefetcher"
+    else:
+        kind = "served from the spool"
+    return kind + (", started the prefetcher" if s.get("_start_prefetcher") else "")
 
 
 @dataclass(frozen=True)
@@ -662,10 +682,7 @@ class Bench:
             spans = self.driven(restored, log, ["wal-fetch", name, RECOVERYXLOG, "--config",
                                                 str(fetch_config)], FETCH_WRAPS)  # fmt: skip
             (restored / RECOVERYXLOG).unlink()
-            served = not spans.get("Spool.take:none", 0)
-            kind = ("served from the spool, no storage access" if served and not spans.get("_fetch")
-                    else "served from the spool, then refills the prefetch" if served
-                    else "not spooled: fetches it and prefetches 8")  # fmt: skip
+            kind = fetch_kind(spans)
             kinds.setdefault(kind, []).append(spans)
         for kind, samples in kinds.items():
             out.append(f"wal-fetch (prefetch 8), {kind}: {len(samples)} of 17 calls, median ms:")
@@ -836,6 +853,11 @@ def _clean_env() -> dict[str, str]:
 
 def run(bench: Bench) -> None:
     args = bench.args
+    # As `make setup` does: the calls read byte-compiled modules, like a deployed install, even
+    # when this shell sets PYTHONDONTWRITEBYTECODE (then each call would compile every module).
+    packages = ["coordinator", "storage", "workers", "tasks"]
+    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j", "0", *packages], cwd=REPO_ROOT,
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     bench.generate_wal()
     bench.start_services()
     print(f"archive ({len(bench.segments)} segments, load average {load_average()})", flush=True)

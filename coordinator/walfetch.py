@@ -2,8 +2,10 @@
 
 Contract with PostgreSQL:
 
-- exit 0: ``%p`` holds exactly the archived file, written atomically (temp file in ``%p``'s
-  directory, fsync, rename, fsync of the directory): never an empty or partial file;
+- exit 0: ``%p`` holds exactly the archived file. It appears by a rename onto its name, so it is
+  never empty or partial, but it is not fsynced: after a crash PostgreSQL does not reuse a file
+  restore_command wrote, it asks for it again, and a restored segment it keeps is made durable
+  by PostgreSQL itself (``durable_rename``). pgBackRest's archive-get relies on the same;
 - exit 1: the file is not in the archive (nothing written). A missing ``.history`` file is the
   common case at every recovery start and is answered after one LIST, without retries;
 - anything else raises, and the CLI exits 126: PostgreSQL then stops recovery rather than take a
@@ -11,140 +13,187 @@ Contract with PostgreSQL:
   retried (the backends retry each request; this module retries the whole fetch a few times).
 
 ``%p`` may be ``RECOVERYXLOG``/``RECOVERYHISTORY``: the file name always comes from ``%f``.
+``<segment>.partial`` is served only with ``--allow-partial``.
 
-Prefetch. A segment request also fetches the next ``--prefetch`` segments of the same timeline in
-parallel threads into ``<spool>/prefetch/``; later calls are served from there. The process waits
-for its prefetches before exiting (nothing may outlive restore_command). A call served from the
-spool touches storage only when fewer than half of the next segments are spooled, so most calls
-are a local verify-and-rename without even importing the storage client.
+A segment request, in order:
+
+1. spooled (``<spool>/prefetch/``, filled by the detached prefetcher, ``coordinator.walprefetch``):
+   moved into ``%p`` by a rename, without reading it. The prefetcher verified it against its
+   archived SHA-256 and fsynced it before writing its sidecar, so a sidecar means a complete
+   file; the call only checks that the sidecar names this archive and the file's size;
+2. named in the plan of a running prefetcher: the call waits for it (polling), at most
+   ``CLOUD_DUMP_WAL_PREFETCH_WAIT`` seconds (default 30), and only while the prefetcher runs and
+   still means to deliver it;
+3. otherwise it starts the prefetcher for the following segments first, so that both overlap,
+   then fetches the segment itself: this path alone decides "not archived" (1) or failure (126).
+
+A running prefetcher keeps ``--prefetch`` segments spooled or in flight as the calls take them.
+After 1 or 2, when none runs and fewer than half of the next ``--prefetch`` segments are spooled
+(or known to be past the end of the archive a moment ago), the call starts one for the missing
+ones. It never waits for it: a call served from the spool imports no storage client at all.
+``--prefetch 0`` never starts a prefetcher; other files than segments are never prefetched.
 
 Stale spool files. The spool defaults to ``pg_wal/cloud-dump`` of the cluster being recovered
 (restore_command runs with the data directory as its working directory), and restore only writes
 into an empty data directory: a spool therefore belongs to one restore. Each spooled file also
-carries a sidecar with the SHA-256 of its content and the archive it came from; a file whose
-sidecar is missing, names another archive (a ``--spool-dir`` shared between restores) or does not
-match its content is discarded and fetched again.
+has a sidecar naming the archive it came from and its size; a file whose sidecar is missing (the
+prefetcher was stopped while writing it), names another archive (a ``--spool-dir`` shared between
+restores) or gives another size is discarded and fetched directly.
 
 Passphrase mode: the archive's X25519 identity is stored passphrase-wrapped (scrypt, ~1.7 s).
 It is unwrapped once and cached in the spool (mode 0600, owned by the server's user) so later
-calls do not pay scrypt again.
+calls, and the prefetcher, do not pay scrypt again.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import errno
+import functools
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from storage.base import sha256_hex
-from storage.errors import (
-    ConfigError,
-    DecryptionFailed,
-    IntegrityError,
-    TransientStorageError,
-)
-from storage.layout import COMPRESSION_SUFFIXES, DEFAULT_WAL_PREFIX, ENCRYPTED_SUFFIX, Layout
-from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment, wal_kind
+from storage.errors import ConfigError, TransientStorageError
+from storage.walnames import wal_kind
 
 if TYPE_CHECKING:
-    from storage import Storage
+    import argparse
+
+    from coordinator.walprefetch import WalArchive
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 FETCHED = 0
 NOT_IN_ARCHIVE = 1
-ARCHIVE_INFO_NAME = "cloud-dump-archive.json"
-RAW_SHA256 = "raw-sha256"
 DEFAULT_ATTEMPTS = 3
+RETRY_BASE_DELAY_S = 2.0  # 2 s then 6 s: ~8 s on top of the backends' own per-request retries
 # How long a prefetch's "not archived yet" stands: short, since a standby's archive grows.
 END_OF_ARCHIVE_MEMORY_S = 10.0
-RETRY_BASE_DELAY_S = 2.0  # 2 s then 6 s: ~8 s on top of the backends' own per-request retries
-_SUFFIX_TO_COMPRESSION = {suffix: name for name, suffix in COMPRESSION_SUFFIXES.items()}
+DEFAULT_PREFETCH_WAIT_S = 30.0
+PREFETCH_POLL_S = 0.005
+PREFETCHER = "coordinator.walprefetch"
 
 
 def run_wal_fetch(args: argparse.Namespace) -> int:
     """The ``wal-fetch`` command: 0 fetched, 1 not in the archive; raises on any other failure."""
     file_name = args.file_name
     kind = wal_kind(file_name)
+    segment = kind == "segment"
     if kind == "partial" and not args.allow_partial:
         # PostgreSQL never replays a .partial segment on its own: serving one needs intent.
         log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
         return NOT_IN_ARCHIVE
     if not args.storage:
         raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
-    layout = Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
-    spool = Spool(
-        Path(args.spool_dir) if args.spool_dir else Path.cwd() / "pg_wal" / "cloud-dump",
-        source=f"{args.storage}#{layout.wal_root}",
-    )
+    spool = Spool(spool_root(args), archive_source(args))
     destination = Path(args.path)
-    served_bytes = spool.take(file_name, destination)
-    upcoming = _following(file_name, args.prefetch if kind == "segment" else 0, served_bytes)
-    missing = [name for name in upcoming if not spool.has(name)]
-    if served_bytes is not None:
-        log.debug("served '%s' from the spool", file_name)
-        # Half or more of the next segments spooled, or known to be past the end of the archive
-        # a moment ago: no storage access at all for this call.
-        end = spool.recent_end_of_archive()
-        unknown = [n for n in missing if end is None or n[:8] != end[:8] or n < end]
-        if len(unknown) * 2 <= len(upcoming):
+    if segment:
+        if _serve_spooled(args, spool, file_name, destination):
             return FETCHED
+        spool.discard_unfinished(file_name)
+        if args.prefetch > 0:  # first, so that it works while this call fetches
+            names = _prefetch_names(spool, file_name, args.prefetch, None)
+            _start_prefetcher(args, spool, names, None)
+    code = _fetch_directly(args, spool, file_name, destination)
+    if code == NOT_IN_ARCHIVE and segment:
+        spool.mark_end_of_archive(file_name)  # no prefetcher for what follows, for a while
+    return code
+
+
+def _serve_spooled(
+    args: argparse.Namespace, spool: Spool, file_name: str, destination: Path
+) -> bool:
+    """Serve ``file_name`` from the spool, waiting for a prefetcher that is fetching it; then
+    start one if fewer than half of the next ``--prefetch`` segments are spooled."""
+    prefetch = max(0, args.prefetch)
+    served_bytes = spool.take(file_name, destination)
+    if served_bytes is None and prefetch:
+        served_bytes = _await_prefetched(spool, file_name, destination)
+    if served_bytes is None:
+        return False
+    log.debug("served '%s' from the spool", file_name)
+    # Counting the spool's entries is cheap; naming the missing segments imports more.
+    if prefetch and spool.count_ahead(file_name) * 2 < prefetch:
+        names = _prefetch_names(spool, file_name, prefetch, served_bytes)
+        if len(names) * 2 > prefetch:
+            _start_prefetcher(args, spool, names, served_bytes)
+    return True
+
+
+def _fetch_directly(
+    args: argparse.Namespace, spool: Spool, file_name: str, destination: Path
+) -> int:
     from coordinator.commands import open_store
+    from coordinator.walprefetch import WalArchive, keys_from, wal_layout
 
     storage = open_store(args)
     try:
-        archive = WalArchive(storage, layout, _keys_from(args, spool))
-        wanted = None if served_bytes is not None else file_name
-        return _fetch(archive, spool, wanted, destination, missing)
+        return _fetch(WalArchive(storage, wal_layout(args), keys_from(args, spool)), file_name,
+                      destination)  # fmt: skip
     finally:
         storage.close()
 
 
-def _fetch(
-    archive: WalArchive, spool: Spool, file_name: str | None, destination: Path,
-    prefetch: list[str],
-) -> int:
-    """Fetch ``file_name`` (None: already served) into ``destination``; spool ``prefetch``."""
+def _fetch(archive: WalArchive, file_name: str, destination: Path) -> int:
+    """Fetch ``file_name`` from storage into ``destination``, with retries."""
     attempts = _attempts()
-    end_of_archive = threading.Event()
-    found = None
-    # The first request runs alone: it builds the storage client, which threads racing on
-    # first use would each build again (~0.2 s of CPU apiece).
-    if file_name is not None:
-        found = _with_retries(lambda: archive.find(file_name), attempts)
-        if found is None:
-            log.info("'%s' is not in the archive", file_name)
-            return NOT_IN_ARCHIVE
-    elif prefetch:
-        _prefetch_one(archive, spool, prefetch.pop(0), end_of_archive)
-    # Leaving the pool waits for the prefetches: nothing may outlive restore_command.
-    with ThreadPoolExecutor(max(1, len(prefetch)), "wal-prefetch") as pool:
-        for name in prefetch:
-            pool.submit(_prefetch_one, archive, spool, name, end_of_archive)
-        if found is not None:
-            stored = found
-            write_atomically(destination, _with_retries(lambda: archive.read(*stored), attempts))
+    stored = _with_retries(lambda: archive.find(file_name), attempts)
+    if stored is None:
+        log.info("'%s' is not in the archive", file_name)
+        return NOT_IN_ARCHIVE
+    data, _ = _with_retries(functools.partial(archive.read, stored), attempts)
+    write_atomically(destination, data, sync=False)  # not fsynced: see the module docstring
     return FETCHED
 
 
-def _following(file_name: str, count: int, segment_bytes: int | None) -> list[str]:
+def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:
+    """Serve ``name`` once the running prefetcher spools it; None when none is fetching it, it
+    gave up on it, or the wait passed its bound (the caller then fetches it itself)."""
+    if not spool.being_prefetched(name):
+        return None
+    bound_s = _prefetch_wait_s()
+    deadline = time.monotonic() + bound_s
+    polls = 0
+    while time.monotonic() < deadline:
+        time.sleep(PREFETCH_POLL_S)
+        polls += 1
+        if spool.has(name):
+            return spool.take(name, destination)
+        # The plan and the lock are read less often than the sidecar is looked for.
+        if polls % 10 == 0 and not spool.being_prefetched(name):
+            return spool.take(name, destination)  # spooled just before the prefetcher left?
+    log.warning("the prefetcher has not delivered '%s' within %.0f s: fetching it directly",
+                name, bound_s)  # fmt: skip
+    return None
+
+
+def _prefetch_names(
+    spool: Spool, file_name: str, count: int, segment_bytes: int | None
+) -> list[str]:
+    """The next ``count`` segments after ``file_name`` that are neither spooled nor known to
+    have been missing from the archive a moment ago."""
+    end = spool.recent_end_of_archive()
+    return [
+        name for name in following_segments(file_name, count, segment_bytes)
+        if not spool.has(name) and (end is None or name[:8] != end[:8] or name < end)
+    ]  # fmt: skip
+
+
+def following_segments(file_name: str, count: int, segment_bytes: int | None) -> list[str]:
     """Names of the ``count`` segments after ``file_name`` on its timeline.
 
     The segment size is the served file's length when known, else PostgreSQL's default: a wrong
     guess can only name a segment that does not exist, which ends prefetching early.
     """
-    if count <= 0:  # also --prefetch 0 and negative values
-        return []
+    from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment
+
     size = DEFAULT_SEGMENT_SIZE
     if segment_bytes and not segment_bytes & (segment_bytes - 1):
         size = segment_bytes
@@ -159,21 +208,33 @@ def _following(file_name: str, count: int, segment_bytes: int | None) -> list[st
     return names
 
 
-def _prefetch_one(
-    archive: WalArchive, spool: Spool, name: str, end_of_archive: threading.Event
+def _start_prefetcher(
+    args: argparse.Namespace, spool: Spool, names: list[str], segment_bytes: int | None
 ) -> None:
-    """Spool one segment; failures are logged only: they must never fail the current fetch."""
-    if end_of_archive.is_set():
+    """Start the detached prefetcher for ``names`` unless one is running already."""
+    if not names:
         return
+    from coordinator.background import helper_running, namespace_settings, spawn_helper
+
+    if helper_running(spool.lock_path):
+        return
+    settings = {**namespace_settings(args), "names": names, "segment_bytes": segment_bytes,
+                "spool_root": str(spool.root.absolute()), "source": spool.source}  # fmt: skip
     try:
-        data = archive.fetch(name)
-        if data is None:
-            end_of_archive.set()
-            spool.mark_end_of_archive(name)
-            return
-        spool.put(name, data)
-    except Exception as exc:  # a prefetch is an optimisation; the real request will retry
-        log.debug("prefetch of '%s' failed: %s", name, exc)
+        process = spawn_helper(PREFETCHER, settings, spool.log_path)
+    except OSError as exc:  # an optimisation: this call does not depend on it
+        log.warning("cannot start the WAL prefetcher: %s", exc)
+        return
+    log.debug("started prefetcher %d for %d segments from '%s'", process.pid, len(names),
+              names[0])  # fmt: skip
+
+
+def _prefetch_wait_s() -> float:
+    raw = os.environ.get("CLOUD_DUMP_WAL_PREFETCH_WAIT", "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_PREFETCH_WAIT_S
+    except ValueError:
+        raise ConfigError(f"CLOUD_DUMP_WAL_PREFETCH_WAIT='{raw}' is not a number") from None
 
 
 def _attempts() -> int:
@@ -198,223 +259,151 @@ def _with_retries(fetch: Callable[[], _T], attempts: int) -> _T:
     raise AssertionError("unreachable")
 
 
-# --- the archive ---------------------------------------------------------------------------------
+# --- settings shared with the prefetcher ---------------------------------------------------------
 
 
-class WalArchive:
-    """Reads WAL files as wal-push stored them: ``<wal_root><name>[.zst|.gz|.lz4][.age]``."""
-
-    def __init__(self, storage: Storage, layout: Layout, keys: Keys) -> None:
-        self._storage = storage
-        self._layout = layout
-        self._keys = keys
-
-    def find(self, file_name: str) -> tuple[str, str, bool] | None:
-        """(key, compression, encrypted) of the stored file, or None when it is not archived."""
-        prefix = self._layout.wal_root + file_name
-        for info in self._storage.list(prefix):
-            suffix = info.key[len(prefix):]
-            encrypted = suffix.endswith(ENCRYPTED_SUFFIX)
-            compression = _SUFFIX_TO_COMPRESSION.get(suffix.removesuffix(ENCRYPTED_SUFFIX))
-            # The prefix also matches "<segment>.partial" and "<segment>.<offset>.backup".
-            if compression is not None:
-                return info.key, compression, encrypted
-        return None
-
-    def fetch(self, file_name: str) -> bytes | None:
-        """The original bytes of ``file_name``, verified; None when it is not archived."""
-        found = self.find(file_name)
-        return None if found is None else self.read(*found)
-
-    def read(self, key: str, compression: str, encrypted: bool) -> bytes:
-        """The original bytes of the stored object ``key``, verified against raw-sha256."""
-        expected = (self._storage.head(key).metadata or {}).get(RAW_SHA256)
-        if not expected:
-            raise IntegrityError(f"archived WAL '{key}' has no {RAW_SHA256} metadata")
-        data = self._storage.get(key)
-        if encrypted:
-            data = self._keys.decrypt(data, key, self)
-        plain = _decompress(data, compression, f"archived WAL '{key}'")
-        actual = sha256_hex(plain)
-        if actual != expected:
-            raise IntegrityError(
-                f"archived WAL '{key}' does not match its recorded sha256 "
-                f"(expected {expected}, got {actual})"
-            )
-        return plain
-
-    def read_info(self) -> dict[str, object]:
-        key = self._layout.wal_root + ARCHIVE_INFO_NAME
-        try:
-            info = json.loads(self._storage.get(key))
-        except ValueError as exc:
-            raise IntegrityError(f"archive info '{key}' is not valid JSON") from exc
-        if not isinstance(info, dict) or info.get("format") != 1:
-            raise IntegrityError(f"archive info '{key}' has an unknown format")
-        return info
-
-    def get(self, key: str) -> bytes:
-        return self._storage.get(key)
+def spool_root(args: argparse.Namespace) -> Path:
+    return Path(args.spool_dir) if args.spool_dir else Path.cwd() / "pg_wal" / "cloud-dump"
 
 
-def _decompress(data: bytes, compression: str, what: str) -> bytes:
-    if compression == "none":
-        return data
-    import io
+def archive_source(args: argparse.Namespace) -> str:
+    """Names the archive in spooled files' sidecars: the storage URL and the WAL prefix settings.
 
-    from coordinator.fetch import open_plaintext
-
-    return open_plaintext(io.BytesIO(data), compression, identities=None, what=what).read(-1)
-
-
-# --- decryption keys -----------------------------------------------------------------------------
-
-
-@dataclass
-class Keys:
-    """The identities that decrypt the archive, resolved at most once per process.
-
-    ``identity_paths``: recipient mode (``--identity-key``). Otherwise passphrase mode: the
-    identity cached in the spool, or the archive's wrapped identity unwrapped with the passphrase
-    (``passphrase`` is called only then, so an unencrypted archive needs no passphrase file).
+    Built from the settings rather than from ``Layout`` (whose import a served call avoids): two
+    spellings of one archive only cost a fetch again, two archives never share a name.
     """
-
-    identity_paths: list[Path]
-    passphrase: Callable[[], str | None]
-    spool: Spool
-    _identities: list[str] | None = None
-    _failure: Exception | None = None  # one wrong passphrase costs one scrypt, not one a thread
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def decrypt(self, data: bytes, key: str, archive: WalArchive) -> bytes:
-        from coordinator.crypto import decrypt_bytes
-
-        what = f"archived WAL '{key}'"
-        identities = self._resolve(archive, refresh=False)
-        try:
-            return decrypt_bytes(data, identities, what)
-        except DecryptionFailed:
-            if self.identity_paths or self.spool.cached_identity() not in identities:
-                raise
-        # The cached identity may belong to an archive that was since recreated: unwrap again.
-        return decrypt_bytes(data, self._resolve(archive, refresh=True), what)
-
-    def _resolve(self, archive: WalArchive, *, refresh: bool) -> list[str]:
-        with self._lock:  # prefetch threads share one unwrap (scrypt costs ~1.7 s)
-            if self._failure is not None:
-                raise self._failure
-            if self._identities is not None and not refresh:
-                return self._identities
-            try:
-                self._identities = self._load(archive, refresh)
-            except (ConfigError, DecryptionFailed) as exc:
-                self._failure = exc
-                raise
-            return self._identities
-
-    def _load(self, archive: WalArchive, refresh: bool) -> list[str]:
-        from coordinator.crypto import read_identities, unwrap_identity
-
-        if self.identity_paths:
-            return read_identities(self.identity_paths)
-        cached = None if refresh else self.spool.cached_identity()
-        if cached is not None:
-            return [cached]
-        info = archive.read_info()
-        encryption = info.get("encryption")
-        if not isinstance(encryption, dict) or encryption.get("mode") != "passphrase":
-            raise ConfigError("the WAL archive is encrypted to age recipients: give "
-                              "--identity-key FILE (env CLOUD_DUMP_IDENTITY_KEY)")
-        passphrase = self.passphrase()
-        if passphrase is None:
-            raise ConfigError("the WAL archive is encrypted with a passphrase: none given "
-                              "(--passphrase-file or CLOUD_DUMP_PASSPHRASE)")
-        identity = unwrap_identity(
-            archive.get(str(encryption["wrapped_identity_key"])), passphrase
-        )
-        self.spool.cache_identity(identity)
-        return [identity]
-
-
-def _keys_from(args: argparse.Namespace, spool: Spool) -> Keys:
-    from coordinator.commands import read_passphrase
-
-    # The CLI resolves these for the other commands only; wal-fetch keeps its imports lean.
-    args.passphrase_from_flag = args.passphrase is not None
-    args.passphrase = args.passphrase or os.environ.get("CLOUD_DUMP_PASSPHRASE") or None
-    return Keys([Path(p) for p in args.identity_key or []], lambda: read_passphrase(args), spool)
+    return f"{args.storage}#{args.cluster or ''}#{args.wal_prefix or ''}"
 
 
 # --- the spool -----------------------------------------------------------------------------------
 
 
 class Spool:
-    """Prefetched WAL files of one restore, and the cached identity. See the module docstring."""
+    """Prefetched segments of one restore, the prefetcher's plan and lock, the cached identity.
+
+    ``prefetch/<segment>`` and its sidecar ``prefetch/<segment>.json``; ``prefetch-plan.json``:
+    the segments the running prefetcher still means to deliver, with its pid. See the module
+    docstrings of this module and of ``coordinator.walprefetch``.
+    """
 
     def __init__(self, root: Path, source: str) -> None:
         self.root = root
+        self.source = source
         self.prefetch_dir = root / "prefetch"
-        self._source = source
+        self.lock_path = root / "prefetch.lock"
+        self.log_path = root / "prefetch.log"
+        self._plan_path = root / "prefetch-plan.json"
 
     def has(self, name: str) -> bool:
-        return (self.prefetch_dir / name).is_file()
-
-    def put(self, name: str, data: bytes) -> None:
-        """Spool ``data``: the sidecar first, so a spooled file without one is incomplete.
-
-        Not fsynced: after a crash a damaged file fails its checksum and is fetched again.
-        """
-        self.prefetch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sidecar = json.dumps({"raw_sha256": sha256_hex(data), "source": self._source}).encode()
-        write_atomically(self.prefetch_dir / f"{name}.json", sidecar, sync=False)
-        write_atomically(self.prefetch_dir / name, data, sync=False)
+        """Whether ``name`` is spooled (its sidecar, written last, is there)."""
+        return self._sidecar(name).is_file()
 
     def take(self, name: str, destination: Path) -> int | None:
-        """Move a verified spooled ``name`` to ``destination``; its size, or None if not spooled."""
-        path = self.prefetch_dir / name
-        if not path.is_file():
-            return None
-        problem = None
+        """Move spooled ``name`` to ``destination``; its size, or None if it is not spooled."""
         try:
-            data = path.read_bytes()
-            facts = json.loads((self.prefetch_dir / f"{name}.json").read_bytes())
-        except (OSError, ValueError):
-            problem = "it has no valid sidecar"
-        else:
-            if not isinstance(facts, dict) or facts.get("source") != self._source:
-                problem = "it was fetched from another archive"
-            elif facts.get("raw_sha256") != sha256_hex(data):
-                problem = "its content does not match its checksum"
-        if problem is not None:
-            log.warning("discarding spooled '%s': %s", name, problem)
-            self._remove(name)
+            facts = json.loads(self._sidecar(name).read_bytes())
+        except FileNotFoundError:
             return None
-        write_atomically(destination, data)
+        except ValueError:
+            facts = None
+        path = self.prefetch_dir / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is None:
+            problem = "its sidecar has no data file"
+        elif not isinstance(facts, dict):
+            problem = "its sidecar is not valid"
+        elif facts.get("source") != self.source:
+            problem = "it was fetched from another archive"
+        elif facts.get("size") != size:
+            problem = f"it holds {size} bytes, its sidecar says {facts.get('size')}"
+        else:
+            _move(path, destination)
+            self._remove(name)
+            self._prune_before(name)
+            return size
+        log.warning("discarding spooled '%s': %s", name, problem)
         self._remove(name)
-        self._prune_before(name)
-        return len(data)
+        return None
+
+    def discard_unfinished(self, name: str) -> None:
+        """Remove a data file of ``name`` left without a sidecar by a prefetcher that stopped."""
+        if (self.prefetch_dir / name).exists() and not self.being_prefetched(name):
+            log.warning("discarding spooled '%s': it has no sidecar", name)
+            self._remove(name)
+
+    def put(self, name: str, data: bytes, raw_sha256: str) -> None:
+        """Spool verified ``data``: the data file, fsynced, then its sidecar, so that a sidecar
+        always means a complete, durable data file."""
+        self.prefetch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(self.prefetch_dir / name, data)
+        facts = {"raw_sha256": raw_sha256, "size": len(data), "source": self.source}
+        write_atomically(self._sidecar(name), json.dumps(facts).encode(), sync=False)
+
+    def count_ahead(self, name: str) -> int:
+        """How many segments after ``name`` on its timeline are spooled or being written."""
+        return sum(1 for entry in self.entries() if entry[:8] == name[:8] and entry > name)
+
+    def remove_temp_files(self) -> None:
+        """Drop what a stopped writer left (only the prefetcher, holding the lock, calls this)."""
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.prefetch_dir.iterdir():
+                if path.name.startswith(_TEMP_PREFIX):
+                    path.unlink(missing_ok=True)
+
+    def _sidecar(self, name: str) -> Path:
+        return self.prefetch_dir / f"{name}.json"
 
     def _remove(self, name: str) -> None:
-        for path in (self.prefetch_dir / name, self.prefetch_dir / f"{name}.json"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        for path in (self.prefetch_dir / name, self._sidecar(name)):
+            path.unlink(missing_ok=True)
 
     def _prune_before(self, name: str) -> None:
         """Drop spooled segments of this timeline older than ``name``: never asked for again
         (a restarted recovery re-fetches them from storage), they only hold disk space."""
-        for entry in self._entries():
-            if len(entry) == 24 and entry[:8] == name[:8] and entry < name[:24]:
+        for entry in self.entries():
+            if entry[:8] == name[:8] and entry < name:
                 self._remove(entry)
 
-    def _entries(self) -> Iterator[str]:
+    def entries(self) -> Iterator[str]:
+        """Segments with a data file or a sidecar in the spool."""
         try:
-            yield from (p.name for p in self.prefetch_dir.iterdir() if "." not in p.name)
+            names = {path.name.removesuffix(".json") for path in self.prefetch_dir.iterdir()}
         except FileNotFoundError:
             return
+        yield from (name for name in names if is_segment(name))
+
+    # --- the prefetcher's plan -------------------------------------------------------------------
+
+    def write_plan(self, names: list[str]) -> None:
+        """Record that this process (holding the prefetcher lock) will deliver ``names``."""
+        plan = {"pid": os.getpid(), "names": names}
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(self._plan_path, json.dumps(plan).encode(), sync=False)
+
+    def clear_plan(self) -> None:
+        self._plan_path.unlink(missing_ok=True)
+
+    def being_prefetched(self, name: str) -> bool:
+        """Whether a running prefetcher still means to deliver ``name``."""
+        try:
+            plan = json.loads(self._plan_path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(plan, dict) or name not in plan.get("names", ()):
+            return False
+        from coordinator.background import helper_pid
+
+        # A plan left by a prefetcher that died is not its successor's.
+        return helper_pid(self.lock_path) == plan.get("pid")
+
+    # --- end of the archive, cached identity -----------------------------------------------------
 
     def mark_end_of_archive(self, name: str) -> None:
-        """Remember that ``name`` was not archived yet, so that the next few calls served from
-        the spool do not look for it again (only prefetching relies on this)."""
+        """Remember that ``name`` was not archived yet, so that the next few calls do not start
+        a prefetcher for it or what follows it (only prefetching relies on this)."""
         with contextlib.suppress(OSError):
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomically(self.root / "end-of-archive", name.encode(), sync=False)
@@ -444,7 +433,21 @@ class Spool:
         write_atomically(self._identity_path, (identity + "\n").encode(), sync=False)
 
 
-# --- atomic writes -------------------------------------------------------------------------------
+# --- moving and writing files --------------------------------------------------------------------
+
+_TEMP_PREFIX = ".cloud-dump-tmp-"
+
+
+def _move(source: Path, destination: Path) -> None:
+    """Rename ``source`` onto ``destination``; across file systems (a ``--spool-dir`` elsewhere)
+    copy it beside ``destination`` first, so that it still appears whole."""
+    try:
+        source.replace(destination)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        write_atomically(destination, source.read_bytes(), sync=False)
+        source.unlink()
 
 
 def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
@@ -453,7 +456,7 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
     A temp file beside it is renamed over it; with ``sync`` the file is fsynced before the rename
     and the directory after it, so the name never points at unwritten blocks after a crash.
     """
-    tmp = path.with_name(f".cloud-dump-tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f"{_TEMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -472,3 +475,10 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def is_segment(name: str) -> bool:
+    try:
+        return wal_kind(name) == "segment"
+    except ConfigError:
+        return False

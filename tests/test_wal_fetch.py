@@ -3,26 +3,37 @@
 The archive is written here in wal-push's format (key, compression and age suffixes, raw-sha256
 metadata, archive info for passphrase mode), so these tests do not depend on wal-push. Every case
 runs on both backends where storage matters.
+
+A call may leave the detached prefetcher running: every test waits for it to finish (or kills
+that one process) before its data directory goes away. It stops after 1 s without a segment
+taken from the spool here (5 s by default), so that the tests do not wait on it for long.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gzip
 import hashlib
 import json
 import os
+import shutil
+import signal
 import stat
 import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lz4.frame
 import pytest
 import zstandard
 
+from coordinator.background import HelperLock
 from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
+from coordinator.walfetch import Spool, archive_source
 from storage import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget, s3_target
@@ -92,11 +103,48 @@ def passphrase_archive(store: Storage, layout: Layout) -> str:
 
 
 @pytest.fixture
-def pgdata(tmp_path: Path) -> Path:
+def pgdata(tmp_path: Path) -> Iterator[Path]:
     """Stands for the data directory restore_command runs in."""
     path = tmp_path / "pgdata"
     (path / "pg_wal").mkdir(parents=True)
-    return path
+    yield path
+    if not wait_for_prefetcher(path):
+        left = prefetcher_pids(path)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"prefetcher(s) {left} still running 60 s after the test")
+
+
+def spool_dir(pgdata: Path) -> Path:
+    return pgdata / "pg_wal/cloud-dump"
+
+
+def prefetcher_pids(pgdata: Path) -> list[int]:
+    """The prefetchers that wal-fetch calls in ``pgdata`` started: they run in its directory.
+
+    Found by process rather than by the spool's lock, which a prefetcher takes only once its
+    interpreter is up, a moment after the call that started it returned.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = (entry / "cwd").readlink()
+        except OSError:  # not a process, gone, or a zombie
+            continue
+        if b"coordinator.walprefetch" in argv and cwd == pgdata.resolve():
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_prefetcher(pgdata: Path, timeout_s: float = 60) -> bool:
+    """Wait until the prefetchers started in ``pgdata`` exit; False if one is still running."""
+    deadline = time.monotonic() + timeout_s
+    while prefetcher_pids(pgdata):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def wal_fetch(
@@ -111,7 +159,8 @@ def wal_fetch(
     return subprocess.run(
         [str(VENV_BIN / "cloud-dump"), "wal-fetch", name, dest, *extra],
         capture_output=True, text=True, timeout=120, cwd=pgdata, check=False,
-        env={**os.environ, "CLOUD_DUMP_WAL_FETCH_RETRIES": "1", **target.env, **(env or {})},
+        env={**os.environ, "CLOUD_DUMP_WAL_FETCH_RETRIES": "1",
+             "CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT": "1", **target.env, **(env or {})},
     )
 
 
@@ -174,6 +223,25 @@ def test_fetch_passphrase_encrypted_unwraps_once_and_caches_identity(
     assert done.returncode == 0, done.stderr
     assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == second
     assert time.monotonic() - started < 1.5, "the identity was unwrapped again"
+
+
+def test_prefetcher_decrypts_passphrase_encrypted_segments(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path, tmp_path: Path
+) -> None:
+    layout = Layout()
+    recipient = passphrase_archive(storage, layout)
+    first, second = segment_name(1), segment_name(2)
+    archive_wal(storage, layout, first, segment_bytes(12), recipients=[recipient])
+    archive_wal(storage, layout, second, segment_bytes(13), recipients=[recipient])
+    passphrase_file = tmp_path / "passphrase"
+    passphrase_file.write_text(PASSPHRASE + "\n")
+    env = {"CLOUD_DUMP_PASSPHRASE_FILE": str(passphrase_file)}
+    assert wal_fetch(storage_target, pgdata, first, "--prefetch", "1", env=env).returncode == 0
+    assert wait_for_prefetcher(pgdata)
+    storage.delete(layout.wal_key(second, "zstd", encrypted=True))
+    done = wal_fetch(storage_target, pgdata, second, "--prefetch", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(13)
 
 
 def test_fetch_key_pair_encrypted(
@@ -323,40 +391,208 @@ def test_many_segments_fetched_back_byte_for_byte_with_prefetch(
           f"({count / elapsed:.1f} segments/s, one process per segment, prefetch 8)")
     # The end of the archive: 1, and the spool holds nothing that was served.
     assert wal_fetch(storage_target, pgdata, segment_name(count + 1)).returncode == 1
-    assert list((pgdata / "pg_wal/cloud-dump/prefetch").iterdir()) == []
+    assert wait_for_prefetcher(pgdata)
+    assert list((spool_dir(pgdata) / "prefetch").iterdir()) == []
 
 
-def test_prefetched_segment_is_served_from_the_spool(
+def test_prefetcher_runs_detached_and_spools_verified_segments_with_sidecars(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    names = [segment_name(n) for n in range(1, 5)]
+    for n, name in enumerate(names):
+        archive_wal(storage, Layout(), name, segment_bytes(20 + n))
+    done = wal_fetch(storage_target, pgdata, names[0], "--prefetch", "3")
+    assert done.returncode == 0, done.stderr
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(20)
+    # The call returned without waiting for its prefetches; the prefetcher finishes on its own.
+    assert wait_for_prefetcher(pgdata)
+    spool = spool_dir(pgdata) / "prefetch"
+    assert sorted(p.name for p in spool.iterdir()) == sorted(
+        [*names[1:], *(f"{name}.json" for name in names[1:])]
+    )
+    for n, name in enumerate(names[1:], start=1):
+        sidecar = json.loads((spool / f"{name}.json").read_text())
+        assert sidecar["raw_sha256"] == hashlib.sha256(segment_bytes(20 + n)).hexdigest()
+        assert sidecar["size"] == SEGMENT_BYTES
+        assert sidecar["source"].startswith(storage_target.url)
+    # Gone from storage: only the spool can serve them now.
+    for name in names[1:]:
+        storage.delete(Layout().wal_key(name, "zstd", encrypted=False))
+    for n, name in enumerate(names[1:], start=1):
+        done = wal_fetch(storage_target, pgdata, name, "--prefetch", "3")
+        assert done.returncode == 0, done.stderr
+        assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(20 + n)
+        assert not (spool / name).exists()
+        assert not (spool / f"{name}.json").exists()
+
+
+def test_one_prefetcher_keeps_the_window_full_as_calls_take_segments(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    count = 8
+    names = [segment_name(n) for n in range(1, count + 1)]
+    for n, name in enumerate(names):
+        archive_wal(storage, Layout(), name, segment_bytes(70 + n))
+    slow_idle = {"CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT": "20"}
+    assert wal_fetch(storage_target, pgdata, names[0], "--prefetch", "2",
+                     env=slow_idle).returncode == 0  # fmt: skip
+    spool = spool_dir(pgdata) / "prefetch"
+    for n, name in enumerate(names[1:], start=1):
+        # Beyond the first window of two: spooled only because a segment was taken.
+        deadline = time.monotonic() + 30
+        while not (spool / f"{name}.json").exists():
+            assert time.monotonic() < deadline, f"'{name}' was never prefetched"
+            time.sleep(0.01)
+        storage.delete(Layout().wal_key(name, "zstd", encrypted=False))
+        done = wal_fetch(storage_target, pgdata, name, "--prefetch", "2", env=slow_idle)
+        assert done.returncode == 0, done.stderr
+        assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(70 + n)
+    # It reached the end of the archive and left; it was the only one.
+    assert wait_for_prefetcher(pgdata, timeout_s=10)
+    log = (spool_dir(pgdata) / "prefetch.log").read_text()
+    assert log.count("prefetching from") == 1, log
+    assert f"'{segment_name(count + 1)}' is not in the archive" in log
+
+
+def test_served_segment_is_moved_not_copied(
     storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
     first, second = segment_name(1), segment_name(2)
-    archive_wal(storage, Layout(), first, segment_bytes(20))
-    archive_wal(storage, Layout(), second, segment_bytes(21))
-    assert wal_fetch(storage_target, pgdata, first, "--prefetch", "2").returncode == 0
-    assert (pgdata / "pg_wal/cloud-dump/prefetch" / second).is_file()
-    # Gone from storage: only the spool can serve it now.
-    storage.delete(Layout().wal_key(second, "zstd", encrypted=False))
-    done = wal_fetch(storage_target, pgdata, second, "--prefetch", "2")
+    archive_wal(storage, Layout(), first, segment_bytes(40))
+    archive_wal(storage, Layout(), second, segment_bytes(41))
+    assert wal_fetch(storage_target, pgdata, first, "--prefetch", "1").returncode == 0
+    assert wait_for_prefetcher(pgdata)
+    spooled = spool_dir(pgdata) / "prefetch" / second
+    inode = spooled.stat().st_ino
+    done = wal_fetch(storage_target, pgdata, second, "--prefetch", "0")
     assert done.returncode == 0, done.stderr
-    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(21)
-    assert not (pgdata / "pg_wal/cloud-dump/prefetch" / second).exists()
+    restored = pgdata / "pg_wal/RECOVERYXLOG"
+    assert restored.stat().st_ino == inode, "the spooled file was copied, not renamed"
+    assert restored.read_bytes() == segment_bytes(41)
+    assert not spooled.exists()
 
 
-def test_spooled_file_from_another_archive_or_damaged_is_not_served(
+def test_segment_spooled_on_another_file_system_is_copied_into_place(
     storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
-    first, second, third = segment_name(1), segment_name(2), segment_name(3)
-    for n, name in enumerate((first, second, third)):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == pgdata.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's data directory")
+    first, second = segment_name(1), segment_name(2)
+    archive_wal(storage, Layout(), first, segment_bytes(42))
+    archive_wal(storage, Layout(), second, segment_bytes(43))
+    spool = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        flags = ("--spool-dir", str(spool))
+        assert wal_fetch(storage_target, pgdata, first, *flags, "--prefetch", "1").returncode == 0
+        assert wait_for_prefetcher(pgdata)
+        storage.delete(Layout().wal_key(second, "zstd", encrypted=False))
+        done = wal_fetch(storage_target, pgdata, second, *flags, "--prefetch", "0")
+        assert done.returncode == 0, done.stderr
+        assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(43)
+        assert list((spool / "prefetch").iterdir()) == []
+        assert sorted(p.name for p in (pgdata / "pg_wal").iterdir()) == ["RECOVERYXLOG"]
+    finally:
+        wait_for_prefetcher(pgdata)
+        shutil.rmtree(spool)
+
+
+def test_spooled_file_without_sidecar_of_wrong_size_or_from_another_archive_is_not_served(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    names = [segment_name(n) for n in range(1, 5)]
+    for n, name in enumerate(names):
         archive_wal(storage, Layout(), name, segment_bytes(30 + n))
-    assert wal_fetch(storage_target, pgdata, first, "--prefetch", "2").returncode == 0
-    spool = pgdata / "pg_wal/cloud-dump/prefetch"
-    # A spool left by a restore from another archive, and a file damaged on disk.
-    sidecar = json.loads((spool / f"{second}.json").read_text())
-    (spool / f"{second}.json").write_text(json.dumps({**sidecar, "source": "file:///other#x/"}))
-    (spool / second).write_bytes(b"stale")
-    (spool / third).write_bytes(segment_bytes(99))
-    for name, seed in ((second, 31), (third, 32)):
+    assert wal_fetch(storage_target, pgdata, names[0], "--prefetch", "3").returncode == 0
+    assert wait_for_prefetcher(pgdata)
+    spool = spool_dir(pgdata) / "prefetch"
+    foreign, short, unfinished = names[1:]
+    # A spool left by a restore from another archive, a file damaged on disk, and a file whose
+    # prefetcher was stopped before it wrote the sidecar.
+    sidecar = json.loads((spool / f"{foreign}.json").read_text())
+    (spool / f"{foreign}.json").write_text(json.dumps({**sidecar, "source": "file:///other#x/"}))
+    (spool / short).write_bytes(b"stale")
+    (spool / f"{unfinished}.json").unlink()
+    for n, name in enumerate(names[1:], start=1):
         done = wal_fetch(storage_target, pgdata, name, "--prefetch", "0")
         assert done.returncode == 0, done.stderr
         assert "discarding spooled" in done.stderr
-        assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(seed)
+        assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(30 + n)
+
+
+def test_call_waits_for_a_running_prefetcher_that_plans_its_segment(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    # This test process stands for the prefetcher: it holds the lock and plans the segment, then
+    # spools it a little later. The segment is not in storage: only the spool can serve it.
+    spool = Spool(spool_dir(pgdata), _source_of(storage_target))
+    lock = HelperLock(spool.lock_path)
+    assert lock.try_acquire()
+    data = segment_bytes(50)
+    deliver = threading.Timer(
+        0.5, lambda: spool.put(SEGMENT, data, hashlib.sha256(data).hexdigest())
+    )
+    try:
+        spool.write_plan([SEGMENT])
+        deliver.start()
+        done = wal_fetch(storage_target, pgdata, SEGMENT)
+    finally:
+        deliver.cancel()
+        lock.release()
+    assert done.returncode == 0, done.stderr
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == data
+
+
+def test_hung_prefetcher_does_not_hold_the_call_beyond_its_bound(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    data = segment_bytes(51)
+    archive_wal(storage, Layout(), SEGMENT, data)
+    # A "prefetcher" (this process) that planned the segment and never delivers it.
+    spool = Spool(spool_dir(pgdata), _source_of(storage_target))
+    lock = HelperLock(spool.lock_path)
+    assert lock.try_acquire()
+    try:
+        spool.write_plan([SEGMENT])
+        started = time.monotonic()
+        done = wal_fetch(storage_target, pgdata, SEGMENT,
+                         env={"CLOUD_DUMP_WAL_PREFETCH_WAIT": "1"})
+        elapsed = time.monotonic() - started
+    finally:
+        lock.release()
+    assert done.returncode == 0, done.stderr
+    assert "has not delivered" in done.stderr
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == data
+    assert 1.0 <= elapsed < 30.0
+
+
+def test_plan_of_a_dead_prefetcher_is_not_waited_for(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    data = segment_bytes(52)
+    archive_wal(storage, Layout(), SEGMENT, data)
+    # A plan naming the segment, but no process holds the lock (its prefetcher was killed).
+    Spool(spool_dir(pgdata), _source_of(storage_target)).write_plan([SEGMENT])
+    started = time.monotonic()
+    done = wal_fetch(storage_target, pgdata, SEGMENT)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 20.0  # the default bound is 30 s
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == data
+
+
+def test_prefetch_0_and_history_files_start_no_prefetcher(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    archive_wal(storage, Layout(), segment_name(1), segment_bytes(60))
+    archive_wal(storage, Layout(), segment_name(2), segment_bytes(61))
+    archive_wal(storage, Layout(), "00000002.history", b"1\t0/3000000\tno reason\n")
+    assert wal_fetch(storage_target, pgdata, segment_name(1), "--prefetch", "0").returncode == 0
+    assert wal_fetch(storage_target, pgdata, "00000002.history",
+                     dest="pg_wal/RECOVERYHISTORY").returncode == 0
+    assert not (spool_dir(pgdata) / "prefetch.lock").exists()
+    assert not (spool_dir(pgdata) / "prefetch").exists()
+
+
+def _source_of(target: StorageTarget) -> str:
+    """The archive as wal-fetch names it in sidecars, with the settings these tests use."""
+    return archive_source(argparse.Namespace(storage=target.url, cluster=None, wal_prefix=None))
