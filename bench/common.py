@@ -167,9 +167,13 @@ def reap_helpers(modules: Sequence[str], timeout_s: float = 60.0) -> float:
             if fields is None:
                 continue
             if fields[0] == "Z":
+                # Other orphans end here too (a postmaster that pg_ctl started): only the
+                # Python helpers count. The name must be read before the reap removes it.
+                python = _comm(pid).startswith("python")
                 with contextlib.suppress(ChildProcessError):
                     _, _, usage = os.wait4(pid, 0)
-                    cpu_s += usage.ru_utime + usage.ru_stime
+                    if python:
+                        cpu_s += usage.ru_utime + usage.ru_stime
                 continue
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -179,6 +183,13 @@ def reap_helpers(modules: Sequence[str], timeout_s: float = 60.0) -> float:
         if time.monotonic() > deadline:
             raise BenchError(f"helpers {', '.join(modules)} still running after {timeout_s:.0f} s")
         time.sleep(0.05)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 # --- /proc accounting -----------------------------------------------------------------------------

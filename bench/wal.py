@@ -138,6 +138,7 @@ PUSH_WRAPS = [
 ]
 FETCH_WRAPS = [
     "coordinator.walfetch:run_wal_fetch",
+    "coordinator.walfetch:serve_without_cli",
     "coordinator.walfetch:Spool.take",
     "coordinator.walfetch:_await_prefetched",
     "coordinator.walfetch:_start_prefetcher",
@@ -145,9 +146,10 @@ FETCH_WRAPS = [
     "coordinator.walfetch:_fetch",
 ]
 
-# Runs the CLI in a fresh interpreter with the functions named in BENCH_WRAP (JSON) timed from
-# inside. argv[1] is the output file, the rest is the cloud-dump command line; BENCH_LAUNCHED
-# is the parent's time.time() just before it started the process.
+# Runs cloud-dump's entry point (coordinator.fastpath.main) in a fresh interpreter with the
+# functions named in BENCH_WRAP (JSON) timed from inside. argv[1] is the output file, the rest is
+# the cloud-dump command line; BENCH_LAUNCHED is the parent's time.time() just before it started
+# the process.
 _DRIVER = """
 import time
 entered = time.time()
@@ -157,7 +159,7 @@ sys.argv = ["cloud-dump", *sys.argv[2:]]
 wraps = json.loads(os.environ["BENCH_WRAP"])
 spans = {}
 t = time.perf_counter()
-import coordinator.cli as cli
+import coordinator.fastpath as entry
 modules = {m: importlib.import_module(m) for m in {w.split(":")[0] for w in wraps}}
 spans["import"] = time.perf_counter() - t
 
@@ -183,7 +185,7 @@ for spec in wraps:
         owner = getattr(owner, parent)
     timed(owner, attr, path)
 t = time.perf_counter()
-code = cli.main()
+code = entry.main()
 spans["main"] = time.perf_counter() - t
 spans["entered"] = entered - float(os.environ["BENCH_LAUNCHED"])
 spans["finished_at"] = time.time()
@@ -193,6 +195,16 @@ sys.exit(code)
 """
 
 Spans = dict[str, float]
+
+
+def marker_phases(s: Spans) -> list[tuple[str, float]]:
+    """The phases of a wal-push call answered by the entry point from a marker."""
+    return [
+        ("process start to first line (interpreter, site)", s["entered"]),
+        ("import coordinator.fastpath", s["import"]),
+        ("flags, config file, marker check", s["main"]),
+        ("interpreter exit", s["exit"]),
+    ]
 
 
 def push_phases(s: Spans) -> list[tuple[str, float]]:
@@ -215,8 +227,9 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
     inside = sum(v for _, v in named)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.cli + walpush", s["import"]),
-        ("config file, argparse, logging", s["main"] - g("run_wal_push", 0)),
+        ("import coordinator.fastpath + walpush & co", s["import"]),
+        ("import coordinator.cli, argparse, config file, logging",
+         s["main"] - g("run_wal_push", 0)),
         ("marker check, name check",
          g("run_wal_push", 0) - g("_push", 0) - g("_push_through_pusher", 0)),
         *([("hand to the WAL pusher (start it if none runs), wait for its marker",
@@ -231,13 +244,17 @@ def fetch_phases(s: Spans) -> list[tuple[str, float]]:
     """The phases of one wal-fetch call, in order, adding up to its wall time (a call that
     waited for the prefetcher counts its final rename in both the wait and the serve)."""
     g = s.get
-    take, wait = g("Spool.take", 0), g("_await_prefetched", 0)
+    fast = g("serve_without_cli", 0)
+    take = max(0.0, g("Spool.take", 0) - fast)  # the CLI's own, when the entry did not serve
+    wait = g("_await_prefetched", 0)
     start, direct, fetch = g("_start_prefetcher", 0), g("_fetch_directly", 0), g("_fetch", 0)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.cli + walfetch", s["import"]),
-        ("config file, argparse, logging", s["main"] - g("run_wal_fetch", 0)),
-        ("serve from the spool: sidecar check + rename", take),
+        ("import coordinator.fastpath + walfetch", s["import"]),
+        ("served by the entry point (no CLI): sidecar check + rename", fast),
+        ("import coordinator.cli, argparse, config file, logging",
+         s["main"] - fast - g("run_wal_fetch", 0)),
+        ("serve from the spool in the CLI: sidecar check + rename", take),
         ("wait for the prefetcher to spool it (polling)", wait),
         ("start the detached prefetcher", start),
         ("open storage (import boto3/botocore), keys", direct - fetch),
@@ -254,6 +271,8 @@ def fetch_kind(s: Spans) -> str:
         kind = "not spooled: fetched it directly"
     elif s.get("_await_prefetched") and s.get("Spool.take:calls", 0) > 1:
         kind = "served after waiting for the prefetcher"
+    elif not s.get("run_wal_fetch"):
+        kind = "served by the entry point, without the CLI"
     else:
         kind = "served from the spool"
     return kind + (", started the prefetcher" if s.get("_start_prefetcher") else "")
@@ -648,9 +667,9 @@ class Bench:
         # A fresh push of one segment (look-ahead 0), then the already-archived fast path.
         fresh = [self.driven(root, log, push(n, "--look-ahead", "0"), PUSH_WRAPS)
                  for n in segs[:BREAKDOWN_PUSHES]]  # fmt: skip
-        fast = [self.driven(root, log, push(segs[0]), PUSH_WRAPS) for _ in range(10)]
+        fast = [self.driven(root, log, push(segs[0]), []) for _ in range(10)]
         out.append("wal-push, already archived (spool marker), median of 10 calls, ms:")
-        out.extend(_phase_lines(fast, push_phases))
+        out.extend(_phase_lines(fast, marker_phases))
         out.append(f"wal-push of one new segment (--look-ahead 0), median of {len(fresh)} "
                    "calls, ms:")  # fmt: skip
         out.extend(_phase_lines(fresh, push_phases))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from coordinator.configfile import load_config_file
 from coordinator.exitcodes import ExitCode, exit_code_for
+from coordinator.fastpath import DEFAULT_PREFETCH
 from storage.errors import CloudDumpError, ConfigError
 
 log = logging.getLogger("cloud_dump")
@@ -242,8 +243,8 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
     fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
     _add_key_flags(fetch, encrypting=False)
     _flag(fetch, "--prefetch", "CLOUD_DUMP_WAL_PREFETCH",
-          "also fetch up to N following segments in parallel (default 8)",
-          type=int, default=8, metavar="N")
+          f"keep up to N following segments prefetched (default {DEFAULT_PREFETCH})",
+          type=int, default=DEFAULT_PREFETCH, metavar="N")
     fetch.add_argument("--allow-partial", action="store_true",
                        help="serve <segment>.partial files when asked for them")
     _add_wal_flags(fetch)

@@ -1,16 +1,23 @@
-"""The ``cloud-dump`` entry point, with the one answer that must not wait for the full CLI.
+"""The ``cloud-dump`` entry point, with the two answers that must not wait for the full CLI.
 
-Under load most archive_command calls are for a file the WAL pusher already stored: the
-answer is a spool marker, and the call's whole cost is starting Python. Importing argparse,
-logging, pathlib and the CLI's parser would double that, so this module answers
-``wal-push PATH NAME [flags]`` for a file with a marker using ``os`` and ``sys`` alone, and
-hands every other command line to ``coordinator.cli.main`` unchanged.
+PostgreSQL starts one process per WAL file. Under load, most archive_command calls are for a
+file the WAL pusher already stored (the answer is a spool marker), and most restore_command
+calls are for a segment the prefetcher already spooled (the answer is a rename). Either way the
+call's cost is mostly starting Python, and importing argparse, logging and the CLI's parser
+would double it. So this module answers
 
-It answers only when it is sure: the exact form ``wal-push PATH NAME`` followed by flags it
-knows (an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI), and a
-marker for the same archive location the full CLI would compute (``walspool.archive_location``
-and ``Spool.is_confirmed``, which tests/test_wal_push.py holds this module to). Anything else,
-including any error, falls through to the full CLI, which then decides and reports.
+- ``wal-push PATH NAME [flags]`` for a file with a confirmation marker, with ``os`` and ``sys``
+  alone;
+- ``wal-fetch NAME PATH [flags]`` for a spooled segment when no prefetcher needs starting, with
+  ``coordinator.walfetch``'s spool (no argparse, no storage client);
+
+and hands every other command line to ``coordinator.cli.main`` unchanged.
+
+It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by flags it knows
+(an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; tests hold the
+flag sets to the parser's), settings resolved as the CLI resolves them (flag, then environment,
+then ``--config`` file), and an error before the answer falls through to the full CLI, which then
+decides and reports.
 """
 
 from __future__ import annotations
@@ -18,19 +25,32 @@ from __future__ import annotations
 import os
 import sys
 
-# Every option wal-push accepts (tests compare this with the parser), and which take a value.
-WAL_PUSH_VALUE_FLAGS = frozenset({
-    "--compression", "--recipient-key", "--passphrase-file", "--passphrase",
-    "--look-ahead", "--timeout", "--wal-prefix", "--spool-dir", "--storage", "--s3-endpoint",
-    "--s3-region", "--s3-max-parts", "--storage-max-attempts", "--broker", "--result-backend",
-    "--staging-url", "--cluster", "--config", "--log-level",
+# The options of wal-push and wal-fetch (tests compare these with the parser): which take a
+# value, which do not.
+_COMMON_VALUE_FLAGS = frozenset({
+    "--wal-prefix", "--spool-dir", "--storage", "--s3-endpoint", "--s3-region", "--s3-max-parts",
+    "--storage-max-attempts", "--broker", "--result-backend", "--staging-url", "--cluster",
+    "--config", "--log-level", "--passphrase-file", "--passphrase",
 })  # fmt: skip
-WAL_PUSH_SWITCHES = frozenset({
-    "--compress", "--encrypt", "--s3-path-style", "--no-s3-path-style",
-})  # fmt: skip
+WAL_PUSH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {
+    "--compression", "--recipient-key", "--look-ahead", "--timeout",
+}  # fmt: skip
+WAL_PUSH_SWITCHES = frozenset({"--compress", "--encrypt", "--s3-path-style", "--no-s3-path-style"})
+WAL_FETCH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {"--identity-key", "--prefetch"}
+WAL_FETCH_SWITCHES = frozenset({"--allow-partial", "--s3-path-style", "--no-s3-path-style"})
+DEFAULT_PREFETCH = 8
+
 # The spool's marker directory, and the archive location a marker names: defined here, where
 # only os is loaded, and used by coordinator.walspool.
 MARKER_DIR = "archived"
+
+_ENV = {
+    "--storage": "CLOUD_DUMP_STORAGE",
+    "--cluster": "CLOUD_DUMP_CLUSTER",
+    "--wal-prefix": "CLOUD_DUMP_WAL_PREFIX",
+    "--spool-dir": "CLOUD_DUMP_SPOOL_DIR",
+    "--prefetch": "CLOUD_DUMP_WAL_PREFETCH",
+}
 
 
 def archive_location(storage_url: str | None, cluster: str | None, wal_prefix: str | None) -> str:
@@ -38,19 +58,13 @@ def archive_location(storage_url: str | None, cluster: str | None, wal_prefix: s
     return f"{storage_url or '-'}|{cluster or '-'}|{(wal_prefix or 'wal_archive').strip('/')}"
 
 
-_LOCATION = {
-    "--storage": "CLOUD_DUMP_STORAGE",
-    "--cluster": "CLOUD_DUMP_CLUSTER",
-    "--wal-prefix": "CLOUD_DUMP_WAL_PREFIX",
-    "--spool-dir": "CLOUD_DUMP_SPOOL_DIR",
-}
-
-
 def main() -> int:
     argv = sys.argv[1:]
-    if argv[:1] == ["wal-push"]:
+    answers = {"wal-push": wal_push_already_archived, "wal-fetch": wal_fetch_from_spool}
+    answer = answers.get(argv[0]) if argv else None
+    if answer is not None:
         try:
-            if wal_push_already_archived(argv[1:]):
+            if answer(argv[1:]):
                 return 0
         except Exception:  # noqa: S110 - the full CLI decides and reports
             pass
@@ -61,32 +75,12 @@ def main() -> int:
 
 def wal_push_already_archived(args: list[str]) -> bool:
     """Whether ``wal-push`` with these arguments has a confirmation marker to answer from."""
-    if len(args) < 2 or args[0].startswith("-") or args[1].startswith("-"):
+    parsed = _parse(args, WAL_PUSH_VALUE_FLAGS, WAL_PUSH_SWITCHES)
+    if parsed is None:
         return False
-    path, name = args[0], args[1]
-    if "/" in name or name in ("", ".", "..") or len(name) > 64:
+    (path, name), settings = parsed
+    if "/" in name or name in ("", ".", ".."):
         return False
-    flags: dict[str, str] = {}
-    rest = args[2:]
-    i = 0
-    while i < len(rest):
-        flag, sep, value = rest[i].partition("=")
-        if flag in WAL_PUSH_SWITCHES and not sep:
-            i += 1
-            continue
-        if flag not in WAL_PUSH_VALUE_FLAGS:
-            return False  # positional, abbreviation, --help, a typo: not for this path
-        if not sep:
-            if i + 1 >= len(rest):
-                return False
-            value = rest[i + 1]
-            i += 1
-        flags[flag] = value
-        i += 1
-    from coordinator.configfile import load_config_file
-
-    load_config_file(args)
-    settings = {flag: flags.get(flag) or os.environ.get(env) for flag, env in _LOCATION.items()}
     location = archive_location(
         settings["--storage"], settings["--cluster"], settings["--wal-prefix"]
     )
@@ -98,3 +92,55 @@ def wal_push_already_archived(args: list[str]) -> bool:
         return False
     # The same comparison as Spool.is_confirmed.
     return text.strip().partition(" ")[2] == location
+
+
+def wal_fetch_from_spool(args: list[str]) -> bool:
+    """Serve ``wal-fetch`` from the spool if it can be done without the full CLI; True if done.
+
+    False leaves everything as it was, except a spooled file found unfit, which is discarded
+    with a warning as the full CLI would (the full CLI then fetches it directly).
+    """
+    parsed = _parse(args, WAL_FETCH_VALUE_FLAGS, WAL_FETCH_SWITCHES)
+    if parsed is None:
+        return False
+    (name, path), settings = parsed
+    if not settings["--storage"]:
+        return False  # the full CLI says what is missing
+    from coordinator.walfetch import archive_source, serve_without_cli
+
+    source = archive_source(settings["--storage"], settings["--cluster"], settings["--wal-prefix"])
+    prefetch = int(settings["--prefetch"] or DEFAULT_PREFETCH)
+    return serve_without_cli(
+        name, path, spool_dir=settings["--spool-dir"], source=source, prefetch=prefetch
+    )
+
+
+def _parse(
+    args: list[str], value_flags: frozenset[str], switches: frozenset[str]
+) -> tuple[tuple[str, str], dict[str, str | None]] | None:
+    """The two positional arguments and the settings that decide the answer; None when the
+    command line is not of the simple form this module answers for."""
+    if len(args) < 2 or args[0].startswith("-") or args[1].startswith("-"):
+        return None
+    flags: dict[str, str] = {}
+    rest = args[2:]
+    i = 0
+    while i < len(rest):
+        flag, sep, value = rest[i].partition("=")
+        if flag in switches and not sep:
+            i += 1
+            continue
+        if flag not in value_flags:
+            return None  # positional, abbreviation, --help, a typo: not for this path
+        if not sep:
+            if i + 1 >= len(rest):
+                return None
+            value = rest[i + 1]
+            i += 1
+        flags[flag] = value
+        i += 1
+    from coordinator.configfile import load_config_file
+
+    load_config_file(args)
+    settings = {flag: flags.get(flag) or os.environ.get(env) or None for flag, env in _ENV.items()}
+    return (args[0], args[1]), settings

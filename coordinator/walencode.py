@@ -14,6 +14,7 @@ cached archive identity, so the ~1.7 s scrypt cost is paid once per spool, not p
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from coordinator.walspool import Spool
     from storage.layout import Layout
     from workers.wal import PushWalRequest, WalArchiveInfo
+
+log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 3
 GZIP_LEVEL = 6
@@ -218,6 +221,8 @@ def open_passphrase_archive(
 
     from coordinator.crypto import generate_identity, wrap_identity
     from workers.wal import ARCHIVE_INFO_NAME, ARCHIVE_KEY_NAME, OpenWalArchiveRequest
+
+    log.debug("opening the WAL archive's passphrase-wrapped key (one scrypt, ~1.7 s)")
 
     request = OpenWalArchiveRequest(
         archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,

@@ -92,7 +92,7 @@ def run_wal_fetch(args: argparse.Namespace) -> int:
         return NOT_IN_ARCHIVE
     if not args.storage:
         raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
-    spool = Spool(spool_root(args), archive_source(args))
+    spool = Spool(spool_root(args), archive_source(args.storage, args.cluster, args.wal_prefix))
     destination = Path(args.path)
     if segment:
         if _serve_spooled(args, spool, file_name, destination):
@@ -105,6 +105,28 @@ def run_wal_fetch(args: argparse.Namespace) -> int:
     if code == NOT_IN_ARCHIVE and segment:
         spool.mark_end_of_archive(file_name)  # no prefetcher for what follows, for a while
     return code
+
+
+def serve_without_cli(
+    name: str, destination: str, *, spool_dir: str | None, source: str, prefetch: int
+) -> bool:
+    """The served path for ``coordinator.fastpath``: move spooled ``name`` into ``destination``.
+
+    Only when there is nothing else to do: no prefetcher to start (one runs, or half of the
+    next ``prefetch`` segments are spooled), since starting one needs every setting of the full
+    command line. False when it did not serve (then only an unfit spooled file was discarded).
+    """
+    if not is_segment(name):
+        return False
+    spool = Spool(Path(spool_dir) if spool_dir else Path.cwd() / "pg_wal" / "cloud-dump", source)
+    if not spool.has(name):
+        return False
+    if prefetch > 0 and spool.count_ahead(name) * 2 < prefetch:
+        from coordinator.background import helper_running
+
+        if not helper_running(spool.lock_path):
+            return False
+    return spool.take(name, Path(destination)) is not None
 
 
 def _serve_spooled(
@@ -266,13 +288,13 @@ def spool_root(args: argparse.Namespace) -> Path:
     return Path(args.spool_dir) if args.spool_dir else Path.cwd() / "pg_wal" / "cloud-dump"
 
 
-def archive_source(args: argparse.Namespace) -> str:
+def archive_source(storage: str, cluster: str | None, wal_prefix: str | None) -> str:
     """Names the archive in spooled files' sidecars: the storage URL and the WAL prefix settings.
 
     Built from the settings rather than from ``Layout`` (whose import a served call avoids): two
     spellings of one archive only cost a fetch again, two archives never share a name.
     """
-    return f"{args.storage}#{args.cluster or ''}#{args.wal_prefix or ''}"
+    return f"{storage}#{cluster or ''}#{wal_prefix or ''}"
 
 
 # --- the spool -----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ taken from the spool here (5 s by default), so that the tests do not wait on it 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
@@ -215,14 +214,13 @@ def test_fetch_passphrase_encrypted_unwraps_once_and_caches_identity(
     cached = pgdata / "pg_wal/cloud-dump/identity.key"
     assert stat.S_IMODE(cached.stat().st_mode) == 0o600
 
-    # The cached identity serves later calls: no passphrase needed, no scrypt paid.
+    # The cached identity serves later calls: with the passphrase gone, a call that tried to
+    # unwrap the archive key again (scrypt) would fail for want of it.
     passphrase_file.unlink()
-    started = time.monotonic()
     done = wal_fetch(storage_target, pgdata, "000000010000000000000004",
                      "--prefetch", "0")
     assert done.returncode == 0, done.stderr
     assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == second
-    assert time.monotonic() - started < 1.5, "the identity was unwrapped again"
 
 
 def test_prefetcher_decrypts_passphrase_encrypted_segments(
@@ -595,4 +593,4 @@ def test_prefetch_0_and_history_files_start_no_prefetcher(
 
 def _source_of(target: StorageTarget) -> str:
     """The archive as wal-fetch names it in sidecars, with the settings these tests use."""
-    return archive_source(argparse.Namespace(storage=target.url, cluster=None, wal_prefix=None))
+    return archive_source(target.url, None, None)
