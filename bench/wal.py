@@ -23,12 +23,17 @@ Fetch, per row: a fresh directory stands for the restored PGDATA; for each segme
 then (untimed, as replay would be) the bytes are compared with the original and RECOVERYXLOG
 deleted. After the last segment, the next name is asked for once and must answer 1.
 
+The calls start detached helpers that outlive them (the WAL pusher, the WAL prefetcher): the
+benchmark is a child subreaper, so they are reparented to it; after each row it waits for them
+to exit and counts their CPU seconds with the calls' (``wait4``).
+
 Reported per row: segments/s (SEGMENTS / the sum of the calls' wall times, process start to
 exit: the time PostgreSQL's archiver or startup process spends waiting), mean and median call,
-CPU seconds of the calls (``wait4``), of the two workers, of Redis and of moto, and the S3
-requests moto served per segment. Then PASS/MISS against the targets and the reference tools
-as ratios, and (unless ``--no-breakdown``) where the time of one call goes: interpreter start,
-imports (``python -X importtime``), and the phases of a fresh push timed inside the process.
+CPU seconds of the calls (``wait4``), of the helpers they started, of the two workers, of Redis
+and of moto, and the S3 requests moto served per segment. Then PASS/MISS against the targets
+and the reference tools as ratios, and (unless ``--no-breakdown``) where the time of one call
+goes: interpreter start, imports (``python -X importtime``), and the phases of the calls timed
+inside the process.
 
 Usage (as root, from the repository): ``.venv/bin/python bench/wal.py [--segments 64]
 [--no-sync-rows] [--no-breakdown] [--keep-logs]``. Everything it starts is stopped by PID, and

@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 FETCHED = 0
 NOT_IN_ARCHIVE = 1
@@ -252,19 +253,20 @@ def _start_prefetcher(
 
 
 def _prefetch_wait_s() -> float:
-    raw = os.environ.get("CLOUD_DUMP_WAL_PREFETCH_WAIT", "")
-    try:
-        return max(0.0, float(raw)) if raw else DEFAULT_PREFETCH_WAIT_S
-    except ValueError:
-        raise ConfigError(f"CLOUD_DUMP_WAL_PREFETCH_WAIT='{raw}' is not a number") from None
+    return max(0.0, _env_number("CLOUD_DUMP_WAL_PREFETCH_WAIT", DEFAULT_PREFETCH_WAIT_S, float))
 
 
 def _attempts() -> int:
-    raw = os.environ.get("CLOUD_DUMP_WAL_FETCH_RETRIES", "")
+    return max(1, _env_number("CLOUD_DUMP_WAL_FETCH_RETRIES", DEFAULT_ATTEMPTS, int))
+
+
+def _env_number(name: str, default: _N, kind: Callable[[str], _N]) -> _N:
+    raw = os.environ.get(name, "")
     try:
-        return max(1, int(raw)) if raw else DEFAULT_ATTEMPTS
+        return kind(raw) if raw else default
     except ValueError:
-        raise ConfigError(f"CLOUD_DUMP_WAL_FETCH_RETRIES='{raw}' is not a whole number") from None
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}='{raw}' is not {what}") from None
 
 
 def _with_retries(fetch: Callable[[], _T], attempts: int) -> _T:

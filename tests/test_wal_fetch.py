@@ -196,16 +196,24 @@ def test_fetch_compressed_segment(
     assert (pgdata / "pg_wal" / SEGMENT).read_bytes() == data
 
 
+def passphrase_segments(
+    storage: Storage, layout: Layout, segments: dict[str, bytes], tmp_path: Path
+) -> Path:
+    """Archive ``segments`` encrypted in passphrase mode; the passphrase file."""
+    recipient = passphrase_archive(storage, layout)
+    for name, data in segments.items():
+        archive_wal(storage, layout, name, data, recipients=[recipient])
+    passphrase_file = tmp_path / "passphrase"
+    passphrase_file.write_text(PASSPHRASE + "\n")
+    return passphrase_file
+
+
 def test_fetch_passphrase_encrypted_unwraps_once_and_caches_identity(
     storage_target: StorageTarget, storage: Storage, pgdata: Path, tmp_path: Path
 ) -> None:
-    layout = Layout()
-    recipient = passphrase_archive(storage, layout)
     first, second = segment_bytes(3), segment_bytes(4)
-    archive_wal(storage, layout, SEGMENT, first, recipients=[recipient])
-    archive_wal(storage, layout, "000000010000000000000004", second, recipients=[recipient])
-    passphrase_file = tmp_path / "passphrase"
-    passphrase_file.write_text(PASSPHRASE + "\n")
+    segments = {SEGMENT: first, "000000010000000000000004": second}
+    passphrase_file = passphrase_segments(storage, Layout(), segments, tmp_path)
 
     done = wal_fetch(storage_target, pgdata, SEGMENT, "--prefetch", "0",
                      env={"CLOUD_DUMP_PASSPHRASE_FILE": str(passphrase_file)})
@@ -227,12 +235,9 @@ def test_prefetcher_decrypts_passphrase_encrypted_segments(
     storage_target: StorageTarget, storage: Storage, pgdata: Path, tmp_path: Path
 ) -> None:
     layout = Layout()
-    recipient = passphrase_archive(storage, layout)
     first, second = segment_name(1), segment_name(2)
-    archive_wal(storage, layout, first, segment_bytes(12), recipients=[recipient])
-    archive_wal(storage, layout, second, segment_bytes(13), recipients=[recipient])
-    passphrase_file = tmp_path / "passphrase"
-    passphrase_file.write_text(PASSPHRASE + "\n")
+    segments = {first: segment_bytes(12), second: segment_bytes(13)}
+    passphrase_file = passphrase_segments(storage, layout, segments, tmp_path)
     env = {"CLOUD_DUMP_PASSPHRASE_FILE": str(passphrase_file)}
     assert wal_fetch(storage_target, pgdata, first, "--prefetch", "1", env=env).returncode == 0
     assert wait_for_prefetcher(pgdata)

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -580,54 +581,29 @@ def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -
     return s3_target(moto_server.endpoint, s3_bucket, aws_env)
 
 
-def test_a_worker_killed_mid_push_does_not_lose_the_segment(
+@dataclass
+class StuckPush:
+    """A wal-push of SEG1 whose one worker is inside its push, held there by a closed proxy."""
+
+    proxy: GatedProxy
+    pool: WorkerPool
+    segment: bytes
+    call: subprocess.Popen[str]
+
+    def finish(self) -> str:
+        """Wait for the call; its stderr (it must have succeeded)."""
+        _, stderr = self.call.communicate(timeout=60)
+        assert self.call.returncode == 0, stderr
+        return stderr
+
+
+@pytest.fixture
+def stuck_push(
     wal_dir: WalDir,
     start_workers: Callable[..., WorkerPool],
     s3_store: StorageTarget,
     moto_server: MotoServer,
-) -> None:
-    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
-    try:
-        stuck = start_workers(
-            {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
-            count=1,
-            queues="wal",
-        )
-        segment = make_segment(SYSID_A, 50)
-        wal_dir.add(SEG1, segment)
-        push = subprocess.Popen(
-            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1],
-            env={
-                **os.environ,
-                "CLOUD_DUMP_BROKER_URL": stuck.broker_url,
-                "CLOUD_DUMP_WAL_RETRY_S": "3",
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        log = stuck.processes[0].log_path
-        deadline = time.monotonic() + 30
-        while "Task cloud_dump.push_wal[" not in log.read_text(errors="replace"):
-            assert time.monotonic() < deadline, "the worker never received the push"
-            time.sleep(0.05)
-        stuck.processes[0].kill_group(signal.SIGKILL)
-        start_workers(s3_store.env, count=1, queues="wal")
-        _, stderr = push.communicate(timeout=60)
-        assert push.returncode == 0, stderr
-        assert "sending it again" in wal_dir.pusher_log()
-        blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
-        assert zstandard.ZstdDecompressor().decompress(blob) == segment
-    finally:
-        proxy.close()
-
-
-def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
-    wal_dir: WalDir,
-    start_workers: Callable[..., WorkerPool],
-    s3_store: StorageTarget,
-    moto_server: MotoServer,
-) -> None:
+) -> Iterator[StuckPush]:
     proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
     try:
         pool = start_workers(
@@ -635,31 +611,54 @@ def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
             count=1,
             queues="wal",
         )
-        segment = make_segment(SYSID_A, 51)
+        segment = make_segment(SYSID_A, 50)
         wal_dir.add(SEG1, segment, ready=True)
-        push = subprocess.Popen(
+        call = subprocess.Popen(
             [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1],
-            env={**os.environ, "CLOUD_DUMP_BROKER_URL": pool.broker_url},
+            env={**os.environ, "CLOUD_DUMP_BROKER_URL": pool.broker_url,
+                 "CLOUD_DUMP_WAL_RETRY_S": "3"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         deadline = time.monotonic() + 30
         while "Task cloud_dump.push_wal[" not in pool.processes[0].log_path.read_text("utf-8"):
             assert time.monotonic() < deadline, "the worker never received the push"
             time.sleep(0.05)
-        first = helper_pid(wal_dir.spool / PUSHER_LOCK)
-        assert first is not None
-        os.kill(first, signal.SIGKILL)  # with the push in flight, its answer still to come
-        proxy.open()
-        _, stderr = push.communicate(timeout=60)
-        assert push.returncode == 0, stderr
-        assert wal_dir.marker(SEG1).exists()
-        blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
-        assert zstandard.ZstdDecompressor().decompress(blob) == segment
-        assert wal_dir.pusher_log().count("WAL pusher started") == 2  # the call started another
+        yield StuckPush(proxy, pool, segment, call)
     finally:
         proxy.close()
+
+
+def assert_archived(s3_store: StorageTarget, segment: bytes) -> None:
+    blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
+    assert zstandard.ZstdDecompressor().decompress(blob) == segment
+
+
+def test_a_worker_killed_mid_push_does_not_lose_the_segment(
+    wal_dir: WalDir,
+    stuck_push: StuckPush,
+    start_workers: Callable[..., WorkerPool],
+    s3_store: StorageTarget,
+) -> None:
+    stuck_push.pool.processes[0].kill_group(signal.SIGKILL)
+    start_workers(s3_store.env, count=1, queues="wal")
+    stuck_push.finish()
+    assert "sending it again" in wal_dir.pusher_log()
+    assert_archived(s3_store, stuck_push.segment)
+
+
+def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
+    wal_dir: WalDir, stuck_push: StuckPush, s3_store: StorageTarget
+) -> None:
+    first = helper_pid(wal_dir.spool / PUSHER_LOCK)
+    assert first is not None
+    os.kill(first, signal.SIGKILL)  # with the push in flight, its answer still to come
+    stuck_push.proxy.open()
+    stuck_push.finish()
+    assert wal_dir.marker(SEG1).exists()
+    assert_archived(s3_store, stuck_push.segment)
+    assert wal_dir.pusher_log().count("WAL pusher started") == 2  # the call started another
 
 
 # --- a real archive_command --------------------------------------------------------------
