@@ -70,7 +70,15 @@ def main() -> int:
             pass
     from coordinator.cli import main as full_main
 
-    return full_main(argv)
+    code = full_main(argv)
+    if answer is not None:
+        # PostgreSQL waits for this process to exit, once per WAL file, and tearing down an
+        # interpreter that loaded Celery or boto3 takes 100-200 ms. Everything this command
+        # does is finished (stored, renamed, or handed to a detached helper): leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def wal_push_already_archived(args: list[str]) -> bool:
