@@ -45,7 +45,7 @@ import boto3
 
 from bench.common import (
     MB,
-    BenchError,
+    VENV_BIN,
     Timed,
     directory_bytes,
     load_average,
@@ -53,17 +53,16 @@ from bench.common import (
     process_tree,
     run_bench,
     run_timed,
+    start_services,
+    start_worker,
     tree_cpu_seconds,
     verdict,
     vm_hwm_bytes,
 )
 from tests.rig.postgres import PgCluster, start_cluster
-from tests.rig.procs import ServerProcess, free_port, port_open
 from tests.rig.services import WorkerPool
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_MAJOR = 15
-VENV_BIN = Path(sys.executable).parent
 CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -174,32 +173,10 @@ class Bench:
             f"{mb(self.db_size)} MB (sum of pg_database_size over all databases)"
         )
 
-    def start_server(self, name: str, argv: list[str], port: int) -> int:
-        server = ServerProcess(name, argv, self.logs / f"{name}.log")
-        self.stack.callback(server.stop)
-        server.wait_until(lambda: port_open(port), timeout_s=30)
-        return server.pid
-
     def start_services(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise BenchError("redis-server is not installed: run `make setup`")
-        redis_dir = self.workdir / "redis"
-        redis_dir.mkdir()
-        self.redis_port = free_port()
-        self.redis_pid = self.start_server(
-            "redis-server",
-            [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(redis_dir)],
-            self.redis_port,
-        )  # fmt: skip
-        moto_port = free_port()
-        self.moto_pid = self.start_server(
-            "moto_server",
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-            moto_port,
-        )
-        self.moto_endpoint = f"http://127.0.0.1:{moto_port}"
+        services = start_services(self.stack, self.workdir, self.logs)
+        self.redis_pid, self.redis_port = services.redis_pid, services.redis_port
+        self.moto_pid, self.moto_endpoint = services.moto_pid, services.moto_endpoint
         self.s3 = boto3.session.Session(**_session_args()).client(
             "s3", endpoint_url=self.moto_endpoint
         )
@@ -232,18 +209,7 @@ class Bench:
         child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": broker}
         for i in range(1, WORKERS_PER_TARGET + 1):
             name = f"{kind}{i}@bench"
-            pool.processes.append(
-                ServerProcess(
-                    f"celery worker {name}",
-                    [str(VENV_BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "parts,wal",
-                     "-c", "1", "-n", name, "-l", "info", "--without-gossip",
-                     "--without-mingle", "--without-heartbeat"],
-                    self.logs / f"worker-{kind}{i}.log",
-                    env=child_env,
-                    cwd=REPO_ROOT,
-                )
-            )  # fmt: skip
-            pool.names.append(name)
+            start_worker(pool, name, child_env, self.logs / f"worker-{kind}{i}.log")
         pool.wait_ready()
         return WorkerSet(kind, broker, pool)
 

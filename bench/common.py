@@ -28,10 +28,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 import redis
+
+from tests.rig.procs import ServerProcess, free_port, port_open
+
+if TYPE_CHECKING:
+    from tests.rig.services import WorkerPool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
@@ -135,6 +140,68 @@ def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# --- the servers both benchmarks start ------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Services:
+    """A private redis-server and moto_server, stopped by the ExitStack they were started on."""
+
+    redis_pid: int
+    redis_port: int
+    moto_pid: int
+    moto_endpoint: str
+    moto_log: Path
+
+
+def start_services(stack: contextlib.ExitStack[bool | None], workdir: Path, logs: Path) -> Services:
+    """Redis (no persistence) and moto, each on a free loopback port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not installed: run `make setup`")
+    redis_dir = workdir / "redis"
+    redis_dir.mkdir()
+    redis_port = free_port()
+    redis_pid = _start_server(stack, logs, "redis-server",
+                              [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save",
+                               "", "--appendonly", "no", "--dir", str(redis_dir)],
+                              redis_port)  # fmt: skip
+    moto_port = free_port()
+    moto_pid = _start_server(stack, logs, "moto_server",
+                             [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p",
+                              str(moto_port)],
+                             moto_port)  # fmt: skip
+    return Services(redis_pid, redis_port, moto_pid, f"http://127.0.0.1:{moto_port}",
+                    logs / "moto_server.log")  # fmt: skip
+
+
+def _start_server(stack: contextlib.ExitStack[bool | None], logs: Path, name: str,
+                  argv: list[str], port: int) -> int:  # fmt: skip
+    server = ServerProcess(name, argv, logs / f"{name}.log")
+    stack.callback(server.stop)
+    server.wait_until(lambda: port_open(port), timeout_s=30)
+    return server.pid
+
+
+def start_worker(pool: WorkerPool, name: str, env: Mapping[str, str], log_path: Path) -> None:
+    """One Celery worker on both queues, one process, as tests/rig/services.py runs them."""
+    pool.processes.append(
+        ServerProcess(
+            f"celery worker {name}",
+            [str(VENV_BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "parts,wal", "-c", "1",
+             "-n", name, "-l", "info", "--without-gossip", "--without-mingle",
+             "--without-heartbeat"],
+            log_path,
+            env=dict(env),
+            cwd=REPO_ROOT,
+        )
+    )  # fmt: skip
+    pool.names.append(name)
 
 
 # --- detached helpers -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ recycled) writes real WAL (``pgbench -i``, then pgbench transactions after check
 segments carry full-page images as in production) until SEGMENTS completed segments exist; they
 are copied out with ``global/pg_control`` (wal-push reads the system identifier there) and the
 cluster is removed. Then a private Redis, a moto S3 server with one bucket and two Celery workers
-(``-Q wal,parts -c 1``) writing to it.
+(``-Q parts,wal -c 1``) writing to it.
 
 Archive, per row: a fresh stand-in PGDATA (``pg_wal/<segments>`` hard-linked to the copies,
 ``pg_wal/archive_status/<name>.ready`` for each, ``global/pg_control``) and an empty archive
@@ -66,6 +66,8 @@ import boto3
 import zstandard
 
 from bench.common import (
+    REPO_ROOT,
+    VENV_BIN,
     BenchError,
     become_subreaper,
     load_average,
@@ -74,16 +76,15 @@ from bench.common import (
     reap_helpers,
     run_bench,
     run_timed,
+    start_services,
+    start_worker,
     tree_cpu_seconds,
     verdict,
 )
 from tests.rig.postgres import PgCluster, start_cluster
-from tests.rig.procs import ServerProcess, free_port, port_open
 from tests.rig.services import WorkerPool
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_MAJOR = 15
-VENV_BIN = Path(sys.executable).parent
 PYTHON = str(VENV_BIN / "python")
 CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
 AWS_ENV = {
@@ -417,33 +418,11 @@ class Bench:
               f"{mb(total)} MB ({total / compressed:.1f}x); system identifier {self.sysid}",
               flush=True)  # fmt: skip
 
-    def start_server(self, name: str, argv: list[str], port: int) -> int:
-        server = ServerProcess(name, argv, self.logs / f"{name}.log")
-        self.stack.callback(server.stop)
-        server.wait_until(lambda: port_open(port), timeout_s=30)
-        return server.pid
-
     def start_services(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise BenchError("redis-server is not installed: run `make setup`")
-        redis_dir = self.workdir / "redis"
-        redis_dir.mkdir()
-        self.redis_port = free_port()
-        self.redis_pid = self.start_server(
-            "redis-server",
-            [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(redis_dir)],
-            self.redis_port,
-        )  # fmt: skip
-        moto_port = free_port()
-        self.moto_pid = self.start_server(
-            "moto_server",
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-            moto_port,
-        )
-        self.moto_log = self.logs / "moto_server.log"
-        self.moto_endpoint = f"http://127.0.0.1:{moto_port}"
+        services = start_services(self.stack, self.workdir, self.logs)
+        self.redis_pid, self.redis_port = services.redis_pid, services.redis_port
+        self.moto_pid, self.moto_log = services.moto_pid, services.moto_log
+        self.moto_endpoint = services.moto_endpoint
         session = boto3.session.Session(
             aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
@@ -458,22 +437,10 @@ class Bench:
         self.stack.callback(self.pool.stop)
         env = {**_clean_env(), **self.storage_env, "CLOUD_DUMP_BROKER_URL": self.broker}
         for i in range(1, WORKERS + 1):
-            name = f"wal{i}@bench"
-            self.pool.processes.append(
-                ServerProcess(
-                    f"celery worker {name}",
-                    [str(VENV_BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "wal,parts",
-                     "-c", "1", "-n", name, "-l", "info", "--without-gossip",
-                     "--without-mingle", "--without-heartbeat"],
-                    self.logs / f"worker{i}.log",
-                    env=env,
-                    cwd=REPO_ROOT,
-                )
-            )  # fmt: skip
-            self.pool.names.append(name)
+            start_worker(self.pool, f"wal{i}@bench", env, self.logs / f"worker{i}.log")
         self.pool.wait_ready()
         print(f"redis, moto ({self.moto_endpoint}, bucket {self.bucket}) and {WORKERS} workers "
-              f"(-Q wal,parts -c 1) up", flush=True)  # fmt: skip
+              f"(-Q parts,wal -c 1) up", flush=True)  # fmt: skip
 
     @property
     def storage_env(self) -> dict[str, str]:
