@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from storage.errors import ConfigError, TransientStorageError
-from storage.walnames import wal_kind
+from storage.walnames import kind_of, wal_kind
 
 if TYPE_CHECKING:
     import argparse
@@ -502,7 +502,4 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
 
 
 def is_segment(name: str) -> bool:
-    try:
-        return wal_kind(name) == "segment"
-    except ConfigError:
-        return False
+    return kind_of(name) == "segment"

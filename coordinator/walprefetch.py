@@ -49,7 +49,14 @@ from coordinator.background import HelperLock, read_settings
 from coordinator.walfetch import Spool, following_segments, is_segment
 from storage.base import sha256_hex
 from storage.errors import CloudDumpError, ConfigError, DecryptionFailed, IntegrityError
-from storage.layout import COMPRESSION_SUFFIXES, DEFAULT_WAL_PREFIX, ENCRYPTED_SUFFIX, Layout
+from storage.layout import (
+    COMPRESSION_SUFFIXES,
+    DEFAULT_WAL_PREFIX,
+    ENCRYPTED_SUFFIX,
+    Layout,
+)
+from storage.layout import WAL_ARCHIVE_INFO_NAME as ARCHIVE_INFO_NAME
+from storage.layout import WAL_RAW_SHA256 as RAW_SHA256
 
 if TYPE_CHECKING:
     from storage import Storage
@@ -61,8 +68,6 @@ DEADLINE_S = 300.0  # no segment is planned after this
 HARD_DEADLINE_S = DEADLINE_S + 60.0
 DEFAULT_IDLE_EXIT_S = 5.0  # replaying one segment takes well under a second
 POLL_S = 0.01
-ARCHIVE_INFO_NAME = "cloud-dump-archive.json"
-RAW_SHA256 = "raw-sha256"
 _SUFFIX_TO_COMPRESSION = {suffix: name for name, suffix in COMPRESSION_SUFFIXES.items()}
 
 

@@ -46,7 +46,7 @@ from coordinator.walrunner import CeleryWalRunner, Flight, open_runner
 from coordinator.walspool import PUSHER_LOCK, Spool, archive_order, ready_names
 from storage.errors import BrokerUnreachable, CloudDumpError
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
-from storage.walnames import wal_kind
+from storage.walnames import kind_of
 
 if TYPE_CHECKING:
     from workers.wal import PushWalRequest, PushWalResult, WalArchiveInfo
@@ -146,7 +146,7 @@ class Pusher:
 
     def _wanted(self, name: str) -> bool:
         """Not pushed yet, a valid name, and no error waiting for its call."""
-        if name in self._confirmed_names or not _valid(name) or self._spool.has_error(name):
+        if name in self._confirmed_names or kind_of(name) is None or self._spool.has_error(name):
             return False
         if self._spool.is_confirmed(name, self._location):
             self._confirmed_names.add(name)
@@ -211,14 +211,6 @@ class Pusher:
         log.error("could not push WAL file '%s': %s", name, error)
         self._failed_names.add(name)
         self._spool.write_error(name, error)
-
-
-def _valid(name: str) -> bool:
-    try:
-        wal_kind(name)
-    except CloudDumpError:
-        return False
-    return True
 
 
 def main() -> int:

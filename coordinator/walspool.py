@@ -198,8 +198,7 @@ def select_look_ahead(
     timeline anyway, and ``.partial``/``.backup`` files are rare. Names that are not WAL file
     names, or are already confirmed, are skipped.
     """
-    from storage.errors import ConfigError
-    from storage.walnames import wal_kind
+    from storage.walnames import kind_of
 
     if limit <= 0:
         return []
@@ -207,13 +206,6 @@ def select_look_ahead(
     for name in sorted(set(ready)):
         if len(chosen) >= limit:
             break
-        if name <= own_name:
-            continue
-        try:
-            if wal_kind(name) != "segment":
-                continue
-        except ConfigError:
-            continue
-        if not confirmed(name):
+        if name > own_name and kind_of(name) == "segment" and not confirmed(name):
             chosen.append(name)
     return chosen

@@ -27,6 +27,10 @@ Compression = Literal["zstd", "gzip", "lz4", "none"]
 COMPRESSION_SUFFIXES: dict[str, str] = {"zstd": ".zst", "gzip": ".gz", "lz4": ".lz4", "none": ""}
 ENCRYPTED_SUFFIX = ".age"
 DEFAULT_WAL_PREFIX = "wal_archive"
+# In a WAL archive: the archive's identity (workers.wal.WalArchiveInfo), and the metadata key of
+# each WAL object holding the SHA-256 of the original file (wal-push writes it, wal-fetch checks).
+WAL_ARCHIVE_INFO_NAME = "cloud-dump-archive.json"
+WAL_RAW_SHA256 = "raw-sha256"
 MANIFEST_NAME = "manifest.json"
 BACKUP_MANIFEST_NAME = "backup_manifest"
 

@@ -31,13 +31,22 @@ _PATTERNS: list[tuple[WalKind, re.Pattern[str]]] = [
 
 def wal_kind(name: str) -> WalKind:
     """The kind of WAL file ``name`` is; ``ConfigError`` if it is not a WAL file name."""
-    for kind, pattern in _PATTERNS:
-        if pattern.fullmatch(name):
-            return kind
+    kind = kind_of(name)
+    if kind is not None:
+        return kind
     raise ConfigError(
         f"invalid WAL file name '{name}': expected a segment (24 hex digits), "
         "NNNNNNNN.history, <segment>.partial or <segment>.NNNNNNNN.backup"
     )
+
+
+def kind_of(name: str) -> WalKind | None:
+    """The kind of WAL file ``name`` is, None if it is not a WAL file name (a directory entry
+    that is something else)."""
+    for kind, pattern in _PATTERNS:
+        if pattern.fullmatch(name):
+            return kind
+    return None
 
 
 # A NamedTuple, not a dataclass: immutable and ordered all the same, and importing dataclasses

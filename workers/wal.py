@@ -35,16 +35,21 @@ from pydantic import BaseModel, ValidationError
 from storage import Storage
 from storage.base import sha256_hex
 from storage.errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, WalConflict
-from storage.layout import COMPRESSION_SUFFIXES, ENCRYPTED_SUFFIX
+from storage.layout import (
+    COMPRESSION_SUFFIXES,
+    ENCRYPTED_SUFFIX,
+    WAL_ARCHIVE_INFO_NAME,
+    WAL_RAW_SHA256,
+)
 from workers.staging import Stage
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_INFO_NAME = "cloud-dump-archive.json"
+ARCHIVE_INFO_NAME = WAL_ARCHIVE_INFO_NAME
 ARCHIVE_KEY_NAME = "cloud-dump-archive-key.age"
 ARCHIVE_FORMAT = 1
 # Object metadata keys (lower case: S3 lower-cases them anyway).
-RAW_SHA256 = "raw-sha256"
+RAW_SHA256 = WAL_RAW_SHA256
 SYSTEM_IDENTIFIER = "system-identifier"
 RECIPIENT = "recipient"
 
