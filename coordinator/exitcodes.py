@@ -23,6 +23,7 @@ from storage.errors import (
     StorageError,
     StorageUnreachable,
     TargetNotEmpty,
+    WalArchiveNotFound,
     WalConflict,
 )
 
@@ -63,6 +64,8 @@ class ExitCode(IntEnum):
     LOCAL_IO = 16
     # wal-push: a different file is archived under that name, or WAL of another cluster.
     WAL_CONFLICT = 17
+    # No WAL archive exists at the location at all (wrong --storage, --cluster or --wal-prefix).
+    WAL_ARCHIVE_NOT_FOUND = 18
     # wal-fetch only: any failure other than "not in the archive". Above 125, so PostgreSQL
     # stops recovery instead of taking it as the end of the archive and promoting early.
     WAL_FETCH_FAILED = 126
@@ -84,6 +87,7 @@ _EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
     (DecryptionFailed, ExitCode.DECRYPTION_FAILED),
     (IntegrityError, ExitCode.INTEGRITY),
     (WalConflict, ExitCode.WAL_CONFLICT),
+    (WalArchiveNotFound, ExitCode.WAL_ARCHIVE_NOT_FOUND),
     (CloudDumpError, ExitCode.FAILURE),
     (OSError, ExitCode.LOCAL_IO),
 ]

@@ -24,6 +24,8 @@ re-raised ``from`` the original so the traceback (shown at DEBUG) keeps the caus
      ├── IntegrityError              fetched or restored bytes do not match their checksums
      ├── WalConflict                 a different file is archived under that name, or the
      │                               archive belongs to another cluster: never overwritten
+     ├── WalArchiveNotFound          no WAL archive at all at the location (not the same as a
+     │                               file missing from an archive that exists)
      └── BrokerError
           ├── BrokerUnreachable      the Celery broker or result backend could not be reached
           ├── NoWorkerAvailable      the broker answered but no worker took the work in time
@@ -135,3 +137,11 @@ class IntegrityError(CloudDumpError):
 class WalConflict(CloudDumpError):
     """A different WAL file is already archived under the name, or the archive belongs to
     another cluster. Nothing is overwritten."""
+
+
+class WalArchiveNotFound(CloudDumpError):
+    """No WAL archive exists at the configured location (wrong storage, cluster or prefix).
+
+    Distinct from a file missing from an archive that exists: restore_command must not answer
+    "not in the archive" for it, since PostgreSQL would take that as the end of recovery.
+    """
