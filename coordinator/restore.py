@@ -100,8 +100,15 @@ def restore_backup(
     tablespace_mapping: Mapping[str, str] | None = None,
     parallel: int = 4,
     progress: ProgressCallback | None = None,
+    before_startable: Callable[[TargetPlan], None] | None = None,
 ) -> RestoreSummary:
-    """Restore backup ``name`` into ``pgdata`` (see the module docstring for the guarantees)."""
+    """Restore backup ``name`` into ``pgdata`` (see the module docstring for the guarantees).
+
+    ``before_startable`` is called with the plan once every file is written and verified, just
+    before ``global/pg_control`` makes the directory startable: what it writes (recovery
+    settings, signal files) is in place before the server could ever start, and is undone with
+    the rest if it raises.
+    """
     started = time.monotonic()
     manifest = read_manifest(storage, layout, name)
     identities = resolve_identities(storage, manifest, identity_paths, passphrase)
@@ -120,7 +127,7 @@ def restore_backup(
         for result in results:
             observed.update(result.files)
         verify_against_manifest(pg_manifest, observed)
-        _complete_pgdata(plan, pg_manifest, results)
+        _complete_pgdata(plan, pg_manifest, results, before_startable)
     except BaseException:
         created.undo()
         raise
@@ -332,13 +339,18 @@ def _base_first(archives: Sequence[ArchiveRecord]) -> list[ArchiveRecord]:
 
 
 def _complete_pgdata(
-    plan: TargetPlan, pg_manifest: bytes, results: Sequence[ExtractResult]
+    plan: TargetPlan,
+    pg_manifest: bytes,
+    results: Sequence[ExtractResult],
+    before_startable: Callable[[TargetPlan], None] | None,
 ) -> None:
     held_back = {name: path for r in results for name, path in r.held_back.items()}
     if PG_CONTROL not in held_back:
         raise IntegrityError(f"the base archive has no '{PG_CONTROL}'")
     _write_file(plan.pgdata / BACKUP_MANIFEST, pg_manifest)
     _point_tablespaces(plan)
+    if before_startable is not None:
+        before_startable(plan)
     # Everything durable before pg_control makes the directory startable.
     os.sync()
     for name, path in held_back.items():
