@@ -6,8 +6,8 @@ calls are for a segment the prefetcher already spooled (the answer is a rename).
 call's cost is mostly starting Python, and importing argparse, logging and the CLI's parser
 would double it. So this module answers
 
-- ``wal-push PATH NAME [flags]`` for a file with a confirmation marker, with ``os`` and ``sys``
-  alone;
+- ``wal-push PATH NAME [flags]`` for a file with a confirmation marker that names this very
+  file (one ``stat``), with ``os`` and ``sys`` alone;
 - ``wal-fetch NAME PATH [flags]`` for a spooled segment when no prefetcher needs starting, with
   ``coordinator.walfetch``'s spool (no argparse, no storage client);
 
@@ -40,9 +40,13 @@ WAL_FETCH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {"--identity-key", "--prefetch"}
 WAL_FETCH_SWITCHES = frozenset({"--allow-partial", "--s3-path-style", "--no-s3-path-style"})
 DEFAULT_PREFETCH = 8
 
-# The spool's marker directory, and the archive location a marker names: defined here, where
-# only os is loaded, and used by coordinator.walspool.
+# The spool's marker directory, the marker's format and the archive location it names: defined
+# here, where only os is loaded, and used by coordinator.walspool.
 MARKER_DIR = "archived"
+# A marker is "<format> <raw sha256> <file identity> <location>". Markers of another format
+# (the first one had no identity) answer for nothing.
+MARKER_FORMAT = "2"
+_MARKER_FIELDS = 8  # format, sha256, the five identity numbers, location
 
 _ENV = {
     "--storage": "CLOUD_DUMP_STORAGE",
@@ -58,6 +62,52 @@ def archive_location(storage_url: str | None, cluster: str | None, wal_prefix: s
     return f"{storage_url or '-'}|{cluster or '-'}|{(wal_prefix or 'wal_archive').strip('/')}"
 
 
+def file_identity(st: os.stat_result) -> str:
+    """What tells one file at a path from another: size, device, inode, mtime and ctime (ns).
+
+    Writing into the file changes its mtime, replacing it (a rename, a copy) its inode or ctime.
+    """
+    return f"{st.st_size} {st.st_dev} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def marker_text(raw_sha256: str, identity: str, location: str) -> str:
+    """A confirmation marker: storage holds the file of ``identity`` (as read) at ``location``."""
+    return f"{MARKER_FORMAT} {raw_sha256} {identity} {location}\n"
+
+
+def marker_answers(text: str, path: str, location: str) -> bool:
+    """Whether marker ``text`` confirms the file now at ``path`` for this archive location.
+
+    Only for the very file that was read and pushed: one ``stat``, no hashing (this is the
+    path of every already-archived call). Any difference sends the call down the full path,
+    where the worker compares content and refuses different bytes (exit 17).
+    """
+    fields = text.rstrip("\n").split(" ", _MARKER_FIELDS - 1)
+    if len(fields) != _MARKER_FIELDS or fields[0] != MARKER_FORMAT or fields[-1] != location:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return " ".join(fields[2:-1]) == file_identity(st)
+
+
+def wal_spool_dir(wal_path: str, spool_dir: str | None) -> str | None:
+    """The spool of a WAL command for ``wal_path`` (``%p``); None: it has none.
+
+    ``--spool-dir`` when given; otherwise ``<pg_wal>/cloud-dump`` when ``%p`` is in a
+    directory named ``pg_wal`` (PostgreSQL runs the command in the data directory with
+    ``%p`` = ``pg_wal/NAME``). Run by hand on a file elsewhere, a command creates nothing.
+    """
+    if spool_dir:
+        return spool_dir
+    # Not realpath(): pg_wal may be a symbolic link (initdb --waldir), its name is what counts.
+    parent = os.path.dirname(os.path.abspath(wal_path))
+    if os.path.basename(parent) == "pg_wal" and os.path.isdir(parent):
+        return os.path.join(parent, "cloud-dump")
+    return None
+
+
 def main() -> int:
     argv = sys.argv[1:]
     answers = {"wal-push": wal_push_already_archived, "wal-fetch": wal_fetch_from_spool}
@@ -68,12 +118,28 @@ def main() -> int:
                 return 0
         except Exception:  # noqa: S110 - the full CLI decides and reports
             pass
-    from coordinator.cli import main as full_main
+    try:
+        from coordinator.cli import main as full_main
 
-    code = full_main(argv)
+        code = full_main(argv)
+    except BaseException as exc:
+        if answer is not wal_fetch_from_spool:
+            raise
+        code = _wal_fetch_broke(exc)
     if answer is not None:
         leave(code)
     return code
+
+
+def _wal_fetch_broke(exc: BaseException) -> int:
+    """The status of a wal-fetch whose full CLI could not even map its error (a broken
+    installation: an import failing). Python's own exit status would be 1, which PostgreSQL
+    takes for the end of the archive: promotion with part of the data."""
+    print(f"cloud-dump: error: unexpected {type(exc).__name__}: {exc} (a broken installation? "
+          "report it)", file=sys.stderr)
+    from coordinator.exitcodes import ExitCode
+
+    return int(ExitCode.WAL_FETCH_FAILED)
 
 
 def leave(code: int) -> None:
@@ -99,14 +165,15 @@ def wal_push_already_archived(args: list[str]) -> bool:
     location = archive_location(
         settings["--storage"], settings["--cluster"], settings["--wal-prefix"]
     )
-    spool = settings["--spool-dir"] or os.path.join(os.path.dirname(path), "cloud-dump")
+    spool = wal_spool_dir(path, settings["--spool-dir"])
+    if spool is None:
+        return False
     try:
         with open(os.path.join(spool, MARKER_DIR, name)) as f:
             text = f.read()
     except OSError:
         return False
-    # The same comparison as Spool.is_confirmed.
-    return text.strip().partition(" ")[2] == location
+    return marker_answers(text, path, location)  # as Spool.is_confirmed
 
 
 def wal_fetch_from_spool(args: list[str]) -> bool:

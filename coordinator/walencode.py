@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -42,6 +43,9 @@ class RawWal(NamedTuple):
     data: bytes
     raw_sha256: str
     system_identifier: str | None
+    # Of the open file these bytes were read from (``coordinator.fastpath.file_identity``):
+    # what its confirmation marker records.
+    identity: str
 
 
 class Encryption(NamedTuple):
@@ -50,14 +54,25 @@ class Encryption(NamedTuple):
 
 
 def read_wal(path: Path, file_name: str) -> RawWal:
-    """The file and the system identifier of the cluster that wrote it."""
+    """The file, its identity and the system identifier of the cluster that wrote it.
+
+    ``IntegrityError`` if the file changed while it was read: PostgreSQL never writes a file it
+    marked ``.ready``, so a change means someone else is writing it, and neither those bytes
+    nor a marker for them may stand for it.
+    """
     import hashlib
 
+    from coordinator.fastpath import file_identity
     from storage.errors import IntegrityError
     from storage.walnames import wal_kind
 
     kind = wal_kind(file_name)
-    data = path.read_bytes()
+    with path.open("rb") as f:
+        identity = file_identity(os.fstat(f.fileno()))
+        data = f.read()
+        after = os.fstat(f.fileno())
+    if file_identity(after) != identity or len(data) != after.st_size:
+        raise IntegrityError(f"WAL file '{file_name}' changed while it was being read: {path}")
     if kind in ("segment", "partial"):
         system_identifier: str | None = str(segment_system_identifier(data, file_name))
     else:
@@ -65,7 +80,7 @@ def read_wal(path: Path, file_name: str) -> RawWal:
         system_identifier = _pg_control_system_identifier(path)
         if not data:
             raise IntegrityError(f"WAL file '{file_name}' is empty")
-    return RawWal(file_name, data, hashlib.sha256(data).hexdigest(), system_identifier)
+    return RawWal(file_name, data, hashlib.sha256(data).hexdigest(), system_identifier, identity)
 
 
 def segment_system_identifier(data: bytes, file_name: str) -> int:

@@ -2,9 +2,11 @@
 
 PostgreSQL runs archive_command once per WAL file, one at a time, and retries on failure. A call:
 
-1. Validates the name; if the spool has a confirmation marker for it, returns at once. Under
-   load this is the path most calls take (see 2), so nothing heavy is imported before it.
-2. With a broker (and ``--look-ahead`` above 0, the default): hands the file to the detached
+1. Validates the name; if the spool has a confirmation marker for this very file (its identity
+   still what was pushed: ``coordinator.walspool``), returns at once. Under load this is the
+   path most calls take (see 2), so nothing heavy is imported before it.
+2. With a broker (and ``--look-ahead`` above 0, the default) and a spool: hands the file to the
+   detached
    WAL pusher (``coordinator.walpushd``), starting it if none runs, and waits until the pusher
    writes the file's marker (storage confirmed it) or its error. The pusher keeps up to
    ``--look-ahead`` files in flight on the workers, taking the next ``.ready`` files of
@@ -12,12 +14,16 @@ PostgreSQL runs archive_command once per WAL file, one at a time, and retries on
    return in the time it takes Python to start (pgBackRest's async archive-push works the
    same way). Only a marker returns success; an error the pusher records is raised with its
    own exit code; a pusher that stops without either is started again, twice at most.
-3. Without a broker (or with ``--look-ahead 0``): pushes in this process, synchronously: the
-   file itself plus, without a broker, up to ``--look-ahead`` ready files in the same batch
-   (``push_wal`` runs in threads here), then writes their markers.
+3. Without a broker (or with ``--look-ahead 0``, or without a spool: a file outside ``pg_wal``
+   and no ``--spool-dir``): pushes in this process, synchronously. The file itself first; once
+   storage confirmed it, and only without a broker and with a spool, up to ``--look-ahead``
+   ready files that follow it as one batch (``push_wal`` runs in threads here). Markers for
+   every confirmed file.
 
 Either way only this call's own file decides the exit status, and nothing short of a
-confirmation within ``--timeout`` returns success.
+confirmation within ``--timeout`` returns success. Look-ahead follows the spool's ``LookAhead``
+state on both paths: nothing is pushed ahead of PostgreSQL before the file it asked for is
+confirmed, and nothing at or past a file whose push failed.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from coordinator.walspool import (
     PUSHER_LOG,
     Spool,
     archive_location,
-    default_spool_dir,
+    open_spool,
     ready_names,
     select_look_ahead,
 )
@@ -42,7 +48,11 @@ if TYPE_CHECKING:
     from subprocess import Popen
 
     from coordinator.walencode import RawWal
+    from coordinator.walrunner import WalRunner
+    from storage.layout import Layout
     from workers.wal import PushWalResult, WalArchiveInfo
+
+    Outcome = PushWalResult | BaseException
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +65,21 @@ _POLL_MAX_S = 0.02
 
 def run_wal_push(args: argparse.Namespace) -> None:
     """Archive ``args.file_name`` from ``args.path``; return only once storage confirmed it."""
-    spool = Spool(Path(args.spool_dir) if args.spool_dir else default_spool_dir(args.path))
+    spool = open_spool(args.path, args.spool_dir)
     location = archive_location(args.storage, args.cluster, args.wal_prefix)
     name = args.file_name
     # Markers exist only for valid names, so this check needs no validation (and no import).
-    if "/" not in name and name not in ("", ".", "..") and spool.is_confirmed(name, location):
+    if (
+        "/" not in name
+        and name not in ("", ".", "..")
+        and spool.is_confirmed(name, location, Path(args.path))
+    ):
         log.debug("WAL file '%s' is already archived (spool marker)", name)
         return
     from storage.walnames import wal_kind
 
     wal_kind(name)  # refuse a bad name before it touches a path or a key
-    if args.broker and args.look_ahead > 0:
+    if args.broker and args.look_ahead > 0 and spool.exists:
         _push_through_pusher(args, spool, location)
     else:
         _push(args, spool, location)
@@ -93,12 +107,12 @@ def _push_through_pusher(args: argparse.Namespace, spool: Spool, location: str) 
     child: Popen[bytes] | None = None
     starts = 0
     pause_s = 0.001
-    while not spool.is_confirmed(name, location):
+    while not spool.is_confirmed(name, location, path):
         if (error := spool.take_error(name)) is not None:
             spool.clear_request(name)
             raise error
         if (child is None or child.poll() is not None) and not helper_running(lock):
-            if spool.is_confirmed(name, location):  # it confirmed, then exited
+            if spool.is_confirmed(name, location, path):  # it confirmed, then exited
                 break
             if starts == MAX_PUSHER_STARTS:
                 spool.clear_request(name)
@@ -129,63 +143,123 @@ def _push_through_pusher(args: argparse.Namespace, spool: Spool, location: str) 
 
 
 def _push(args: argparse.Namespace, spool: Spool, location: str) -> None:
-    from coordinator.walencode import (
-        archive_for,
-        encode_wal,
-        encryption_of,
-        read_wal,
-        recipients_for,
-    )
+    from coordinator.walencode import archive_for, encryption_of, read_wal, recipients_for
     from coordinator.walrunner import open_runner
     from storage.layout import DEFAULT_WAL_PREFIX, Layout
 
     layout = Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
     encryption = encryption_of(args)
     deadline = time.monotonic() + args.timeout
-    own = read_wal(Path(args.path), args.file_name)
-    wal_dir = Path(args.path).parent
-    look_ahead = []
-    if not args.broker:  # through a broker, look-ahead is the pusher's job
-        look_ahead = select_look_ahead(
-            args.file_name,
-            ready_names(wal_dir / "archive_status"),
-            args.look_ahead,
-            lambda name: spool.is_confirmed(name, location),
-        )
+    path = Path(args.path)
+    own = read_wal(path, args.file_name)
     runner = open_runner(args)
     try:
-        archive = archive_for(runner, spool, location, layout, own, encryption)
-        recipients = recipients_for(encryption, archive)
-        batch = [own, *_read_look_ahead(wal_dir, look_ahead)]
-        requests = [encode_wal(runner, raw, args.compression, recipients, layout) for raw in batch]
-        outcomes = runner.push(requests, own.file_name, deadline)
-        runner.delete_staged(*(r.ref for r in requests))
+        try:
+            archive = archive_for(runner, spool, location, layout, own, encryption)
+            batch = _Batch(runner, spool, location, layout, args.compression,
+                           recipients_for(encryption, archive), archive)  # fmt: skip
+            outcome = batch.push([own], deadline)[own.file_name]
+            if isinstance(outcome, BaseException):
+                raise outcome
+        except BaseException:
+            spool.close_look_ahead(own.file_name)
+            raise
+        # Newly stored, after every failure this spool recorded: push ahead again. Not on
+        # "already archived": a restored copy re-pushing its source's identical segments would
+        # otherwise send its own later ones ahead (see walpushd).
+        if outcome.status != "stored":
+            log.debug("look-ahead stays closed until a file is newly stored")
+        else:
+            spool.open_look_ahead(own.file_name)
+        log.info(
+            "WAL file '%s' %s at '%s'",
+            own.file_name,
+            "archived" if outcome.status == "stored" else "was already archived",
+            outcome.key,
+        )
+        if not args.broker and spool.exists:  # through a broker, look-ahead is the pusher's job
+            _push_ahead(batch, path.parent, own.file_name, args.look_ahead, deadline)
     finally:
         runner.close()
-    _record(spool, location, batch, outcomes, archive)
-    outcome = outcomes[own.file_name]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    log.info(
-        "WAL file '%s' %s at '%s'",
-        own.file_name,
-        "archived" if outcome.status == "stored" else "was already archived",
-        outcome.key,
+    prune_markers(spool, path.parent)
+
+
+def _push_ahead(batch: _Batch, wal_dir: Path, own_name: str, limit: int, deadline: float) -> None:
+    """Push up to ``limit`` ready files after ``own_name`` that the look-ahead state allows.
+
+    Only ever after the call's own file was confirmed. A failure closes look-ahead at that file
+    (its own call reports it); the others of the batch were sent with it and may land.
+    """
+    spool, location = batch.spool, batch.location
+    names = select_look_ahead(
+        own_name,
+        ready_names(wal_dir / "archive_status"),
+        limit,
+        lambda name: spool.is_confirmed(name, location, wal_dir / name),
+        spool.look_ahead(),
     )
-    prune_markers(spool, wal_dir)
+    files = _read_look_ahead(spool, wal_dir, names)
+    if not files:
+        return
+    for name, outcome in batch.push(files, deadline).items():
+        if isinstance(outcome, BaseException):
+            spool.close_look_ahead(name)
+            log.warning("look-ahead push of '%s' failed (its own call will retry): %s", name,
+                        outcome)  # fmt: skip
 
 
-def _read_look_ahead(wal_dir: Path, names: list[str]) -> list[RawWal]:
+def _read_look_ahead(spool: Spool, wal_dir: Path, names: list[str]) -> list[RawWal]:
+    """The files to push ahead, up to the first one that cannot be read (which closes it)."""
     from coordinator.walencode import read_wal
     from storage.errors import CloudDumpError
 
-    batch = []
+    files = []
     for name in names:
         try:
-            batch.append(read_wal(wal_dir / name, name))
+            files.append(read_wal(wal_dir / name, name))
         except (CloudDumpError, OSError) as exc:
+            spool.close_look_ahead(name)
             log.warning("not pushing '%s' ahead: %s", name, exc)
-    return batch
+            break
+    return files
+
+
+class _Batch:
+    """Files pushed together through one runner, with the settings they share; records a
+    marker for each file storage confirmed."""
+
+    def __init__(
+        self,
+        runner: WalRunner,
+        spool: Spool,
+        location: str,
+        layout: Layout,
+        compression: str,
+        recipients: list[str] | None,
+        archive: WalArchiveInfo | None,
+    ) -> None:
+        self.runner = runner
+        self.spool = spool
+        self.location = location
+        self._layout = layout
+        self._compression = compression
+        self._recipients = recipients
+        self._archive = archive
+
+    def push(self, files: list[RawWal], deadline: float) -> dict[str, Outcome]:
+        """Each file's outcome; never raises for one file."""
+        from coordinator.walencode import encode_wal
+
+        requests = [
+            encode_wal(self.runner, raw, self._compression, self._recipients, self._layout)
+            for raw in files
+        ]
+        try:
+            outcomes = self.runner.push(requests, files[0].file_name, deadline)
+        finally:
+            self.runner.delete_staged(*(r.ref for r in requests))
+        self._archive = _record(self.spool, self.location, files, outcomes, self._archive)
+        return outcomes
 
 
 def _record(
@@ -194,22 +268,18 @@ def _record(
     batch: list[RawWal],
     outcomes: dict[str, PushWalResult | BaseException],
     archive: WalArchiveInfo | None,
-) -> None:
-    """Markers for every confirmed file; the archive identity, if not cached yet."""
+) -> WalArchiveInfo | None:
+    """Markers for every confirmed file, each with the identity of the file that was read; the
+    archive identity, if not cached yet (returned)."""
     for raw in batch:
         outcome = outcomes[raw.file_name]
         if isinstance(outcome, BaseException):
-            if raw is not batch[0]:
-                log.warning(
-                    "look-ahead push of '%s' failed (its own call will retry): %s",
-                    raw.file_name,
-                    outcome,
-                )
             continue
-        spool.confirm(raw.file_name, raw.raw_sha256, location)
+        spool.confirm(raw.file_name, raw.raw_sha256, raw.identity, location)
         if archive is None and outcome.archive is not None:
             archive = outcome.archive
             spool.write_archive_cache(location, archive.model_dump_json())
+    return archive
 
 
 def prune_markers(spool: Spool, wal_dir: Path) -> None:

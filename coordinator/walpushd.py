@@ -4,17 +4,25 @@ Started by a ``wal-push`` call that found no marker for its file (``coordinator.
 as ``python -m coordinator.walpushd`` with the call's settings on stdin
 (``coordinator.background``); at most one per spool (``pusher.lock``). It:
 
-- takes the files wal-push calls are waiting for (``requests/``) first, then the files
-  PostgreSQL marked ``.ready`` in ``archive_status/``, in the archiver's order (timeline
-  history files first, then the oldest), skipping files already confirmed or with an error;
+- takes the files wal-push calls are waiting for (``requests/``) first, then, while the spool's
+  look-ahead state allows it (``coordinator.walspool.LookAhead``), the files PostgreSQL marked
+  ``.ready`` in ``archive_status/``, in the archiver's order (timeline history files first,
+  then the oldest), skipping files already confirmed or with an error;
+- pushes nothing ahead of PostgreSQL until a file a call asked for, sent after the last
+  failure, is newly stored (not "already archived"): look-ahead is closed at start and on
+  every failure (a prepared file not sent yet is dropped), and never reaches the earliest file
+  whose push failed. Pushes sent before a failure was known may still land; nothing is sent
+  after it;
 - reads, identifies, compresses and encrypts them in ``PREPARE_THREADS`` threads (zstd and
   hashlib release the GIL), stages each and sends its ``push_wal``, keeping at most
   ``--look-ahead`` files prepared or in flight (the Redis memory it can hold);
 - on each answer writes the file's marker (storage confirmed it) or its error, for the waiting
   call to report; a push unanswered for ``CLOUD_DUMP_WAL_RETRY_S`` is sent again, one past
   ``--timeout`` becomes an error;
-- exits after ``IDLE_EXIT_S`` with nothing to do, or at once when the broker is gone (after
-  recording that error for every waiting call: the next call starts a new pusher).
+- exits after ``IDLE_EXIT_S`` with nothing to do, or when the broker stayed away longer than
+  its grace period (``coordinator.walrunner``; a broker back within it costs nothing but the
+  re-sends of what it lost), after recording that error for every waiting call: the next call
+  starts a new pusher.
 
 It never marks anything ``.done``: PostgreSQL does, once the call for that file returned 0, so a
 file is never recycled before it is stored. Its log is ``pusher.log`` in the spool.
@@ -43,7 +51,7 @@ from coordinator.walencode import (
 )
 from coordinator.walpush import prune_markers
 from coordinator.walrunner import CeleryWalRunner, Flight, open_runner
-from coordinator.walspool import PUSHER_LOCK, Spool, archive_order, ready_names
+from coordinator.walspool import PUSHER_LOCK, LookAhead, Spool, archive_order, ready_names
 from storage.errors import BrokerUnreachable, CloudDumpError
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.walnames import kind_of
@@ -65,6 +73,7 @@ LOOP_PAUSE_S = 0.005
 @dataclass
 class Prepared:
     raw_sha256: str
+    identity: str  # of the open file that was read (the marker records it)
     request: PushWalRequest
     archive: WalArchiveInfo | None
 
@@ -73,6 +82,10 @@ class Prepared:
 class InFlight:
     prepared: Prepared
     flight: Flight
+    # Sent while look-ahead was closed (so: a file a call asked for), after failure number
+    # ``failures``: its confirmation opens look-ahead if no failure came since.
+    sent_closed: bool = False
+    failures: int = 0
 
 
 class Pusher:
@@ -91,12 +104,18 @@ class Pusher:
         self._in_flight: dict[str, InFlight] = {}
         # Failed here: retried only when a call asks for it again, not in a loop on its own.
         self._failed_names: set[str] = set()
-        # Markers are only ever added while the pusher runs: once seen, not read again.
+        # Markers of ready files, once seen, are not read again (a file a call asks for is
+        # always checked against its marker: the marker answers only for the file it names).
         self._confirmed_names: set[str] = set()
         self._ready: list[str] = []
         self._ready_listed_at = 0.0
+        self._look_ahead = LookAhead(False, None)
+        self._failures = 0
 
     def run(self) -> None:
+        # Closed at every start: a pusher that died may have left failures nobody recorded.
+        self._spool.close_look_ahead(None)
+        self._look_ahead = self._spool.look_ahead()
         self._encryption = encryption_of(self._args)
         idle_since = time.monotonic()
         last_scan = 0.0
@@ -135,20 +154,25 @@ class Pusher:
             self._ready_listed_at = now
         chosen: list[tuple[str, Path]] = []
         for name in sorted(requested, key=archive_order):
-            if name not in busy and self._wanted(name):
+            if name not in busy and self._wanted(name, requested[name], asked=True):
                 chosen.append((name, requested[name]))
         for name in self._ready:
+            if not self._look_ahead.allows(name):
+                break  # closed, or at the barrier: nothing from here on (archiver order)
             if name in requested or name in busy or name in self._failed_names:
                 continue
-            if self._wanted(name):
+            if self._wanted(name, self._wal_dir / name, asked=False):
                 chosen.append((name, self._wal_dir / name))
         return chosen
 
-    def _wanted(self, name: str) -> bool:
-        """Not pushed yet, a valid name, and no error waiting for its call."""
-        if name in self._confirmed_names or kind_of(name) is None or self._spool.has_error(name):
+    def _wanted(self, name: str, path: Path, asked: bool) -> bool:
+        """Not confirmed for the file now at ``path``, a valid name, and no error waiting for
+        its call."""
+        if kind_of(name) is None or self._spool.has_error(name):
             return False
-        if self._spool.is_confirmed(name, self._location):
+        if not asked and name in self._confirmed_names:
+            return False
+        if self._spool.is_confirmed(name, self._location, path):
             self._confirmed_names.add(name)
             return False
         return True
@@ -163,7 +187,7 @@ class Pusher:
             )
         recipients = recipients_for(self._encryption, archive)
         request = encode_wal(self._runner, raw, self._args.compression, recipients, self._layout)
-        return Prepared(raw.raw_sha256, request, archive)
+        return Prepared(raw.raw_sha256, raw.identity, request, archive)
 
     def _collect_prepared(self) -> None:
         for name, future in list(self._preparing.items()):
@@ -175,9 +199,15 @@ class Pusher:
                 self._failed(name, error)
                 continue
             prepared = future.result()
+            if not self._look_ahead.allows(name) and name not in self._spool.requested():
+                # Prepared as look-ahead, which a failure has closed since: not sent.
+                self._runner.delete_staged(prepared.request.ref)
+                continue
             deadline = time.monotonic() + float(self._args.timeout)
             flight = self._runner.start(prepared.request, deadline)
-            self._in_flight[name] = InFlight(prepared, flight)
+            self._in_flight[name] = InFlight(
+                prepared, flight, not self._look_ahead.open, self._failures
+            )
 
     def _collect_answers(self) -> None:
         for name, sent in list(self._in_flight.items()):
@@ -190,11 +220,23 @@ class Pusher:
             if isinstance(outcome, BaseException):
                 self._failed(name, outcome)
             else:
-                self._confirmed(name, sent.prepared, outcome)
+                self._confirmed(name, sent, outcome)
 
-    def _confirmed(self, name: str, prepared: Prepared, outcome: PushWalResult) -> None:
-        self._spool.confirm(name, prepared.raw_sha256, self._location)
+    def _confirmed(self, name: str, sent: InFlight, outcome: PushWalResult) -> None:
+        prepared = sent.prepared
+        self._spool.confirm(name, prepared.raw_sha256, prepared.identity, self._location)
         self._confirmed_names.add(name)
+        if (
+            sent.sent_closed
+            and sent.failures == self._failures
+            and not self._look_ahead.open
+            and outcome.status == "stored"
+        ):
+            # A file a call asked for, sent after the last failure, is newly stored: push ahead
+            # again. "Already archived" does not open it: a restored copy re-pushing its
+            # source's identical segments would otherwise send its own later ones ahead.
+            self._spool.open_look_ahead(name)
+            self._look_ahead = self._spool.look_ahead()
         if prepared.archive is None and outcome.archive is not None:
             with self._archive_lock:
                 self._spool.write_archive_cache(self._location, outcome.archive.model_dump_json())
@@ -206,11 +248,18 @@ class Pusher:
         )
 
     def _failed(self, name: str, error: BaseException) -> None:
+        self._close_look_ahead(name)
         if isinstance(error, BrokerUnreachable):
             raise error
         log.error("could not push WAL file '%s': %s", name, error)
         self._failed_names.add(name)
         self._spool.write_error(name, error)
+
+    def _close_look_ahead(self, failed: str) -> None:
+        """Nothing more ahead of PostgreSQL; in flight already is beyond recall."""
+        self._failures += 1
+        self._spool.close_look_ahead(failed)
+        self._look_ahead = self._spool.look_ahead()
 
 
 def main() -> int:

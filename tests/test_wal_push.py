@@ -33,8 +33,10 @@ from coordinator.walencode import segment_system_identifier
 from coordinator.walspool import (
     PUSHER_LOCK,
     PUSHER_LOG,
+    LookAhead,
     Spool,
     archive_location,
+    file_identity,
     select_look_ahead,
 )
 from storage import Storage
@@ -329,10 +331,15 @@ def test_look_ahead_takes_the_next_ready_segments_only() -> None:
         f"{SEG3}.partial",
         "000000010000000000000000",
     ]
-    assert select_look_ahead(SEG1, ready, 8, lambda n: False) == [SEG2, SEG3, SEG4]
-    assert select_look_ahead(SEG1, ready, 2, lambda n: n == SEG2) == [SEG3, SEG4]
-    assert select_look_ahead(SEG1, ready, 0, lambda n: False) == []
-    assert select_look_ahead(SEG4, ready, 8, lambda n: False) == []
+    open_ = LookAhead(True, None)
+    assert select_look_ahead(SEG1, ready, 8, lambda n: False, open_) == [SEG2, SEG3, SEG4]
+    assert select_look_ahead(SEG1, ready, 2, lambda n: n == SEG2, open_) == [SEG3, SEG4]
+    assert select_look_ahead(SEG1, ready, 0, lambda n: False, open_) == []
+    assert select_look_ahead(SEG4, ready, 8, lambda n: False, open_) == []
+    # Closed (after a failure, until an asked-for file is confirmed): nothing ahead at all.
+    assert select_look_ahead(SEG1, ready, 8, lambda n: False, LookAhead(False, None)) == []
+    # Never at or past the earliest file whose push failed.
+    assert select_look_ahead(SEG1, ready, 8, lambda n: False, LookAhead(True, SEG3)) == [SEG2]
 
 
 def test_ready_segments_are_pushed_ahead_and_later_calls_return_at_once(
@@ -380,11 +387,16 @@ def test_fast_path_answers_only_for_a_marker_of_the_same_archive(
 ) -> None:
     for var in ("CLOUD_DUMP_STORAGE", "CLOUD_DUMP_CLUSTER", "CLOUD_DUMP_WAL_PREFIX",
                 "CLOUD_DUMP_SPOOL_DIR", "CLOUD_DUMP_CONFIG"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
+        # setenv first, so that teardown puts back what was there before the test: the config
+        # file below loads into os.environ, and a later delenv alone would restore its value
+        # for every test after this one (and the servers they start).
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     wal_dir = WalDir(tmp_path / "pgdata")
     path = str(wal_dir.pg_wal / SEG1)
     location = archive_location("file:///store", "c1", None)
-    Spool(wal_dir.spool).confirm(SEG1, "0" * 64, location)
+    wal_dir.add(SEG1, make_segment(SYSID_A, 1))
+    Spool(wal_dir.spool).confirm(SEG1, "0" * 64, file_identity(Path(path).stat()), location)
     config = tmp_path / "cloud-dump.conf"
     config.write_text("CLOUD_DUMP_STORAGE=file:///store\n")
     answered = fastpath.wal_push_already_archived
