@@ -36,7 +36,8 @@ class ExitCode(IntEnum):
     USAGE = 2
     # A flag or environment value is invalid (storage URL, name, number out of range).
     CONFIG = 3
-    # The storage endpoint or directory could not be reached (after retries).
+    # The storage endpoint or directory could not be reached or kept failing, throttling (503
+    # SlowDown) or timing out, after retries: may pass, try again later.
     STORAGE_UNREACHABLE = 4
     # The store answered with an error retrying will not fix (no bucket, access denied, ...).
     STORAGE_ERROR = 5
@@ -66,9 +67,16 @@ class ExitCode(IntEnum):
     WAL_CONFLICT = 17
     # No WAL archive exists at the location at all (wrong --storage, --cluster or --wal-prefix).
     WAL_ARCHIVE_NOT_FOUND = 18
-    # wal-fetch only: any failure other than "not in the archive". Above 125, so PostgreSQL
-    # stops recovery instead of taking it as the end of the archive and promoting early.
-    WAL_FETCH_FAILED = 126
+    # wal-fetch only: any failure other than "not in the archive", a missing archive (18)
+    # included. PostgreSQL stops recovery on a restore_command status above 125
+    # (src/common/wait_error.c, wait_result_is_any_signal(rc, true), called by
+    # RestoreArchivedFile) instead of taking it as the end of the archive and promoting early.
+    # Its log line comes from wait_result_to_str: 126 reads "command not executable" and 127
+    # "command not found", which send operators after the wrong problem; any other status
+    # reads "child process exited with exit code N". 128 + N reads as "killed by signal N" to
+    # people and scripts, and 128 + SIGTERM (143) makes RestoreArchivedFile exit as for a fast
+    # shutdown (wait_result_is_signal); 200 is far above every signal number (1-64).
+    WAL_FETCH_FAILED = 200
 
 
 # Most specific first: the first matching class decides.

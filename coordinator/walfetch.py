@@ -6,14 +6,20 @@ Contract with PostgreSQL:
   never empty or partial, but it is not fsynced: after a crash PostgreSQL does not reuse a file
   restore_command wrote, it asks for it again, and a restored segment it keeps is made durable
   by PostgreSQL itself (``durable_rename``). pgBackRest's archive-get relies on the same;
-- exit 1: the file is not in the archive (nothing written). A missing ``.history`` file is the
-  common case at every recovery start and is answered after one LIST, without retries;
-- anything else raises, and the CLI exits 126: PostgreSQL then stops recovery rather than take a
-  storage outage for the end of the archive and promote early. Transient storage errors are
-  retried (the backends retry each request; this module retries the whole fetch a few times).
+- exit 1: the archive exists and does not have the file (nothing written). PostgreSQL takes
+  this for the end of the archive and may promote, so it is answered only once the archive is
+  known to exist (``coordinator.walarchive``: one HEAD of its identity object, paid on this path
+  alone). A missing ``.history`` file is the common case at every recovery start and is answered
+  after one LIST and that HEAD;
+- anything else raises, and the CLI exits ``ExitCode.WAL_FETCH_FAILED`` (200): PostgreSQL then
+  stops recovery rather than take a storage outage, or a location where no archive exists at all
+  (``WalArchiveNotFound``: a wrong storage URL, ``--cluster`` or ``--wal-prefix``), for the end of
+  the archive and promote early. Transient storage errors are retried (the backends retry each
+  request; this module retries the whole fetch a few times).
 
 ``%p`` may be ``RECOVERYXLOG``/``RECOVERYHISTORY``: the file name always comes from ``%f``.
-``<segment>.partial`` is served only with ``--allow-partial``.
+``<segment>.partial`` is served only with ``--allow-partial`` (without it: 1, for an archive that
+exists).
 
 A segment request, in order:
 
@@ -25,7 +31,7 @@ A segment request, in order:
    ``CLOUD_DUMP_WAL_PREFETCH_WAIT`` seconds (default 30), and only while the prefetcher runs and
    still means to deliver it;
 3. otherwise it starts the prefetcher for the following segments first, so that both overlap,
-   then fetches the segment itself: this path alone decides "not archived" (1) or failure (126).
+   then fetches the segment itself: this path alone decides "not archived" (1) or failure.
 
 A running prefetcher keeps ``--prefetch`` segments spooled or in flight as the calls take them.
 After 1 or 2, when none runs and fewer than half of the next ``--prefetch`` segments are spooled
@@ -33,16 +39,21 @@ After 1 or 2, when none runs and fewer than half of the next ``--prefetch`` segm
 ones. It never waits for it: a call served from the spool imports no storage client at all.
 ``--prefetch 0`` never starts a prefetcher; other files than segments are never prefetched.
 
-Stale spool files. The spool defaults to ``pg_wal/cloud-dump`` of the cluster being recovered
-(restore_command runs with the data directory as its working directory), and restore only writes
-into an empty data directory: a spool therefore belongs to one restore. Each spooled file also
+Where the spool is. ``--spool-dir`` when given; otherwise it is derived from where the file
+goes: PostgreSQL runs restore_command in the data directory with ``%p`` = ``pg_wal/RECOVERYXLOG``,
+so a call writing into a ``pg_wal`` directory has the spool ``<that pg_wal>/cloud-dump``. A call
+writing anywhere else (``wal-fetch NAME /some/path`` run by hand) has no spool: it fetches
+directly, starts no prefetcher, caches no identity, and creates no directory.
+
+Stale spool files. Restore only writes into an empty data directory: a spool in its ``pg_wal``
+therefore belongs to one restore. Each spooled file also
 has a sidecar naming the archive it came from and its size; a file whose sidecar is missing (the
 prefetcher was stopped while writing it), names another archive (a ``--spool-dir`` shared between
 restores) or gives another size is discarded and fetched directly.
 
 Passphrase mode: the archive's X25519 identity is stored passphrase-wrapped (scrypt, ~1.7 s).
 It is unwrapped once and cached in the spool (mode 0600, owned by the server's user) so later
-calls, and the prefetcher, do not pay scrypt again.
+calls, and the prefetcher, do not pay scrypt again; a call without a spool unwraps it each time.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from coordinator.fastpath import wal_spool_dir
 from storage.errors import ConfigError, TransientStorageError
 from storage.walnames import kind_of, wal_kind
 
@@ -83,27 +95,29 @@ PREFETCHER = "coordinator.walprefetch"
 
 
 def run_wal_fetch(args: argparse.Namespace) -> int:
-    """The ``wal-fetch`` command: 0 fetched, 1 not in the archive; raises on any other failure."""
+    """The ``wal-fetch`` command: 0 fetched, 1 not in the archive (which exists); raises on any
+    other failure (``WalArchiveNotFound`` when there is no archive at the location)."""
     file_name = args.file_name
     kind = wal_kind(file_name)
-    segment = kind == "segment"
-    if kind == "partial" and not args.allow_partial:
-        # PostgreSQL never replays a .partial segment on its own: serving one needs intent.
-        log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
-        return NOT_IN_ARCHIVE
     if not args.storage:
         raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
-    spool = Spool(spool_root(args), archive_source(args.storage, args.cluster, args.wal_prefix))
+    # PostgreSQL never replays a .partial segment on its own: serving one needs intent.
+    serve = kind != "partial" or bool(args.allow_partial)
+    root = spool_root(args)
+    spool = None if root is None else Spool(
+        root, archive_source(args.storage, args.cluster, args.wal_prefix)
+    )
     destination = Path(args.path)
-    if segment:
+    segment = kind == "segment"
+    if segment and spool is not None:
         if _serve_spooled(args, spool, file_name, destination):
             return FETCHED
         spool.discard_unfinished(file_name)
         if args.prefetch > 0:  # first, so that it works while this call fetches
             names = _prefetch_names(spool, file_name, args.prefetch, None)
             _start_prefetcher(args, spool, names, None)
-    code = _fetch_directly(args, spool, file_name, destination)
-    if code == NOT_IN_ARCHIVE and segment:
+    code = _fetch_directly(args, spool, file_name, destination, serve=serve)
+    if code == NOT_IN_ARCHIVE and segment and spool is not None:
         spool.mark_end_of_archive(file_name)  # no prefetcher for what follows, for a while
     return code
 
@@ -117,9 +131,10 @@ def serve_without_cli(
     next ``prefetch`` segments are spooled), since starting one needs every setting of the full
     command line. False when it did not serve (then only an unfit spooled file was discarded).
     """
-    if not is_segment(name):
+    root = spool_root_for(destination, spool_dir)
+    if root is None or not is_segment(name):
         return False
-    spool = Spool(Path(spool_dir) if spool_dir else Path.cwd() / "pg_wal" / "cloud-dump", source)
+    spool = Spool(root, source)
     if not spool.has(name):
         return False
     if prefetch > 0 and spool.count_ahead(name) * 2 < prefetch:
@@ -151,7 +166,8 @@ def _serve_spooled(
 
 
 def _fetch_directly(
-    args: argparse.Namespace, spool: Spool, file_name: str, destination: Path
+    args: argparse.Namespace, spool: Spool | None, file_name: str, destination: Path,
+    *, serve: bool = True,
 ) -> int:
     from coordinator.commands import open_store
     from coordinator.walprefetch import WalArchive, keys_from, wal_layout
@@ -159,17 +175,25 @@ def _fetch_directly(
     storage = open_store(args)
     try:
         return _fetch(WalArchive(storage, wal_layout(args), keys_from(args, spool)), file_name,
-                      destination)  # fmt: skip
+                      destination, serve=serve)  # fmt: skip
     finally:
         storage.close()
 
 
-def _fetch(archive: WalArchive, file_name: str, destination: Path) -> int:
-    """Fetch ``file_name`` from storage into ``destination``, with retries."""
+def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: bool = True) -> int:
+    """Fetch ``file_name`` from storage into ``destination``, with retries.
+
+    1 when the archive does not have it (``serve`` False: whether it has it or not), but only
+    for an archive that exists: ``WalArchiveNotFound`` otherwise.
+    """
     attempts = _attempts()
-    stored = _with_retries(lambda: archive.find(file_name), attempts)
+    stored = _with_retries(lambda: archive.find(file_name), attempts) if serve else None
     if stored is None:
-        log.info("'%s' is not in the archive", file_name)
+        _with_retries(archive.require, attempts)
+        if serve:
+            log.info("'%s' is not in the archive", file_name)
+        else:
+            log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
         return NOT_IN_ARCHIVE
     data, _ = _with_retries(functools.partial(archive.read, stored), attempts)
     write_atomically(destination, data, sync=False)  # not fsynced: see the module docstring
@@ -286,8 +310,21 @@ def _with_retries(fetch: Callable[[], _T], attempts: int) -> _T:
 # --- settings shared with the prefetcher ---------------------------------------------------------
 
 
-def spool_root(args: argparse.Namespace) -> Path:
-    return Path(args.spool_dir) if args.spool_dir else Path.cwd() / "pg_wal" / "cloud-dump"
+def spool_root(args: argparse.Namespace) -> Path | None:
+    return spool_root_for(args.path, args.spool_dir)
+
+
+def spool_root_for(destination: str, spool_dir: str | None) -> Path | None:
+    """The spool of a call writing ``destination`` (``%p``); None: it has none.
+
+    ``--spool-dir`` when given. Otherwise only a file going into an existing ``pg_wal``
+    directory has one, ``<that pg_wal>/cloud-dump``: restore_command runs in the data directory
+    with ``%p`` = ``pg_wal/RECOVERYXLOG``. A call run by hand into another directory creates
+    nothing there or in its working directory (see the module docstring). The rule is wal-push's
+    too: one definition, ``coordinator.fastpath.wal_spool_dir``.
+    """
+    root = wal_spool_dir(destination, spool_dir)
+    return None if root is None else Path(root)
 
 
 def archive_source(storage: str, cluster: str | None, wal_prefix: str | None) -> str:

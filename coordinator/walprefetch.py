@@ -17,7 +17,9 @@ whole life). It
   may use). Starting Python and boto3 costs ~0.5 s of CPU, so one process serves a whole
   recovery rather than one per window;
 - stops at the first segment missing from the archive (recorded in the spool: the calls do not
-  start another prefetcher for it for a while); when no spooled segment was taken for
+  start another prefetcher for it for a while, so it is recorded only once the archive is known
+  to exist: a location with no archive at all is no end of one, and is logged as an error);
+  when no spooled segment was taken for
   ``CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT`` seconds (default 5: recovery paused, ended, or moved to
   another timeline); and after ``DEADLINE_S`` (a later call starts a new one if needed).
   Whatever a request hangs on, the process ends at ``HARD_DEADLINE_S``.
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from coordinator.background import HelperLock, read_settings
+from coordinator.walarchive import require_wal_archive
 from coordinator.walfetch import Spool, following_segments, is_segment
 from storage.base import sha256_hex
 from storage.errors import CloudDumpError, ConfigError, DecryptionFailed, IntegrityError
@@ -140,10 +143,12 @@ class Prefetcher:
                 for name in present:
                     pool.submit(self._spool_one, name, self._stored[name])
                 if len(present) < len(batch):
-                    log.info("'%s' is not in the archive (yet): prefetching stops there",
-                             batch[len(present)])  # fmt: skip
-                    self._spool.mark_end_of_archive(batch[len(present)])
+                    missing = batch[len(present)]
                     self._plan.drop(batch[len(present):])
+                    self._archive.require()  # no archive at all: no end of one to remember
+                    log.info("'%s' is not in the archive (yet): prefetching stops there",
+                             missing)  # fmt: skip
+                    self._spool.mark_end_of_archive(missing)
                     return
                 batch = self._next_batch(deadline)
 
@@ -256,7 +261,7 @@ def wal_layout(args: argparse.Namespace) -> Layout:
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
-def keys_from(args: argparse.Namespace, spool: Spool) -> Keys:
+def keys_from(args: argparse.Namespace, spool: Spool | None) -> Keys:
     from coordinator.commands import read_passphrase
 
     return Keys([Path(p) for p in args.identity_key or []], lambda: read_passphrase(args), spool)
@@ -300,6 +305,11 @@ class WalArchive:
             if stored is not None and is_segment(name):
                 found.setdefault(name, stored)  # the first in key order, as find() takes
         return found
+
+    def require(self) -> None:
+        """Raise ``WalArchiveNotFound`` unless an archive exists here: asked only before
+        answering "not archived", which PostgreSQL takes for the end of the archive."""
+        require_wal_archive(self._storage, self._layout)
 
     def read(self, stored: StoredWal) -> tuple[bytes, str]:
         """The original bytes of ``stored`` and their SHA-256, verified against raw-sha256."""
@@ -360,10 +370,12 @@ class Keys:
     ``identity_paths``: recipient mode (``--identity-key``). Otherwise passphrase mode: the
     identity cached in the spool, or the archive's wrapped identity unwrapped with the passphrase
     (``passphrase`` is called only then, so an unencrypted archive needs no passphrase file).
+    Without a spool (a call run by hand outside ``pg_wal``) nothing is cached.
     """
 
     def __init__(
-        self, identity_paths: list[Path], passphrase: Callable[[], str | None], spool: Spool
+        self, identity_paths: list[Path], passphrase: Callable[[], str | None],
+        spool: Spool | None,
     ) -> None:
         self.identity_paths = identity_paths
         self.passphrase = passphrase
@@ -380,7 +392,7 @@ class Keys:
         try:
             return decrypt_bytes(data, identities, what)
         except DecryptionFailed:
-            if self.identity_paths or self.spool.cached_identity() not in identities:
+            if self.identity_paths or self._cached() not in identities:
                 raise
         # The cached identity may belong to an archive that was since recreated: unwrap again.
         return decrypt_bytes(data, self._resolve(archive, refresh=True), what)
@@ -403,7 +415,7 @@ class Keys:
 
         if self.identity_paths:
             return read_identities(self.identity_paths)
-        cached = None if refresh else self.spool.cached_identity()
+        cached = None if refresh else self._cached()
         if cached is not None:
             return [cached]
         info = archive.read_info()
@@ -415,11 +427,14 @@ class Keys:
         if passphrase is None:
             raise ConfigError("the WAL archive is encrypted with a passphrase: none given "
                               "(--passphrase-file or CLOUD_DUMP_PASSPHRASE)")
-        identity = unwrap_identity(
-            archive.get(str(encryption["wrapped_identity_key"])), passphrase
-        )
-        self.spool.cache_identity(identity)
+        key = str(encryption["wrapped_identity_key"])
+        identity = unwrap_identity(archive.get(key), passphrase, key)
+        if self.spool is not None:
+            self.spool.cache_identity(identity)
         return [identity]
+
+    def _cached(self) -> str | None:
+        return None if self.spool is None else self.spool.cached_identity()
 
 
 if __name__ == "__main__":

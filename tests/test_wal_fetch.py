@@ -32,6 +32,7 @@ import zstandard
 
 from coordinator.background import HelperLock
 from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
+from coordinator.exitcodes import ExitCode
 from coordinator.walfetch import Spool, archive_source
 from storage import Storage
 from storage.layout import Layout
@@ -42,7 +43,7 @@ from tests.rig.services import VENV_BIN
 SEGMENT_BYTES = 16 * 1024 * 1024
 SEGMENT = "000000010000000000000003"
 PASSPHRASE = "correct horse battery staple"
-FETCH_FAILED = 126
+FETCH_FAILED = ExitCode.WAL_FETCH_FAILED
 
 
 def segment_bytes(seed: int, size: int = SEGMENT_BYTES) -> bytes:
@@ -274,9 +275,10 @@ def test_fetch_missing_segment_exits_1_and_writes_nothing(
 
 
 def test_fetch_missing_history_file_answers_1_at_once(
-    storage_target: StorageTarget, pgdata: Path
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
     # Asked at every recovery start and promotion: must not sit through retries.
+    archive_wal(storage, Layout(), SEGMENT, segment_bytes(6))
     started = time.monotonic()
     done = wal_fetch(storage_target, pgdata, "00000002.history", dest="pg_wal/RECOVERYHISTORY")
     assert done.returncode == 1, done.stderr
@@ -363,7 +365,9 @@ def test_fetch_uses_cluster_wal_prefix(
 ) -> None:
     data = segment_bytes(11)
     archive_wal(storage, Layout(cluster="prod-pg17"), SEGMENT, data)
-    assert wal_fetch(storage_target, pgdata, SEGMENT).returncode == 1  # not in the flat prefix
+    flat = wal_fetch(storage_target, pgdata, SEGMENT)  # no archive in the flat prefix at all
+    assert flat.returncode == FETCH_FAILED, flat.stderr
+    assert "no WAL archive at" in flat.stderr
     done = wal_fetch(storage_target, pgdata, SEGMENT,
                      "--cluster", "prod-pg17")
     assert done.returncode == 0, done.stderr
