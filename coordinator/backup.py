@@ -10,6 +10,7 @@ staged payloads deleted, so nothing is left that looks like a backup.
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import logging
 import socket
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
+from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from coordinator.pipeline import ArchiveSummary, ArchiveWriter, PartSizer
 from coordinator.progress import Progress
 from coordinator.replication import (
@@ -34,8 +35,8 @@ from coordinator.replication import (
 from coordinator.runners import Runner
 from coordinator.window import PartWindow
 from storage.base import Capabilities, sha256_hex
-from storage.errors import CloudDumpError
-from storage.layout import Layout
+from storage.errors import CloudDumpError, DecryptionFailed
+from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.manifest import ArchiveRecord, BackupManifest, CompressedBy, EncryptionInfo
 from workers.backup import (
     WRAPPED_KEY_NAME,
@@ -46,21 +47,24 @@ from workers.backup import (
     FinalizeRequest,
     UploadPartResult,
 )
+from workers.wal import ARCHIVE_INFO_NAME, OpenWalArchiveRequest
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Encryption:
-    """What to encrypt to; ``wrapped_identity`` is set in passphrase mode."""
+    """What to encrypt to; ``wrapped_identity`` and ``passphrase`` are set in passphrase mode
+    (the passphrase only to check it against the WAL archive's key: it is never sent)."""
 
     recipients: list[str]
     wrapped_identity: bytes | None = None
+    passphrase: str | None = field(default=None, repr=False)
 
     @classmethod
     def with_passphrase(cls, passphrase: str) -> Encryption:
         secret, public = generate_identity()
-        return cls([public], wrap_identity(secret, passphrase))
+        return cls([public], wrap_identity(secret, passphrase), passphrase)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class BackupPlan:
     compression: str = "zstd"
     compression_level: int | None = None
     encryption: Encryption | None = None
+    # Where the cluster's WAL is archived (its passphrase is checked against the backup's).
+    wal_prefix: str | None = None
     max_in_flight: int = 8
     part_timeout_s: float = 300.0
     target_part_bytes: int = 16 * 1024 * 1024
@@ -95,6 +101,7 @@ class _Run:
     capabilities: Capabilities
     window: PartWindow
     progress: Progress
+    claim: str  # where the claim is stored, storage URL included
     archives: list[_Archive] = field(default_factory=list)
     uploads: list[ArchiveUpload] = field(default_factory=list)
     backup_manifest: bytes | None = None
@@ -167,21 +174,16 @@ class _StreamSink:
 
 def run_backup(plan: BackupPlan, runner: Runner, capabilities: Capabilities) -> BackupManifest:
     """Take the backup described by ``plan``; return its manifest once it is stored."""
+    check_wal_archive_passphrase(plan, runner)
     backup = BackupRef(name=plan.name, cluster=plan.cluster)
     run_id = uuid.uuid4().hex
-    runner.claim(
+    claim = runner.claim(
         ClaimRequest(
             backup=backup, run_id=run_id, host=socket.gethostname(), started_at=_now().isoformat()
         )
     )
-    window = PartWindow(
-        runner,
-        plan.max_in_flight,
-        plan.part_timeout_s,
-        payload_ttl_s=max(3600, int(plan.part_timeout_s * 10)),
-        run_id=run_id,
-    )
-    run = _Run(plan, runner, capabilities, window, Progress(plan.show_progress))
+    window = PartWindow(runner, plan.max_in_flight, run_id=run_id)
+    run = _Run(plan, runner, capabilities, window, Progress(plan.show_progress), claim)
     try:
         return _stream_and_finalize(run, backup, run_id)
     except BaseException as exc:
@@ -189,6 +191,38 @@ def run_backup(plan: BackupPlan, runner: Runner, capabilities: Capabilities) -> 
         log.debug("backup failed, aborting: %r", exc)
         _abort(run, backup, run_id)
         raise
+
+
+def check_wal_archive_passphrase(plan: BackupPlan, runner: Runner) -> None:
+    """Refuse a passphrase that does not open the WAL archive's key (``DecryptionFailed``).
+
+    A point-in-time restore of this backup reads the archive's WAL with the backup's
+    passphrase: with another one it would stop at the first WAL file, long after the backup
+    was taken. No archive, or one without a passphrase-wrapped key: nothing to check.
+    """
+    passphrase = plan.encryption.passphrase if plan.encryption else None
+    if passphrase is None:
+        return
+    layout = Layout(cluster=plan.cluster, wal_prefix=plan.wal_prefix or DEFAULT_WAL_PREFIX)
+    opened = runner.open_wal_archive(
+        OpenWalArchiveRequest(
+            archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,
+            system_identifier=None,
+            want_wrapped_identity=True,
+        )
+    )
+    archive = opened.archive
+    if archive is None or archive.encryption is None or opened.wrapped_identity_b64 is None:
+        return
+    key = archive.encryption.wrapped_identity_key
+    try:
+        unwrap_identity(base64.b64decode(opened.wrapped_identity_b64), passphrase, key)
+    except DecryptionFailed as exc:
+        raise DecryptionFailed(
+            f"the backup passphrase does not open the WAL archive's key '{key}': a "
+            "point-in-time restore could not decrypt the WAL; back up with the archive's "
+            "passphrase"
+        ) from exc
 
 
 def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupManifest:
@@ -204,12 +238,15 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
             ),
             _StreamSink(run),
         )
+    # When the server's stream ended, not when the uploads drained: a restore refuses time
+    # targets before end_time, and a late end_time would refuse targets the backup reaches.
+    ended = _now()
     uploads = run.window.drain()
     if run.backup_manifest is None:
         raise CloudDumpError("the server sent no backup_manifest")
-    manifest = _build_manifest(run, system, result, started, uploads)
+    manifest = _build_manifest(run, system, result, (started, ended), uploads)
     _finalize(run, backup, run_id, manifest, uploads)
-    run.progress.finish(manifest.stored_size, run.window.redispatched)
+    run.progress.finish(manifest.stored_size, run.runner.resent)
     return manifest
 
 
@@ -220,30 +257,29 @@ def _finalize(
     manifest: BackupManifest,
     uploads: dict[str, list[UploadPartResult]],
 ) -> None:
-    stage, ttl = run.runner.stage, run.window.payload_ttl_s
     refs = {name: f"{run_id}:{name}" for name in ("backup_manifest", "manifest", "wrapped")}
-    stage.put(refs["backup_manifest"], _stored_backup_manifest(run), ttl)
-    stage.put(refs["manifest"], manifest.to_json(), ttl)
+    payloads = {
+        refs["backup_manifest"]: _stored_backup_manifest(run),
+        refs["manifest"]: manifest.to_json(),
+    }
     wrapped = run.plan.encryption.wrapped_identity if run.plan.encryption else None
     if wrapped is not None:
-        stage.put(refs["wrapped"], wrapped, ttl)
-    try:
-        run.runner.finalize(
-            FinalizeRequest(
-                backup=backup,
-                run_id=run_id,
-                archives=[
-                    ArchiveUpload(key=a.key, upload_id=a.upload_id, parts=uploads.get(a.key, []))
-                    for a in run.archives
-                ],
-                backup_manifest_key=manifest.backup_manifest_key,
-                backup_manifest_ref=refs["backup_manifest"],
-                wrapped_key_ref=refs["wrapped"] if wrapped is not None else None,
-                manifest_ref=refs["manifest"],
-            )
-        )
-    finally:
-        stage.delete(*refs.values())
+        payloads[refs["wrapped"]] = wrapped
+    run.runner.finalize(
+        FinalizeRequest(
+            backup=backup,
+            run_id=run_id,
+            archives=[
+                ArchiveUpload(key=a.key, upload_id=a.upload_id, parts=uploads.get(a.key, []))
+                for a in run.archives
+            ],
+            backup_manifest_key=manifest.backup_manifest_key,
+            backup_manifest_ref=refs["backup_manifest"],
+            wrapped_key_ref=refs["wrapped"] if wrapped is not None else None,
+            manifest_ref=refs["manifest"],
+        ),
+        payloads,
+    )
 
 
 def _stored_backup_manifest(run: _Run) -> bytes:
@@ -264,7 +300,7 @@ def _build_manifest(
     run: _Run,
     system: SystemInfo,
     result: BaseBackupResult,
-    started: datetime,
+    times: tuple[datetime, datetime],
     uploads: dict[str, list[UploadPartResult]],
 ) -> BackupManifest:
     plan = run.plan
@@ -289,8 +325,8 @@ def _build_manifest(
         end_wal_file=wal_file_name(
             result.end_timeline, int_to_lsn(lsn_to_int(result.end_lsn) - 1), system.wal_segment_size
         ),
-        start_time=started,
-        end_time=_now(),
+        start_time=times[0],
+        end_time=times[1],
         compression=plan.compression,  # type: ignore[arg-type]
         compression_level=plan.compression_level,
         encryption=_encryption_info(run, layout) if encrypted else None,
@@ -345,6 +381,7 @@ def _encryption_info(run: _Run, layout: Layout) -> EncryptionInfo:
 
 def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
     """Best effort: undo what this run stored. A failure here must not hide the first one."""
+    run.window.abandon()  # first: releases a part thread waiting for room or for the broker
     for archive in run.archives:
         if archive.summary is None:
             try:
@@ -352,16 +389,15 @@ def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
             except Exception:
                 log.debug("aborting the archive writer failed", exc_info=True)
     try:
-        run.runner.stage.delete(*run.window.outstanding_refs())
-        run.runner.abort(
-            AbortRequest(
-                backup=backup,
-                run_id=run_id,
-                uploads=run.uploads,
-            )
-        )
+        run.runner.abort(AbortRequest(backup=backup, run_id=run_id, uploads=run.uploads))
     except Exception as exc:
-        log.warning("could not clean up after the failed backup: %s", exc)
+        log.warning(
+            "could not clean up after the failed backup (%s): backup '%s' stays claimed "
+            "until '%s' is deleted",
+            exc,
+            backup.name,
+            run.claim,
+        )
 
 
 def _tool_version() -> str:

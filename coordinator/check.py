@@ -29,21 +29,26 @@ def check_workers(
 ) -> list[PingResult]:
     from coordinator import dispatch
 
-    app = dispatch.connect_broker(broker_url, result_backend)
-    report(f"broker {redact_url(broker_url)}: ok")
-    workers = dispatch.live_workers(app)
-    dispatch.require_queue_consumers(workers)
-    results = []
-    for worker, queues in sorted(workers.items()):
-        try:
-            payload = dispatch.run_on_worker(app, worker, "cloud_dump.ping_storage", timeout_s)
-        except (StorageError, ConfigError) as exc:
-            # The worker's own view of its storage: say whose it is.
-            raise RemoteTaskFailed(f"worker '{worker}': {exc}") from exc
-        result = PingResult.model_validate(payload)
-        report(
-            f"worker {worker} (queues {','.join(queues)}): storage {result.storage} ok "
-            f"in {result.elapsed_ms:.0f} ms"
-        )
-        results.append(result)
-    return results
+    broker = dispatch.open_broker(broker_url, result_backend)
+    try:
+        report(f"broker {redact_url(broker_url)}: ok")
+        workers = dispatch.live_workers(broker)
+        dispatch.require_queue_consumers(workers)
+        results = []
+        for worker, queues in sorted(workers.items()):
+            try:
+                payload = dispatch.run_on_worker(
+                    broker, worker, "cloud_dump.ping_storage", timeout_s
+                )
+            except (StorageError, ConfigError) as exc:
+                # The worker's own view of its storage: say whose it is.
+                raise RemoteTaskFailed(f"worker '{worker}': {exc}") from exc
+            result = PingResult.model_validate(payload)
+            report(
+                f"worker {worker} (queues {','.join(queues)}): storage {result.storage} ok "
+                f"in {result.elapsed_ms:.0f} ms"
+            )
+            results.append(result)
+        return results
+    finally:
+        broker.close()

@@ -78,11 +78,13 @@ def wrap_identity(identity: str, passphrase: str) -> bytes:
     return bytes(pyrage.passphrase.encrypt((identity + "\n").encode(), passphrase))
 
 
-def unwrap_identity(wrapped: bytes, passphrase: str) -> str:
+def unwrap_identity(wrapped: bytes, passphrase: str, key: str | None = None) -> str:
+    """The identity in ``wrapped`` (the object stored at ``key``, named in the error)."""
     try:
         plain = pyrage.passphrase.decrypt(wrapped, passphrase)
     except pyrage.DecryptError as exc:
-        raise DecryptionFailed("wrong passphrase: it does not decrypt the backup key") from exc
+        what = f"the key '{key}'" if key else "the wrapped key"
+        raise DecryptionFailed(f"wrong passphrase: it does not decrypt {what}") from exc
     return bytes(plain).decode().strip()
 
 

@@ -49,7 +49,7 @@ class Progress:
             elapsed,
             rate,
             _mib(stored_bytes),
-            f", {redispatched} parts re-sent" if redispatched else "",
+            f", {redispatched} task(s) sent again" if redispatched else "",
         )
 
     def _show(self) -> None:

@@ -1,9 +1,17 @@
 """Where ``push_wal`` runs for wal-push: in this process (no broker) or on the Celery workers.
 
 ``CeleryWalRunner`` sends ``push_wal`` to the ``wal`` queue with the payload staged in Redis,
-and re-sends a push whose answer is overdue: a worker killed mid-task takes its message with it
-(DESIGN.md §3, invariant 5), and ``push_wal`` is idempotent. Its ``send_push``/``poll`` pair is
-what the detached WAL pusher pipelines; ``push`` is the blocking batch the synchronous path uses.
+and follows each push with ``coordinator.flights``: a push whose answer is overdue
+(``CLOUD_DUMP_WAL_RETRY_S``), whose worker is gone, or that a restarted broker lost is sent
+again, its payload staged again (``push_wal`` is idempotent). A broker that goes away is waited
+for up to half the call's ``--timeout`` (at most ``BROKER_GRACE_MAX_S``), so that a Redis
+restart does not fail archiving, and one that stays away is reported before the call gives up.
+Its ``start``/``check`` pair is what the detached WAL pusher pipelines; ``push`` is the blocking
+batch the synchronous path uses.
+
+``EmbeddedWalRunner`` (no broker) runs the same functions in daemon threads of this process,
+every call bounded by the call's ``--timeout``: a store that accepts a connection and never
+answers must not hold PostgreSQL's archiver for the client library's own timeouts.
 """
 
 from __future__ import annotations
@@ -11,16 +19,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from coordinator.flights import Flight
 
 if TYPE_CHECKING:
-    from celery import Celery
-    from celery.result import AsyncResult
+    from collections.abc import Callable
 
+    from coordinator.dispatch import Broker
     from storage import Storage
-    from workers.staging import MemoryStage, RedisStage
+    from workers.staging import MemoryStage
     from workers.wal import (
         OpenWalArchiveRequest,
         OpenWalArchiveResult,
@@ -30,13 +42,17 @@ if TYPE_CHECKING:
 
     Outcome = PushWalResult | BaseException
 
+__all__ = ["CeleryWalRunner", "EmbeddedWalRunner", "Flight", "WalRunner", "open_runner"]
+
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 RETRY_ENV = "CLOUD_DUMP_WAL_RETRY_S"
 # Safety net only: staged payloads are deleted once their push is answered.
 STAGE_TTL_S = 3600
 EMBEDDED_THREADS = 4
 DEFAULT_RETRY_S = 15.0
+BROKER_GRACE_MAX_S = 60.0
 
 
 def open_runner(args: argparse.Namespace) -> WalRunner:
@@ -46,11 +62,15 @@ def open_runner(args: argparse.Namespace) -> WalRunner:
         retry_s = float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
     except ValueError:
         raise ConfigError(f"environment variable {RETRY_ENV} is not a number") from None
+    timeout_s = float(args.timeout)
     if args.broker:
-        return CeleryWalRunner.connect(args.broker, args.result_backend, args.staging_url, retry_s)
+        grace_s = min(BROKER_GRACE_MAX_S, timeout_s / 2)
+        return CeleryWalRunner.connect(
+            args.broker, args.result_backend, args.staging_url, retry_s, grace_s
+        )
     from coordinator.commands import open_store
 
-    return EmbeddedWalRunner(open_store(args))
+    return EmbeddedWalRunner(open_store(args), time.monotonic() + timeout_s)
 
 
 class WalRunner:
@@ -76,13 +96,15 @@ class WalRunner:
 
 
 class EmbeddedWalRunner(WalRunner):
-    """No broker: the worker functions run in threads of this process."""
+    """No broker: the worker functions run in threads of this process, until ``deadline``."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, deadline: float) -> None:
         from workers.staging import MemoryStage
 
         self._storage = storage
         self._stage: MemoryStage = MemoryStage()
+        self._deadline = deadline
+        self._timeout_s = max(0.0, deadline - time.monotonic())
 
     def stage_payload(self, ref: str, data: bytes) -> None:
         self._stage.put(ref, data, STAGE_TTL_S)
@@ -93,79 +115,113 @@ class EmbeddedWalRunner(WalRunner):
     def open_archive(self, request: OpenWalArchiveRequest) -> OpenWalArchiveResult:
         from workers.wal import open_wal_archive
 
-        return open_wal_archive(self._storage, self._stage, request)
+        future = _in_thread(open_wal_archive, self._storage, self._stage, request)
+        wait_futures([future], timeout=max(0.0, self._deadline - time.monotonic()))
+        if not future.done():
+            raise self._overdue("the WAL archive's description")
+        return future.result()
 
     def push(
         self, requests: list[PushWalRequest], own_name: str, deadline: float
     ) -> dict[str, Outcome]:
-        import concurrent.futures
-
         from workers.wal import push_wal
 
-        threads = min(EMBEDDED_THREADS, len(requests))
-        with concurrent.futures.ThreadPoolExecutor(threads, "wal-push") as pool:
-            futures = {
-                r.file_name: pool.submit(push_wal, self._storage, self._stage, r) for r in requests
-            }
-            outcomes: dict[str, Outcome] = {}
-            for name, future in futures.items():
-                error = future.exception()
-                outcomes[name] = error if error is not None else future.result()
+        gate = threading.BoundedSemaphore(EMBEDDED_THREADS)
+
+        def one(request: PushWalRequest) -> PushWalResult:
+            with gate:
+                return push_wal(self._storage, self._stage, request)
+
+        futures = {r.file_name: _in_thread(one, r) for r in requests}
+        until = min(deadline, self._deadline)
+        wait_futures(list(futures.values()), timeout=max(0.0, until - time.monotonic()))
+        outcomes: dict[str, Outcome] = {}
+        for name, future in futures.items():
+            if not future.done():
+                outcomes[name] = self._overdue(f"WAL file '{name}'")
+            elif (error := future.exception()) is not None:
+                outcomes[name] = error
+            else:
+                outcomes[name] = future.result()
         return outcomes
 
     def close(self) -> None:
         self._storage.close()
 
+    def _overdue(self, what: str) -> BaseException:
+        from storage.errors import StorageUnreachable
 
-@dataclass
-class Flight:
-    """One ``push_wal`` on its way: every copy sent, and when to give up."""
+        return StorageUnreachable(
+            f"storage {self._storage.url} did not store {what} within {self._timeout_s:.0f} s "
+            "(wal-push --timeout)"
+        )
 
-    name: str
-    payload: dict[str, object]
-    results: list[AsyncResult]
-    last_sent: float
-    deadline: float
+
+def _in_thread(function: Callable[..., _T], *args: Any) -> Future[_T]:
+    """Run ``function`` in a daemon thread: one stuck in a storage call cannot keep the
+    process from exiting once its deadline has passed."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="wal-push", daemon=True).start()
+    return future
 
 
 class CeleryWalRunner(WalRunner):
-    """Sends ``push_wal`` to the ``wal`` queue, payloads through the Redis stage, and re-sends
-    a push whose answer is overdue (its worker may have died with the message)."""
+    """Sends ``push_wal`` to the ``wal`` queue and follows it (``coordinator.flights``).
 
-    def __init__(self, app: Celery, stage: RedisStage, retry_s: float) -> None:
-        self._app = app
-        self._stage = stage
+    Payloads handed to ``stage_payload`` are kept here until ``delete_staged``, and staged in
+    Redis with the task that needs them, and again whenever that task is sent again.
+    """
+
+    def __init__(self, broker: Broker, retry_s: float, grace_s: float) -> None:
+        from coordinator.flights import Flights
+
+        self._broker = broker
+        self._flights = Flights(broker, grace_s=grace_s, payload_ttl_s=STAGE_TTL_S)
         self._retry_s = retry_s
+        self._held: dict[str, bytes] = {}
+        self._held_lock = threading.Lock()
 
     @classmethod
     def connect(
-        cls, broker: str, result_backend: str | None, staging_url: str | None, retry_s: float
+        cls,
+        broker: str,
+        result_backend: str | None,
+        staging_url: str | None,
+        retry_s: float,
+        grace_s: float = BROKER_GRACE_MAX_S,
     ) -> CeleryWalRunner:
-        from coordinator.dispatch import connect_broker
-        from workers.staging import RedisStage
+        from coordinator.dispatch import open_broker
 
-        app = connect_broker(broker, result_backend)
-        return cls(app, RedisStage(staging_url or broker), retry_s)
+        return cls(open_broker(broker, result_backend, staging_url), retry_s, grace_s)
 
     def stage_payload(self, ref: str, data: bytes) -> None:
-        self._stage.put(ref, data, STAGE_TTL_S)
+        with self._held_lock:
+            self._held[ref] = data
 
     def delete_staged(self, *refs: str) -> None:
-        from storage.errors import BrokerUnreachable
-
-        try:
-            self._stage.delete(*refs)
-        except BrokerUnreachable as exc:  # the TTL removes them later
-            log.warning("staged WAL payloads left to expire: %s", exc)
+        # Staged in Redis only with their task, whose finish deleted them there.
+        with self._held_lock:
+            for ref in refs:
+                self._held.pop(ref, None)
 
     def open_archive(self, request: OpenWalArchiveRequest) -> OpenWalArchiveResult:
         from workers.wal import OpenWalArchiveResult
 
-        deadline = time.monotonic() + self._retry_s * 4
-        outcome = self._await_one("cloud_dump.open_wal_archive", request.model_dump(), deadline)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return OpenWalArchiveResult.model_validate(outcome)
+        refs = [request.wrapped_identity_ref] if request.wrapped_identity_ref else []
+        flight = self._flight(
+            "cloud_dump.open_wal_archive", request.model_dump(), "the WAL archive", refs,
+            timeout_s=self._retry_s * 4,
+        )  # fmt: skip
+        return OpenWalArchiveResult.model_validate(self._flights.run(flight))
 
     def push(
         self, requests: list[PushWalRequest], own_name: str, deadline: float
@@ -173,126 +229,58 @@ class CeleryWalRunner(WalRunner):
         flights = {r.file_name: self.start(r, deadline) for r in requests}
         outcomes: dict[str, Outcome] = {}
         pause_s = 0.005
-        while len(outcomes) < len(flights):
-            for name, flight in flights.items():
-                if name in outcomes or (outcome := self.check(flight)) is None:
-                    continue
-                outcomes[name] = outcome
-                if name == own_name:
-                    # Look-ahead pushes get one more retry period, not the whole timeout.
-                    for other in flights.values():
-                        other.deadline = min(other.deadline, time.monotonic() + self._retry_s)
-            time.sleep(pause_s)
-            pause_s = min(pause_s * 2, 0.05)
-        for flight in flights.values():
-            self.finish(flight)
+        try:
+            while len(outcomes) < len(flights):
+                for name, flight in flights.items():
+                    if name in outcomes or (outcome := self.check(flight)) is None:
+                        continue
+                    outcomes[name] = outcome
+                    if name == own_name:
+                        # Look-ahead pushes get one more retry period, not the whole timeout.
+                        for other in flights.values():
+                            limit = time.monotonic() - other.first_sent_at + self._retry_s
+                            other.timeout_s = min(other.timeout_s or limit, limit)
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 0.05)
+        finally:
+            self._flights.finish(*flights.values())
         return outcomes
 
     def start(self, request: PushWalRequest, deadline: float) -> Flight:
         """Send one push; ``check`` follows it up."""
-        payload = request.model_dump()
-        result = self._send("cloud_dump.push_wal", payload)
-        return Flight(request.file_name, payload, [result], time.monotonic(), deadline)
+        flight = self._flight(
+            "cloud_dump.push_wal", request.model_dump(), f"WAL file '{request.file_name}'",
+            [request.ref], timeout_s=max(0.0, deadline - time.monotonic()),
+        )  # fmt: skip
+        return self._flights.start(flight)
 
     def check(self, flight: Flight) -> Outcome | None:
         """The push's outcome once answered (or overdue); None while it is still running.
 
-        A push unanswered for ``retry_s`` is sent again: the first worker may have died with
-        the message, and whichever copy answers first decides.
+        Raises ``BrokerUnreachable`` only once the broker stayed away for the grace period.
         """
         from workers.wal import PushWalResult
 
-        done = next((r for r in flight.results if self._ready(r)), None)
-        if done is not None:
-            answer = self._answer(done, f"'cloud_dump.push_wal' of '{flight.name}'")
-            if isinstance(answer, BaseException):
-                return answer
-            return PushWalResult.model_validate(answer)
-        now = time.monotonic()
-        if now >= flight.deadline:
-            return self._overdue(flight.name, flight.deadline)
-        if now - flight.last_sent >= self._retry_s:
-            log.warning(
-                "no answer for WAL file '%s' after %.0f s: sending it again",
-                flight.name,
-                now - flight.last_sent,
-            )
-            flight.results.append(self._send("cloud_dump.push_wal", flight.payload))
-            flight.last_sent = now
-        return None
+        if not self._flights.poll(flight):
+            return None
+        if isinstance(flight.outcome, BaseException):
+            return flight.outcome
+        return PushWalResult.model_validate(flight.outcome)
 
     def finish(self, flight: Flight) -> None:
-        for result in flight.results:
-            self._forget(result)
-
-    def _await_one(self, task: str, payload: object, deadline: float) -> object:
-        results = [self._send(task, payload)]
-        last_sent = time.monotonic()
-        while not (done := next((r for r in results if self._ready(r)), None)):
-            now = time.monotonic()
-            if now >= deadline:
-                return self._overdue(task, deadline)
-            if now - last_sent >= self._retry_s:
-                results.append(self._send(task, payload))
-                last_sent = now
-            time.sleep(0.01)
-        answer = self._answer(done, f"'{task}'")
-        for result in results:
-            self._forget(result)
-        return answer
-
-    def _overdue(self, what: str, deadline: float) -> BaseException:
-        from coordinator.dispatch import START_WORKER_HINT
-        from storage.errors import NoWorkerAvailable
-
-        return NoWorkerAvailable(f"no worker confirmed '{what}' in time: {START_WORKER_HINT}")
-
-    def _send(self, task: str, payload: object) -> AsyncResult:
-        from tasks.config import WAL_QUEUE
-
-        with self._broker_errors():
-            return self._app.send_task(task, args=[payload], queue=WAL_QUEUE)
-
-    def _ready(self, result: AsyncResult) -> bool:
-        with self._broker_errors():
-            return bool(result.ready())
-
-    def _answer(self, result: AsyncResult, what: str) -> object:
-        """The task's return value, or its error as a project error (not raised)."""
-        from storage.errors import CloudDumpError, RemoteTaskFailed
-
-        try:
-            with self._broker_errors():
-                return result.get(timeout=10, propagate=True)
-        except CloudDumpError as exc:  # Celery re-created the worker's own error
-            return exc
-        except Exception as exc:
-            return RemoteTaskFailed(f"{what} failed on a worker: {exc}")
-
-    def _forget(self, result: AsyncResult) -> None:
-        import contextlib
-
-        with contextlib.suppress(Exception):  # results expire anyway
-            result.forget()
-
-    def _broker_errors(self) -> _BrokerErrors:
-        return _BrokerErrors()
+        self._flights.finish(flight)
 
     def close(self) -> None:
-        self._stage.close()
+        self._broker.close()
 
+    def _flight(
+        self, task: str, argument: Any, what: str, refs: list[str], *, timeout_s: float
+    ) -> Flight:
+        from tasks.config import WAL_QUEUE
 
-class _BrokerErrors:
-    """Translate kombu/redis connection failures into ``BrokerUnreachable``."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        from kombu.exceptions import OperationalError
-        from redis import RedisError
-
-        from storage.errors import BrokerUnreachable
-
-        if isinstance(exc, OperationalError | RedisError | OSError):
-            raise BrokerUnreachable(f"broker stopped answering: {exc}") from exc
+        with self._held_lock:
+            payloads = {ref: self._held[ref] for ref in refs if ref in self._held}
+        return Flight(
+            task, argument, WAL_QUEUE, what, payloads,
+            resend_after_s=self._retry_s, timeout_s=timeout_s,
+        )  # fmt: skip

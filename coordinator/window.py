@@ -1,27 +1,23 @@
-"""The in-flight window of part uploads: bounded memory, and no part lost with a worker.
+"""The in-flight window of part uploads: bounded memory, every part confirmed.
 
-``submit`` stages a part and sends it, blocking while ``max_in_flight`` parts are outstanding,
-so staged payloads (and the coordinator's memory) stay bounded whatever the backup size
-(DESIGN.md §3, invariant 4). Results are collected as they come; a staged payload is deleted
-once its part is confirmed.
-
-Re-dispatch: Redis redelivers the message of a worker killed mid-task only after its visibility
-timeout (measured: not within 60 s), so a part whose result is overdue is sent again. Uploading
-a part number twice stores the same bytes twice, which is harmless; the first answer wins.
+``submit`` hands a part to the runner, blocking while ``max_in_flight`` parts are outstanding,
+so staged payloads (and the coordinator's memory, which keeps each unconfirmed part to stage it
+again should the broker lose it) stay bounded whatever the backup size (DESIGN.md §3,
+invariant 4). Results are collected as they come; a part's staged payload is dropped once it is
+confirmed. Sending again what a dead worker or a restarted broker lost is the runner's job
+(``coordinator.flights``): here a part is done when its handle says so.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from coordinator.runners import PartHandle, Runner
+from storage.errors import CloudDumpError
 from workers.backup import UploadPartRequest, UploadPartResult
-
-log = logging.getLogger(__name__)
 
 _POLL_S = 0.01
 
@@ -29,43 +25,39 @@ _POLL_S = 0.01
 @dataclass
 class _Pending:
     request: UploadPartRequest
-    handles: list[PartHandle]
-    sent_at: float
-    attempts: int = 1
+    handle: PartHandle
 
 
 @dataclass
 class PartWindow:
     runner: Runner
     max_in_flight: int
-    part_timeout_s: float
-    payload_ttl_s: int
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
     _done: dict[str, dict[int, UploadPartResult]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    redispatched: int = 0
     _sequence: int = 0
+    _abandoned: bool = False
 
     def submit(self, key: str, upload_id: str, part_number: int, data: bytes, sha256: str) -> None:
         """Stage and send one part; blocks while the window is full."""
         with self._lock:
             while len(self._pending) >= self.max_in_flight:
+                if self._abandoned:
+                    raise CloudDumpError("the backup was abandoned")
                 if not self._collect():
                     time.sleep(_POLL_S)
             self._sequence += 1
-            ref = f"{self.run_id}:{self._sequence}"
-            self.runner.stage.put(ref, data, self.payload_ttl_s)
             request = UploadPartRequest(
                 key=key,
                 upload_id=upload_id,
                 part_number=part_number,
                 size=len(data),
                 sha256=sha256,
-                ref=ref,
+                ref=f"{self.run_id}:{self._sequence}",
             )
-            handle = self.runner.upload_part(request)
-            self._pending[(key, part_number)] = _Pending(request, [handle], time.monotonic())
+            handle = self.runner.upload_part(request, data)
+            self._pending[(key, part_number)] = _Pending(request, handle)
 
     def drain(self) -> dict[str, list[UploadPartResult]]:
         """Wait for every part sent; return the uploaded parts of each key, in order."""
@@ -75,52 +67,31 @@ class PartWindow:
                     time.sleep(_POLL_S)
             return {k: [parts[n] for n in sorted(parts)] for k, parts in self._done.items()}
 
-    def outstanding_refs(self) -> list[str]:
-        return [p.request.ref for p in self._pending.values()]
+    def abandon(self) -> None:
+        """Give up on the parts not confirmed yet: a ``submit`` waiting for room raises, and
+        their staged payloads are dropped (best effort).
+
+        Does not take the lock: the thread holding it may be the one waiting for a broker that
+        will not come back (the runner stops that wait).
+        """
+        self._abandoned = True
+        pending = list(self._pending.values())
+        self.runner.release([p.handle for p in pending])
+
+    @property
+    def redispatched(self) -> int:
+        return self.runner.resent
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
     def _collect(self) -> bool:
-        """Take in finished parts; re-send overdue ones. True if anything finished."""
-        finished = []
-        now = time.monotonic()
-        for slot, pending in self._pending.items():
-            result = _settle(pending)
-            if result is not None:
-                self._done.setdefault(pending.request.key, {})[result.part_number] = result
-                finished.append(slot)
-            elif self.runner.redispatches and now - pending.sent_at > self.part_timeout_s:
-                self._redispatch(pending, now)
+        """Take in finished parts (raising a part's error). True if anything finished."""
+        finished = [slot for slot, pending in self._pending.items() if pending.handle.done()]
         for slot in finished:
-            self.runner.stage.delete(self._pending.pop(slot).request.ref)
+            pending = self._pending.pop(slot)
+            result = pending.handle.result()
+            self._done.setdefault(pending.request.key, {})[result.part_number] = result
+            pending.handle.release()
         return bool(finished)
-
-    def _redispatch(self, pending: _Pending, now: float) -> None:
-        request = pending.request
-        log.warning(
-            "part %d of '%s' not confirmed after %.0f s (attempt %d): sending it again",
-            request.part_number,
-            request.key,
-            now - pending.sent_at,
-            pending.attempts,
-        )
-        pending.handles.append(self.runner.upload_part(request))
-        pending.sent_at = now
-        pending.attempts += 1
-        self.redispatched += 1
-
-
-def _settle(pending: _Pending) -> UploadPartResult | None:
-    """The part's result once any attempt succeeded; raise once every attempt failed."""
-    errors: list[Exception] = []
-    for handle in pending.handles:
-        if handle.done():
-            try:
-                return handle.result()
-            except Exception as exc:  # the task's own error, re-raised below if nothing wins
-                errors.append(exc)
-    if errors and len(errors) == len(pending.handles):
-        raise errors[-1]
-    return None

@@ -22,8 +22,8 @@ _RETRY: dict[str, Any] = {
 
 
 @app.task(name="cloud_dump.claim_backup", **_RETRY)  # type: ignore[untyped-decorator]
-def claim_backup_task(request: dict[str, Any]) -> None:
-    backup.claim_backup(worker_storage.get(), backup.ClaimRequest.model_validate(request))
+def claim_backup_task(request: dict[str, Any]) -> str:
+    return backup.claim_backup(worker_storage.get(), backup.ClaimRequest.model_validate(request))
 
 
 @app.task(name="cloud_dump.open_archive", **_RETRY)  # type: ignore[untyped-decorator]

@@ -17,11 +17,12 @@ from coordinator.crypto import generate_identity
 from coordinator.exitcodes import ExitCode
 from storage.manifest import BackupManifest
 from tests.rig import sample
-from tests.rig.moto import StorageTarget
+from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 from tests.rig.procs import free_port
 from tests.rig.roundtrip import restore_and_compare
 from tests.rig.services import VENV_BIN, RedisServer, WorkerPool, run_cli
+from tests.test_wal_push import SEG1, SYSID_A, WalDir, make_segment
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +142,7 @@ def test_restore_wrong_passphrase(source: PgCluster, storage_target: StorageTarg
     result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata),
                      "--passphrase-file", str(tmp_path / "wrong"), env=storage_target.env)
     assert result.returncode == ExitCode.DECRYPTION_FAILED
-    one_line_error(result.stderr, "passphrase")
+    one_line_error(result.stderr, "passphrase", "'b1/backup_key.age'")
     assert_no_usable_pgdata(pgdata)
 
 
@@ -269,3 +270,54 @@ def test_coordinator_killed_mid_backup_leaves_no_listed_backup(
         # A stopped coordinator cleans up: no upload, no object, no claim left behind.
         assert storage_target.open().list_multipart_uploads("") == []
         assert list(storage_target.open().list("b1/")) == []
+    else:
+        # A killed one leaves its claim: the name is taken, and the error says what to delete.
+        again = run_cli("backup", "--name", "b1", "--db-url", cluster.replication_url(),
+                        "--broker", redis_server.url, env=storage_target.env)
+        assert again.returncode == ExitCode.BACKUP_EXISTS, again.stderr
+        one_line_error(again.stderr, f"delete '{storage_target.open().url}/b1/backup.claim'")
+
+
+# --- the backup's passphrase and the WAL archive's -------------------------------------------
+
+
+@pytest.mark.parametrize("through_workers", [False, True], ids=["embedded", "workers"])
+def test_backup_passphrase_that_cannot_open_the_wal_archive_key_is_refused(
+    through_workers: bool,
+    source: PgCluster,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    start_workers: Callable[..., WorkerPool],
+) -> None:
+    target = local_target(tmp_path / "store")
+    extra = []
+    if through_workers:
+        start_workers(target.env, count=1, queues="parts")
+        extra = ["--broker", redis_server.url]
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(f"passphrase {name}\n")
+    wal_dir = WalDir(tmp_path / "pgdata")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 3))
+    pushed = run_cli("wal-push", str(wal_dir.pg_wal / SEG1), SEG1, "--passphrase-file",
+                     str(tmp_path / "a"), env=target.env)
+    assert pushed.returncode == 0, pushed.stderr
+    result = run_cli("backup", "--name", "b1", "--db-url", source.replication_url(),
+                     "--passphrase-file", str(tmp_path / "b"), *extra, env=target.env)
+    assert result.returncode == ExitCode.DECRYPTION_FAILED, result.stderr
+    one_line_error(result.stderr, "'wal_archive/cloud-dump-archive-key.age'")
+    assert list(target.open().list("b1/")) == []
+    assert target.open().list_multipart_uploads("") == []
+    backup(source, target, "b2", "--passphrase-file", str(tmp_path / "a"), *extra)
+    assert listed(target) == ["b2"]
+
+
+def test_backup_passphrase_is_not_checked_without_a_wal_archive_key(
+    source: PgCluster, tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    wal_dir = WalDir(tmp_path / "pgdata")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 4))
+    assert run_cli("wal-push", str(wal_dir.pg_wal / SEG1), SEG1, env=target.env).returncode == 0
+    (tmp_path / "b").write_text("passphrase b\n")
+    backup(source, target, "b1", "--passphrase-file", str(tmp_path / "b"))
+    assert listed(target) == ["b1"]

@@ -97,23 +97,35 @@ class AbortRequest(BaseModel):
     uploads: list[ArchiveUpload]
 
 
-def claim_backup(storage: Storage, request: ClaimRequest) -> None:
-    """Take the backup name, or raise ``BackupExists`` if a backup or another run has it."""
+def claim_backup(storage: Storage, request: ClaimRequest) -> str:
+    """Take the backup name, or raise ``BackupExists`` if a backup or another run has it.
+
+    Returns where the claim is stored, in full (``<storage url>/<key>``): the object to delete
+    should the run die without removing it.
+    """
     backup = request.backup
     if _exists(storage, backup.layout.manifest_key(backup.name)):
         raise BackupExists(f"backup '{backup.name}' already exists in {storage.url}")
+    claim_key = backup.key(CLAIM_NAME)
     claim = json.dumps(request.model_dump(exclude={"backup"})).encode()
     try:
-        storage.put(backup.key(CLAIM_NAME), claim, if_absent=True)
+        storage.put(claim_key, claim, if_absent=True)
     except ObjectExists:
-        holder = _read_claim(storage, backup.key(CLAIM_NAME))
-        if holder.get("run_id") == request.run_id:
-            return  # our own claim, written by an earlier attempt of this very task
-        raise BackupExists(
-            f"backup '{backup.name}' is claimed by run {holder.get('run_id', '?')} started "
-            f"{holder.get('started_at', '?')} on {holder.get('host', '?')}: it is running, or "
-            f"it was killed (then delete '{backup.key(CLAIM_NAME)}' or use another name)"
-        ) from None
+        holder = _read_claim(storage, claim_key)
+        if holder.get("run_id") != request.run_id:
+            raise BackupExists(
+                f"backup '{backup.name}' is claimed by run {holder.get('run_id', '?')} started "
+                f"{holder.get('started_at', '?')} on {holder.get('host', '?')}: it is running, "
+                f"or it was killed (then delete '{location_of(storage, claim_key)}' or use "
+                "another name)"
+            ) from None
+        # else: our own claim, written by an earlier attempt of this very task
+    return location_of(storage, claim_key)
+
+
+def location_of(storage: Storage, key: str) -> str:
+    """A key in full, storage URL included, as an operator would look it up."""
+    return f"{storage.url.rstrip('/')}/{key}"
 
 
 def open_archive(storage: Storage, key: str) -> str:
@@ -154,7 +166,23 @@ def finalize_backup(storage: Storage, stage: Stage, request: FinalizeRequest) ->
             raise BackupExists(
                 f"backup '{request.backup.name}' was completed by another run"
             ) from None
+    _abort_strays(storage, request)
     storage.delete(request.backup.key(CLAIM_NAME))
+
+
+def _abort_strays(storage: Storage, request: FinalizeRequest) -> None:
+    """Abort uploads under the backup's prefix that are not part of it.
+
+    ``open_archive`` sent again (its answer lost with a restarted broker) opens a second
+    upload for the same key; the claim makes every upload under the prefix this run's.
+    """
+    kept = {(a.key, a.upload_id) for a in request.archives}
+    prefix = request.backup.layout.backup_prefix(request.backup.name)
+    for upload in storage.list_multipart_uploads(prefix):
+        if (upload.key, upload.upload_id) not in kept:
+            with contextlib.suppress(UploadNotFound):
+                storage.abort_multipart(upload.key, upload.upload_id)
+            log.info("aborted the stray upload %s of '%s'", upload.upload_id, upload.key)
 
 
 def abort_backup(storage: Storage, request: AbortRequest) -> None:

@@ -7,7 +7,9 @@ the upload is confirmed; the TTL only cleans up after a coordinator that died. W
 the stage is a dictionary in the coordinator's process.
 
 The coordinator owns a payload's life: a worker never deletes one, so a part that is
-re-dispatched (its first worker looked dead) still finds its bytes.
+re-dispatched (its first worker looked dead) still finds its bytes. A Redis that restarts loses
+every payload: the coordinator keeps each one until its task is answered, to stage it again
+(``coordinator.flights``), so its memory is bounded by the same window as Redis's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from storage.errors import BrokerUnreachable, CloudDumpError
+from storage.errors import CloudDumpError
+from workers.brokerfaults import broker_faults
 
 STAGE_KEY_PREFIX = "cloud-dump:stage:"
 _SLICE_BYTES = 4 * 1024 * 1024
@@ -58,26 +61,33 @@ class MemoryStage:
 
 
 class RedisStage:
-    """Payloads in Redis under ``cloud-dump:stage:<ref>``, each with a TTL."""
+    """Payloads in Redis under ``cloud-dump:stage:<ref>``, each with a TTL.
+
+    Connection failures leave as ``BrokerUnreachable`` (``workers.brokerfaults``). A request is
+    tried twice, without backoff: the second try opens a fresh connection, which is all a
+    restarted Redis needs; a Redis that is down is reported at once, and the caller decides
+    whether to wait for it.
+    """
 
     def __init__(self, url: str) -> None:
         import redis  # only the broker path needs it
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60)
-        self._url = url
+        self._client = redis.Redis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=60, retry=Retry(NoBackoff(), 1)
+        )
+        self.url = url
 
     def put(self, ref: str, data: bytes, ttl_s: int) -> None:
-        try:
+        with broker_faults(self.url):
             self._client.set(STAGE_KEY_PREFIX + ref, data, ex=ttl_s)
-        except self._redis_errors as exc:
-            raise BrokerUnreachable(f"cannot stage a payload in redis: {exc}") from exc
 
     def get(self, ref: str) -> bytes:
         # In slices: redis-py's reader holds about three copies of one large reply, which put
         # a 48 MiB spike on each worker for a 16 MiB part (bench/backup).
         key = STAGE_KEY_PREFIX + ref
-        try:
+        with broker_faults(self.url):
             size = int(self._client.strlen(key))
             chunks = [
                 self._client.getrange(key, start, min(start + _SLICE_BYTES, size) - 1)
@@ -85,8 +95,6 @@ class RedisStage:
             ]
             # The key may have expired in between: a short read must not pass for the payload.
             exists = bool(self._client.exists(key))
-        except self._redis_errors as exc:
-            raise BrokerUnreachable(f"cannot read a staged payload from redis: {exc}") from exc
         data = b"".join(c for c in chunks if isinstance(c, bytes))
         if not exists or len(data) != size:
             raise StagedPayloadMissing(f"staged payload '{ref}' is gone (expired or abandoned)")
@@ -95,10 +103,8 @@ class RedisStage:
     def delete(self, *refs: str) -> None:
         if not refs:
             return
-        try:
+        with broker_faults(self.url):
             self._client.delete(*(STAGE_KEY_PREFIX + ref for ref in refs))
-        except self._redis_errors as exc:
-            raise BrokerUnreachable(f"cannot delete staged payloads in redis: {exc}") from exc
 
     def close(self) -> None:
         self._client.close()
