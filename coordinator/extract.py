@@ -8,8 +8,14 @@ source server, replaced by a link to where this restore puts that tablespace.
 
 Every regular file's checksum is computed from the bytes as they are written (in the algorithm
 PostgreSQL's ``backup_manifest`` uses), so ``verify_against_manifest`` checks the restored files
-without re-reading any. Directories are created 0700 and files keep
-only their owner bits, as PostgreSQL expects of a data directory.
+without re-reading any. Files and directories keep the owner and group bits the archive gives
+them, never world bits and never group write: a cluster initialised with ``--allow-group-access``
+comes back 0750/0640, any other 0700/0600 (PostgreSQL never sets anything else). The owner
+always keeps read and write (and search, on directories), so the restore can finish its work.
+
+A failed write names the file it was writing: ``OSError`` from a write on a file descriptor
+(``ENOSPC``, ``EFBIG``) carries no file name, so the CLI's one-line error could not say where
+the disk filled up.
 
 Names in ``held_back`` are written under a temporary name (``<name>.cloud-dump-partial``) and
 reported in the result; the caller renames them once everything is verified. Restore holds back
@@ -20,11 +26,12 @@ point (even by SIGKILL) never leaves a data directory that looks usable.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NoReturn
@@ -37,6 +44,8 @@ PARTIAL_SUFFIX = ".cloud-dump-partial"
 _COPY_BYTES = 64 * 1024  # larger chunks made glibc map and unmap each one: 3x slower (bench/backup)
 _DIR_MODE = 0o700
 _TBLSPC_DIR = "pg_tblspc"
+# Owner bits and group read/search: what PostgreSQL itself creates with group access on.
+_KEPT_MODE_BITS = 0o750
 
 
 @dataclass
@@ -51,6 +60,37 @@ class ExtractResult:
     held_back: dict[str, Path] = field(default_factory=dict)
     bytes_written: int = 0
     tablespace_links: dict[str, Path] = field(default_factory=dict)
+    # Mode given to the ``global`` directory, when the archive has one (the base archive):
+    # PostgreSQL creates every directory with the data directory's mode.
+    global_dir_mode: int | None = None
+
+
+def dir_mode(archived: int) -> int:
+    """The mode a restored directory gets for the mode it had in the archive."""
+    return (archived & _KEPT_MODE_BITS) | 0o700
+
+
+def file_mode(archived: int) -> int:
+    """The mode a restored regular file gets for the mode it had in the archive."""
+    return (archived & _KEPT_MODE_BITS) | 0o600
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: a write may take only part of it (a disk filling up, a signal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file as one naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def extract_archive(
@@ -109,7 +149,10 @@ class _Extractor:
             self._parent_dir(name)
             if not dest.is_dir() or dest.is_symlink():
                 dest.mkdir(mode=_DIR_MODE)
-            dest.chmod(_DIR_MODE)
+            mode = dir_mode(member.mode)
+            dest.chmod(mode)
+            if name == "global":
+                self.result.global_dir_mode = mode
         elif member.isfile():
             self._parent_dir(name)
             self._write_file(tar, member, name, dest)
@@ -133,8 +176,7 @@ class _Extractor:
         source = tar.extractfile(member)
         if source is None:  # only for non-regular members, excluded above
             self._refuse(member.name, "has no data")
-        # Owner bits only (PostgreSQL wants 0600 files); always writable by us.
-        mode = (member.mode & 0o700) | 0o600
+        mode = file_mode(member.mode)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(dest, flags, mode)
@@ -142,11 +184,15 @@ class _Extractor:
             self._refuse(member.name, "appears twice in the archive")
         checksum = new_checksum(self.algorithm)
         size = 0
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            while chunk := source.read(_COPY_BYTES):
-                checksum.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+        try:
+            with naming(dest):
+                os.fchmod(fd, mode)  # open() applied the umask to it
+                while chunk := source.read(_COPY_BYTES):
+                    checksum.update(chunk)
+                    write_all(fd, chunk)
+                    size += len(chunk)
+        finally:
+            os.close(fd)
         if size != member.size:
             raise IntegrityError(f"{self.what} member '{member.name}' is truncated")
         self.result.bytes_written += size
@@ -226,17 +272,23 @@ def _link_stays_inside(directory: PurePosixPath, link: str) -> bool:
     return True
 
 
-def rewrite_tablespace_map(original: bytes, locations: Mapping[str, Path]) -> bytes:
+def rewrite_tablespace_map(
+    original: bytes, locations: Mapping[str, Path], in_place: Collection[str] = ()
+) -> bytes:
     """A tablespace_map naming ``locations`` (oid → directory) for the oids ``original`` lists.
 
     Tar-format backups (TABLESPACE_MAP) carry this file instead of pg_tblspc links, in PostgreSQL
     13 to 18 alike; PostgreSQL recreates the links from it when it starts from backup_label.
+    Oids in ``in_place`` are restored as directories inside PGDATA: a line for one (PostgreSQL
+    writes none) would make the server replace that directory with a link, so it is dropped.
     """
     lines = []
     for line in original.decode(errors="surrogateescape").splitlines():
         if not line.strip():
             continue
         oid = line.split(" ", 1)[0]
+        if oid in in_place:
+            continue
         if oid not in locations:
             raise IntegrityError(f"tablespace_map names tablespace {oid}, which the backup lacks")
         # PostgreSQL's escaping (do_pg_backup_start): a backslash before \\, \n and \r.

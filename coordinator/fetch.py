@@ -10,7 +10,14 @@ whole object must match, before the caller sees EOF and could believe the data c
 ``open_plaintext`` stacks age decryption and decompression on such a reader, so that restore sees
 one plaintext tar stream per archive.
 
-Transient storage failures are retried inside the backends; what reaches this module is final.
+Retries: the backends retry each request a few times (``--storage-max-attempts``), which rides
+out a blip but not an outage of a few seconds. A backup survives one, because its uploads are
+retried again with backoff; so does a restore: a range whose read fails with a
+``TransientStorageError`` (``StorageUnreachable`` included) is read again with backoff
+(0.5 s doubling to 10 s) until ``retry_budget_s`` (60 s) after its first failure, then the last
+error is raised. Only the ranged reads retry this way: the small reads before them
+(``manifest.json``, ``backup_manifest``) come first, and a store that fails those is down or
+wrong from the start, which is better said at once.
 """
 
 from __future__ import annotations
@@ -18,17 +25,25 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import logging
+import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
 
 from storage.base import Storage
-from storage.errors import DecryptionFailed, IntegrityError, ObjectNotFound
+from storage.errors import DecryptionFailed, IntegrityError, ObjectNotFound, TransientStorageError
+
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 # DESIGN.md §6: moto reads the whole object for every ranged GET, and real S3 charges per request.
 MIN_RANGE_BYTES = 64 * MiB
+RETRY_BUDGET_S = 60.0
+_FIRST_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 10.0
 
 
 def range_size_for(part_size_bytes: int) -> int:
@@ -55,6 +70,7 @@ class RangedReader(io.RawIOBase):
         sha256: str | None = None,
         backup: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        retry_budget_s: float = RETRY_BUDGET_S,
     ) -> None:
         super().__init__()
         if range_bytes <= 0 or parallel <= 0 or size < 0:
@@ -67,6 +83,8 @@ class RangedReader(io.RawIOBase):
         self._expected_sha256 = sha256
         self._backup = backup
         self._on_bytes = on_bytes
+        self._retry_budget_s = retry_budget_s
+        self._closing = threading.Event()  # wakes retries waiting out a backoff
         self._digest = hashlib.sha256()
         self._next_offset = 0  # start of the next range to submit
         self._pending: collections.deque[tuple[int, int, Future[bytes]]] = collections.deque()
@@ -120,6 +138,7 @@ class RangedReader(io.RawIOBase):
     def close(self) -> None:
         """Cancel ranges not started yet and drop buffered bytes; does not wait for running GETs."""
         if not self.closed:
+            self._closing.set()
             for _, _, future in self._pending:
                 future.cancel()
             self._pending.clear()
@@ -141,9 +160,27 @@ class RangedReader(io.RawIOBase):
             self._submitted_any = True
             length = min(self._range_bytes, self._size - self._next_offset)
             start = self._next_offset
-            future = self._pool.submit(self._storage.get_range, self._key, start, length)
+            future = self._pool.submit(self._get_range, start, length)
             self._pending.append((start, length, future))
             self._next_offset += length
+
+    def _get_range(self, start: int, length: int) -> bytes:
+        """One range, read again after transient failures (see the module docstring)."""
+        deadline: float | None = None
+        delay_s = _FIRST_BACKOFF_S
+        while True:
+            try:
+                return self._storage.get_range(self._key, start, length)
+            except TransientStorageError as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._retry_budget_s
+                    log.warning("reading '%s' at offset %d failed (%s): retrying for up to %.0f s",
+                                self._key, start, exc, self._retry_budget_s)
+                remaining_s = deadline - now
+                if remaining_s <= 0 or self._closing.wait(min(delay_s, remaining_s)):
+                    raise
+                delay_s = min(delay_s * 2, _MAX_BACKOFF_S)
 
     def _ensure_buffer(self) -> bool:
         """Make the buffer non-empty; False at end of the object (after verifying it)."""

@@ -33,7 +33,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from coordinator import replication_legacy
+from coordinator import inplace, replication_legacy
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
 
 log = logging.getLogger(__name__)
@@ -213,9 +213,15 @@ class _CompressionRefused(Exception):
 class ReplicationConnection:
     """A physical replication connection (``replication=true``), in autocommit."""
 
-    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], target: str) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[tuple[object, ...]],
+        target: str,
+        params: dict[str, str] | None = None,
+    ) -> None:
         self._conn = conn
         self._target = target  # "host:port" for messages
+        self._params = params  # how we connected: the in-place tablespace check reuses it
         conn.add_notice_handler(self._log_notice)
 
     @classmethod
@@ -228,7 +234,7 @@ class ReplicationConnection:
         except psycopg.Error as exc:
             reason = _redact(_connect_reason(str(exc)), params.get("password"))
             raise DatabaseUnreachable(f"cannot connect to postgres at {target}: {reason}") from exc
-        return cls(conn, target)
+        return cls(conn, target, params)
 
     def close(self) -> None:
         self._conn.close()
@@ -292,12 +298,35 @@ class ReplicationConnection:
                 f"postgres at {self._target} is version {version // 10000}; cloud-dump needs 13+"
             )
         try:
+            if version < inplace.SENT_SINCE:
+                self._refuse_in_place_tablespaces(version)
             if version < NEW_FRAMING:
                 return self._run(replication_legacy.command(options), sink, "none")
             return self._run_with_fallback(options, sink)
         except BaseException:
             self.close()
             raise
+
+    def _refuse_in_place_tablespaces(self, version: int) -> None:
+        """PG 13-15 send nothing of an in-place tablespace (``coordinator.inplace``)."""
+        if self._params is None:
+            return
+        found, reason = inplace.find_in_place_tablespaces(self._params)
+        if found is None:
+            log.warning(
+                "could not check postgres at %s for in-place tablespaces, which postgres %d "
+                "leaves out of a base backup (%s): allow this role an ordinary connection to "
+                "let the backup check",
+                self._target, version // 10000, reason,
+            )  # fmt: skip
+        elif found:
+            named = ", ".join(f"'{t.name}' ({t.location})" for t in found)
+            raise DatabaseError(
+                f"postgres {version // 10000} at {self._target} leaves in-place tablespace "
+                f"{named} out of a base backup: the backup would lack its data; move what it "
+                "holds to a tablespace with a location (ALTER TABLE/INDEX ... SET TABLESPACE), "
+                "or back up with postgres 16 or later"
+            )
 
     def _run_with_fallback(self, options: BaseBackupOptions, sink: BackupSink) -> BaseBackupResult:
         attempts: list[tuple[str, str | None]] = []

@@ -8,9 +8,18 @@ Order of work, so that every refusal happens before the disk is touched:
    directory (absent or empty, else ``TargetNotEmpty``).
 2. Per archive: ``RangedReader`` → age → decompression → ``extract_archive``; the base archive
    into PGDATA, each tablespace archive into its recorded or remapped location.
-3. Every file checked against ``backup_manifest``; the manifest is left in PGDATA, as
-   ``pg_basebackup`` does in plain format. No ``recovery.signal``: the WAL in the base archive
-   makes the copy consistent on its own.
+3. Every file checked against ``backup_manifest``; then ``coordinator.pgdata`` finishes the
+   directory: tablespace links and ``tablespace_map``, the modes the backed-up cluster had
+   (0700, or 0750 with group access), ``global/pg_control`` made unusable without
+   ``backup_label`` (``coordinator.pgcontrol``), and the manifest left in PGDATA, as
+   ``pg_basebackup`` does in plain format, updated for the files restore changed. No
+   ``recovery.signal``: the WAL in the base archive makes the copy consistent on its own.
+   Then ``before_startable`` (recovery settings), and, when run as root, the change of owner
+   (``coordinator.ownership``), both before ``pg_control`` makes the directory startable.
+
+Where each archive goes, and what a failed run takes back, is ``coordinator.restoretargets``:
+tablespace locations are never resolved against the current directory, an in-place tablespace
+(PostgreSQL 16+, recorded at ``pg_tblspc/<oid>``) is restored as that directory inside PGDATA.
 
 Failure handling (the choice, and why): files are extracted in place, not into a sibling
 directory renamed at the end, because a rename cannot cover tablespaces living on other file
@@ -25,6 +34,7 @@ existed, which were empty when checked. Nothing else is ever deleted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,10 +49,25 @@ from coordinator.extract import (
     extract_archive,
     load_backup_manifest,
     manifest_algorithm,
-    rewrite_tablespace_map,
+    naming,
     verify_against_manifest,
 )
 from coordinator.fetch import RangedReader, open_plaintext, range_size_for
+from coordinator.ownership import Owner, give_to
+from coordinator.pgdata import (
+    TABLESPACE_MAP,
+    DataModes,
+    data_modes,
+    fsync_dir,
+    invalidate_control_file,
+    point_tablespaces,
+    set_modes,
+    write_file,
+)
+from coordinator.pgmanifest import replace_entries
+from coordinator.restoretargets import DIR_MODE, CreatedPaths
+from coordinator.restoretargets import TargetPlan as TargetPlan  # re-exported: callers' type
+from coordinator.restoretargets import plan_targets as plan_targets
 from storage.base import Storage, sha256_hex
 from storage.errors import (
     BackupNotFound,
@@ -50,15 +75,14 @@ from storage.errors import (
     IntegrityError,
     ObjectNotFound,
     PermanentStorageError,
-    TargetNotEmpty,
 )
 from storage.layout import Layout
 from storage.manifest import ArchiveRecord, BackupManifest
 
+log = logging.getLogger(__name__)
+
 PG_CONTROL = "global/pg_control"
-TABLESPACE_MAP = "tablespace_map"
 BACKUP_MANIFEST = "backup_manifest"
-_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -83,12 +107,6 @@ class RestoreProgress:
 ProgressCallback = Callable[[RestoreProgress], None]
 
 
-@dataclass(frozen=True)
-class TargetPlan:
-    pgdata: Path
-    tablespaces: dict[str, Path]  # oid → directory this restore puts the tablespace in
-
-
 def restore_backup(
     storage: Storage,
     layout: Layout,
@@ -101,13 +119,17 @@ def restore_backup(
     parallel: int = 4,
     progress: ProgressCallback | None = None,
     before_startable: Callable[[TargetPlan], None] | None = None,
+    owner: Owner | None = None,
+    owned_paths: Sequence[Path] = (),
 ) -> RestoreSummary:
     """Restore backup ``name`` into ``pgdata`` (see the module docstring for the guarantees).
 
     ``before_startable`` is called with the plan once every file is written and verified, just
     before ``global/pg_control`` makes the directory startable: what it writes (recovery
     settings, signal files) is in place before the server could ever start, and is undone with
-    the rest if it raises.
+    the rest if it raises. Then, with ``owner`` (see ``coordinator.ownership``), everything the
+    restore wrote, and each of ``owned_paths`` that exists (files ``before_startable`` wrote
+    outside PGDATA), is given to that owner.
     """
     started = time.monotonic()
     manifest = read_manifest(storage, layout, name)
@@ -118,16 +140,22 @@ def restore_backup(
     run = _ArchiveRun(
         storage, manifest, identities, manifest_algorithm(entries), parallel, progress
     )
-    created = _CreatedPaths()
+    created = CreatedPaths()
     try:
-        for path in (plan.pgdata, *plan.tablespaces.values()):
+        for path in (plan.pgdata, *plan.outside().values()):
             created.prepare(path)
         results = [run.restore(archive, plan) for archive in _base_first(manifest.archives)]
         observed: dict[str, FileFacts] = {}
         for result in results:
             observed.update(result.files)
         verify_against_manifest(pg_manifest, observed)
-        _complete_pgdata(plan, pg_manifest, results, before_startable)
+        _complete_pgdata(name, plan, pg_manifest, results, before_startable)
+        if owner is not None:
+            # Before pg_control goes in place: the server may start from then on.
+            give_to(owner, [plan.pgdata, *plan.outside().values()],
+                    [*created.directories, *owned_paths])
+            log.info("gave everything restored to %s", owner.name)
+        _make_startable(plan, results)
     except BaseException:
         created.undo()
         raise
@@ -182,7 +210,7 @@ def resolve_identities(
     if encryption.wrapped_identity_key is None:
         raise IntegrityError(f"backup '{manifest.name}' records no wrapped key for its passphrase")
     wrapped = _get_object(storage, manifest.name, encryption.wrapped_identity_key)
-    return [unwrap_identity(wrapped, passphrase)]
+    return [unwrap_identity(wrapped, passphrase, encryption.wrapped_identity_key)]
 
 
 def fetch_backup_manifest(
@@ -202,65 +230,6 @@ def fetch_backup_manifest(
     if identities is None:
         return data
     return decrypt_bytes(data, identities, f"backup '{manifest.name}' (object '{key}')")
-
-
-def plan_targets(
-    manifest: BackupManifest, pgdata: Path, tablespace_mapping: Mapping[str, str]
-) -> TargetPlan:
-    """Where each archive goes; ``TargetNotEmpty``/``ConfigError`` before anything is written."""
-    mapping = _normalized_mapping(tablespace_mapping)
-    unused = set(mapping)
-    tablespaces: dict[str, Path] = {}
-    for archive in manifest.archives:
-        if archive.tablespace_oid is None:
-            continue
-        if not archive.tablespace_location:
-            raise IntegrityError(
-                f"backup '{manifest.name}' records no location for tablespace "
-                f"{archive.tablespace_oid}"
-            )
-        old = os.path.normpath(archive.tablespace_location)
-        unused.discard(old)
-        tablespaces[str(archive.tablespace_oid)] = Path(mapping.get(old, old))
-    if unused:
-        raise ConfigError(
-            "tablespace mapping names no tablespace of backup "
-            f"'{manifest.name}': {', '.join(sorted(unused))}"
-        )
-    plan = TargetPlan(pgdata.absolute(), tablespaces)
-    _check_distinct(plan)
-    for path in (plan.pgdata, *tablespaces.values()):
-        _check_empty(path)
-    return plan
-
-
-def _normalized_mapping(tablespace_mapping: Mapping[str, str]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for old, new in tablespace_mapping.items():
-        if not (Path(old).is_absolute() and Path(new).is_absolute()):
-            raise ConfigError(f"tablespace mapping '{old}={new}' must use absolute paths")
-        mapping[os.path.normpath(old)] = os.path.normpath(new)
-    return mapping
-
-
-def _check_distinct(plan: TargetPlan) -> None:
-    paths = [plan.pgdata, *plan.tablespaces.values()]
-    for i, one in enumerate(paths):
-        for other in paths[i + 1 :]:
-            if one == other or one.is_relative_to(other) or other.is_relative_to(one):
-                raise ConfigError(f"restore targets '{one}' and '{other}' overlap")
-
-
-def _check_empty(path: Path) -> None:
-    if not path.exists():
-        if path.is_symlink():
-            raise TargetNotEmpty(f"restore target '{path}' is a dangling symbolic link")
-        return
-    if not path.is_dir():
-        raise TargetNotEmpty(f"restore target '{path}' exists and is not a directory")
-    with os.scandir(path) as entries:
-        if next(entries, None) is not None:
-            raise TargetNotEmpty(f"restore target '{path}' is not empty")
 
 
 def _get_object(storage: Storage, backup: str, key: str) -> bytes:
@@ -296,6 +265,10 @@ class _ArchiveRun:
     def restore(self, archive: ArchiveRecord, plan: TargetPlan) -> ExtractResult:
         base = archive.tablespace_oid is None
         target = plan.pgdata if base else plan.tablespaces[str(archive.tablespace_oid)]
+        if str(archive.tablespace_oid) in plan.in_place:
+            # Inside PGDATA, under the pg_tblspc directory the base archive (first) made.
+            with naming(target):
+                target.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         what = f"archive '{archive.key}'"
         reader = RangedReader(
             self.storage,
@@ -315,7 +288,7 @@ class _ArchiveRun:
             result = extract_archive(
                 cast(BinaryIO, plain),
                 target,
-                tablespace_links=plan.tablespaces if base else None,
+                tablespace_links=plan.outside() if base else None,
                 algorithm=self.algorithm,
                 manifest_prefix="" if base else f"pg_tblspc/{archive.tablespace_oid}/",
                 held_back=(PG_CONTROL,) if base else (),
@@ -339,93 +312,46 @@ def _base_first(archives: Sequence[ArchiveRecord]) -> list[ArchiveRecord]:
 
 
 def _complete_pgdata(
+    backup: str,
     plan: TargetPlan,
     pg_manifest: bytes,
     results: Sequence[ExtractResult],
     before_startable: Callable[[TargetPlan], None] | None,
 ) -> None:
-    held_back = {name: path for r in results for name, path in r.held_back.items()}
-    if PG_CONTROL not in held_back:
+    """Everything but the step that makes PGDATA startable (``_make_startable``)."""
+    control = _held_back(results).get(PG_CONTROL)
+    if control is None:
         raise IntegrityError(f"the base archive has no '{PG_CONTROL}'")
-    _write_file(plan.pgdata / BACKUP_MANIFEST, pg_manifest)
-    _point_tablespaces(plan)
+    modes = _modes_of(results)
+    changed: dict[str, bytes] = {}
+    new_control = invalidate_control_file(control, backup)
+    if new_control is not None:
+        changed[PG_CONTROL] = new_control
+    new_map = point_tablespaces(plan.pgdata, plan.tablespaces, plan.in_place, modes)
+    if new_map is not None:
+        changed[TABLESPACE_MAP] = new_map
+    # Left in PGDATA as pg_basebackup does, describing the files as restored: pg_verifybackup
+    # still verifies the copy.
+    manifest = replace_entries(pg_manifest, changed) if changed else pg_manifest
+    write_file(plan.pgdata / BACKUP_MANIFEST, manifest, modes.file)
+    set_modes([plan.pgdata, *plan.tablespaces.values()], modes)
     if before_startable is not None:
         before_startable(plan)
+
+
+def _make_startable(plan: TargetPlan, results: Sequence[ExtractResult]) -> None:
     # Everything durable before pg_control makes the directory startable.
     os.sync()
-    for name, path in held_back.items():
-        path.rename(plan.pgdata / name)
-    _fsync_dir(plan.pgdata / "global")
-    plan.pgdata.chmod(_DIR_MODE)
+    for name, path in _held_back(results).items():
+        with naming(path):
+            path.rename(plan.pgdata / name)
+    fsync_dir(plan.pgdata / "global")
 
 
-def _point_tablespaces(plan: TargetPlan) -> None:
-    """pg_tblspc/<oid> links to the restored locations, and a tablespace_map that agrees.
-
-    A tar-format backup carries a tablespace_map instead of links; PostgreSQL recreates the links
-    from it at startup, so it must name the new locations when tablespaces were remapped.
-    """
-    tblspc = plan.pgdata / "pg_tblspc"
-    tblspc.mkdir(mode=_DIR_MODE, exist_ok=True)
-    for oid, location in plan.tablespaces.items():
-        link = tblspc / oid
-        if link.is_symlink():
-            continue  # re-pointed during extraction
-        if link.is_dir():
-            link.rmdir()  # an empty placeholder; fails (as it should) if it holds anything
-        link.symlink_to(location)
-    map_path = plan.pgdata / TABLESPACE_MAP
-    if map_path.exists():
-        _write_file(map_path, rewrite_tablespace_map(map_path.read_bytes(), plan.tablespaces))
+def _held_back(results: Sequence[ExtractResult]) -> dict[str, Path]:
+    return {name: path for r in results for name, path in r.held_back.items()}
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + ".cloud-dump-tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    temp.replace(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _CreatedPaths:
-    """Target directories this run made or filled, and how to take them back on failure."""
-
-    def __init__(self) -> None:
-        self._created: list[Path] = []  # topmost directory this run created
-        self._filled: list[Path] = []  # existed (empty) before this run
-
-    def prepare(self, path: Path) -> None:
-        if path.exists():
-            self._filled.append(path)
-            return
-        top = path
-        while not top.parent.exists():
-            top = top.parent
-        path.mkdir(mode=_DIR_MODE, parents=True)
-        self._created.append(top)
-
-    def undo(self) -> None:
-        for top in self._created:
-            _remove_tree(top)
-        for path in self._filled:
-            with contextlib.suppress(FileNotFoundError):
-                for child in path.iterdir():
-                    _remove_tree(child)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)  # never follows the tablespace links inside
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def _modes_of(results: Sequence[ExtractResult]) -> DataModes:
+    """The modes the base archive's ``global`` directory implies for PGDATA and the rest."""
+    return data_modes(next((r.global_dir_mode for r in results if r.global_dir_mode), None))

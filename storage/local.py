@@ -21,7 +21,10 @@ mtime, so it changes whenever the object is rewritten, like an S3 ETag, without 
 
 Differences from S3 that callers can meet: a key cannot be both an object and the parent of
 another key ("a" and "a/b"), and keys whose first segment is ``.cloud-dump-uploads`` or with a
-segment starting with ``.cloud-dump-tmp-`` are reserved. Transient I/O errors are not retried.
+segment starting with ``.cloud-dump-tmp-`` are reserved. Transient I/O errors are not retried
+here; they are raised as ``StorageUnreachable`` (an I/O error, a stale or disconnected network
+mount: the directory is not usable right now, exit 4), while permissions, a full disk or a bad
+path are ``PermanentStorageError`` (exit 5) since only the operator can change them.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from storage.errors import (
     PartTooSmall,
     PermanentStorageError,
     StorageError,
-    TransientStorageError,
+    StorageUnreachable,
     UploadNotFound,
 )
 
@@ -471,4 +474,4 @@ def _translate(exc: OSError, action: str, path: Path, key: str | None) -> Storag
     message = f"cannot {action} '{path}': {reason}"
     if exc.errno in _PERMANENT_ERRNOS:
         return PermanentStorageError(message)
-    return TransientStorageError(message)
+    return StorageUnreachable(message)

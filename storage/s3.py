@@ -12,7 +12,11 @@ verifies the bytes it received. botocore is told to add checksums only "when req
 it would compute its own CRC on top of ours on every request.
 
 Retries: botocore's "standard" retry mode retries throttling, 5xx, timeouts and connection errors
-up to ``options.max_attempts``; what reaches the caller is final for this call. One consequence
+up to ``options.max_attempts``; what reaches the caller is final for this call. Such a failure
+that outlasted the retries is ``StorageUnreachable``, whatever form it took (refused connection,
+timeout, SlowDown, 5xx): the store is not usable right now, which is not the caller's fault and
+may pass (exit 4, not 5); callers with a budget of their own (restore's ranged reads, the
+workers' uploads) retry it again. One consequence
 for ``put(if_absent=True)``: if the response to a successful write is lost, the retry finds the
 key taken and raises ``ObjectExists``; callers that must be idempotent (WAL pushes) compare the
 stored bytes before calling it a conflict. Stores that ignore ``If-None-Match`` (some older
@@ -66,7 +70,6 @@ from storage.errors import (
     PermanentStorageError,
     StorageError,
     StorageUnreachable,
-    TransientStorageError,
     UploadNotFound,
 )
 
@@ -88,7 +91,7 @@ _ACCESS_CODES = {
     "InvalidAccessKeyId": "the access key id is not known to the store",
     "SignatureDoesNotMatch": "the secret key does not match the access key id",
 }
-_TRANSIENT_CODES = frozenset(
+_THROTTLING_CODES = frozenset(
     {
         "SlowDown",
         "Throttling",
@@ -96,6 +99,10 @@ _TRANSIENT_CODES = frozenset(
         "RequestThrottled",
         "TooManyRequests",
         "RequestLimitExceeded",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
         "RequestTimeout",
         "InternalError",
         "ServiceUnavailable",
@@ -392,7 +399,9 @@ def _translate(
     responses echo the access key id.
     """
     if isinstance(exc, ClientError):
-        return _translate_client_error(exc, bucket=bucket, key=key, upload_id=upload_id)
+        return _translate_client_error(
+            exc, bucket=bucket, endpoint=endpoint, key=key, upload_id=upload_id
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ConnectionClosedError):
         return StorageUnreachable(
             f"cannot reach storage endpoint '{endpoint}': {_connection_reason(exc)}"
@@ -403,14 +412,14 @@ def _translate(
         return PermanentStorageError("storage credentials are incomplete or could not be loaded")
     if isinstance(exc, HTTPClientError):
         # Read timeouts and responses cut short: the request may well succeed next time.
-        return TransientStorageError(
+        return StorageUnreachable(
             f"storage request to '{endpoint}' failed: {type(exc).__name__}"
         )
     return PermanentStorageError(f"storage request to '{endpoint}' failed: {type(exc).__name__}")
 
 
 def _translate_client_error(
-    exc: ClientError, *, bucket: str, key: str | None, upload_id: str | None
+    exc: ClientError, *, bucket: str, endpoint: str, key: str | None, upload_id: str | None
 ) -> StorageError:
     code = _error_code(exc)
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -432,8 +441,15 @@ def _translate_client_error(
         return ObjectExists(key)
     if code in _ACCESS_CODES:
         return PermanentStorageError(f"cannot use bucket '{bucket}': {_ACCESS_CODES[code]}")
+    if code in _THROTTLING_CODES:
+        return StorageUnreachable(
+            f"storage at '{endpoint}' kept throttling the request for {what}: {code} "
+            f"(http {status}); retry later"
+        )
     if code in _TRANSIENT_CODES or status >= 500:
-        return TransientStorageError(f"storage request for {what} failed: {code} (http {status})")
+        return StorageUnreachable(
+            f"storage at '{endpoint}' kept failing the request for {what}: {code} (http {status})"
+        )
     return PermanentStorageError(f"storage request for {what} failed: {code} (http {status})")
 
 

@@ -88,7 +88,7 @@ def test_extract_rejects_unsafe_member_and_writes_nothing_outside(
     assert {p for p in snapshot(tmp_path) - before if not p.startswith("target/")} == set()
 
 
-def test_extract_writes_files_dirs_links_with_postgres_modes(tmp_path: Path) -> None:
+def test_extract_writes_files_dirs_links_keeping_owner_and_group_read_modes(tmp_path: Path) -> None:
     ts = tmp_path / "ts"
     directory = tarfile.TarInfo("./base/")
     directory.type = tarfile.DIRTYPE
@@ -106,8 +106,9 @@ def test_extract_writes_files_dirs_links_with_postgres_modes(tmp_path: Path) -> 
     result = extract_archive(
         stream, target, tablespace_links={"16385": ts}, held_back={"global/pg_control"}
     )
-    assert (target / "base").stat().st_mode & 0o777 == 0o700
-    assert (target / "base" / "1").stat().st_mode & 0o777 == 0o600
+    # Owner and group read bits kept, never group write nor world bits.
+    assert (target / "base").stat().st_mode & 0o777 == 0o750
+    assert (target / "base" / "1").stat().st_mode & 0o777 == 0o640
     assert (target / "base" / "2").read_bytes() == b"page"
     assert (target / "pg_tblspc" / "16385").readlink() == ts
     assert not (target / "global" / "pg_control").exists()

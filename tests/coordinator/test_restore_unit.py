@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import crc32c
 import psycopg
 import pytest
 
 from coordinator.crypto import generate_identity, wrap_identity
+from coordinator.extract import load_backup_manifest
+from coordinator.pgcontrol import checkpoint_lsn, find_crc_offset, invalidate_checkpoint
+from coordinator.pgmanifest import replace_entries
 from coordinator.restore import restore_backup
 from storage import Storage
 from storage.base import sha256_hex
@@ -427,3 +431,54 @@ def test_restore_manifest_verification_catches_damaged_archive_content(
         restore_backup(storage, LAYOUT, "b1", restore_dir / "data")
     assert not (restore_dir / "data").exists()
     assert not (restore_dir / "ts").exists()
+
+
+# --- pg_control and backup_manifest as restore leaves them ------------------------------------
+
+
+def _base_member(raw: RawBackup, name: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(raw.directory / "base.tar") as tar:
+        member = tar.extractfile(name)
+        assert member is not None
+        return member.read()
+
+
+def test_pg_control_checkpoint_is_invalidated_only_when_its_crc_verifies(
+    raw_backup: RawBackup,
+) -> None:
+    control = _base_member(raw_backup, "global/pg_control")
+    crc_at = find_crc_offset(control)
+    assert crc_at is not None
+    changed = invalidate_checkpoint(control)
+    assert changed is not None
+    assert checkpoint_lsn(changed) == 0xDEAD
+    assert find_crc_offset(changed) == crc_at  # a valid pg_control still
+    assert changed[:32] == control[:32] and changed[40:crc_at] == control[40:crc_at]
+
+    damaged = bytearray(control)
+    damaged[100] ^= 0x01
+    assert invalidate_checkpoint(bytes(damaged)) is None
+    # A version this code does not know, with a CRC that matches: left alone too.
+    unknown = bytearray(control)
+    unknown[8:12] = (1900).to_bytes(4, "little")
+    unknown[crc_at : crc_at + 4] = crc32c.crc32c(bytes(unknown[:crc_at])).to_bytes(4, "little")
+    assert invalidate_checkpoint(bytes(unknown)) is None
+
+
+def test_backup_manifest_with_entries_replaced_still_verifies_its_own_checksum(
+    raw_backup: RawBackup,
+) -> None:
+    manifest = (raw_backup.directory / "backup_manifest").read_bytes()
+    new_map = b"16385 /somewhere/else\n"
+    out = replace_entries(manifest, {"tablespace_map": new_map, "global/pg_control": b"x" * 8192})
+    before = {e.path: e for e in load_backup_manifest(manifest)}
+    after = {e.path: e for e in load_backup_manifest(out)}  # checks Manifest-Checksum
+    assert after["tablespace_map"].size == len(new_map)
+    assert after["tablespace_map"].checksum == crc32c.crc32c(new_map).to_bytes(4, "little").hex()
+    assert after["global/pg_control"].checksum != before["global/pg_control"].checksum
+    changed = {p for p in before if before[p] != after[p]}
+    assert changed == {"tablespace_map", "global/pg_control"}
+    with pytest.raises(IntegrityError, match="does not list 'nowhere'"):
+        replace_entries(manifest, {"nowhere": b""})

@@ -1,0 +1,179 @@
+"""``restore`` run as root (the tests run as root): everything it writes goes to the owner of the
+directory PGDATA goes into, or to ``--owner``, before the copy becomes startable; the server then
+starts as that user and its ``restore_command`` reads the restore config file.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coordinator.exitcodes import ExitCode
+from storage import StorageOptions
+from tests.rig.launcher import postgres_cloud_dump
+from tests.rig.moto import StorageTarget
+from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
+from tests.rig.restored import RestoredCluster, chown_postgres, started
+from tests.rig.roundtrip import backup_cli
+from tests.rig.services import VENV_BIN, run_cli
+
+POSTGRES = pwd.getpwnam("postgres")
+PROMOTION_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Archived:
+    cluster: PgCluster
+    target: StorageTarget
+    launcher: Path
+    tablespace: Path
+
+
+@pytest.fixture(scope="module")
+def archived(pg_factory: PgFactory) -> Archived:
+    """A PG 15 cluster archiving through ``cloud-dump wal-push``, backed up as "b", then given
+    rows that only the archived WAL holds."""
+    launcher = postgres_cloud_dump()
+    root = make_postgres_dir("cloud-dump-root-store-")
+    (root / "wal_archive").mkdir()
+    chown_postgres(root / "wal_archive")
+    url = f"file://{root}"
+    target = StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
+    config = make_postgres_dir("cloud-dump-root-conf-") / "archive.conf"
+    config.write_text(f'CLOUD_DUMP_STORAGE="{url}"\n')
+    chown_postgres(config)
+    cluster = pg_factory(15, archive_command=f"{launcher} wal-push %p %f --config {config}")
+    tablespace = make_postgres_dir("cloud-dump-root-ts-")
+    cluster.sql(f"CREATE TABLESPACE ts LOCATION '{tablespace}'")
+    cluster.sql("CREATE TABLE rows_ts TABLESPACE ts AS SELECT generate_series(1, 100) AS g")
+    backup_cli(cluster, target, "b")
+    cluster.sql("INSERT INTO rows_ts SELECT generate_series(101, 150)")
+    wait_archived(cluster)
+    return Archived(cluster, target, launcher, tablespace)
+
+
+def wait_archived(cluster: PgCluster) -> None:
+    wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    cluster.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        archived = cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
+        if archived is not None and str(archived)[:24] >= wanted:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"segment {wanted} was not archived")
+
+
+@pytest.fixture
+def root_owned_dir() -> Iterator[Path]:
+    """A directory of root that others may traverse (0755), as /srv or /var/lib often are."""
+    path = Path(tempfile.mkdtemp(prefix="cloud-dump-rootdir-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def owners_under(*roots: Path) -> set[tuple[int, int]]:
+    """(uid, gid) of every entry under each root, the roots included, links not followed."""
+    found = set()
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            st = path.lstat()
+            found.add((st.st_uid, st.st_gid))
+    return found
+
+
+def restore(
+    archived: Archived, pgdata: Path, tablespace: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return run_cli("restore", "--name", "b", "--pgdata", str(pgdata),
+                   "--tablespace-mapping", f"{archived.tablespace}={tablespace}", *extra,
+                   env={**archived.target.env, "CLOUD_DUMP_EXECUTABLE": str(archived.launcher)})
+
+
+def wait_promoted(copy: RestoredCluster) -> None:
+    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
+    while copy.sql("SELECT pg_is_in_recovery()")[0][0]:
+        assert time.monotonic() < deadline, "the restored cluster was never promoted"
+        time.sleep(0.3)
+
+
+def test_root_restore_gives_everything_to_the_parents_owner_and_recovery_reads_its_config(
+    archived: Archived,
+) -> None:
+    parent = make_postgres_dir("cloud-dump-root-")
+    pgdata = parent / "new" / "data"  # "new" is created by the restore too
+    ts_parent = make_postgres_dir("cloud-dump-root-tsnew-")
+    tablespace = ts_parent / "ts"
+    done = restore(archived, pgdata, tablespace, "--recovery-target", "latest")
+    assert done.returncode == 0, done.stderr
+
+    config = pgdata.parent / "cloud-dump-restore.conf"
+    assert config.exists()
+    assert owners_under(parent / "new", tablespace) == {(POSTGRES.pw_uid, POSTGRES.pw_gid)}
+    assert (config.stat().st_mode & 0o777) == 0o600
+    with started(15, pgdata, tablespace) as copy:  # its chown has nothing left to change
+        wait_promoted(copy)
+        assert copy.sql("SELECT count(*) FROM rows_ts") == [(150,)]
+
+
+def test_root_restore_with_owner_into_a_root_directory_and_the_copy_starts(
+    archived: Archived, root_owned_dir: Path
+) -> None:
+    pgdata, tablespace = root_owned_dir / "data", root_owned_dir / "ts"
+    done = restore(archived, pgdata, tablespace, "--owner", "postgres:postgres")
+    assert done.returncode == 0, done.stderr
+    assert owners_under(pgdata, tablespace) == {(POSTGRES.pw_uid, POSTGRES.pw_gid)}
+    with started(15, pgdata, tablespace) as copy:
+        assert copy.sql("SELECT count(*) FROM rows_ts") == [(100,)]
+
+
+def test_root_restore_into_a_root_directory_without_owner_warns_the_copy_cannot_start(
+    archived: Archived, root_owned_dir: Path
+) -> None:
+    pgdata = root_owned_dir / "data"
+    done = restore(archived, pgdata, root_owned_dir / "ts")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if ": warning: " in line]
+    assert any("cannot run as root" in w and "--owner" in w for w in warnings), done.stderr
+    assert owners_under(pgdata) == {(0, 0)}
+
+
+@pytest.mark.parametrize(("owner", "named"), [
+    ("no-such-user-cd9", "no user 'no-such-user-cd9'"),
+    ("postgres:no-such-group-cd9", "no group 'no-such-group-cd9'"),
+])  # fmt: skip
+def test_restore_with_an_unknown_owner_is_refused_before_anything_is_written(
+    archived: Archived, root_owned_dir: Path, owner: str, named: str
+) -> None:
+    done = restore(archived, root_owned_dir / "data", root_owned_dir / "ts", "--owner", owner)
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and named in errors[0], done.stderr
+    assert list(root_owned_dir.iterdir()) == []
+
+
+def test_restore_not_run_as_root_refuses_to_give_files_to_another_user(
+    archived: Archived,
+) -> None:
+    parent = make_postgres_dir("cloud-dump-notroot-")
+    done = subprocess.run(
+        as_postgres([str(VENV_BIN / "cloud-dump"), "restore", "--name", "b",
+                     "--pgdata", str(parent / "data"), "--owner", "root"]),
+        capture_output=True, text=True, cwd="/", check=False, timeout=120,
+        env={**os.environ, **archived.target.env},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert "only root can give restored files to another user" in done.stderr
+    assert list(parent.iterdir()) == []
