@@ -178,6 +178,9 @@ def _add_restore_parser(commands: _Subparsers) -> None:
                    help="restore the tablespace recorded at OLD into NEW (repeatable)")
     _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL", "ranged downloads in flight (default 4)",
           type=int, default=4, metavar="N")
+    p.add_argument("--owner", metavar="USER[:GROUP]",
+                   help="when run as root, give everything restored to USER (default: the "
+                        "owner of the directory PGDATA goes into; PostgreSQL cannot run as root)")
     _add_recovery_flags(p)
     _add_wal_flags(p)
     _add_common_flags(p)
@@ -188,7 +191,8 @@ def _add_recovery_flags(parser: argparse.ArgumentParser) -> None:
                                   "and recovery.signal)")
     target = g.add_mutually_exclusive_group()
     target.add_argument("--recovery-target-time", metavar="TIME",
-                        help="stop at this time, e.g. '2026-03-22 14:30:00 UTC'")
+                        help="stop at this time, with an offset or a full zone name: "
+                             "'2026-03-22 14:30:00+00', '2026-03-22T16:30:00 Europe/Helsinki'")
     target.add_argument("--recovery-target-lsn", metavar="LSN", help="stop at this LSN")
     target.add_argument("--recovery-target-xid", metavar="XID", help="stop at this transaction")
     target.add_argument("--recovery-target-name", metavar="NAME",
@@ -202,6 +206,9 @@ def _add_recovery_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--restore-config", metavar="FILE",
                    help="where to write the settings restore_command reads (default: "
                         "cloud-dump-restore.conf beside PGDATA, mode 0600)")
+    parser.add_argument("--archive-mode", choices=["preserve", "off"], default="preserve",
+                        help="off: write archive_mode = 'off' so the copy never archives; "
+                             "preserve (default): archive as its configuration says")
 
 
 def _add_wal_flags(parser: argparse.ArgumentParser) -> None:
@@ -237,8 +244,9 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
 
     fetch = commands.add_parser(
         "wal-fetch", help="fetch one WAL file (restore_command = 'cloud-dump wal-fetch %%f %%p')",
-        description="Fetch one WAL file into PATH. Exit 0 fetched, 1 not in the archive, "
-                    "126 any other failure (PostgreSQL then stops recovery).")
+        description="Fetch one WAL file into PATH. Exit 0 fetched, 1 not in the archive "
+                    f"(which exists), {int(ExitCode.WAL_FETCH_FAILED)} any other failure, "
+                    "no archive at the location included (PostgreSQL then stops recovery).")
     fetch.add_argument("file_name", metavar="NAME", help="%%f: the WAL file name wanted")
     fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
     _add_key_flags(fetch, encrypting=False)
@@ -260,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "4 storage unreachable, 5 storage error, 6 broker unreachable, 7 no worker, "
         "8 task failed on a worker, 9 database unreachable, 10 database error, "
         "11 backup not found, 12 backup exists, 13 target not empty, 14 decryption failed, "
-        "15 integrity error, 16 local i/o error. See README.md.",
+        "15 integrity error, 16 local i/o error, 17 WAL conflict, 18 no WAL archive there; "
+        f"wal-fetch: 1 not in the archive, {int(ExitCode.WAL_FETCH_FAILED)} any failure. "
+        "See README.md.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_backup_parser(commands)
@@ -339,7 +349,7 @@ def _install_sigterm() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # restore_command treats exit codes up to 125 as "not in the archive" and may promote:
-    # every wal-fetch failure, a usage error included, must be 126.
+    # every wal-fetch failure, a usage error or a bug (1) included, must stop recovery.
     failed = ExitCode.WAL_FETCH_FAILED if argv[:1] == ["wal-fetch"] else None
     try:
         load_config_file(argv)
@@ -352,28 +362,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else ExitCode.USAGE
         return failed if (failed and code) else code
     _setup_logging(args.log_level)
-    code = _run_and_map_errors(args)
+    code = _run_and_map_errors(args, failed)
     return failed if (failed and code not in (ExitCode.OK, 1)) else code
 
 
-def _run_and_map_errors(args: argparse.Namespace) -> int:
+def _run_and_map_errors(args: argparse.Namespace, failed: int | None = None) -> int:
+    """Run the command; on an error, its one line and exit code (``failed`` when given)."""
     try:
         _install_sigterm()
         return _run(args)
     except CloudDumpError as exc:
         log.error("%s", exc)
         log.debug("details", exc_info=True)
-        return exit_code_for(exc)
+        return failed or exit_code_for(exc)
     except OSError as exc:
-        # Local disk trouble (the library translates storage and network errors itself).
+        # Local disk trouble (the library translates storage and network errors itself). The
+        # library names the file even where the OS does not (a write on a descriptor).
         where = f" '{exc.filename}'" if exc.filename else ""
+        where += f" -> '{exc.filename2}'" if exc.filename2 else ""
         log.error("%s%s", (exc.strerror or str(exc)).lower(), where)
         log.debug("details", exc_info=True)
-        return ExitCode.LOCAL_IO
+        return failed or ExitCode.LOCAL_IO
     except KeyboardInterrupt:
         # Reached after the command cleaned up (a backup aborts its uploads first).
         log.error("interrupted")
-        return 130
+        return failed or 130
     except Exception as exc:
         # Not an error we anticipated, so a bug: keep it to one line, traceback on request.
         log.error(
@@ -382,7 +395,7 @@ def _run_and_map_errors(args: argparse.Namespace) -> int:
             exc,
         )
         log.debug("details", exc_info=True)
-        return ExitCode.FAILURE
+        return failed or ExitCode.FAILURE
 
 
 if __name__ == "__main__":

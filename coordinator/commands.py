@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -21,8 +22,11 @@ from storage.layout import DEFAULT_WAL_PREFIX, Layout, validate_name
 
 if TYPE_CHECKING:
     from coordinator.backup import Encryption
-    from coordinator.recovery import RecoveryTarget, WalFetchCommand
+    from coordinator.recovery import RecoveryTarget
+    from coordinator.restore import RestoreSummary
+    from coordinator.restoresettings import RestoreSettings
     from coordinator.runners import Runner
+    from storage.manifest import BackupManifest
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
@@ -87,6 +91,8 @@ def run_backup(args: argparse.Namespace, report: Report) -> None:
         compression=args.compression,
         compression_level=args.compression_level,
         encryption=_backup_encryption(args),
+        # `backup` has no --wal-prefix flag: the environment sets it for the flat layout.
+        wal_prefix=getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX"),
         max_in_flight=max(2, args.parallel * 2),
         part_timeout_s=args.part_timeout,
         target_part_bytes=args.part_size_mib * 1024 * 1024,
@@ -131,17 +137,18 @@ def _backup_encryption(args: argparse.Namespace) -> Encryption | None:
 def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
     """Celery workers when a broker is given, else threads of this process."""
     if args.broker:
-        from coordinator.dispatch import connect_broker
+        from coordinator.dispatch import open_broker
         from coordinator.runners import CeleryRunner
-        from workers.staging import RedisStage
 
-        app = connect_broker(args.broker, args.result_backend)
-        stage = RedisStage(args.staging_url or args.broker)
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
         # The workers hold the storage; the store's limits come from the flags.
         capabilities = Capabilities(
             S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
         )
-        return CeleryRunner(app, stage, task_timeout_s=args.task_timeout), capabilities
+        runner = CeleryRunner(
+            broker, task_timeout_s=args.task_timeout, part_timeout_s=args.part_timeout
+        )
+        return runner, capabilities
     from coordinator.runners import EmbeddedRunner
 
     storage = open_store(args)
@@ -149,8 +156,10 @@ def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
 
 
 def run_restore(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.ownership import resolve_owner
     from coordinator.recovery import target_from_args, wal_fetch_command
     from coordinator.restore import restore_backup
+    from coordinator.restoresettings import RestoreSettings, SettingsRequest
 
     name = validate_name("backup", args.name or "")
     if not args.pgdata:
@@ -158,8 +167,14 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
     # Refuse a bad recovery target before downloading anything.
     target = target_from_args(args)
     command = wal_fetch_command(args, Path(args.pgdata), os.environ) if target else None
+    # Run as root: who gets what the restore writes, decided before anything is downloaded.
+    owner = resolve_owner(args.owner, Path(args.pgdata))
+    # Applied once every file is verified, before pg_control makes PGDATA startable.
+    settings = RestoreSettings(SettingsRequest(
+        name, target, command, args.archive_mode, datetime.now(UTC)))
     storage = open_store(args)
     try:
+        manifest = _check_before_download(storage, args, name, target)
         summary = restore_backup(
             storage,
             layout_of(args),
@@ -169,34 +184,58 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
             passphrase=read_passphrase(args),
             tablespace_mapping=_mapping(args.tablespace_mapping or []),
             parallel=args.parallel,
+            before_startable=settings,
+            owner=owner,
+            owned_paths=[command.config_path] if command else [],
         )
+    except BaseException:
+        settings.discard()
+        raise
     finally:
         storage.close()
-    report(f"restored backup '{name}' into {args.pgdata}: {summary}")
-    if target is not None and command is not None:
-        _configure_recovery(Path(args.pgdata), target, command, report)
+    _report_restore(args, summary, manifest, settings, report)
 
 
-def _configure_recovery(
-    pgdata: Path, target: RecoveryTarget, command: WalFetchCommand, report: Report
+def _check_before_download(
+    storage: Storage, args: argparse.Namespace, name: str, target: RecoveryTarget | None
+) -> BackupManifest:
+    """The backup's manifest; with a target, refuse one it cannot reach (exit 3) and a WAL
+    archive location where nothing was ever archived (exit 18)."""
+    from coordinator.listing import find_backups
+    from coordinator.reachability import check_reachable
+    from coordinator.restore import read_manifest
+    from coordinator.walarchive import require_wal_archive
+
+    manifest = read_manifest(storage, layout_of(args), name)
+    if target is not None:
+        check_reachable(target, manifest, lambda: find_backups(storage, layout_of(args)))
+        require_wal_archive(storage, _wal_layout(args))
+    return manifest
+
+
+def _wal_layout(args: argparse.Namespace) -> Layout:
+    return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
+
+
+def _report_restore(
+    args: argparse.Namespace,
+    summary: RestoreSummary,
+    manifest: BackupManifest,
+    settings: RestoreSettings,
+    report: Report,
 ) -> None:
-    from coordinator.recovery import AWS_VARIABLES, configure_recovery, time_has_zone
+    from coordinator.archiving import archive_url
+    from coordinator.restorereport import restore_report
 
-    written = configure_recovery(pgdata, target, command)
-    shown = {k: v for k, v in written.items() if v and k != "restore_command"}
-    report(f"point-in-time recovery: wrote restore_command and "
-           f"{', '.join(f'{k} = {v!r}' for k, v in shown.items())} to "
-           f"{pgdata / 'postgresql.auto.conf'}; created {pgdata / 'recovery.signal'}")
-    secrets = [k for k in command.settings
-               if k in AWS_VARIABLES or k in ("CLOUD_DUMP_PASSPHRASE", "CLOUD_DUMP_PASSPHRASE_FILE",
-                                              "CLOUD_DUMP_IDENTITY_KEY")]
-    report(f"restore_command reads its settings from {command.config_path} (mode 0600"
-           + (f"; holds {', '.join(secrets)} from this restore" if secrets else "")
-           + "): it must be owned by the server's OS user, as must any key or passphrase "
-             "file it names")
-    if target.setting == "recovery_target_time" and not time_has_zone(target.value or ""):
-        log.warning("the recovery target time has no time zone: the server reads it in its "
-                    "own TimeZone setting")
+    assert settings.outcome is not None  # restore_backup calls before_startable or raises
+    text = restore_report(
+        summary, manifest, settings.request, settings.outcome, settings.plan,
+        archive_url(args.storage, args.cluster, args.wal_prefix),
+    )
+    for line in text.lines:
+        report(line)
+    for warning in text.warnings:
+        log.warning("%s", warning)
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:

@@ -41,6 +41,11 @@ def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:
     return sorted(manifests, key=lambda m: m.end_time, reverse=True)
 
 
+def human_size(n: int) -> str:
+    """``n`` bytes in binary units, as ``list`` and ``restore`` print sizes."""
+    return _size(n)
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -1,14 +1,16 @@
 """Recovery settings for point-in-time restore (DESIGN.md §6): what PostgreSQL needs to replay WAL
 from the archive up to a target, then promote.
 
-``configure_recovery`` appends to ``PGDATA/postgresql.auto.conf`` (PostgreSQL's own format,
-``key = 'value'``; the last occurrence of a setting wins):
+``coordinator.restoresettings`` appends them to ``PGDATA/postgresql.auto.conf`` (PostgreSQL's
+own format, ``key = 'value'``; the last occurrence of a setting wins), in a block marked as
+cloud-dump's (``coordinator.autoconf``), after disabling what earlier restores left there:
 
 - ``restore_command = '<cloud-dump> wal-fetch %f %p --config <restore config>'``;
 - the target: one of ``recovery_target_time/lsn/xid/name`` or ``recovery_target = 'immediate'``
-  (none for "latest": replay everything archived). The other target settings are written
-  first as ``''``, which unsets them, so that a target left in the backed-up cluster's
-  postgresql.auto.conf cannot combine with ours ("multiple recovery targets specified");
+  (none for "latest": replay everything archived), its value normalised to a spelling
+  PostgreSQL accepts (``coordinator.targets``). The other target settings are written first as
+  ``''``, which unsets them, so that a target set in postgresql.conf cannot combine with ours
+  ("multiple recovery targets specified");
 - ``recovery_target_inclusive``, ``recovery_target_timeline`` when given, and
   ``recovery_target_action = 'promote'``;
 
@@ -20,19 +22,27 @@ lines (read by ``cloud-dump --config``) with the storage location, the WAL prefi
 or passphrase, and the AWS credentials of the restore's own environment, since the server has no
 other way to get them. The file is created with mode 0600, by default beside PGDATA (not inside
 it, so that a later base backup of the restored cluster does not carry it to storage), and must
-be owned by the server's OS user: run restore as that user, or chown the file.
+be owned by the server's OS user (restore run as root gives it to the data directory's owner).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
+from coordinator.targets import (
+    check_restore_point_name,
+    format_lsn,
+    normalize_timeline,
+    normalize_xid,
+    parse_lsn,
+    parse_target_time,
+)
 from coordinator.walfetch import write_atomically
 from storage.errors import ConfigError
 
@@ -57,22 +67,22 @@ AWS_VARIABLES = (
     "AWS_REGION",
     "AWS_CA_BUNDLE",
 )
-_LSN_RE = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
-# ISO 8601 as PostgreSQL reads it: date, optional time, optional zone (offset or name).
-_TIME_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?(?P<zone>\s*\S.*)?"
-)
-_MAX_RESTORE_POINT_NAME = 63  # NAMEDATALEN - 1
 
 
 @dataclass(frozen=True)
 class RecoveryTarget:
-    """Where recovery stops. ``setting`` None: at the end of the archived WAL ("latest")."""
+    """Where recovery stops. ``setting`` None: at the end of the archived WAL ("latest").
+
+    ``value`` and ``timeline`` are normalised (``coordinator.targets``); ``instant`` (time) and
+    ``lsn`` are what reachability is judged on.
+    """
 
     setting: str | None = None
     value: str | None = None
     timeline: str | None = None
     inclusive: bool = True
+    instant: datetime | None = None
+    lsn: int | None = None
 
     def settings(self) -> dict[str, str]:
         """The recovery settings, in the order they are written."""
@@ -88,15 +98,27 @@ class RecoveryTarget:
         out["recovery_target_action"] = "promote"
         return out
 
+    def describe(self) -> str:
+        """Where recovery stops, as a phrase."""
+        if self.setting is None:
+            stop = "the end of the archived WAL"
+        elif self.setting == "recovery_target":
+            stop = "the backup's consistency point (recovery_target = 'immediate')"
+        else:
+            edge = "" if self.inclusive or self.setting == "recovery_target_name" else ", exclusive"
+            stop = f"{self.setting} = '{self.value}'{edge}"
+        if self.timeline is not None:
+            stop += f" on timeline {self.timeline}"
+        return stop
+
 
 def target_from_args(args: argparse.Namespace) -> RecoveryTarget | None:
-    """The target the restore flags ask for, validated; None for a plain restore."""
-    timeline = args.recovery_target_timeline
-    if timeline is not None and timeline not in ("latest", "current") and not (
-        timeline.isdigit() and int(timeline) > 0
-    ):
-        raise ConfigError(f"invalid --recovery-target-timeline '{timeline}': use latest, "
-                          "current or a timeline number")
+    """The target the restore flags ask for, normalised; None for a plain restore.
+
+    ``ConfigError`` (exit 3) for a value PostgreSQL would refuse or read otherwise.
+    """
+    timeline = (None if args.recovery_target_timeline is None
+                else normalize_timeline(args.recovery_target_timeline))
     given = [
         (setting, value)
         for setting, value in (
@@ -114,31 +136,27 @@ def target_from_args(args: argparse.Namespace) -> RecoveryTarget | None:
             raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
         return None
     setting, value = given[0] if given else (None, None)
-    if setting is not None and value is not None:
-        _validate(setting, value)
     if args.recovery_target_exclusive and setting not in (
         "recovery_target_time", "recovery_target_lsn", "recovery_target_xid"
     ):
         raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
-    return RecoveryTarget(setting, value, timeline, not args.recovery_target_exclusive)
+    target = RecoveryTarget(setting, value, timeline, not args.recovery_target_exclusive)
+    return _normalized(target) if setting is not None and value is not None else target
 
 
-def _validate(setting: str, value: str) -> None:
-    flag = "--" + setting.replace("_", "-")
-    if setting == "recovery_target_time" and not _TIME_RE.fullmatch(value.strip()):
-        raise ConfigError(f"invalid {flag} '{value}': use 'YYYY-MM-DD HH:MM:SS[.ffffff] ZONE', "
-                          "e.g. '2026-03-22 14:30:00+00'")
-    if setting == "recovery_target_lsn" and not _LSN_RE.fullmatch(value):
-        raise ConfigError(f"invalid {flag} '{value}': expected an LSN like 0/16B3748")
-    if setting == "recovery_target_xid" and not value.isdigit():
-        raise ConfigError(f"invalid {flag} '{value}': expected a transaction id (digits)")
-    if setting == "recovery_target_name" and not 0 < len(value) <= _MAX_RESTORE_POINT_NAME:
-        raise ConfigError(f"invalid {flag}: a restore point name has 1 to 63 characters")
-
-
-def time_has_zone(value: str) -> bool:
-    match = _TIME_RE.fullmatch(value.strip())
-    return bool(match and match.group("zone"))
+def _normalized(target: RecoveryTarget) -> RecoveryTarget:
+    value = target.value or ""
+    if target.setting == "recovery_target_time":
+        time = parse_target_time(value)
+        return replace(target, value=time.text, instant=time.instant)
+    if target.setting == "recovery_target_lsn":
+        lsn = parse_lsn(value)
+        return replace(target, value=format_lsn(lsn), lsn=lsn)
+    if target.setting == "recovery_target_xid":
+        return replace(target, value=normalize_xid(value))
+    if target.setting == "recovery_target_name":
+        return replace(target, value=check_restore_point_name(value))
+    return target
 
 
 @dataclass(frozen=True)
@@ -205,27 +223,9 @@ def _own_executable() -> str:
                       "CLOUD_DUMP_EXECUTABLE to the path the server should run")
 
 
-def configure_recovery(
-    pgdata: Path, target: RecoveryTarget, command: WalFetchCommand
-) -> dict[str, str]:
-    """Write the restore config file, the recovery settings and recovery.signal.
-
-    Returns the settings appended to postgresql.auto.conf. The config file is replaced
-    atomically, mode 0600 from its creation.
-    """
+def write_restore_config(command: WalFetchCommand) -> None:
+    """Write the file restore_command reads, replaced atomically, mode 0600 from its creation."""
     write_atomically(command.config_path, _config_text(command.settings).encode())
-    settings = {"restore_command": command.restore_command(), **target.settings()}
-    lines = [f"{name} = {quote_setting(value)}" for name, value in settings.items()]
-    with (pgdata / "postgresql.auto.conf").open("a") as conf:
-        conf.write("# point-in-time recovery, written by cloud-dump restore\n")
-        conf.write("\n".join(lines) + "\n")
-    (pgdata / "recovery.signal").touch(mode=0o600)
-    return settings
-
-
-def quote_setting(value: str) -> str:
-    """A postgresql.conf string literal, escaped as ALTER SYSTEM writes it."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _config_text(settings: Mapping[str, str]) -> str:

@@ -1,8 +1,10 @@
 """Restore with a recovery target: the settings written for PostgreSQL, the restore config file
-that keeps secrets out of postgresql.auto.conf, target validation, and ``list``'s WAL ranges.
+that keeps secrets out of postgresql.auto.conf, target validation, the WAL archive checked before
+anything is written, and ``list``'s WAL ranges.
 
 Backups are real (``cloud-dump backup`` of a PostgreSQL 15 cluster); WAL is archived here in
-wal-push's format (``tests.test_wal_fetch.archive_wal``). Full PITR cycles are in test_pitr.py.
+wal-push's format (``tests.test_wal_fetch.archive_wal``), or only the archive's identity object
+is written where a test needs an archive to exist. Full PITR cycles are in test_pitr.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.layout import Layout
+from storage import Storage
+from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from storage.manifest import BackupManifest
 from storage.walnames import Segment
 from tests.rig.moto import StorageTarget, local_target
@@ -27,7 +30,8 @@ from tests.test_wal_fetch import archive_wal, segment_bytes
 
 PASSPHRASE = "pitr-passphrase-6f1c"
 AWS_SECRET = "aws-secret-value-93b7"
-TARGET_TIME = "2026-03-22 14:30:00+00"
+# After every backup the tests take (a target before a backup's end is refused).
+TARGET_TIME = "2099-03-22 14:30:00+00"
 
 
 def restore(target: StorageTarget, name: str, *extra: str,
@@ -46,6 +50,15 @@ def settings_of(pgdata: Path) -> dict[str, str]:
         if sep and not line.startswith("#"):
             values[key] = value[1:-1].replace("''", "'").replace("\\\\", "\\")
     return values
+
+
+def open_archive(store: Storage, manifest: BackupManifest, layout: Layout | None = None) -> None:
+    """Make a WAL archive exist under ``layout`` as the first wal-push would: its identity."""
+    from workers.wal import WalArchiveInfo
+
+    info = WalArchiveInfo(system_identifier=manifest.system_identifier)
+    store.put((layout or Layout()).wal_root + WAL_ARCHIVE_INFO_NAME,
+              info.model_dump_json().encode())
 
 
 def config_of(path: Path) -> dict[str, str]:
@@ -68,6 +81,9 @@ def test_restore_with_target_time_writes_recovery_settings_without_secrets(
     pg15: PgCluster, storage_target: StorageTarget
 ) -> None:
     backup_cli(pg15, storage_target, "pitr")
+    store = storage_target.open()
+    open_archive(store, BackupManifest.from_json(store.get("pitr/manifest.json"), "pitr"))
+    store.close()
     env = {"CLOUD_DUMP_PASSPHRASE": PASSPHRASE}
     if storage_target.kind == "s3":
         env["AWS_SECRET_ACCESS_KEY"] = AWS_SECRET  # moto accepts any credentials
@@ -100,22 +116,27 @@ def test_restore_with_target_time_writes_recovery_settings_without_secrets(
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--recovery-target-lsn", "0/3000060", "--recovery-target-exclusive"],
-         {"recovery_target_lsn": "0/3000060", "recovery_target_inclusive": "off"}),
+        (["--recovery-target-lsn", "7f/03000060", "--recovery-target-exclusive"],
+         {"recovery_target_lsn": "7F/3000060", "recovery_target_inclusive": "off"}),
         (["--recovery-target-xid", "742"], {"recovery_target_xid": "742"}),
         (["--recovery-target-name", "before-upgrade"],
          {"recovery_target_name": "before-upgrade"}),
         (["--recovery-target", "immediate"], {"recovery_target": "immediate"}),
+        (["--recovery-target", "immediate", "--archive-mode", "off"],
+         {"recovery_target": "immediate", "archive_mode": "off"}),
         (["--recovery-target", "latest", "--recovery-target-timeline", "2"],
          {"recovery_target": "", "recovery_target_time": "", "recovery_target_timeline": "2"}),
     ],
-    ids=["lsn-exclusive", "xid", "name", "immediate", "latest-timeline"],
+    ids=["lsn-exclusive", "xid", "name", "immediate", "archive-off", "latest-timeline"],
 )
 def test_restore_writes_the_requested_target(
     local_backup: tuple[StorageTarget, BackupManifest], flags: list[str],
     expected: dict[str, str],
 ) -> None:
-    target, _ = local_backup
+    target, manifest = local_backup
+    store = target.open()
+    open_archive(store, manifest)
+    store.close()
     pgdata, done = restore(target, "base", *flags)
     assert done.returncode == 0, done.stderr
     settings = settings_of(pgdata)
@@ -161,6 +182,10 @@ def test_restore_command_of_cluster_layout_fetches_from_the_cluster_prefix(
 ) -> None:
     target = local_target(tmp_path / "store")
     backup_cli(pg15, target, "base", "--cluster", "prod-pg15")
+    name = "000000010000000000000042"
+    store = target.open()
+    archive_wal(store, Layout(cluster="prod-pg15"), name, segment_bytes(42))
+    store.close()
     pgdata, done = restore(target, "base", "--cluster", "prod-pg15",
                            "--recovery-target", "latest", "--restore-config",
                            str(tmp_path / "it's 100% restore.conf"))
@@ -169,10 +194,6 @@ def test_restore_command_of_cluster_layout_fetches_from_the_cluster_prefix(
     assert config["CLOUD_DUMP_CLUSTER"] == '"prod-pg15"'
 
     # Run restore_command as PostgreSQL would: %f/%p substituted, through the shell, in PGDATA.
-    name = "000000010000000000000042"
-    store = target.open()
-    archive_wal(store, Layout(cluster="prod-pg15"), name, segment_bytes(42))
-    store.close()
     command = settings_of(pgdata)["restore_command"]
     command = command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
     command = command.replace("%%", "%")
@@ -207,3 +228,34 @@ def test_list_shows_the_wal_range_after_each_backup(
     assert f"WAL {names[0]} .. {names[-1]} (4 segments)" in listed.stdout
     list_json = json.loads(run_cli("list", "--json", env=target.env).stdout)
     assert list_json[0]["wal"] == {"first": names[0], "last": names[-1], "segments": 4}
+
+
+def test_target_restore_without_a_wal_archive_is_refused_before_writing(
+    pg15: PgCluster, storage_target: StorageTarget
+) -> None:
+    """Item 3: recovery from a location where nothing was ever archived would promote at the
+    end of the backup's own WAL; restore refuses it (exit 18) before writing anything."""
+    backup_cli(pg15, storage_target, "no-archive")
+    pgdata, done = restore(storage_target, "no-archive", "--recovery-target", "immediate")
+    assert done.returncode == 18, done.stderr
+    assert "no WAL archive at" in done.stderr and "wal_archive" in done.stderr
+    assert not pgdata.exists()
+    assert not (pgdata.parent / "cloud-dump-restore.conf").exists()
+
+
+def test_target_restore_with_the_archive_under_another_cluster_is_refused(
+    pg15: PgCluster, tmp_path: Path
+) -> None:
+    """The backup is under --cluster prod, but archive_command pushed to the flat prefix."""
+    target = local_target(tmp_path / "store")
+    backup_cli(pg15, target, "base", "--cluster", "prod")
+    store = target.open()
+    archive_wal(store, Layout(), "000000010000000000000042", segment_bytes(42))
+    store.close()
+    pgdata = make_postgres_dir("cloud-dump-pitr-") / "data"
+    pgdata.mkdir()  # an empty target directory stays empty
+    done = run_cli("restore", "--name", "base", "--pgdata", str(pgdata), "--cluster", "prod",
+                   "--recovery-target-time", TARGET_TIME, env=target.env)
+    assert done.returncode == 18, done.stderr
+    assert "prod/wal_archive" in done.stderr
+    assert list(pgdata.iterdir()) == []
