@@ -229,9 +229,11 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
         ("import celery/kombu/redis + connect to broker", g("open_runner", 0)),
         ("archive identity (spool cache)", g("archive_for", 0)),
         ("zstd level 3 (the first call imports zstandard)", g("compress", 0)),
-        ("stage payload(s) in Redis (SET)", g("CeleryWalRunner.stage_payload", 0)),
+        # The payload is held here until its task is sent; the Redis SET is part of push.
+        ("hold payload(s) for sending", g("CeleryWalRunner.stage_payload", 0)),
         ("encode_wal other (import workers.wal/pydantic)", encode_other),
-        ("send task(s), wait for the workers' answers", g("CeleryWalRunner.push", 0)),
+        ("stage in Redis (SET), send task(s), wait for the answers",
+         g("CeleryWalRunner.push", 0)),
         ("delete staged payload(s), close", g("CeleryWalRunner.delete_staged", 0)
          + g("CeleryWalRunner.close", 0)),
         ("write spool marker(s), prune", g("_record", 0) + g("prune_markers", 0)),

@@ -4,9 +4,7 @@ that looks like a valid backup or a usable PGDATA."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +14,13 @@ import pytest
 from coordinator.crypto import generate_identity
 from coordinator.exitcodes import ExitCode
 from storage.manifest import BackupManifest
-from tests.rig import sample
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 from tests.rig.procs import free_port
-from tests.rig.roundtrip import restore_and_compare
-from tests.rig.services import VENV_BIN, RedisServer, WorkerPool, run_cli
-from tests.test_wal_push import SEG1, SYSID_A, WalDir, make_segment
+from tests.rig.roundtrip import restore_and_compare, start_backup
+from tests.rig.sample import BigSource, make_big_source
+from tests.rig.services import PART_RECEIVED, RedisServer, WorkerPool, error_line, run_cli
+from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +37,9 @@ def backup(cluster: PgCluster, target: StorageTarget, name: str, *extra: str) ->
 
 
 def one_line_error(stderr: str, *fragments: str) -> None:
-    errors = [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
-    assert len(errors) == 1, stderr
+    error = error_line(stderr)
     for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+        assert fragment in error, error
 
 
 def assert_no_usable_pgdata(pgdata: Path) -> None:
@@ -195,24 +192,9 @@ def test_restore_missing_archive(source: PgCluster, storage_target: StorageTarge
 
 
 @pytest.fixture
-def big_source(pg_factory: PgFactory) -> tuple[PgCluster, Path, dict[str, str]]:
-    """Enough data that a backup is made of many parts and takes a moment."""
-    cluster = pg_factory(15)
-    tablespace = sample.populate(cluster, rows=200_000)
-    return cluster, tablespace, sample.digest(cluster.sql)
-
-
-def _start_backup(cluster: PgCluster, target: StorageTarget, name: str,
-                  redis: RedisServer, *extra: str) -> subprocess.Popen[str]:
-    argv = [str(VENV_BIN / "cloud-dump"), "backup", "--name", name, "--db-url",
-            cluster.replication_url(), "--broker", redis.url, "--part-size-mib", "5",
-            "--compression", "none", "--no-progress", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **target.env})
-
-
-# What a worker logs when it takes a part (its start-up banner names the task too).
-PART_RECEIVED = "Task cloud_dump.upload_part["
+def big_source(pg_factory: PgFactory) -> BigSource:
+    """A new one for each test here, where the rig's is shared by a module's tests."""
+    return make_big_source(pg_factory)
 
 
 def _wait_for_line(path: Path, needle: str, timeout_s: float) -> bool:
@@ -225,15 +207,15 @@ def _wait_for_line(path: Path, needle: str, timeout_s: float) -> bool:
 
 
 def test_worker_killed_mid_backup_does_not_fail_it(
-    big_source: tuple[PgCluster, Path, dict[str, str]],
+    big_source: BigSource,
     storage_target: StorageTarget,
     redis_server: RedisServer,
     start_workers: Callable[..., WorkerPool],
 ) -> None:
     cluster, tablespace, expected = big_source
     victim = start_workers(storage_target.env, count=1)
-    coordinator = _start_backup(cluster, storage_target, "b1", redis_server,
-                                "--part-timeout", "5")
+    coordinator = start_backup(cluster, storage_target, redis_server.url, "b1",
+                               "--part-timeout", "5")
     # Kill the only worker the moment it receives its first part: the message is lost with
     # it, and only the coordinator's re-dispatch can bring that part in.
     assert _wait_for_line(victim.processes[0].log_path, PART_RECEIVED, 60)
@@ -248,14 +230,14 @@ def test_worker_killed_mid_backup_does_not_fail_it(
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_coordinator_killed_mid_backup_leaves_no_listed_backup(
     sig: int,
-    big_source: tuple[PgCluster, Path, dict[str, str]],
+    big_source: BigSource,
     storage_target: StorageTarget,
     redis_server: RedisServer,
     start_workers: Callable[..., WorkerPool],
 ) -> None:
     cluster = big_source[0]
     pool = start_workers(storage_target.env, count=2)
-    coordinator = _start_backup(cluster, storage_target, "b1", redis_server)
+    coordinator = start_backup(cluster, storage_target, redis_server.url, "b1")
     assert _wait_for_line(pool.processes[0].log_path, PART_RECEIVED, 60) or \
         _wait_for_line(pool.processes[1].log_path, PART_RECEIVED, 1)
     coordinator.send_signal(sig)

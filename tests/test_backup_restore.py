@@ -12,16 +12,10 @@ from collections.abc import Callable
 import pytest
 
 from tests.rig import sample
-from tests.rig.moto import MotoServer, StorageTarget, s3_target
+from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgFactory, majors
 from tests.rig.roundtrip import backup_cli, restore_and_compare
 from tests.rig.services import RedisServer, WorkerPool
-
-
-@pytest.fixture
-def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -> StorageTarget:
-    return s3_target(moto_server.endpoint, s3_bucket, aws_env)
-
 
 MAJORS = majors()
 

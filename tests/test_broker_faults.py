@@ -8,7 +8,6 @@ storage as everywhere else.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -24,18 +23,23 @@ import zstandard
 from coordinator.dispatch import open_broker
 from coordinator.exitcodes import ExitCode
 from coordinator.runners import CeleryRunner
-from tests.rig import sample
-from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
-from tests.rig.postgres import PgCluster, PgFactory
+from tests.rig.moto import StorageTarget, local_target
 from tests.rig.procs import ServerProcess, free_port, port_open
-from tests.rig.roundtrip import restore_and_compare
-from tests.rig.services import REPO_ROOT, VENV_BIN, WorkerPool
-from tests.test_wal_push import SEG1, SYSID_A, GatedProxy, WalDir, make_segment
+from tests.rig.roundtrip import restore_and_compare, start_backup
+from tests.rig.sample import BigSource
+from tests.rig.services import (
+    PART_RECEIVED,
+    PUSH_RECEIVED,
+    WorkerPool,
+    error_line,
+    start_worker_pool,
+    wait_for_log,
+)
+from tests.rig.tcpproxy import TcpProxy
+from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 from workers.backup import BackupRef, ClaimRequest
 
 PASSWORD = "broker-pw-7f3a"  # a test server's password, checked never to leak
-PART_RECEIVED = "Task cloud_dump.upload_part["
-PUSH_RECEIVED = "Task cloud_dump.push_wal["
 
 
 class OwnRedis:
@@ -88,20 +92,8 @@ def own_workers(own_redis: OwnRedis, tmp_path: Path) -> Iterator[Callable[..., W
     pools: list[WorkerPool] = []
 
     def start(env: dict[str, str], count: int = 2, queues: str = "parts,wal") -> WorkerPool:
-        pool = WorkerPool(own_redis.url)
-        child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": own_redis.url}
-        for i in range(count):
-            name = f"b{len(pools)}-{i + 1}@rig"
-            argv = [str(VENV_BIN / "celery"), "-A", "tasks.app", "worker", "-Q", queues,
-                    "-c", "1", "-n", name, "-l", "info", "--without-gossip",
-                    "--without-mingle", "--without-heartbeat"]
-            pool.processes.append(ServerProcess(
-                f"celery worker {name}", argv, tmp_path / f"worker-{name}.log",
-                env=child_env, cwd=REPO_ROOT,
-            ))  # fmt: skip
-            pool.names.append(name)
+        pool = start_worker_pool(own_redis.url, env, count=count, queues=queues, log_dir=tmp_path)
         pools.append(pool)
-        pool.wait_ready()
         return pool
 
     yield start
@@ -112,45 +104,6 @@ def own_workers(own_redis: OwnRedis, tmp_path: Path) -> Iterator[Callable[..., W
         pool.stop()
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts; any still running at its end (a failed test) is killed."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def big_source(pg_factory: PgFactory) -> tuple[PgCluster, Path, dict[str, str]]:
-    """Enough data that a backup in 5 MiB parts is made of many parts and takes a moment."""
-    cluster = pg_factory(15)
-    tablespace = sample.populate(cluster, rows=200_000)
-    return cluster, tablespace, sample.digest(cluster.sql)
-
-
-def start_backup(cluster: PgCluster, target: StorageTarget, broker_url: str, name: str,
-                 *extra: str) -> subprocess.Popen[str]:
-    argv = [str(VENV_BIN / "cloud-dump"), "backup", "--name", name, "--db-url",
-            cluster.replication_url(), "--broker", broker_url, "--part-size-mib", "5",
-            "--compression", "none", "--no-progress", *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **target.env})
-
-
-def wait_for_line(paths: list[Path], needle: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any(needle in p.read_text(errors="replace") for p in paths if p.exists()):
-        assert time.monotonic() < deadline, f"'{needle}' never appeared in {paths}"
-        time.sleep(0.002)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
-
-
 def redacted(redis: OwnRedis) -> str:
     return f"redis://:***@127.0.0.1:{redis.port}/0"
 
@@ -158,19 +111,35 @@ def redacted(redis: OwnRedis) -> str:
 # --- backups -----------------------------------------------------------------------------------
 
 
-def test_backup_survives_a_broker_restart_and_restores_identically(
-    big_source: tuple[PgCluster, Path, dict[str, str]],
+@pytest.fixture
+def start_backup_under_way(
+    big_source: BigSource,
     own_redis: OwnRedis,
     own_workers: Callable[..., WorkerPool],
-    tmp_path: Path,
     children: list[subprocess.Popen[str]],
+) -> Callable[..., subprocess.Popen[str]]:
+    """``start(target, *extra)``: backup "b1" of ``big_source`` into ``target`` through two
+    workers on ``own_redis``, returned once a worker has taken a part."""
+
+    def start(target: StorageTarget, *extra: str) -> subprocess.Popen[str]:
+        pool = own_workers(target.env, count=2)
+        coordinator = start_backup(big_source[0], target, own_redis.url, "b1", *extra)
+        children.append(coordinator)
+        wait_for_log([p.log_path for p in pool.processes], PART_RECEIVED)
+        return coordinator
+
+    return start
+
+
+def test_backup_survives_a_broker_restart_and_restores_identically(
+    big_source: BigSource,
+    own_redis: OwnRedis,
+    start_backup_under_way: Callable[..., subprocess.Popen[str]],
+    tmp_path: Path,
 ) -> None:
     cluster, tablespace, expected = big_source
     target = local_target(tmp_path / "store")
-    pool = own_workers(target.env, count=2)
-    coordinator = start_backup(cluster, target, own_redis.url, "b1")
-    children.append(coordinator)
-    wait_for_line([p.log_path for p in pool.processes], PART_RECEIVED)
+    coordinator = start_backup_under_way(target)
     own_redis.kill()  # parts queued, staged and unconfirmed: all of it is gone with Redis
     assert coordinator.poll() is None, "the backup ended before the broker went away"
     own_redis.start()
@@ -186,30 +155,23 @@ def test_backup_survives_a_broker_restart_and_restores_identically(
 
 
 def test_backup_whose_broker_stays_away_exits_6_with_one_line(
-    big_source: tuple[PgCluster, Path, dict[str, str]],
     own_redis: OwnRedis,
-    own_workers: Callable[..., WorkerPool],
+    start_backup_under_way: Callable[..., subprocess.Popen[str]],
     tmp_path: Path,
-    children: list[subprocess.Popen[str]],
 ) -> None:
-    cluster = big_source[0]
     target = local_target(tmp_path / "store")
-    pool = own_workers(target.env, count=2)
     # --part-timeout is also how long a broker may stay away: short here, so that the test
     # does not wait the default five minutes.
-    coordinator = start_backup(cluster, target, own_redis.url, "b1", "--part-timeout", "5")
-    children.append(coordinator)
-    wait_for_line([p.log_path for p in pool.processes], PART_RECEIVED)
+    coordinator = start_backup_under_way(target, "--part-timeout", "5")
     own_redis.kill()
     killed = time.monotonic()
     _, stderr = coordinator.communicate(timeout=90)
     print(f"backup exited {time.monotonic() - killed:.1f} s after Redis was killed")
     assert coordinator.returncode == ExitCode.BROKER_UNREACHABLE, stderr
-    errors = error_lines(stderr)
-    assert len(errors) == 1, stderr
-    assert f"cannot reach broker '{redacted(own_redis)}'" in errors[0]
+    error = error_line(stderr)
+    assert f"cannot reach broker '{redacted(own_redis)}'" in error
     assert PASSWORD not in stderr
-    assert stderr.rstrip().splitlines()[-1] == errors[0]  # the real error is the last word
+    assert stderr.rstrip().splitlines()[-1] == error  # the real error is the last word
     # Its claim could not be removed without the broker: the warning names the whole key.
     claim = f"{target.url}/b1/backup.claim"
     assert f"'{claim}'" in stderr
@@ -217,7 +179,7 @@ def test_backup_whose_broker_stays_away_exits_6_with_one_line(
 
 
 def test_backup_with_a_password_broker_that_is_down_exits_6_naming_it(
-    big_source: tuple[PgCluster, Path, dict[str, str]],
+    big_source: BigSource,
     own_redis: OwnRedis,
     tmp_path: Path,
     children: list[subprocess.Popen[str]],
@@ -228,8 +190,7 @@ def test_backup_with_a_password_broker_that_is_down_exits_6_naming_it(
     children.append(coordinator)
     _, stderr = coordinator.communicate(timeout=60)
     assert coordinator.returncode == ExitCode.BROKER_UNREACHABLE, stderr
-    errors = error_lines(stderr)
-    assert len(errors) == 1 and redacted(own_redis) in errors[0], stderr
+    assert redacted(own_redis) in error_line(stderr)
     assert PASSWORD not in stderr
     assert not (tmp_path / "store").exists()
 
@@ -237,87 +198,70 @@ def test_backup_with_a_password_broker_that_is_down_exits_6_naming_it(
 # --- WAL pushes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("look_ahead", ["8", "0"], ids=["pusher", "synchronous"])
-def test_wal_push_across_a_broker_restart_is_stored(
-    look_ahead: str,
-    own_redis: OwnRedis,
+@pytest.fixture(params=["8", "0"], ids=["pusher", "synchronous"])
+def start_held_push(
+    request: pytest.FixtureRequest,
     own_workers: Callable[..., WorkerPool],
-    moto_server: MotoServer,
-    aws_env: dict[str, str],
-    s3_bucket: str,
-    tmp_path: Path,
+    own_redis: OwnRedis,
+    s3_store: StorageTarget,
+    s3_proxy: TcpProxy,
+    wal_dir: WalDir,
     children: list[subprocess.Popen[str]],
-) -> None:
-    store = s3_target(moto_server.endpoint, s3_bucket, aws_env)
-    # The worker reaches S3 through a proxy that holds every request: it is inside its push
-    # while Redis is killed and started again, and finishes it only afterwards.
-    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
-    try:
+) -> Callable[[bytes, str], subprocess.Popen[str]]:
+    """``start(segment, timeout)``: ``wal-push`` of SEG1 holding ``segment``, with ``--timeout``
+    and ``--look-ahead`` 8 (through the WAL pusher) or 0 (synchronous), returned once its one
+    worker on ``own_redis`` has taken it and is inside its request to S3, held there by the
+    proxy (every request is) until ``s3_proxy.release()``."""
+
+    def start(segment: bytes, timeout: str) -> subprocess.Popen[str]:
+        s3_proxy.hold()
         pool = own_workers(
-            {**store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
-            count=1, queues="wal",
-        )  # fmt: skip
-        wal_dir = WalDir(tmp_path / "pgdata")
-        segment = make_segment(SYSID_A, 90)
+            {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": s3_proxy.endpoint}, count=1, queues="wal"
+        )
         wal_dir.add(SEG1, segment, ready=True)
-        call = subprocess.Popen(
-            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1,
-             "--look-ahead", look_ahead, "--timeout", "120"],
-            env={**os.environ, "CLOUD_DUMP_BROKER_URL": own_redis.url},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        call = wal_dir.start_push(SEG1, "--look-ahead", request.param, "--timeout", timeout,
+                                  env={"CLOUD_DUMP_BROKER_URL": own_redis.url})
         children.append(call)
-        wait_for_line([pool.processes[0].log_path], PUSH_RECEIVED)
-        own_redis.kill()
-        own_redis.start()
-        proxy.open()
-        _, stderr = call.communicate(timeout=120)
-        assert call.returncode == 0, stderr + wal_dir.pusher_log()
-        assert PASSWORD not in stderr + wal_dir.pusher_log()
-        blob = store.open().get(f"wal_archive/{SEG1}.zst")
-        assert zstandard.ZstdDecompressor().decompress(blob) == segment
-        assert wal_dir.marker(SEG1).exists()
-    finally:
-        proxy.close()
+        wait_for_log([pool.processes[0].log_path], PUSH_RECEIVED)
+        return call
+
+    return start
 
 
-@pytest.mark.parametrize("look_ahead", ["8", "0"], ids=["pusher", "synchronous"])
-def test_wal_push_whose_broker_stays_away_exits_6_naming_it(
-    look_ahead: str,
+def test_wal_push_across_a_broker_restart_is_stored(
     own_redis: OwnRedis,
-    own_workers: Callable[..., WorkerPool],
-    moto_server: MotoServer,
-    aws_env: dict[str, str],
-    s3_bucket: str,
-    tmp_path: Path,
-    children: list[subprocess.Popen[str]],
+    start_held_push: Callable[[bytes, str], subprocess.Popen[str]],
+    s3_proxy: TcpProxy,
+    s3_store: StorageTarget,
+    wal_dir: WalDir,
 ) -> None:
-    store = s3_target(moto_server.endpoint, s3_bucket, aws_env)
-    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
-    try:
-        pool = own_workers(
-            {**store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
-            count=1, queues="wal",
-        )  # fmt: skip
-        wal_dir = WalDir(tmp_path / "pgdata")
-        wal_dir.add(SEG1, make_segment(SYSID_A, 91), ready=True)
-        call = subprocess.Popen(
-            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1,
-             "--look-ahead", look_ahead, "--timeout", "10"],
-            env={**os.environ, "CLOUD_DUMP_BROKER_URL": own_redis.url},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        children.append(call)
-        wait_for_line([pool.processes[0].log_path], PUSH_RECEIVED)
-        own_redis.kill()
-        _, stderr = call.communicate(timeout=60)
-        assert call.returncode == ExitCode.BROKER_UNREACHABLE, stderr + wal_dir.pusher_log()
-        errors = error_lines(stderr)
-        assert len(errors) == 1 and redacted(own_redis) in errors[0], stderr
-        assert PASSWORD not in stderr + wal_dir.pusher_log()
-        assert not wal_dir.marker(SEG1).exists()
-    finally:
-        proxy.close()
+    # The worker is inside its push while Redis is killed and started again, and finishes it
+    # only afterwards.
+    segment = make_segment(SYSID_A, 90)
+    call = start_held_push(segment, "120")
+    own_redis.kill()
+    own_redis.start()
+    s3_proxy.release()
+    _, stderr = call.communicate(timeout=120)
+    assert call.returncode == 0, stderr + wal_dir.pusher_log()
+    assert PASSWORD not in stderr + wal_dir.pusher_log()
+    blob = s3_store.open().get(f"wal_archive/{SEG1}.zst")
+    assert zstandard.ZstdDecompressor().decompress(blob) == segment
+    assert wal_dir.marker(SEG1).exists()
+
+
+def test_wal_push_whose_broker_stays_away_exits_6_naming_it(
+    own_redis: OwnRedis,
+    start_held_push: Callable[[bytes, str], subprocess.Popen[str]],
+    wal_dir: WalDir,
+) -> None:
+    call = start_held_push(make_segment(SYSID_A, 91), "10")
+    own_redis.kill()
+    _, stderr = call.communicate(timeout=60)
+    assert call.returncode == ExitCode.BROKER_UNREACHABLE, stderr + wal_dir.pusher_log()
+    assert redacted(own_redis) in error_line(stderr)
+    assert PASSWORD not in stderr + wal_dir.pusher_log()
+    assert not wal_dir.marker(SEG1).exists()
 
 
 # --- a task the restarted broker lost before any worker took it ----------------------------------

@@ -14,16 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from storage import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
 from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
-from tests.rig.restored import RestoredCluster, chown_postgres, started
+from tests.rig.recovery import (
+    archive_command,
+    archive_store,
+    archiving_cluster,
+    wait_archived,
+    wait_promoted,
+)
+from tests.rig.restored import chown_postgres, started
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import run_cli
 
 MAJORS = majors(default=(15, 17))
-PROMOTION_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -36,65 +41,37 @@ def launcher() -> Path:
 def archive_target(request: pytest.FixtureRequest) -> StorageTarget:
     """A store both root (backup, restore) and the postgres user (wal-push/fetch) can reach."""
     if request.param == "local":
-        root = make_postgres_dir("cloud-dump-pitr-store-")
-        # wal-push (postgres) writes the WAL prefix; backup and restore run as root.
-        (root / "wal_archive").mkdir()
-        chown_postgres(root / "wal_archive")
-        url = f"file://{root}"
-
-        return StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
+        return archive_store()
     server: MotoServer = request.getfixturevalue("moto_server")
     env: dict[str, str] = request.getfixturevalue("aws_env")
     return s3_target(server.endpoint, request.getfixturevalue("s3_bucket"), env)
 
 
-def write_server_config(target: StorageTarget) -> Path:
-    """archive_command's settings, as an operator would keep them: a 0600 file of postgres."""
-    path = make_postgres_dir("cloud-dump-pitr-conf-") / "archive.conf"
-    path.write_text("".join(f'{k}="{v}"\n' for k, v in target.env.items()))
-    path.chmod(0o600)
-    chown_postgres(path)
-    return path
-
-
-def wait_archived(cluster: PgCluster | RestoredCluster) -> None:
-    """Switch WAL and wait until the segment holding everything so far is archived."""
-    wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
-    cluster.sql("SELECT pg_switch_wal()")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        archived, failed = cluster.sql(
-            "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
-        if archived is not None and str(archived)[:24] >= wanted:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"segment {wanted} not archived (last failed: {failed})")
+def restore_into(target: StorageTarget, launcher: Path, name: str, *flags: str) -> Path:
+    pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
+    done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
+                   env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
+    assert done.returncode == 0, done.stderr
+    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
+    return pgdata
 
 
 def restore_and_count(
     cluster: PgCluster, target: StorageTarget, launcher: Path, *flags: str
 ) -> list[tuple[object, ...]]:
-    pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
-    done = run_cli("restore", "--name", "base", "--pgdata", str(pgdata), *flags,
-                   env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
-    assert done.returncode == 0, done.stderr
-    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
+    pgdata = restore_into(target, launcher, "base", *flags)
     with started(cluster.major, pgdata) as restored:
-        deadline = time.monotonic() + PROMOTION_TIMEOUT_S
-        while restored.sql("SELECT pg_is_in_recovery()")[0][0]:
-            assert time.monotonic() < deadline, "the restored cluster was never promoted"
-            time.sleep(0.3)
+        wait_promoted(restored)
         return restored.sql("SELECT phase, count(*) FROM pitr GROUP BY phase ORDER BY phase")
 
 
 @pytest.fixture
-def pitr_cluster(pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path,
+def pitr_cluster(pg_factory: PgFactory, archive_target: StorageTarget,
                  request: pytest.FixtureRequest) -> Iterator[PgCluster]:
     major = request.param
     if archive_target.kind == "s3" and major != 15:
         pytest.skip("the storage side does not depend on the server version: s3 runs on 15")
-    config = write_server_config(archive_target)
-    yield pg_factory(major, archive_command=f"{launcher} wal-push %p %f --config {config}")
+    yield archiving_cluster(pg_factory, major, archive_target)
 
 
 @pytest.mark.parametrize("pitr_cluster", MAJORS, indirect=True)
@@ -121,31 +98,14 @@ def test_point_in_time_recovery_through_wal_push_and_wal_fetch(
                              "--recovery-target", "latest") == [("a", 100), ("b", 50), ("c", 25)]
 
 
-def wait_promoted(cluster: RestoredCluster) -> None:
-    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
-    while cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
-        assert time.monotonic() < deadline, "the restored cluster was never promoted"
-        time.sleep(0.3)
-
-
-def restore_into(target: StorageTarget, launcher: Path, name: str, *flags: str) -> Path:
-    pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
-    done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
-                   env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
-    assert done.returncode == 0, done.stderr
-    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
-    return pgdata
-
-
 @pytest.mark.parametrize("archive_target", ["local"], indirect=True)
 def test_restore_after_restore_follows_the_new_timeline(
     pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path
 ) -> None:
     """Promote a PITR copy (timeline 2, its .history archived), back it up, archive more, and
     restore that lineage to a point on the new timeline."""
-    config = write_server_config(archive_target)
-    archive_command = f"{launcher} wal-push %p %f --config {config}"
-    source = pg_factory(15, archive_command=archive_command)
+    command = archive_command(archive_target)
+    source = pg_factory(15, archive_command=command)
     backup_cli(source, archive_target, "base")
     source.sql("CREATE TABLE pitr (id int, phase text)")
     source.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 10) g")
@@ -156,7 +116,7 @@ def test_restore_after_restore_follows_the_new_timeline(
     copy_data = restore_into(archive_target, launcher, "base", "--recovery-target-lsn", fork_lsn)
     with started(15, copy_data, settings={
         "listen_addresses": "127.0.0.1", "archive_mode": "on",
-        "archive_command": archive_command,
+        "archive_command": command,
     }) as copy:
         wait_promoted(copy)
         assert copy.sql("SELECT timeline_id FROM pg_control_checkpoint()")[0][0] == 2

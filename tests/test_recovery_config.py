@@ -26,7 +26,7 @@ from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, make_postgres_dir
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import run_cli
-from tests.test_wal_fetch import archive_wal, segment_bytes
+from tests.rig.walarchive import archive_wal, segment_bytes
 
 PASSPHRASE = "pitr-passphrase-6f1c"
 AWS_SECRET = "aws-secret-value-93b7"

@@ -10,7 +10,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.exitcodes import ExitCode
-from storage import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
-from tests.rig.restored import RestoredCluster, chown_postgres, started
+from tests.rig.recovery import archive_store, wait_archived, wait_promoted
+from tests.rig.restored import chown_postgres, started
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import VENV_BIN, run_cli
 
 POSTGRES = pwd.getpwnam("postgres")
-PROMOTION_TIMEOUT_S = 90
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,9 @@ def archived(pg_factory: PgFactory) -> Archived:
     """A PG 15 cluster archiving through ``cloud-dump wal-push``, backed up as "b", then given
     rows that only the archived WAL holds."""
     launcher = postgres_cloud_dump()
-    root = make_postgres_dir("cloud-dump-root-store-")
-    (root / "wal_archive").mkdir()
-    chown_postgres(root / "wal_archive")
-    url = f"file://{root}"
-    target = StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
+    target = archive_store()
     config = make_postgres_dir("cloud-dump-root-conf-") / "archive.conf"
-    config.write_text(f'CLOUD_DUMP_STORAGE="{url}"\n')
+    config.write_text(f'CLOUD_DUMP_STORAGE="{target.url}"\n')
     chown_postgres(config)
     cluster = pg_factory(15, archive_command=f"{launcher} wal-push %p %f --config {config}")
     tablespace = make_postgres_dir("cloud-dump-root-ts-")
@@ -59,18 +53,6 @@ def archived(pg_factory: PgFactory) -> Archived:
     cluster.sql("INSERT INTO rows_ts SELECT generate_series(101, 150)")
     wait_archived(cluster)
     return Archived(cluster, target, launcher, tablespace)
-
-
-def wait_archived(cluster: PgCluster) -> None:
-    wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
-    cluster.sql("SELECT pg_switch_wal()")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        archived = cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
-        if archived is not None and str(archived)[:24] >= wanted:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"segment {wanted} was not archived")
 
 
 @pytest.fixture
@@ -100,13 +82,6 @@ def restore(
     return run_cli("restore", "--name", "b", "--pgdata", str(pgdata),
                    "--tablespace-mapping", f"{archived.tablespace}={tablespace}", *extra,
                    env={**archived.target.env, "CLOUD_DUMP_EXECUTABLE": str(archived.launcher)})
-
-
-def wait_promoted(copy: RestoredCluster) -> None:
-    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
-    while copy.sql("SELECT pg_is_in_recovery()")[0][0]:
-        assert time.monotonic() < deadline, "the restored cluster was never promoted"
-        time.sleep(0.3)
 
 
 def test_root_restore_gives_everything_to_the_parents_owner_and_recovery_reads_its_config(

@@ -34,27 +34,17 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
-@pytest.fixture
-def proxy(moto_server: MotoServer) -> Iterator[TcpProxy]:
-    port = int(moto_server.endpoint.rsplit(":", 1)[1])
-    front = TcpProxy(port)
-    try:
-        yield front
-    finally:
-        front.close()
-
-
 def test_restore_rides_out_a_five_second_storage_outage_mid_download(
     pg_factory: PgFactory, moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str,
-    proxy: TcpProxy,
+    s3_proxy: TcpProxy,
 ) -> None:
     cluster = pg_factory(15)
     tablespace = sample.populate(cluster, rows=500)
     expected = sample.digest(cluster.sql)
     backup_cli(cluster, s3_target(moto_server.endpoint, s3_bucket, aws_env), "b")
 
-    through_proxy = s3_target(proxy.endpoint, s3_bucket, aws_env)
-    proxy.cut_once(b"/b/base.tar", after_bytes=256 * 1024, outage_s=OUTAGE_S)
+    through_proxy = s3_target(s3_proxy.endpoint, s3_bucket, aws_env)
+    s3_proxy.cut_once(b"/b/base.tar", after_bytes=256 * 1024, outage_s=OUTAGE_S)
     pgdata = make_postgres_dir("cloud-dump-outage-") / "data"
     new_tablespace = make_postgres_dir("cloud-dump-outage-ts-")
     done = run_cli(
@@ -64,9 +54,9 @@ def test_restore_rides_out_a_five_second_storage_outage_mid_download(
         # must be what carries it over the outage.
         env={**through_proxy.env, "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "2"},
     )  # fmt: skip
-    assert proxy.cuts == 1, "the outage did not happen mid-restore"
+    assert s3_proxy.cuts == 1, "the outage did not happen mid-restore"
     assert done.returncode == 0, done.stderr
-    assert proxy.outage_over.is_set()  # the restore outlasted the outage
+    assert s3_proxy.outage_over.is_set()  # the restore outlasted the outage
     assert "retrying" in done.stderr
     with started(15, pgdata, new_tablespace) as restored:
         assert sample.digest(restored.sql) == expected

@@ -89,6 +89,14 @@ def phases_after_recovery(source: Source, *flags: str) -> list[tuple[object, ...
         return copy.sql("SELECT phase, count(*) FROM t GROUP BY phase ORDER BY phase")
 
 
+def refused(source: Source, backup: str, *flags: str) -> str:
+    """Restore ``backup`` with ``flags``: refused (exit 3) with nothing written; its stderr."""
+    pgdata, done = restore(source.store, backup, *flags)
+    assert done.returncode == 3, done.stderr
+    assert not pgdata.exists()
+    return done.stderr
+
+
 A_B = [("a", 10), ("b", 20)]
 
 
@@ -208,39 +216,29 @@ def test_value_postgresql_would_refuse_or_misread_is_refused_before_download(
 ) -> None:
     if source.cluster.major != 15:
         pytest.skip("refused before any server is involved: once is enough")
-    pgdata, done = restore(source.store, "late", *flags)
-    assert done.returncode == 3, done.stderr
-    assert named in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert not pgdata.exists()
+    stderr = refused(source, "late", *flags)
+    assert named in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 # --- targets the backup cannot reach (item 5) -----------------------------------------------------
 
 
 def test_time_before_the_backups_end_is_refused_naming_an_earlier_backup(source: Source) -> None:
-    pgdata, done = restore(source.store, "late", "--recovery-target-time",
-                           source.after_a.isoformat())
-    assert done.returncode == 3, done.stderr
-    assert "before the end of backup 'late'" in done.stderr
-    assert "backup 'early'" in done.stderr and "can reach it" in done.stderr
-    assert not pgdata.exists()
+    stderr = refused(source, "late", "--recovery-target-time", source.after_a.isoformat())
+    assert "before the end of backup 'late'" in stderr
+    assert "backup 'early'" in stderr and "can reach it" in stderr
 
 
 def test_time_before_every_backup_is_refused_saying_none_can_reach_it(source: Source) -> None:
-    pgdata, done = restore(source.store, "early", "--recovery-target-time",
-                           source.before_early.isoformat())
-    assert done.returncode == 3, done.stderr
-    assert "before the end of backup 'early'" in done.stderr
-    assert "no earlier backup" in done.stderr
-    assert not pgdata.exists()
+    stderr = refused(source, "early", "--recovery-target-time", source.before_early.isoformat())
+    assert "before the end of backup 'early'" in stderr
+    assert "no earlier backup" in stderr
 
 
 def test_lsn_before_the_backups_end_is_refused_naming_an_earlier_backup(source: Source) -> None:
-    pgdata, done = restore(source.store, "late", "--recovery-target-lsn", source.lsn_after_a)
-    assert done.returncode == 3, done.stderr
-    assert "before the end of backup 'late'" in done.stderr and "backup 'early'" in done.stderr
-    assert not pgdata.exists()
+    stderr = refused(source, "late", "--recovery-target-lsn", source.lsn_after_a)
+    assert "before the end of backup 'late'" in stderr and "backup 'early'" in stderr
 
 
 def test_the_earlier_backup_named_reaches_the_refused_target(source: Source) -> None:

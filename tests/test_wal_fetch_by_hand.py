@@ -10,9 +10,7 @@ Prefetching in a real recovery is tested in ``test_wal_fetch_recovery.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,29 +18,16 @@ import pytest
 from storage import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget
-from tests.rig.services import VENV_BIN
-from tests.test_wal_fetch import (
+from tests.rig.walarchive import (
     archive_wal,
     passphrase_segments,
     segment_bytes,
     segment_name,
     wait_for_prefetcher,
+    wal_fetch,
 )
 
 FIRST = segment_name(1)
-
-
-def wal_fetch_in(
-    cwd: Path, target: StorageTarget, name: str, dest: Path, *extra: str,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """``wal-fetch NAME DEST`` run by an operator whose working directory is ``cwd``."""
-    return subprocess.run(
-        [str(VENV_BIN / "cloud-dump"), "wal-fetch", name, str(dest), *extra],
-        capture_output=True, text=True, timeout=120, cwd=cwd, check=False,
-        env={**os.environ, "CLOUD_DUMP_WAL_FETCH_RETRIES": "1",
-             "CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT": "1", **target.env, **(env or {})},
-    )
 
 
 def listing(root: Path) -> set[str]:
@@ -79,7 +64,7 @@ def test_wal_fetch_by_hand_into_another_directory_creates_no_directory(
     name = {"not-archived": segment_name(9), "history": "00000002.history"}.get(case, FIRST)
     before = listing(tmp_path)
 
-    done = wal_fetch_in(scratch, storage_target, name, elsewhere / name, env=env)
+    done = wal_fetch(storage_target, scratch, name, dest=elsewhere / name, env=env)
 
     assert wait_for_prefetcher(scratch)
     created = listing(tmp_path) - before
@@ -101,8 +86,8 @@ def test_spool_is_in_the_pg_wal_the_file_goes_to_not_in_the_working_directory(
         archive_wal(storage, Layout(), segment_name(n), segment_bytes(210 + n))
     pg_wal = tmp_path / "data" / "pg_wal"
     pg_wal.mkdir(parents=True)
-    done = wal_fetch_in(scratch, storage_target, FIRST, pg_wal / "RECOVERYXLOG",
-                        "--prefetch", "2")
+    done = wal_fetch(storage_target, scratch, FIRST, "--prefetch", "2",
+                     dest=pg_wal / "RECOVERYXLOG")
     assert done.returncode == 0, done.stderr
     assert wait_for_prefetcher(scratch)
     assert listing(scratch) == set()
@@ -112,7 +97,7 @@ def test_spool_is_in_the_pg_wal_the_file_goes_to_not_in_the_working_directory(
     # Served from that spool by a call made from yet another directory: gone from storage,
     # only the spool can deliver it.
     storage.delete(Layout().wal_key(segment_name(2), "zstd", encrypted=False))
-    done = wal_fetch_in(tmp_path, storage_target, segment_name(2), pg_wal / "RECOVERYXLOG",
-                        "--prefetch", "0")
+    done = wal_fetch(storage_target, tmp_path, segment_name(2), "--prefetch", "0",
+                     dest=pg_wal / "RECOVERYXLOG")
     assert done.returncode == 0, done.stderr
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segment_bytes(212)

@@ -25,12 +25,11 @@ from storage import Storage
 from storage.layout import Layout
 from tests.rig.moto import S3_PREFIX, StorageTarget, local_target, s3_target
 from tests.rig.services import run_cli
-from tests.test_wal_fetch import (
+from tests.rig.walarchive import (
     SEGMENT,
     archive_wal,
     assert_not_written,
     passphrase_archive,
-    pgdata,  # noqa: F401 - the fixture
     segment_bytes,
     spool_dir,
     wait_for_prefetcher,
@@ -146,7 +145,7 @@ def missing(request: pytest.FixtureRequest, tmp_path: Path) -> Missing:
 
 
 def test_no_archive_at_the_location_stops_recovery_for_every_file_asked(
-    missing: Missing, pgdata: Path  # noqa: F811
+    missing: Missing, pgdata: Path
 ) -> None:
     for name, dest, flags in REQUESTS:
         done = wal_fetch(missing.target, pgdata, name, *missing.flags, *flags, dest=dest,
@@ -167,7 +166,7 @@ def test_no_archive_at_the_location_stops_recovery_for_every_file_asked(
 
 
 def test_existing_archive_without_the_file_still_answers_1(
-    storage_target: StorageTarget, storage: Storage, pgdata: Path  # noqa: F811
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
     # An encrypted archive (passphrase mode) that exists but has none of the files asked for.
     recipient = passphrase_archive(storage, Layout())
@@ -182,7 +181,7 @@ def test_existing_archive_without_the_file_still_answers_1(
 
 
 def test_archive_made_only_of_wal_files_counts_as_existing(
-    storage_target: StorageTarget, storage: Storage, pgdata: Path  # noqa: F811
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
     # The seed tool writes no cloud-dump-archive.json: any object under the prefix will do.
     archive_wal(storage, Layout(), "00000003.history", b"2\t0/5000000\tno reason\n")
@@ -203,7 +202,7 @@ def _poisoned(tmp_path: Path, module: str) -> dict[str, str]:
 @pytest.mark.parametrize("module", ["zstandard", "argparse"],
                          ids=["inside-the-command", "importing-the-cli"])
 def test_a_broken_installation_stops_recovery_instead_of_answering_1(
-    storage_target: StorageTarget, storage: Storage, pgdata: Path,  # noqa: F811
+    storage_target: StorageTarget, storage: Storage, pgdata: Path,
     tmp_path: Path, module: str,
 ) -> None:
     # An error nobody anticipated is a bug, and Python's own exit status for it is 1: either

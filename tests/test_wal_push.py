@@ -5,19 +5,16 @@ returns 0 — through the installed command, against real storage, Redis, worker
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import pwd
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +22,13 @@ import pytest
 import zstandard
 
 from coordinator import fastpath
-from coordinator.background import helper_pid, helper_running
+from coordinator.background import helper_pid
 from coordinator.cli import build_parser
 from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
 from coordinator.exitcodes import ExitCode
 from coordinator.walencode import segment_system_identifier
 from coordinator.walspool import (
     PUSHER_LOCK,
-    PUSHER_LOG,
     LookAhead,
     Spool,
     archive_location,
@@ -41,86 +37,19 @@ from coordinator.walspool import (
 )
 from storage import Storage
 from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
+from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import OS_USER, PgCluster, PgFactory, make_postgres_dir
 from tests.rig.procs import free_port
-from tests.rig.services import VENV_BIN, WorkerPool, run_cli
+from tests.rig.services import PUSH_RECEIVED, WorkerPool, error_line, run_cli, wait_for_log
+from tests.rig.tcpproxy import TcpProxy
+from tests.rig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, SYSID_B, WalDir, make_segment
 from workers.wal import ARCHIVE_INFO_NAME, ARCHIVE_KEY_NAME, RAW_SHA256, WalArchiveInfo
 
-SEGMENT_SIZE = 16 * 1024 * 1024
-SYSID_A = 7_300_000_000_000_000_001
-SYSID_B = 7_300_000_000_000_000_002
-SEG1, SEG2, SEG3, SEG4 = (f"0000000100000000000000{i:02X}" for i in range(1, 5))
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def make_segment(system_identifier: int, seed: int) -> bytes:
-    """A 16 MiB segment whose first page carries a long header, as PostgreSQL writes it."""
-    data = bytearray(SEGMENT_SIZE)
-    # magic (PG 15), info = XLP_LONG_HEADER, tli, pageaddr, rem_len; then sysid, sizes.
-    struct.pack_into("<HHIQI", data, 0, 0xD110, 0x0002, 1, 0, 0)
-    struct.pack_into("<QII", data, 24, system_identifier, SEGMENT_SIZE, 8192)
-    chunk = seed.to_bytes(8, "little") * 512
-    for offset in range(8192, SEGMENT_SIZE // 2, 8192):  # half records, half zeros: like WAL
-        data[offset : offset + len(chunk)] = chunk
-    return bytes(data)
-
-
-class WalDir:
-    """Stands for PGDATA: ``pg_wal/`` with ``archive_status/``; wal-push runs from here."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.pg_wal = root / "pg_wal"
-        (self.pg_wal / "archive_status").mkdir(parents=True)
-
-    def add(self, name: str, data: bytes, ready: bool = False) -> str:
-        (self.pg_wal / name).write_bytes(data)
-        if ready:
-            (self.pg_wal / "archive_status" / f"{name}.ready").touch()
-        return name
-
-    def marker(self, name: str) -> Path:
-        return self.pg_wal / "cloud-dump" / "archived" / name
-
-    def push(self, name: str, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        return run_cli("wal-push", str(self.pg_wal / name), name, *flags, env=env)
-
-    @property
-    def spool(self) -> Path:
-        return self.pg_wal / "cloud-dump"
-
-    def pusher_log(self) -> str:
-        path = self.spool / PUSHER_LOG
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait_for_pusher(self, timeout_s: float = 30.0) -> None:
-        """Until the detached WAL pusher of this spool has exited (it does when idle)."""
-        deadline = time.monotonic() + timeout_s
-        while helper_running(self.spool / PUSHER_LOCK):
-            assert time.monotonic() < deadline, f"the pusher is still running: {self.pusher_log()}"
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def wal_dir(tmp_path: Path) -> Iterator[WalDir]:
-    wal_dir = WalDir(tmp_path / "pgdata")
-    yield wal_dir
-    # A pusher exits by itself once idle; stop one that outlives its test (only that pid).
-    pid = helper_pid(wal_dir.spool / PUSHER_LOCK)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
 
 
 def stored(storage: Storage, prefix: str = "wal_archive/") -> dict[str, str]:
     return {info.key: info.etag for info in storage.list(prefix)}
-
-
-def error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 # --- the seed's tests, on both backends ----------------------------------------------------
@@ -549,55 +478,11 @@ def test_pusher_gets_its_settings_off_its_command_line(
     assert target.open().get(f"wal_archive/{SEG1}.zst.age")
 
 
-class GatedProxy:
-    """A TCP proxy to the S3 server that holds all traffic until ``open()``: a worker using it
-    is stuck inside its push for as long as the test wants."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self._upstream = upstream_port
-        self._gate = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._server.accept()
-                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        self._gate.wait()
-        upstream = socket.create_connection(("127.0.0.1", self._upstream))
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def open(self) -> None:
-        self._gate.set()
-
-    def close(self) -> None:
-        self.open()
-        self._server.close()
-
-
-@pytest.fixture
-def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -> StorageTarget:
-    return s3_target(moto_server.endpoint, s3_bucket, aws_env)
-
-
 @dataclass
 class StuckPush:
-    """A wal-push of SEG1 whose one worker is inside its push, held there by a closed proxy."""
+    """A wal-push of SEG1 whose one worker is inside its push, held there by the proxy."""
 
-    proxy: GatedProxy
+    proxy: TcpProxy
     pool: WorkerPool
     segment: bytes
     call: subprocess.Popen[str]
@@ -614,32 +499,19 @@ def stuck_push(
     wal_dir: WalDir,
     start_workers: Callable[..., WorkerPool],
     s3_store: StorageTarget,
-    moto_server: MotoServer,
-) -> Iterator[StuckPush]:
-    proxy = GatedProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
-    try:
-        pool = start_workers(
-            {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}"},
-            count=1,
-            queues="wal",
-        )
-        segment = make_segment(SYSID_A, 50)
-        wal_dir.add(SEG1, segment, ready=True)
-        call = subprocess.Popen(
-            [str(VENV_BIN / "cloud-dump"), "wal-push", str(wal_dir.pg_wal / SEG1), SEG1],
-            env={**os.environ, "CLOUD_DUMP_BROKER_URL": pool.broker_url,
-                 "CLOUD_DUMP_WAL_RETRY_S": "3"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while "Task cloud_dump.push_wal[" not in pool.processes[0].log_path.read_text("utf-8"):
-            assert time.monotonic() < deadline, "the worker never received the push"
-            time.sleep(0.05)
-        yield StuckPush(proxy, pool, segment, call)
-    finally:
-        proxy.close()
+    s3_proxy: TcpProxy,
+) -> StuckPush:
+    s3_proxy.hold()
+    pool = start_workers(
+        {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": s3_proxy.endpoint}, count=1, queues="wal"
+    )
+    segment = make_segment(SYSID_A, 50)
+    wal_dir.add(SEG1, segment, ready=True)
+    call = wal_dir.start_push(
+        SEG1, env={"CLOUD_DUMP_BROKER_URL": pool.broker_url, "CLOUD_DUMP_WAL_RETRY_S": "3"}
+    )
+    wait_for_log([pool.processes[0].log_path], PUSH_RECEIVED, timeout_s=30)
+    return StuckPush(s3_proxy, pool, segment, call)
 
 
 def assert_archived(s3_store: StorageTarget, segment: bytes) -> None:
@@ -666,7 +538,7 @@ def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
     first = helper_pid(wal_dir.spool / PUSHER_LOCK)
     assert first is not None
     os.kill(first, signal.SIGKILL)  # with the push in flight, its answer still to come
-    stuck_push.proxy.open()
+    stuck_push.proxy.release()
     stuck_push.finish()
     assert wal_dir.marker(SEG1).exists()
     assert_archived(s3_store, stuck_push.segment)

@@ -11,11 +11,8 @@ broker (look-ahead in the call's own batch) and through the detached WAL pusher.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from coordinator.background import helper_pid
 from coordinator.exitcodes import ExitCode
-from coordinator.walspool import PUSHER_LOCK
 from storage import Storage, StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget, local_target
@@ -33,21 +28,11 @@ from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 from tests.rig.procs import log_tail
 from tests.rig.restored import RestoredCluster, chown_postgres, started
 from tests.rig.roundtrip import backup_cli, restore_cli
-from tests.rig.services import WorkerPool
-from tests.test_wal_push import SEG1, SEG2, SEG3, SEG4, SYSID_A, WalDir, error_line, make_segment
+from tests.rig.services import WorkerPool, error_line
+from tests.rig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, WalDir, make_segment
 from workers.wal import RAW_SHA256
 
 ARCHIVE_TIMEOUT_S = 60
-
-
-@pytest.fixture
-def wal_dir(tmp_path: Path) -> Iterator[WalDir]:
-    wal_dir = WalDir(tmp_path / "pgdata")
-    yield wal_dir
-    pid = helper_pid(wal_dir.spool / PUSHER_LOCK)  # a pusher outliving its test: only that pid
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
 
 
 def archived_names(storage: Storage) -> set[str]:
@@ -55,12 +40,6 @@ def archived_names(storage: Storage) -> set[str]:
         info.key.removeprefix("wal_archive/").split(".")[0]
         for info in storage.list("wal_archive/0")
     }
-
-
-def replace_by_rename(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 @pytest.mark.parametrize("route", ["no-broker", "pusher"])
@@ -99,7 +78,7 @@ def test_after_a_refused_push_nothing_goes_ahead_until_the_asked_for_file_is_sto
     # The file PostgreSQL asked for is now the archived one: "already archived" confirms it
     # but does not reopen look-ahead (a restored copy re-pushing its source's identical
     # segments must not send its own later ones ahead) ...
-    replace_by_rename(wal_dir.pg_wal / SEG2, theirs)
+    wal_dir.replace_by_rename(SEG2, theirs)
     result = wal_dir.push(SEG2, env=env)
     assert result.returncode == 0, result.stderr
     wal_dir.wait_for_pusher()

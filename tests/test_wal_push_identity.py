@@ -12,38 +12,25 @@ push wrote.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from coordinator import fastpath
-from coordinator.background import helper_pid
 from coordinator.exitcodes import ExitCode
 from coordinator.walencode import read_wal
-from coordinator.walspool import PUSHER_LOCK, archive_location
+from coordinator.walspool import archive_location
 from storage import Storage
 from storage.errors import IntegrityError
 from tests.rig.moto import local_target
 from tests.rig.procs import free_port
-from tests.rig.services import VENV_BIN, WorkerPool, run_cli
-from tests.test_wal_push import SEG1, SEG2, SEG3, SYSID_A, WalDir, error_line, make_segment
-
-
-@pytest.fixture
-def wal_dir(tmp_path: Path) -> Iterator[WalDir]:
-    wal_dir = WalDir(tmp_path / "pgdata")
-    yield wal_dir
-    pid = helper_pid(wal_dir.spool / PUSHER_LOCK)  # a pusher outliving its test: only that pid
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+from tests.rig.services import VENV_BIN, WorkerPool, error_line, run_cli
+from tests.rig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 
 
 def snapshot(storage: Storage) -> dict[str, tuple[bytes, dict[str, str] | None]]:
@@ -59,13 +46,6 @@ def overwrite_in_place(path: Path, data: bytes) -> None:
     assert len(data) == path.stat().st_size
     with path.open("r+b") as f:
         f.write(data)
-
-
-def replace_by_rename(path: Path, data: bytes) -> None:
-    """A new file (new inode) renamed over the old one, as a copy tool does."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 DEAD_BROKER = {"CLOUD_DUMP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
@@ -99,7 +79,7 @@ def test_a_marker_answers_only_for_the_file_it_confirmed(
     # Different bytes of the same size: in place (SEG1, a marker its own call wrote), renamed
     # in (SEG2, a marker the look-ahead wrote), in place with the old mtime put back (SEG1).
     overwrite_in_place(wal_dir.pg_wal / SEG1, make_segment(SYSID_A, 102))
-    replace_by_rename(wal_dir.pg_wal / SEG2, make_segment(SYSID_A, 103))
+    wal_dir.replace_by_rename(SEG2, make_segment(SYSID_A, 103))
     for name in (SEG1, SEG2):
         result = wal_dir.push(name, *flags, env=env)
         assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
@@ -113,7 +93,7 @@ def test_a_marker_answers_only_for_the_file_it_confirmed(
 
     # The archived bytes back, in a new file: pushed again (no marker answers), "already
     # archived", and marked again, so that the next call answers from the marker.
-    replace_by_rename(wal_dir.pg_wal / SEG1, first)
+    wal_dir.replace_by_rename(SEG1, first)
     result = wal_dir.push(SEG1, *flags, env=env)
     assert result.returncode == 0, result.stderr
     if route == "pusher":
@@ -138,7 +118,7 @@ def test_a_history_file_changed_under_its_marker_is_refused(
     assert wal_dir.marker(name).exists()
     storage = target.open()
     before = snapshot(storage)
-    replace_by_rename(wal_dir.pg_wal / name, b"1\t0/5000000\tbefore 2026-11-30 12:00:00+00\n")
+    wal_dir.replace_by_rename(name, b"1\t0/5000000\tbefore 2026-11-30 12:00:00+00\n")
     result = wal_dir.push(name, env=target.env)
     assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
     assert f"'{name}' is already archived with different content" in error_line(result.stderr)

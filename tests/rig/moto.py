@@ -7,6 +7,7 @@
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server.
 - ``storage_target`` (function, parametrized "local" and "s3"): where a test's store lives, with
   the environment a worker subprocess needs to reach the same store; ``storage`` opens it.
+- ``s3_store`` (function): a store in a fresh bucket on that server, for S3-only tests.
 
 The S3 server is started only by tests that ask for it, so local-only runs do not pay for it.
 """
@@ -119,6 +120,11 @@ def s3_target(endpoint: str, bucket: str, aws_env: dict[str, str]) -> StorageTar
 def local_target(root: Path) -> StorageTarget:
     url = f"file://{root}"
     return StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
+
+
+@pytest.fixture
+def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -> StorageTarget:
+    return s3_target(moto_server.endpoint, s3_bucket, aws_env)
 
 
 @pytest.fixture(params=["local", "s3"], ids=["local", "s3"])

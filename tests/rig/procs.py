@@ -3,7 +3,8 @@
 Every server is our own child process: we stop only what we started, by the PID we got, first
 politely (SIGTERM) and then for sure (SIGKILL). Output goes to a log file whose tail is put into
 the failure message when a server does not come up, so a fixture that cannot start its server
-fails with the reason instead of skipping.
+fails with the reason instead of skipping. ``children`` (function) is the list of other processes
+a test starts: any still running at its end (a failed test) is killed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,14 @@ class ServerProcess:
             # The leader is gone, but children in its group may linger (celery pool workers).
             self.kill_group(signal.SIGKILL)
         self._log.close()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; any still running at its end (a failed test) is killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)

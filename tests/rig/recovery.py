@@ -21,7 +21,7 @@ from tests.rig.procs import log_tail
 from tests.rig.restored import RestoredCluster, chown_postgres
 from tests.rig.services import run_cli
 
-PROMOTION_TIMEOUT_S = 90
+PROMOTION_TIMEOUT_S = 120
 
 
 def archive_store() -> StorageTarget:

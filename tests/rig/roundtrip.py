@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 from tests.rig import sample
 from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgCluster, make_postgres_dir
 from tests.rig.restored import started
-from tests.rig.services import RedisServer, run_cli
+from tests.rig.services import VENV_BIN, RedisServer, run_cli
 
 
 def backup_cli(cluster: PgCluster, target: StorageTarget, name: str, *extra: str,
@@ -19,6 +21,16 @@ def backup_cli(cluster: PgCluster, target: StorageTarget, name: str, *extra: str
         args += ["--broker", broker.url]
     result = run_cli(*args, env=target.env)
     assert result.returncode == 0, result.stderr
+
+
+def start_backup(cluster: PgCluster, target: StorageTarget, broker_url: str, name: str,
+                 *extra: str) -> subprocess.Popen[str]:
+    """A backup through the workers of ``broker_url``, in 5 MiB parts, left running."""
+    argv = [str(VENV_BIN / "cloud-dump"), "backup", "--name", name, "--db-url",
+            cluster.replication_url(), "--broker", broker_url, "--part-size-mib", "5",
+            "--compression", "none", "--no-progress", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **target.env})
 
 
 def restore_cli(target: StorageTarget, name: str, pgdata: Path, *extra: str) -> None:

@@ -1,12 +1,19 @@
 """Sample data for round trips: two databases, a table in an extra tablespace, and a digest of
-every table's content so a restored cluster can be compared row for row, not by counts."""
+every table's content so a restored cluster can be compared row for row, not by counts.
+
+``big_source`` (module) is a cluster holding enough of it that a backup in 5 MiB parts is made
+of many parts and takes a moment, with its tablespace directory and digest; the tests of a
+module share it and only read it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.rig.postgres import PgCluster, make_postgres_dir
+import pytest
+
+from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 
 TABLES = {
     "app1": ["items", "in_tablespace"],
@@ -14,6 +21,7 @@ TABLES = {
 }
 
 Sql = Callable[..., list[tuple[object, ...]]]
+BigSource = tuple[PgCluster, Path, dict[str, str]]  # the cluster, its tablespace, its digest
 
 
 def populate(cluster: PgCluster, rows: int = 2000) -> Path:
@@ -51,3 +59,15 @@ def digest(sql: Sql) -> dict[str, str]:
             )
             result[f"{db}.{table}"] = f"{rows[0][0]}:{rows[0][1]}"
     return result
+
+
+def make_big_source(pg_factory: PgFactory) -> BigSource:
+    """A new cluster with enough data that a backup is made of many parts and takes a moment."""
+    cluster = pg_factory(15)
+    tablespace = populate(cluster, rows=200_000)
+    return cluster, tablespace, digest(cluster.sql)
+
+
+@pytest.fixture(scope="module")
+def big_source(pg_factory: PgFactory) -> BigSource:
+    return make_big_source(pg_factory)

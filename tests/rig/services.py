@@ -1,10 +1,10 @@
-"""Fixtures for Redis and real Celery worker processes.
+"""Fixtures for Redis and real Celery worker processes, and running the installed command.
 
 ``redis_server`` (session) is a private ``redis-server`` on a free loopback port, with no
 persistence. ``start_workers`` (function) starts ``celery -A tasks.app worker`` subprocesses
-against it with the environment of a storage target, waits until each answers a ping, and at the
-end of the test stops them by PID and flushes Redis, so no message left by one test is picked up
-by the workers of the next.
+against it with the environment of a storage target (``start_worker_pool``, for any broker),
+waits until each answers a ping, and at the end of the test stops them by PID and flushes Redis,
+so no message left by one test is picked up by the workers of the next.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from tests.rig.procs import ServerProcess, free_port, port_open
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+# What a worker logs when it takes a task (its start-up banner names the tasks too).
+PART_RECEIVED = "Task cloud_dump.upload_part["
+PUSH_RECEIVED = "Task cloud_dump.push_wal["
 
 
 @dataclass(frozen=True)
@@ -97,15 +100,15 @@ class WorkerPool:
             proc.stop()
 
 
-@pytest.fixture
-def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
-    """``start(env, count=2, queues="parts,wal")`` starts ``count`` worker processes."""
-    pools: list[WorkerPool] = []
-
-    def start(env: Mapping[str, str], count: int = 2, queues: str = "parts,wal") -> WorkerPool:
-        pool = WorkerPool(redis_server.url)
-        token = uuid.uuid4().hex[:6]
-        child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": redis_server.url}
+def start_worker_pool(
+    broker_url: str, env: Mapping[str, str], *, count: int, queues: str, log_dir: Path
+) -> WorkerPool:
+    """``count`` workers on ``broker_url`` taking ``queues``, each answering a ping; the caller
+    stops them. If one does not come up, all are stopped and the test fails."""
+    pool = WorkerPool(broker_url)
+    token = uuid.uuid4().hex[:6]
+    child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": broker_url}
+    try:
         for i in range(count):
             name = f"w{i + 1}-{token}@rig"
             argv = [
@@ -130,20 +133,48 @@ def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callabl
                 ServerProcess(
                     f"celery worker {name}",
                     argv,
-                    tmp_path / f"worker-{token}-{i + 1}.log",
+                    log_dir / f"worker-{token}-{i + 1}.log",
                     env=child_env,
                     cwd=REPO_ROOT,
                 )
             )
             pool.names.append(name)
-        pools.append(pool)
         pool.wait_ready()
+    except BaseException:
+        pool.stop()
+        raise
+    return pool
+
+
+@pytest.fixture
+def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., WorkerPool]]:
+    """``start(env, count=2, queues="parts,wal")`` starts ``count`` worker processes."""
+    pools: list[WorkerPool] = []
+
+    def start(env: Mapping[str, str], count: int = 2, queues: str = "parts,wal") -> WorkerPool:
+        pool = start_worker_pool(
+            redis_server.url, env, count=count, queues=queues, log_dir=tmp_path
+        )
+        pools.append(pool)
         return pool
 
     yield start
     for pool in pools:
         pool.stop()
     redis_server.flush()
+
+
+def wait_for_log(paths: Sequence[Path], *needles: str, timeout_s: float = 60) -> None:
+    """Until one line of one of the logs holds every needle."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for path in paths:
+            if path.exists():
+                for line in path.read_text(errors="replace").splitlines():
+                    if all(n in line for n in needles):
+                        return
+        assert time.monotonic() < deadline, f"{needles} never appeared in {paths}"
+        time.sleep(0.002)
 
 
 def run_cli(
@@ -158,3 +189,10 @@ def run_cli(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def error_line(stderr: str) -> str:
+    """The command's one error line: fails the test unless there is exactly one."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("cloud-dump: error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]

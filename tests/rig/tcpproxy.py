@@ -6,6 +6,10 @@ connection whose client sends ``marker`` (e.g. part of a request line), the prox
 ``after_bytes`` of the answer through, then resets every connection and stops listening, so new
 connections are refused, for ``outage_s`` seconds, after which it listens on the same port again.
 To the client this is the server going away mid-response and coming back.
+
+``hold()`` keeps every byte received from then on, in both directions, until ``release()``: a
+client whose request is under way stays inside it, as one on a hung network or host would.
+``s3_proxy`` (function) is one in front of the session's moto server, closed after the test.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
+
+from tests.rig.moto import MotoServer
 from tests.rig.procs import free_port
 
 _CHUNK = 64 * 1024
@@ -54,6 +62,8 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._outage: _Outage | None = None
         self._reopened = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._closed = False
         self._listener = self._listen()
         threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True).start()
@@ -65,11 +75,19 @@ class TcpProxy:
     def cut_once(self, marker: bytes, after_bytes: int, outage_s: float) -> None:
         self._outage = _Outage(marker, after_bytes, outage_s)
 
+    def hold(self) -> None:
+        """Forward nothing more, either way, until ``release()``; connections stay open."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
         self._close_listener()
         self._reopened.set()
         self._drop_links()
+        self._flowing.set()  # held pumps find their links closed and end, forwarding nothing
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -108,6 +126,7 @@ class TcpProxy:
     def _pump_up(self, link: _Link) -> None:
         with contextlib.suppress(OSError):
             while data := link.client.recv(_CHUNK):
+                self._flowing.wait()
                 outage = self._outage
                 if outage is not None and outage.marker in data:
                     link.armed = True
@@ -117,6 +136,7 @@ class TcpProxy:
     def _pump_down(self, link: _Link) -> None:
         with contextlib.suppress(OSError):
             while data := link.upstream.recv(_CHUNK):
+                self._flowing.wait()
                 outage = self._outage
                 if link.armed and outage is not None:
                     room = outage.after_bytes - link.answered
@@ -154,3 +174,12 @@ class TcpProxy:
         self._listener = self._listen()
         self._reopened.set()
         self.outage_over.set()
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoServer) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(int(moto_server.endpoint.rsplit(":", 1)[1]))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
