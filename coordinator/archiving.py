@@ -8,9 +8,12 @@ the ``--config`` file it names (read here when readable; only the location is ta
 
 A plain restore continues the source's timeline, so a copy pushing into the archive it was
 restored from writes WAL under the names of the source's (DESIGN.md §8): the first of the two
-to push a name wins and the other's archiving stops for good (exit 17). That is warned, with
-``--archive-mode off`` as the way to make a test copy. A copy that recovers to a target (or a
-standby, which archives only once promoted) continues on a new timeline: not warned.
+to push a name wins and the other's archiving stops for good (exit 17). A copy that recovers
+to a target promotes to a new timeline and pushes its ``.history`` file and WAL there: later
+restores with a target meet its branch (PostgreSQL's default 'latest' would follow it, and
+restore refuses the ambiguity, ``coordinator.timelines``). Both are warned, with
+``--archive-mode off`` as the way to make a test copy. A standby (archives only once promoted,
+as the source's successor) is not.
 """
 
 from __future__ import annotations
@@ -75,10 +78,23 @@ def _archiving_on(
     unseen = " (settings outside PGDATA were not seen)" if config.unseen else ""
     line = f"archiving: {state} ({how}){then}: archive_command '{command.value}'{into}{unseen}"
     collides = is_wal_push(command.value) and destination in (source, None)
-    # A copy that promotes (a target, or a standby later) writes a new timeline's WAL.
-    if not collides or request.target is not None or outcome.standby:
+    if not collides or outcome.standby:
         return line, None
+    if request.target is not None:
+        return line, _branch(destination, source)
     return line, _collision(manifest, destination, source)
+
+
+def _branch(destination: str | None, source: str) -> str:
+    where = "the archive it was restored from" if destination else "an archive restore could " \
+        "not determine, possibly the one it was restored from"
+    return (
+        f"the copy promotes to a new timeline and archives with cloud-dump wal-push into {where} "
+        f"({destination or source}): its .history file and WAL stay there, where later restores "
+        "with a target meet its branch (PostgreSQL's default, recovery_target_timeline 'latest', "
+        "would follow it instead of the source; restore refuses until "
+        "--recovery-target-timeline chooses); for a test copy, restore with --archive-mode off"
+    )
 
 
 def _collision(manifest: BackupManifest, destination: str | None, source: str) -> str:

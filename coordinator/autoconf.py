@@ -11,9 +11,10 @@ first comments out:
 - wherever it is, any recovery target setting (``recovery_target*``, as pgBackRest does): a
   target is for one recovery, and ``ALTER SYSTEM`` rewrites the file without comments, so a
   block's marker may be gone while its settings are not;
-- a ``restore_command`` that runs ``cloud-dump wal-fetch`` with a restore config file of the
-  default name (``cloud-dump-restore.conf``), for the same reason: left active, it would fetch
-  through a config file of another restore, likely absent on this host, and stop recovery.
+- a ``restore_command`` that runs ``cloud-dump wal-fetch`` with a restore config file of a
+  default name (``[<PGDATA's name>.]cloud-dump-restore.conf``), for the same reason: left
+  active, it would fetch through a config file of another restore, likely absent on this host,
+  and stop recovery.
 
 Each disabled line stays readable, prefixed with which restore disabled it and who wrote it.
 Other recovery settings (an operator's ``restore_command``, ``primary_conninfo``,
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from coordinator.pgconf import parse_line, quote
-from coordinator.recovery import RESTORE_CONFIG_NAME
+from coordinator.recovery import is_restore_config_name
 
 OLD_BLOCK_HEADER = "# point-in-time recovery, written by cloud-dump restore"
 BLOCK_BEGIN = "# BEGIN cloud-dump restore settings"
@@ -135,7 +136,7 @@ def _is_restores_wal_fetch(command: str) -> bool:
     except ValueError:
         return False
     configs = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--config"]
-    return any(PurePath(config).name == RESTORE_CONFIG_NAME for config in configs)
+    return any(is_restore_config_name(PurePath(config).name) for config in configs)
 
 
 def settings_block(origin: str, settings: Mapping[str, str]) -> str:

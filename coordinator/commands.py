@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from storage import Storage, StorageOptions, open_storage
 from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
 from storage.errors import ConfigError
+from storage.factory import storage_url
 from storage.layout import DEFAULT_WAL_PREFIX, Layout, validate_name
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ def open_store(args: argparse.Namespace) -> Storage:
 
 
 def layout_of(args: argparse.Namespace) -> Layout:
-    return Layout(cluster=args.cluster)
+    """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
+    # `backup` and `list` have no --wal-prefix flag: the environment sets it for the flat layout.
+    prefix = getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX")
+    return Layout(cluster=args.cluster, wal_prefix=prefix or DEFAULT_WAL_PREFIX)
 
 
 def read_passphrase(args: argparse.Namespace) -> str | None:
@@ -140,14 +144,18 @@ def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
         from coordinator.dispatch import open_broker
         from coordinator.runners import CeleryRunner
 
+        # The workers hold the storage; told one, this backup must land there (every task
+        # carries it, and a worker storing elsewhere refuses: exit 3).
+        location = storage_url(args.storage) if args.storage else None
         broker = open_broker(args.broker, args.result_backend, args.staging_url)
-        # The workers hold the storage; the store's limits come from the flags.
+        # The store's limits come from the flags.
         capabilities = Capabilities(
             S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
         )
         runner = CeleryRunner(
-            broker, task_timeout_s=args.task_timeout, part_timeout_s=args.part_timeout
-        )
+            broker, task_timeout_s=args.task_timeout, part_timeout_s=args.part_timeout,
+            storage_url=location,
+        )  # fmt: skip
         return runner, capabilities
     from coordinator.runners import EmbeddedRunner
 
@@ -157,7 +165,7 @@ def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
 
 def run_restore(args: argparse.Namespace, report: Report) -> None:
     from coordinator.ownership import resolve_owner
-    from coordinator.recovery import target_from_args, wal_fetch_command
+    from coordinator.recovery import check_restore_config, target_from_args, wal_fetch_command
     from coordinator.restore import restore_backup
     from coordinator.restoresettings import RestoreSettings, SettingsRequest
 
@@ -167,14 +175,17 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
     # Refuse a bad recovery target before downloading anything.
     target = target_from_args(args)
     command = wal_fetch_command(args, Path(args.pgdata), os.environ) if target else None
+    if command is not None:
+        check_restore_config(command)  # not another copy's (exit 13)
     # Run as root: who gets what the restore writes, decided before anything is downloaded.
     owner = resolve_owner(args.owner, Path(args.pgdata))
-    # Applied once every file is verified, before pg_control makes PGDATA startable.
-    settings = RestoreSettings(SettingsRequest(
-        name, target, command, args.archive_mode, datetime.now(UTC)))
     storage = open_store(args)
+    settings: RestoreSettings | None = None
     try:
-        manifest = _check_before_download(storage, args, name, target)
+        manifest, target = _check_before_download(storage, args, name, target)
+        # Applied once every file is verified, before pg_control makes PGDATA startable.
+        settings = RestoreSettings(SettingsRequest(
+            name, target, command, args.archive_mode, datetime.now(UTC)))
         summary = restore_backup(
             storage,
             layout_of(args),
@@ -189,18 +200,21 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
             owned_paths=[command.config_path] if command else [],
         )
     except BaseException:
-        settings.discard()
+        if settings is not None:
+            settings.discard()
         raise
     finally:
         storage.close()
+    assert settings is not None  # made before restore_backup, which returned
     _report_restore(args, summary, manifest, settings, report)
 
 
 def _check_before_download(
     storage: Storage, args: argparse.Namespace, name: str, target: RecoveryTarget | None
-) -> BackupManifest:
-    """The backup's manifest; with a target, refuse one it cannot reach (exit 3) and a WAL
-    archive location where nothing was ever archived (exit 18)."""
+) -> tuple[BackupManifest, RecoveryTarget | None]:
+    """The backup's manifest, and the target with the timeline recovery will follow; with a
+    target, refuse one it cannot reach or an ambiguous timeline (exit 3) and a WAL archive
+    location where nothing was ever archived (exit 18)."""
     from coordinator.listing import find_backups
     from coordinator.reachability import check_reachable
     from coordinator.restore import read_manifest
@@ -209,8 +223,29 @@ def _check_before_download(
     manifest = read_manifest(storage, layout_of(args), name)
     if target is not None:
         check_reachable(target, manifest, lambda: find_backups(storage, layout_of(args)))
-        require_wal_archive(storage, _wal_layout(args))
-    return manifest
+        require_wal_archive(storage, _wal_layout(args),
+                            immediate=args.recovery_target == "immediate")
+        target = _follow_timeline(storage, args, manifest, target)
+    return manifest, target
+
+
+def _follow_timeline(
+    storage: Storage, args: argparse.Namespace, manifest: BackupManifest, target: RecoveryTarget
+) -> RecoveryTarget:
+    """``target`` pinned to the timeline ``coordinator.timelines`` chooses from the archive's
+    history files (refusing an ambiguous or impossible one, exit 3)."""
+    from dataclasses import replace
+
+    from coordinator.archiving import archive_url
+    from coordinator.timelines import ArchivedTimelines, choose_timeline
+    from coordinator.walprefetch import WalArchive, keys_from
+    from coordinator.walrange import segment_size_of
+
+    archive = WalArchive(storage, _wal_layout(args), keys_from(args, None))
+    where = archive_url(args.storage, args.cluster, args.wal_prefix)
+    choice = choose_timeline(
+        manifest, target, ArchivedTimelines(archive, segment_size_of(manifest), where))
+    return replace(target, timeline=choice.setting, followed=choice.describe())
 
 
 def _wal_layout(args: argparse.Namespace) -> Layout:
@@ -265,7 +300,7 @@ def run_list(args: argparse.Namespace, report: Report) -> None:
     if args.json:
         print_json(manifests, report, ranges)
     else:
-        print_table(manifests, layout, report, ranges)
+        print_table(manifests, layout, report, ranges, storage.url)
 
 
 def run_check(args: argparse.Namespace, report: Report) -> None:
@@ -280,5 +315,6 @@ def run_check(args: argparse.Namespace, report: Report) -> None:
         finally:
             storage.close()
     if args.broker:
-        check_workers(args.broker, args.result_backend, args.timeout, report)
+        location = storage_url(args.storage) if args.storage else None
+        check_workers(args.broker, args.result_backend, args.timeout, report, location)
 

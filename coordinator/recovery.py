@@ -21,13 +21,20 @@ travels in every base backup). restore_command names a *restore config file* ins
 lines (read by ``cloud-dump --config``) with the storage location, the WAL prefix, the key file
 or passphrase, and the AWS credentials of the restore's own environment, since the server has no
 other way to get them. The file is created with mode 0600, by default beside PGDATA (not inside
-it, so that a later base backup of the restored cluster does not carry it to storage), and must
-be owned by the server's OS user (restore run as root gives it to the data directory's owner).
+it, so that a later base backup of the restored cluster does not carry it to storage) and named
+after it (``<PGDATA's name>.cloud-dump-restore.conf``: sibling copies each have their own), and
+must be owned by the server's OS user (restore run as root gives it to the data directory's
+owner). Its first lines record which PGDATA it serves: restore never replaces a restore config
+file that serves another PGDATA, or one that does not say (``check_restore_config``,
+``TargetNotEmpty``, exit 13, before anything is downloaded, and again just before writing), since
+that copy's restore_command would then read this restore's storage and keys; re-restoring into
+the same PGDATA replaces its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Mapping
@@ -44,9 +51,14 @@ from coordinator.targets import (
     parse_target_time,
 )
 from coordinator.walfetch import write_atomically
-from storage.errors import ConfigError
+from storage.errors import ConfigError, TargetNotEmpty
 
+# The default restore config of PGDATA ``.../NAME`` is ``.../NAME.cloud-dump-restore.conf``;
+# versions before it used this name alone, one per parent directory.
 RESTORE_CONFIG_NAME = "cloud-dump-restore.conf"
+_CONFIG_HEADER = ("# cloud-dump settings for restore_command (wal-fetch); mode 0600, may hold "
+                  "secrets")
+_SERVES = "# serves PGDATA: "
 TARGET_SETTINGS = (
     "recovery_target",
     "recovery_target_lsn",
@@ -83,6 +95,7 @@ class RecoveryTarget:
     inclusive: bool = True
     instant: datetime | None = None
     lsn: int | None = None
+    followed: str | None = None  # the timeline recovery follows (coordinator.timelines)
 
     def settings(self) -> dict[str, str]:
         """The recovery settings, in the order they are written."""
@@ -107,7 +120,9 @@ class RecoveryTarget:
         else:
             edge = "" if self.inclusive or self.setting == "recovery_target_name" else ", exclusive"
             stop = f"{self.setting} = '{self.value}'{edge}"
-        if self.timeline is not None:
+        if self.followed is not None:
+            stop += f" on {self.followed}"
+        elif self.timeline is not None:
             stop += f" on timeline {self.timeline}"
         return stop
 
@@ -166,6 +181,7 @@ class WalFetchCommand:
     executable: Path
     config_path: Path
     settings: Mapping[str, str]
+    pgdata: Path | None = None  # the data directory the restore config file serves
 
     def restore_command(self) -> str:
         # PostgreSQL expands %f/%p/%r in restore_command; a literal % in a path must be %%.
@@ -205,10 +221,65 @@ def wal_fetch_command(
     if str(args.storage).startswith("s3:"):
         optional.update({name: environ.get(name) for name in AWS_VARIABLES})
     settings.update({k: v for k, v in optional.items() if v})
-    config = Path(args.restore_config) if args.restore_config else \
-        pgdata.absolute().parent / RESTORE_CONFIG_NAME
+    config = Path(args.restore_config) if args.restore_config else default_restore_config(pgdata)
     executable = environ.get("CLOUD_DUMP_EXECUTABLE") or _own_executable()
-    return WalFetchCommand(Path(executable).absolute(), config.absolute(), settings)
+    return WalFetchCommand(Path(executable).absolute(), _absolute(config), settings,
+                           _absolute(pgdata))
+
+
+def default_restore_config(pgdata: Path) -> Path:
+    """``<PGDATA's parent>/<PGDATA's name>.cloud-dump-restore.conf``: one per copy."""
+    path = _absolute(pgdata)
+    return path.parent / f"{path.name}.{RESTORE_CONFIG_NAME}"
+
+
+def is_restore_config_name(name: str) -> bool:
+    """Whether ``name`` is the name restore gives a restore config file by default (this
+    version's, ``<PGDATA's name>.cloud-dump-restore.conf``, or earlier versions')."""
+    return name == RESTORE_CONFIG_NAME or name.endswith("." + RESTORE_CONFIG_NAME)
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.normpath(path.absolute()))  # ".." resolved, symbolic links kept
+
+
+def check_restore_config(command: WalFetchCommand) -> None:
+    """Refuse (``TargetNotEmpty``) to replace a restore config file serving another PGDATA.
+
+    A file that records this PGDATA is this copy's own, from an earlier restore into it: it may
+    be replaced. One that records another PGDATA, or none (written by an earlier version, or
+    not a restore config file at all), is another copy's restore_command's, or unknown.
+    """
+    path, pgdata = command.config_path, command.pgdata
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TargetNotEmpty(f"restore config '{path}' exists and cannot be read "
+                             f"({exc.strerror}): restore does not replace it") from exc
+    served = served_pgdata(text)
+    if served is not None and pgdata is not None and _same_path(served, pgdata):
+        return
+    whose = (f"serves PGDATA '{served}'" if served is not None
+             else "does not say which PGDATA it serves (an earlier version's, or not a restore "
+                  "config file)")
+    raise TargetNotEmpty(
+        f"restore config '{path}' exists and {whose}: replacing it would point that copy's "
+        "restore_command at this restore's storage and keys; choose another file with "
+        "--restore-config, or remove it if no copy uses it")
+
+
+def served_pgdata(text: str) -> Path | None:
+    """The PGDATA a restore config file records it serves, if it does."""
+    for line in text.splitlines():
+        if line.startswith(_SERVES):
+            return Path(line[len(_SERVES):])
+    return None
+
+
+def _same_path(one: Path, other: Path) -> bool:
+    return one == other or one.resolve() == other.resolve()
 
 
 def _own_executable() -> str:
@@ -224,12 +295,21 @@ def _own_executable() -> str:
 
 
 def write_restore_config(command: WalFetchCommand) -> None:
-    """Write the file restore_command reads, replaced atomically, mode 0600 from its creation."""
-    write_atomically(command.config_path, _config_text(command.settings).encode())
+    """Write the file restore_command reads, replaced atomically, mode 0600 from its creation.
+
+    Checked again just before: another restore may have written it since the first check.
+    """
+    check_restore_config(command)
+    write_atomically(command.config_path, _config_text(command.settings, command.pgdata).encode())
 
 
-def _config_text(settings: Mapping[str, str]) -> str:
-    lines = ["# cloud-dump settings for restore_command (wal-fetch); mode 0600, may hold secrets"]
+def _config_text(settings: Mapping[str, str], pgdata: Path | None) -> str:
+    lines = [_CONFIG_HEADER]
+    if pgdata is not None:
+        if "\n" in str(pgdata) or "\r" in str(pgdata):
+            raise ConfigError(f"PGDATA {str(pgdata)!r} spans lines: it cannot be recorded in "
+                              "the restore config file")
+        lines.append(f"{_SERVES}{pgdata}")
     for key, value in settings.items():
         if "\n" in value or "\r" in value:
             raise ConfigError(f"the value of {key} spans lines: it cannot go into a config file")

@@ -3,11 +3,12 @@
 What was restored where (tablespaces too), how many bytes were fetched and written, how many
 files were verified against ``backup_manifest`` and how long it took; which recovery settings
 were disabled or written; what the copy will do when started (crash recovery and open as a
-primary on the source's timeline, replay archived WAL to a target and promote, or start as a
-standby); and whether it will archive, and into which archive (``archive_mode`` and
-``archive_command``, ``coordinator.archiving``). Warnings (a copy
-that would archive into the archive it came from on the source's timeline, recovery settings
-cloud-dump did not write that change what was asked) are returned separately, for stderr.
+primary on the source's timeline, replay archived WAL on the timeline restore chose
+(``coordinator.timelines``) to a target and promote, or start as a standby); and whether it will
+archive, and into which archive (``archive_mode`` and ``archive_command``,
+``coordinator.archiving``). Warnings (a copy that would archive into the archive it came from,
+on the source's timeline or on a new one, recovery settings cloud-dump did not write that
+change what was asked) are returned separately, for stderr.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.recovery import default_restore_config
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
 from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
@@ -52,7 +53,7 @@ def restore_into(target: StorageTarget, launcher: Path, name: str, *flags: str) 
     done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
                    env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
     assert done.returncode == 0, done.stderr
-    chown_postgres(pgdata.parent / "cloud-dump-restore.conf")
+    chown_postgres(default_restore_config(pgdata))
     return pgdata
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.recovery import default_restore_config
 from storage import Storage
 from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from storage.manifest import BackupManifest
@@ -92,7 +93,7 @@ def test_restore_with_target_time_writes_recovery_settings_without_secrets(
     assert done.returncode == 0, done.stderr
 
     settings = settings_of(pgdata)
-    config = pgdata.parent / "cloud-dump-restore.conf"
+    config = default_restore_config(pgdata)
     assert settings["restore_command"].endswith(f"wal-fetch %f %p --config {config}")
     assert settings["recovery_target_time"] == TARGET_TIME
     assert settings["recovery_target_inclusive"] == "on"
@@ -124,8 +125,9 @@ def test_restore_with_target_time_writes_recovery_settings_without_secrets(
         (["--recovery-target", "immediate"], {"recovery_target": "immediate"}),
         (["--recovery-target", "immediate", "--archive-mode", "off"],
          {"recovery_target": "immediate", "archive_mode": "off"}),
-        (["--recovery-target", "latest", "--recovery-target-timeline", "2"],
-         {"recovery_target": "", "recovery_target_time": "", "recovery_target_timeline": "2"}),
+        (["--recovery-target", "latest", "--recovery-target-timeline", "current"],
+         {"recovery_target": "", "recovery_target_time": "",
+          "recovery_target_timeline": "current"}),
     ],
     ids=["lsn-exclusive", "xid", "name", "immediate", "archive-off", "latest-timeline"],
 )
@@ -153,7 +155,7 @@ def test_plain_restore_writes_no_recovery_settings(
     assert done.returncode == 0, done.stderr
     assert not (pgdata / "recovery.signal").exists()
     assert "restore_command" not in settings_of(pgdata)
-    assert not (pgdata.parent / "cloud-dump-restore.conf").exists()
+    assert not (default_restore_config(pgdata)).exists()
 
 
 @pytest.mark.parametrize(
@@ -240,7 +242,7 @@ def test_target_restore_without_a_wal_archive_is_refused_before_writing(
     assert done.returncode == 18, done.stderr
     assert "no WAL archive at" in done.stderr and "wal_archive" in done.stderr
     assert not pgdata.exists()
-    assert not (pgdata.parent / "cloud-dump-restore.conf").exists()
+    assert not (default_restore_config(pgdata)).exists()
 
 
 def test_target_restore_with_the_archive_under_another_cluster_is_refused(

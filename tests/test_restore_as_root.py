@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.exitcodes import ExitCode
+from coordinator.recovery import default_restore_config
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
@@ -94,7 +95,7 @@ def test_root_restore_gives_everything_to_the_parents_owner_and_recovery_reads_i
     done = restore(archived, pgdata, tablespace, "--recovery-target", "latest")
     assert done.returncode == 0, done.stderr
 
-    config = pgdata.parent / "cloud-dump-restore.conf"
+    config = default_restore_config(pgdata)
     assert config.exists()
     assert owners_under(parent / "new", tablespace) == {(POSTGRES.pw_uid, POSTGRES.pw_gid)}
     assert (config.stat().st_mode & 0o777) == 0o600

@@ -7,11 +7,15 @@ backups of that copy whose postgresql.auto.conf carries the first restore's sett
 as this version marks them, "base3" as older versions did (one header line), "base4" after an
 ALTER SYSTEM on the copy rewrote the file without any comment. The copy keeps running as the
 primary later copies follow.
+
+Sibling copies (T.md bug 3): two copies restored with a target side by side, from two stores,
+each with its own restore config file, which no other restore replaces.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -21,6 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.recovery import default_restore_config
+from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
+from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.pgbin import bin_dir
 from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
@@ -34,9 +41,10 @@ from tests.rig.recovery import (
     wait_archived,
     wait_promoted,
 )
-from tests.rig.restored import RestoredCluster, started
+from tests.rig.restored import RestoredCluster, chown_postgres, started
 from tests.rig.roundtrip import backup_cli
 from tests.rig.services import run_cli
+from workers.wal import WalArchiveInfo
 
 FOLLOW_TIMEOUT_S = 30
 # How this version marks the settings it writes in postgresql.auto.conf, and how older ones did.
@@ -99,7 +107,7 @@ def lineage(pg_factory: PgFactory) -> Iterator[Lineage]:
         # operator's recovery setting, which restores keep (and report).
         copy.sql("ALTER SYSTEM SET recovery_end_command = 'true'")
         _backup_of(copy, source.repl_password, store, "base4")
-        yield Lineage(store, source, copy, pgdata.parent / "cloud-dump-restore.conf")
+        yield Lineage(store, source, copy, default_restore_config(pgdata))
     finally:
         copy.stop()
 
@@ -163,7 +171,12 @@ def test_second_pitr_restore_comments_out_the_first_restores_settings(lineage: L
     assert active_settings(pgdata)["recovery_target_time"] == ""
     assert "commented out in postgresql.auto.conf" in done.stdout
     assert f"up to recovery_target_lsn = '{lsn}'" in done.stdout
-    assert "--archive-mode off" not in done.stderr  # a new timeline: no collision warned
+    # A new timeline: no collision, but the branch it would push into the archive is warned.
+    assert "continues timeline" not in done.stderr
+    assert ("the copy promotes to a new timeline and archives with cloud-dump wal-push into the "
+            "archive it was restored from") in done.stderr
+    assert "for a test copy, restore with --archive-mode off" in done.stderr
+    assert "on timeline 2, the backup's own" in done.stdout
     with started(15, pgdata) as restored:
         wait_promoted(restored)
         assert ("e", 5) in restored.sql("SELECT phase, count(*) FROM t GROUP BY phase")
@@ -375,3 +388,106 @@ def test_plain_restore_removes_a_recovery_signal_that_came_with_the_backup(tmp_p
                                     "recovery"]
     assert (tmp_path / "postgresql.auto.conf").read_text().startswith(
         "# disabled by cloud-dump restore of backup 'b' on ")
+
+
+# --- one restore config per copy (T.md bug 3) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Siblings:
+    """Copies q1 (from store "a") and q2 (from store "b", a copy of "a") in one directory, both
+    restored with a target; then b's WAL archive was removed: a restore_command reading b's
+    settings stops recovery (exit 200)."""
+
+    parent: Path
+    a: StorageTarget
+    b: StorageTarget
+    outputs: tuple[subprocess.CompletedProcess[str], ...]
+
+
+def _restore_copy(store: StorageTarget, pgdata: Path, *flags: str
+                  ) -> subprocess.CompletedProcess[str]:
+    """Restore "base" with a target into ``pgdata``; restore (run as root) gives what it writes
+    to the owner of the postgres-owned parent."""
+    return run_cli("restore", "--name", "base", "--pgdata", str(pgdata),
+                   "--recovery-target", "latest", *flags,
+                   env={**store.env, "CLOUD_DUMP_EXECUTABLE": str(postgres_cloud_dump())})
+
+
+def _storage_in(config: Path) -> str:
+    return next(line.split("=", 1)[1].strip('"') for line in config.read_text().splitlines()
+                if line.startswith("CLOUD_DUMP_STORAGE="))
+
+
+@pytest.fixture(scope="module")
+def siblings(pg15: PgCluster) -> Siblings:
+    stores = make_postgres_dir("cloud-dump-sibling-stores-")
+    a = local_target(stores / "a")
+    backup_cli(pg15, a, "base")
+    info = WalArchiveInfo(system_identifier=str(pg15.system_identifier()))
+    store = a.open()
+    store.put(Layout().wal_root + WAL_ARCHIVE_INFO_NAME, info.model_dump_json().encode())
+    store.close()
+    shutil.copytree(stores / "a", stores / "b")
+    b = local_target(stores / "b")
+    chown_postgres(stores)  # wal-fetch runs as the server's user
+    parent = make_postgres_dir("cloud-dump-r2-")
+    outputs = (_restore_copy(a, parent / "q1"), _restore_copy(b, parent / "q2"))
+    shutil.rmtree(stores / "b" / "wal_archive")
+    return Siblings(parent, a, b, outputs)
+
+
+def test_sibling_copies_each_have_their_own_restore_config_and_recover_from_their_store(
+    siblings: Siblings,
+) -> None:
+    for done in siblings.outputs:
+        assert done.returncode == 0, done.stderr
+    q1 = siblings.parent / "q1"
+    with started(15, q1) as copy:  # its restore_command must still read store "a"
+        wait_promoted(copy)
+    first, second = (siblings.parent / f"{q}.cloud-dump-restore.conf" for q in ("q1", "q2"))
+    assert _storage_in(first) == siblings.a.url and _storage_in(second) == siblings.b.url
+    assert f"# serves PGDATA: {q1}\n" in first.read_text()
+    assert f"--config {first}" in active_settings(q1)["restore_command"]
+    assert not (siblings.parent / "cloud-dump-restore.conf").exists()
+
+
+def test_restore_config_serving_another_copy_is_never_replaced(siblings: Siblings) -> None:
+    first = siblings.parent / "q1.cloud-dump-restore.conf"
+    before = first.read_bytes()
+    q3 = siblings.parent / "q3"
+    done = _restore_copy(siblings.b, q3, "--restore-config", str(first))
+    assert done.returncode == 13, done.stderr
+    assert (f"restore config '{first}' exists and serves PGDATA '{siblings.parent / 'q1'}'"
+            in done.stderr)
+    assert first.read_bytes() == before
+    assert not q3.exists()
+
+
+def test_restore_config_that_does_not_say_whose_it_is_is_never_replaced(
+    siblings: Siblings,
+) -> None:
+    """A file written by an earlier version (one per parent directory, no PGDATA recorded)."""
+    older = siblings.parent / "old" / "cloud-dump-restore.conf"
+    older.parent.mkdir()
+    chown_postgres(older.parent)
+    older.write_text('# cloud-dump settings for restore_command (wal-fetch); mode 0600, may '
+                     f'hold secrets\nCLOUD_DUMP_STORAGE="{siblings.a.url}"\n')
+    q4 = older.parent / "q4"
+    done = _restore_copy(siblings.a, q4, "--restore-config", str(older))
+    assert done.returncode == 13, done.stderr
+    assert "does not say which PGDATA it serves" in done.stderr
+    assert not q4.exists()
+
+
+def test_restore_into_the_same_pgdata_again_replaces_its_own_restore_config(
+    siblings: Siblings,
+) -> None:
+    q2 = siblings.parent / "q2"
+    shutil.rmtree(q2)
+    done = _restore_copy(siblings.a, q2)
+    assert done.returncode == 0, done.stderr
+    config = siblings.parent / "q2.cloud-dump-restore.conf"
+    assert _storage_in(config) == siblings.a.url
+    assert f"# serves PGDATA: {q2}\n" in config.read_text()
+    assert _storage_in(siblings.parent / "q1.cloud-dump-restore.conf") == siblings.a.url

@@ -81,8 +81,11 @@ def _lsn(cluster: PgCluster) -> str:
 
 
 def phases_after_recovery(source: Source, *flags: str) -> list[tuple[object, ...]]:
-    """Restore "late" with ``flags``, start the copy as configured, wait for promotion."""
-    pgdata, done = restore(source.store, "late", *flags)
+    """Restore "late" with ``flags``, start the copy as configured, wait for promotion.
+
+    A test copy: ``--archive-mode off``, so that its timeline never enters the archive the next
+    restores read (they would meet its branch and be refused)."""
+    pgdata, done = restore(source.store, "late", "--archive-mode", "off", *flags)
     assert done.returncode == 0, done.stderr
     with started_as_configured(source.cluster.major, pgdata) as copy:
         wait_promoted(copy)
@@ -244,8 +247,8 @@ def test_lsn_before_the_backups_end_is_refused_naming_an_earlier_backup(source: 
 def test_the_earlier_backup_named_reaches_the_refused_target(source: Source) -> None:
     if source.cluster.major != 15:
         pytest.skip("reachability is judged from manifest.json alone: 15 covers it")
-    pgdata, done = restore(source.store, "early", "--recovery-target-time",
-                           source.after_a.isoformat())
+    pgdata, done = restore(source.store, "early", "--archive-mode", "off",
+                           "--recovery-target-time", source.after_a.isoformat())
     assert done.returncode == 0, done.stderr
     assert active_settings(pgdata)["recovery_target_time"] != ""
     with started_as_configured(source.cluster.major, pgdata) as copy:

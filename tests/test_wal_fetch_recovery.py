@@ -118,12 +118,14 @@ def test_recovery_stops_on_a_missing_archive_or_a_failure_and_logs_status_200(
         edit_config(config, CLOUD_DUMP_CLUSTER="prdo")
         error = "no WAL archive at"
     else:
-        # recovery_target_timeline latest: the first call is the probe for 00000002.history.
-        config = restore(source, launcher, restored_dir, "--recovery-target", "latest")
+        # recovery_target_timeline latest (restore writes 'current' unless asked): the first
+        # call is the probe for 00000002.history.
+        config = restore(source, launcher, restored_dir, "--recovery-target", "latest",
+                         "--recovery-target-timeline", "latest")
         if how == "absent-directory":
             absent = restored_dir.parent / "no-such-archive"  # where the server's user may look
             edit_config(config, CLOUD_DUMP_STORAGE=f"file://{absent}")
-            error = "no WAL archive at"
+            error = f"storage directory '{absent}' does not exist"
         else:  # a failure that was already fatal, logged as "command not executable" (126)
             error = f"http://127.0.0.1:{free_port()}"
             edit_config(config, CLOUD_DUMP_STORAGE="s3://bucket/prefix",

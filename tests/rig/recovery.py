@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from coordinator.recovery import default_restore_config
 from storage import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget
@@ -49,8 +50,13 @@ def archiving_cluster(pg_factory: PgFactory, major: int, target: StorageTarget) 
 
 def wait_archived(cluster: PgCluster | RestoredCluster) -> None:
     """Switch WAL and wait until the segment holding everything so far is archived."""
-    wanted = cluster.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
-    cluster.sql("SELECT pg_switch_wal()")
+    # The last byte of WAL written: pg_switch_wal() returns the end of the segment it completed,
+    # or, with nothing written since the last switch, the start of the current one. (At a
+    # segment's start, pg_walfile_name(pg_current_wal_lsn()) names the empty segment on 17.)
+    end = str(cluster.sql("SELECT pg_switch_wal()")[0][0])
+    high, low = (int(part, 16) for part in end.split("/"))
+    last = (high << 32 | low) - 1
+    wanted = cluster.sql(f"SELECT pg_walfile_name('{last >> 32:X}/{last & 0xFFFFFFFF:X}')")[0][0]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         archived, failed = cluster.sql(
@@ -69,13 +75,14 @@ def wait_promoted(cluster: RestoredCluster) -> None:
         time.sleep(0.2)
 
 
-def restore(target: StorageTarget, name: str, *flags: str
+def restore(target: StorageTarget, name: str, *flags: str, pgdata: Path | None = None
             ) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """``cloud-dump restore`` into a new directory; the restore config handed to postgres."""
-    pgdata = make_postgres_dir("cloud-dump-rec-restore-") / "data"
+    """``cloud-dump restore`` into ``pgdata`` (default: a new directory); the default restore
+    config handed to postgres."""
+    pgdata = pgdata or make_postgres_dir("cloud-dump-rec-restore-") / "data"
     done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
                    env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(postgres_cloud_dump())})
-    config = pgdata.parent / "cloud-dump-restore.conf"
+    config = default_restore_config(pgdata)
     if config.exists():
         chown_postgres(config)
     return pgdata, done
