@@ -1,5 +1,11 @@
 """``--config FILE``: KEY=VALUE settings loaded into the environment before anything else.
 
+Precedence, in the full CLI and in ``coordinator.fastpath`` alike: a flag on the command line,
+then the config file, then the environment the process inherited. A file named with
+``--config`` is a deliberate choice; an inherited environment often is not (a server started
+from a shell that had ``CLOUD_DUMP_STORAGE`` set would otherwise archive to, or recover from,
+that storage instead of the one its archive_command/restore_command names).
+
 Standard library only, and not even pathlib: the wal-push fast path (``coordinator.fastpath``)
 reads the config file too, on every archive_command call.
 """
@@ -14,7 +20,8 @@ def load_config_file(argv: Sequence[str]) -> None:
     """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment.
 
     KEY=VALUE lines, as a systemd EnvironmentFile: ``#`` comments, optional ``export`` and
-    quotes. Variables already in the environment win, flags win over both. This is how
+    quotes. The file's values replace variables inherited from the environment; flags win
+    over both (their defaults are read from the environment afterwards). This is how
     archive_command and restore_command get their settings and credentials without a secret
     on the command line (``ps``) or in postgresql.auto.conf.
     """
@@ -45,4 +52,4 @@ def load_config_file(argv: Sequence[str]) -> None:
             raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE")
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        os.environ.setdefault(key, value)
+        os.environ[key] = value

@@ -241,14 +241,17 @@ def require_queue_consumers(workers: dict[str, list[str]]) -> None:
             raise NoWorkerAvailable(f"no worker consumes queue '{queue}': {START_WORKER_HINT}")
 
 
-def run_on_worker(broker: Broker | Celery, worker: str, task_name: str, timeout_s: float) -> Any:
-    """Run ``task_name`` (no arguments) on one named worker and return its result."""
+def run_on_worker(
+    broker: Broker | Celery, worker: str, task_name: str, timeout_s: float, argument: Any = None
+) -> Any:
+    """Run ``task_name`` on one named worker and return its result; ``argument`` (JSON-able) is
+    its one argument, None for none."""
     from coordinator.flights import Flight, Flights
 
     flights = Flights(_as_broker(broker), grace_s=timeout_s)
     flight = Flight(
         task_name,
-        None,
+        argument,
         worker_direct(worker),
         f"'{task_name}' on '{worker}'",
         timeout_s=timeout_s,

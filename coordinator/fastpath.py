@@ -15,9 +15,10 @@ and hands every other command line to ``coordinator.cli.main`` unchanged.
 
 It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by flags it knows
 (an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; tests hold the
-flag sets to the parser's), settings resolved as the CLI resolves them (flag, then environment,
-then ``--config`` file), and an error before the answer falls through to the full CLI, which then
-decides and reports.
+flag sets to the parser's), settings resolved as the CLI resolves them (flag, then ``--config``
+file, then environment: ``coordinator.configfile``), and an error before the answer falls
+through to the full CLI, which then decides and reports. A combination the full CLI refuses
+(``--cluster`` with a ``--wal-prefix``: ``storage.layout``) is never answered here.
 """
 
 from __future__ import annotations
@@ -223,6 +224,14 @@ def _parse(
         i += 1
     from coordinator.configfile import load_config_file
 
-    load_config_file(args)
+    load_config_file(args)  # the file's values replace the environment's, as in the full CLI
     settings = {flag: flags.get(flag) or os.environ.get(env) or None for flag, env in _ENV.items()}
+    prefix = settings["--wal-prefix"]
+    if settings["--cluster"] and prefix and prefix.strip("/") != "wal_archive":
+        return None  # refused by the full CLI (storage.layout.Layout)
+    from coordinator.limits import acceptable
+
+    command = "wal-push" if value_flags is WAL_PUSH_VALUE_FLAGS else "wal-fetch"
+    if not acceptable(command, value_flags, flags):
+        return None  # a number out of range: the full CLI names it (exit 3, or 200)
     return (args[0], args[1]), settings

@@ -60,7 +60,9 @@ def print_table(
     layout: Layout,
     out: Callable[[str], None],
     wal_ranges: WalRanges | None = None,
+    storage_url: str | None = None,
 ) -> None:
+    """The table; with no backup, a line naming where none was found (``storage_url``)."""
     if layout.cluster:
         out(f"Cluster: {layout.cluster}  (WAL archive: {layout.wal_root})")
         out("")
@@ -75,7 +77,8 @@ def print_table(
             wal = wal_ranges.get(m.name)
             out(f"  {wal.describe() if wal else 'no WAL archived'}")
     if not manifests:
-        out("(no backups)")
+        where = f" in {layout.describe_backups_root(storage_url)}" if storage_url else ""
+        out(f"(no backups{where})")
 
 
 def print_json(

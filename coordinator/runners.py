@@ -3,8 +3,10 @@
 Both runners expose the same small interface over ``workers.backup``, so the coordinator's
 backup code never knows which one it has. ``CeleryRunner`` sends tasks by name to the ``parts``
 queue with their payloads staged in Redis, and follows them with ``coordinator.flights``: what
-the broker or a worker lost is sent again. ``EmbeddedRunner`` (no broker configured) calls the
-same functions in a thread pool with an in-memory stage, and needs storage credentials locally.
+the broker or a worker lost is sent again. Told a storage, it stamps every request with that
+location, and a worker whose storage is elsewhere refuses it (``workers.location``).
+``EmbeddedRunner`` (no broker configured) calls the same functions in a thread pool with an
+in-memory stage, and needs storage credentials locally.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from storage import Storage
 from workers import backup, wal
+from workers.location import StorageBound
 from workers.staging import MemoryStage
 
 if TYPE_CHECKING:
@@ -158,12 +161,22 @@ class CeleryRunner:
 
     A broker that goes away is waited for up to ``part_timeout_s`` (what the operator allows a
     part to stay unconfirmed); what it lost is then sent again (``coordinator.flights``).
+    ``storage_url``: the storage this command was told (``storage.factory.storage_url`` form),
+    carried by every request; None when it was told none (the workers' own is used).
     """
 
-    def __init__(self, broker: Broker, *, task_timeout_s: float, part_timeout_s: float) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        task_timeout_s: float,
+        part_timeout_s: float,
+        storage_url: str | None = None,
+    ) -> None:
         from coordinator.flights import Flights
 
         self._broker = broker
+        self._storage_url = storage_url
         self._flights = Flights(
             broker, grace_s=part_timeout_s, payload_ttl_s=max(3600, int(part_timeout_s * 10))
         )
@@ -175,32 +188,33 @@ class CeleryRunner:
         return self._flights.resent
 
     def claim(self, request: backup.ClaimRequest) -> str:
-        return str(self._call("cloud_dump.claim_backup", request.model_dump()))
+        return str(self._call("cloud_dump.claim_backup", self._bound(request)))
 
     def open_wal_archive(self, request: wal.OpenWalArchiveRequest) -> wal.OpenWalArchiveResult:
         # On the parts queue: the backup's workers may not consume the wal queue.
-        answer = self._call("cloud_dump.open_wal_archive", request.model_dump())
+        answer = self._call("cloud_dump.open_wal_archive", self._bound(request))
         return wal.OpenWalArchiveResult.model_validate(answer)
 
     def open_archive(self, key: str) -> str:
-        return str(self._call("cloud_dump.open_archive", key))
+        request = backup.OpenArchiveRequest(key=key)
+        return str(self._call("cloud_dump.open_archive", self._bound(request)))
 
     def upload_part(self, request: backup.UploadPartRequest, data: bytes) -> PartHandle:
         flight = self._flight(
             "cloud_dump.upload_part",
-            request.model_dump(),
+            self._bound(request),
             f"part {request.part_number} of '{request.key}'",
             payloads={request.ref: data},
         )
         return _FlightHandle(self._flights, self._flights.start(flight))
 
     def finalize(self, request: backup.FinalizeRequest, payloads: dict[str, bytes]) -> None:
-        self._call("cloud_dump.finalize_backup", request.model_dump(), payloads)
+        self._call("cloud_dump.finalize_backup", self._bound(request), payloads)
 
     def abort(self, request: backup.AbortRequest) -> None:
         self._flights.revive(ABORT_GRACE_S)
         self._task_timeout_s = min(self._task_timeout_s, ABORT_TIMEOUT_S)
-        self._call("cloud_dump.abort_backup", request.model_dump())
+        self._call("cloud_dump.abort_backup", self._bound(request))
 
     def release(self, handles: list[PartHandle]) -> None:
         self._flights.interrupt()  # a thread waiting for the broker gives up now
@@ -209,6 +223,12 @@ class CeleryRunner:
 
     def close(self) -> None:
         self._broker.close()
+
+    def _bound(self, request: StorageBound) -> dict[str, Any]:
+        """The request as sent: with the storage location this command was told, if any."""
+        if self._storage_url is not None:
+            request = request.model_copy(update={"storage_url": self._storage_url})
+        return request.model_dump()
 
     def _call(self, task: str, argument: Any, payloads: dict[str, bytes] | None = None) -> Any:
         flight = self._flight(task, argument, f"'{task}'", payloads=payloads or {})

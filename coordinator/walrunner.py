@@ -7,7 +7,9 @@ again, its payload staged again (``push_wal`` is idempotent). A broker that goes
 for up to half the call's ``--timeout`` (at most ``BROKER_GRACE_MAX_S``), so that a Redis
 restart does not fail archiving, and one that stays away is reported before the call gives up.
 Its ``start``/``check`` pair is what the detached WAL pusher pipelines; ``push`` is the blocking
-batch the synchronous path uses.
+batch the synchronous path uses. When wal-push was told a storage (``--storage``,
+``CLOUD_DUMP_STORAGE`` or ``--config``), every request carries that location and a worker
+whose storage is elsewhere refuses it (``workers.location``, exit 3).
 
 ``EmbeddedWalRunner`` (no broker) runs the same functions in daemon threads of this process,
 every call bounded by the call's ``--timeout``: a store that accepts a connection and never
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
     from coordinator.dispatch import Broker
     from storage import Storage
+    from workers.location import StorageBound
     from workers.staging import MemoryStage
     from workers.wal import (
         OpenWalArchiveRequest,
@@ -64,10 +67,15 @@ def open_runner(args: argparse.Namespace) -> WalRunner:
         raise ConfigError(f"environment variable {RETRY_ENV} is not a number") from None
     timeout_s = float(args.timeout)
     if args.broker:
+        from storage.factory import storage_url
+
         grace_s = min(BROKER_GRACE_MAX_S, timeout_s / 2)
+        # Told a storage, the workers must be storing there (checked before connecting).
+        location = storage_url(args.storage) if args.storage else None
         return CeleryWalRunner.connect(
-            args.broker, args.result_backend, args.staging_url, retry_s, grace_s
-        )
+            args.broker, args.result_backend, args.staging_url, retry_s, grace_s,
+            storage_url=location,
+        )  # fmt: skip
     from coordinator.commands import open_store
 
     return EmbeddedWalRunner(open_store(args), time.monotonic() + timeout_s)
@@ -181,10 +189,13 @@ class CeleryWalRunner(WalRunner):
     Redis with the task that needs them, and again whenever that task is sent again.
     """
 
-    def __init__(self, broker: Broker, retry_s: float, grace_s: float) -> None:
+    def __init__(
+        self, broker: Broker, retry_s: float, grace_s: float, storage_url: str | None = None
+    ) -> None:
         from coordinator.flights import Flights
 
         self._broker = broker
+        self._storage_url = storage_url
         self._flights = Flights(broker, grace_s=grace_s, payload_ttl_s=STAGE_TTL_S)
         self._retry_s = retry_s
         self._held: dict[str, bytes] = {}
@@ -198,10 +209,13 @@ class CeleryWalRunner(WalRunner):
         staging_url: str | None,
         retry_s: float,
         grace_s: float = BROKER_GRACE_MAX_S,
+        *,
+        storage_url: str | None = None,
     ) -> CeleryWalRunner:
         from coordinator.dispatch import open_broker
 
-        return cls(open_broker(broker, result_backend, staging_url), retry_s, grace_s)
+        opened = open_broker(broker, result_backend, staging_url)
+        return cls(opened, retry_s, grace_s, storage_url)
 
     def stage_payload(self, ref: str, data: bytes) -> None:
         with self._held_lock:
@@ -218,7 +232,7 @@ class CeleryWalRunner(WalRunner):
 
         refs = [request.wrapped_identity_ref] if request.wrapped_identity_ref else []
         flight = self._flight(
-            "cloud_dump.open_wal_archive", request.model_dump(), "the WAL archive", refs,
+            "cloud_dump.open_wal_archive", self._bound(request), "the WAL archive", refs,
             timeout_s=self._retry_s * 4,
         )  # fmt: skip
         return OpenWalArchiveResult.model_validate(self._flights.run(flight))
@@ -249,7 +263,7 @@ class CeleryWalRunner(WalRunner):
     def start(self, request: PushWalRequest, deadline: float) -> Flight:
         """Send one push; ``check`` follows it up."""
         flight = self._flight(
-            "cloud_dump.push_wal", request.model_dump(), f"WAL file '{request.file_name}'",
+            "cloud_dump.push_wal", self._bound(request), f"WAL file '{request.file_name}'",
             [request.ref], timeout_s=max(0.0, deadline - time.monotonic()),
         )  # fmt: skip
         return self._flights.start(flight)
@@ -272,6 +286,12 @@ class CeleryWalRunner(WalRunner):
 
     def close(self) -> None:
         self._broker.close()
+
+    def _bound(self, request: StorageBound) -> dict[str, Any]:
+        """The request as sent: with the storage location wal-push was told, if any."""
+        if self._storage_url is not None:
+            request = request.model_copy(update={"storage_url": self._storage_url})
+        return request.model_dump()
 
     def _flight(
         self, task: str, argument: Any, what: str, refs: list[str], *, timeout_s: float

@@ -52,6 +52,8 @@ def cloud_dump(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
 
 def start_storage(work: Path, processes: list[ServerProcess]) -> dict[str, str]:
     if os.environ.get("DEMO_STORAGE", "local") != "s3":
+        # Like a bucket, a local store's directory must exist: cloud-dump never creates it.
+        (work / "repository").mkdir(exist_ok=True)
         return {"CLOUD_DUMP_STORAGE": f"file://{work}/repository"}
     import boto3
 

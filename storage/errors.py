@@ -6,6 +6,7 @@ re-raised ``from`` the original so the traceback (shown at DEBUG) keeps the caus
 
     CloudDumpError
      ├── ConfigError                 bad flag or environment value; nothing was touched
+     │    └── StorageMismatch        a task names a storage other than the worker's own
      ├── StorageError
      │    ├── TransientStorageError  worth retrying: network, throttling, 5xx
      │    │    └── StorageUnreachable   the endpoint or directory could not be reached at all
@@ -44,6 +45,14 @@ class CloudDumpError(Exception):
 
 class ConfigError(CloudDumpError):
     """A flag, environment variable or URL is invalid."""
+
+
+class StorageMismatch(ConfigError):
+    """A coordinator told a storage sent a task to a worker whose storage is elsewhere.
+
+    Raised by the worker before it touches anything; a configuration error on the coordinator's
+    side (exit 3), since only the operator can say which of the two locations was meant.
+    """
 
 
 class StorageError(CloudDumpError):

@@ -1,4 +1,5 @@
-"""Opening a store: ``open_storage(url, options)`` is the only place that names a backend.
+"""Opening a store: ``open_storage(url, options)`` is the only place that names a backend;
+``storage_url(url)`` says where a URL points without opening it.
 
 Backends are imported lazily so that a command using local storage never pays for boto3.
 """
@@ -6,6 +7,7 @@ Backends are imported lazily so that a command using local storage never pays fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT, Storage
@@ -39,19 +41,46 @@ class StorageOptions:
 def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     """Open the store that ``url`` names: ``s3://bucket[/prefix]`` or ``file:///path``."""
     options = options or StorageOptions()
+    scheme, where, prefix = _parse(url)
+    if scheme == "s3":
+        from storage.s3 import S3Storage
+
+        return S3Storage(where, prefix, options)
+    from storage.local import LocalStorage
+
+    return LocalStorage(where, options)
+
+
+def storage_url(url: str) -> str:
+    """The location ``url`` names, spelt as the opened store's ``Storage.url`` would spell it.
+
+    Without opening anything (no client, no import of a backend, no credentials): a
+    coordinator that hands the work to workers compares this with the workers' ``Storage.url``.
+    Only the location counts, never the endpoint: one store may be reached through several.
+    """
+    scheme, where, prefix = _parse(url)
+    if scheme == "s3":
+        return f"s3://{where}/{prefix}" if prefix else f"s3://{where}"
+    return local_url(where)
+
+
+def local_url(root_path: str) -> str:
+    """``Storage.url`` of the local store rooted at ``root_path`` (trailing "/" and "//" folded,
+    as ``pathlib`` does; symbolic links are not resolved: another host may see another path)."""
+    return f"file://{PurePosixPath(root_path)}"
+
+
+def _parse(url: str) -> tuple[str, str, str]:
+    """("s3", bucket, prefix) or ("file", absolute root path, "")."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"storage URL '{url}' names no bucket")
-        from storage.s3 import S3Storage
-
-        return S3Storage(parts.netloc, parts.path.strip("/"), options)
+        return "s3", parts.netloc, parts.path.strip("/")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ConfigError(f"storage URL '{url}' must be file:///absolute/path")
-        from storage.local import LocalStorage
-
-        return LocalStorage(unquote(parts.path), options)
+        return "file", unquote(parts.path), ""
     raise ConfigError(
         f"unsupported storage URL '{url}': expected s3://bucket[/prefix] or file:///path"
     )

@@ -11,6 +11,9 @@ Cluster ``C``::
 
     C/backup/<name>/...                  C/wal_archive/<segment>...
 
+A WAL prefix other than the default is refused with a cluster (the seed's ``--wal-prefix`` is
+"flat layout only"), rather than silently ignored.
+
 Keys are relative to the storage URL's prefix, which the backend applies.
 """
 
@@ -70,6 +73,15 @@ class Layout:
         segments = self.wal_prefix.strip("/").split("/")
         if any(s in ("", ".", "..") for s in segments):
             raise ConfigError(f"invalid WAL prefix '{self.wal_prefix}'")
+        # The seed documents --wal-prefix as "flat layout only" and --cluster as deriving the
+        # WAL prefix: a prefix given with a cluster would be ignored, so a push, fetch or
+        # restore would use another archive than the one the operator named.
+        if self.cluster is not None and self.wal_prefix.strip("/") != DEFAULT_WAL_PREFIX:
+            raise ConfigError(
+                f"WAL prefix '{self.wal_prefix}' cannot be used with cluster '{self.cluster}': "
+                f"the cluster layout keeps its WAL in '{self.cluster}/{DEFAULT_WAL_PREFIX}/' "
+                "(--wal-prefix and CLOUD_DUMP_WAL_PREFIX are for the flat layout only)"
+            )
 
     @property
     def backups_root(self) -> str:
@@ -82,6 +94,14 @@ class Layout:
         if self.cluster:
             return f"{self.cluster}/wal_archive/"
         return self.wal_prefix.strip("/") + "/"
+
+    def describe_backups_root(self, storage_url: str) -> str:
+        """Where this layout's backups are looked for, in full, for messages: the storage URL
+        with the backups root, and the layout (a mistyped or forgotten cluster shows)."""
+        where = f"'{storage_url.rstrip('/')}/{self.backups_root}'"
+        if self.cluster:
+            return f"{where} (cluster '{self.cluster}')"
+        return f"{where} (flat layout: no cluster)"
 
     def backup_prefix(self, name: str) -> str:
         validate_name("backup", name)

@@ -10,6 +10,13 @@ On-disk layout under the root::
     .cloud-dump-uploads/<upload_id>/part-00001  one file per uploaded part
     **/.cloud-dump-tmp-*                     files being written; never listed
 
+The root is the store, as a bucket is on S3: it must exist and be a directory, and nothing
+here creates it. A missing root is "storage directory '/x' does not exist" for every operation,
+reads included (``PermanentStorageError``, exit 5), never an empty store: a typo in a
+``file://`` URL must not start a new archive, nor look like one with nothing in it. Only what
+lies under the root is created. The check costs one ``stat`` before a write or a listing, and
+nothing on a read that finds its object.
+
 Every write goes to a temp file in the target's directory, is fsynced, renamed (or hard-linked,
 for create-if-absent) onto its name, and the directory is fsynced: a reader sees the old object,
 the new one, or none, never a part of one. All multipart state lives on disk, so parts may come
@@ -37,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,6 +72,7 @@ from storage.errors import (
     StorageUnreachable,
     UploadNotFound,
 )
+from storage.factory import local_url
 
 if TYPE_CHECKING:
     # Only for annotations: storage/__init__ imports this module lazily, at run time.
@@ -100,7 +109,7 @@ class LocalStorage:
     """Objects as files under ``root_path``; see ``storage.base`` for the contract."""
 
     def __init__(self, root_path: str, options: StorageOptions) -> None:
-        # Nothing touches the disk here: the root is created by the first write.
+        # Nothing touches the disk here: the root is checked by each operation.
         self._root = Path(root_path)
         self._options = options
 
@@ -108,7 +117,7 @@ class LocalStorage:
 
     @property
     def url(self) -> str:
-        return f"file://{self._root}"
+        return local_url(str(self._root))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -139,27 +148,28 @@ class LocalStorage:
                 # metadata appear together or not at all.
                 os.setxattr(f.fileno(), _METADATA_XATTR, json.dumps(meta).encode())
 
-        with _translated("write", path):
+        with self._translated("write", path):
+            self._require_root()
             if not _write_atomically(path, write, exclusive=if_absent):
                 raise ObjectExists(key)
             return _object_info(key, path, sha256_hex(data), meta)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
-        with _translated("read", path, key=key):
+        with self._translated("read", path, key=key):
             return path.read_bytes()
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
             raise ValueError(f"invalid range start={start} length={length}")
         path = self._path(key)
-        with _translated("read", path, key=key), path.open("rb") as f:
+        with self._translated("read", path, key=key), path.open("rb") as f:
             f.seek(start)
             return f.read(length)
 
     def head(self, key: str) -> ObjectInfo:
         path = self._path(key)
-        with _translated("read", path, key=key), path.open("rb") as f:
+        with self._translated("read", path, key=key), path.open("rb") as f:
             digest = hashlib.sha256()
             while chunk := f.read(_COPY_CHUNK_BYTES):
                 digest.update(chunk)
@@ -171,7 +181,8 @@ class LocalStorage:
         # Walk only the deepest directory the prefix fully names.
         start = self._root / prefix.rpartition("/")[0]
         found: builtins.list[ObjectInfo] = []
-        with _translated("list", start):
+        with self._translated("list", start):
+            self._require_root()
             for key, path in self._walk(start):
                 if key.startswith(prefix):
                     with contextlib.suppress(FileNotFoundError):  # deleted while we walked
@@ -181,12 +192,14 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        # Deletes are idempotent: a key that names nothing is already deleted.
-        with (
-            _translated("delete", path),
-            contextlib.suppress(FileNotFoundError, NotADirectoryError),
-        ):
-            path.unlink()
+        # Deletes are idempotent: a key that names nothing is already deleted (but in a store
+        # that exists, as on S3).
+        with self._translated("delete", path):
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                self._require_root()
+                return
             _fsync_dir(path.parent)
 
     # -- protocol: multipart --------------------------------------------------------------------
@@ -197,7 +210,8 @@ class LocalStorage:
         uploads = self._root / UPLOADS_DIR
         staging = uploads / f"{TMP_PREFIX}{upload_id}"
         meta = {"key": key, "initiated_ns": time.time_ns()}
-        with _translated("write", staging):
+        with self._translated("write", staging):
+            self._require_root()
             staging.mkdir(parents=True)
             # Built aside and renamed into place, so that an upload is never seen without meta.
             _write_atomically(staging / _META_NAME, lambda f: f.write(json.dumps(meta).encode()))
@@ -217,7 +231,7 @@ class LocalStorage:
                 f"match its sha256: expected {sha256.lower()}, got {actual}"
             )
         path = upload_dir / _part_name(part_number)
-        with _translated("write", path):
+        with self._translated("write", path):
             try:
                 # No mkdir here: a missing directory means the upload was aborted meanwhile.
                 _write_atomically(path, lambda f: f.write(data), make_parents=False)
@@ -237,14 +251,14 @@ class LocalStorage:
             for part, path in zip(parts, part_paths, strict=True):
                 _copy_part(path, out, digest, part, upload_id)
 
-        with _translated("write", target):
+        with self._translated("write", target):
             _write_atomically(target, assemble)
             self._discard_upload_dir(upload_dir)
             return _object_info(key, target, digest.hexdigest())
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         upload_dir = self._upload_dir(key, upload_id)
-        with _translated("delete", upload_dir):
+        with self._translated("delete", upload_dir):
             try:
                 self._discard_upload_dir(upload_dir)
             except FileNotFoundError:
@@ -253,7 +267,8 @@ class LocalStorage:
     def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]:
         uploads_root = self._root / UPLOADS_DIR
         found: builtins.list[tuple[str, int, str]] = []
-        with _translated("list", uploads_root):
+        with self._translated("list", uploads_root):
+            self._require_root()
             try:
                 entries = sorted(entry.name for entry in uploads_root.iterdir())
             except FileNotFoundError:
@@ -268,6 +283,32 @@ class LocalStorage:
         """Nothing to release: every operation opens and closes its own files."""
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _require_root(self) -> None:
+        """Raise unless the root is an existing directory: it is the store, never created here."""
+        try:
+            st = self._root.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise PermanentStorageError(
+                f"storage directory '{self._root}' does not exist"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise PermanentStorageError(f"storage directory '{self._root}' is not a directory")
+
+    @contextlib.contextmanager
+    def _translated(self, action: str, path: Path, *, key: str | None = None) -> Iterator[None]:
+        """``_translated``, after checking the root when a path was missing: a missing object
+        in a store that does not exist is the store's error, not the object's."""
+        try:
+            with _translated(action, path, key=key):
+                yield
+        except ObjectNotFound:
+            self._require_root()
+            raise
+        except StorageError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _MISSING_ERRNOS:
+                self._require_root()
+            raise
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -300,8 +341,10 @@ class LocalStorage:
         if not _is_upload_id(upload_id):
             raise _upload_not_found(key, upload_id)
         upload_dir = self._root / UPLOADS_DIR / upload_id
-        with _translated("read", upload_dir):
+        with self._translated("read", upload_dir):
             meta = _read_meta(upload_dir)
+            if meta is None:
+                self._require_root()
         if meta is None or meta.get("key") != key:
             raise _upload_not_found(key, upload_id)
         return upload_dir
@@ -320,7 +363,7 @@ class LocalStorage:
         paths = [upload_dir / _part_name(n) for n in numbers]
         minimum = self.capabilities.min_part_size_bytes
         for index, path in enumerate(paths):
-            with _translated("read", path):
+            with self._translated("read", path):
                 try:
                     size = path.stat().st_size
                 except FileNotFoundError:

@@ -9,26 +9,39 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from storage import Storage, open_storage
 from storage.errors import ConfigError
 from storage.redact import redact_url
 from tasks.config import make_app
 from tasks.settings import WorkerSettings
+from workers.location import require_location
 from workers.staging import RedisStage
 
 log = logging.getLogger(__name__)
 
 
 class WorkerStorage:
-    """The storage of this worker process, built lazily and rebuilt after a fork."""
+    """The storage of this worker process, built lazily and rebuilt after a fork.
+
+    ``get(expected)`` refuses work meant for another storage (``workers.location``).
+    """
 
     def __init__(self, worker_settings: WorkerSettings) -> None:
         self._settings = worker_settings
         self._storage: Storage | None = None
         self._pid = 0
 
-    def get(self) -> Storage:
+    def get(self, expected: str | None = None) -> Storage:
+        """This process's storage; ``StorageMismatch`` when ``expected`` (the location a
+        request carries) is somewhere else."""
+        storage = self._open()
+        if expected is not None:
+            require_location(storage, expected, _worker_name())
+        return storage
+
+    def _open(self) -> Storage:
         if self._storage is None or self._pid != os.getpid():
             url = self._settings.storage
             if not url:
@@ -39,6 +52,14 @@ class WorkerStorage:
             self._pid = os.getpid()
             log.info("worker process %d uses storage %s", self._pid, self._storage.url)
         return self._storage
+
+
+def _worker_name() -> str:
+    """The Celery node name running the current task (``w1@host``), for messages."""
+    from celery import current_task
+
+    hostname = getattr(getattr(current_task, "request", None), "hostname", None)
+    return str(hostname or socket.gethostname())
 
 
 class WorkerStage:

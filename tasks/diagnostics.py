@@ -9,7 +9,7 @@ from celery import Task
 
 from storage.errors import TransientStorageError
 from tasks.app import app, worker_storage
-from workers.diagnostics import ping_storage
+from workers.diagnostics import PingRequest, ping_storage
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -19,7 +19,12 @@ from workers.diagnostics import ping_storage
     retry_backoff=True,
     max_retries=3,
 )
-def ping_storage_task(self: Task) -> dict[str, Any]:
-    """Write, read back and delete a small object from this worker; return what it saw."""
+def ping_storage_task(self: Task, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write, read back and delete a small object from this worker; return what it saw.
+
+    ``request`` (a ``PingRequest``) may name the storage the caller expects: a worker whose
+    storage is elsewhere refuses (``StorageMismatch``). Older callers send none.
+    """
+    parsed = PingRequest.model_validate(request or {})
     worker = self.request.hostname or socket.gethostname()
-    return ping_storage(worker_storage.get(), worker).model_dump()
+    return ping_storage(worker_storage.get(parsed.storage_url), worker).model_dump()

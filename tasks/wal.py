@@ -26,10 +26,12 @@ _RETRY: dict[str, Any] = {
 @app.task(name="cloud_dump.push_wal", queue=WAL_QUEUE, **_RETRY)  # type: ignore[untyped-decorator]
 def push_wal_task(request: dict[str, Any]) -> dict[str, Any]:
     parsed = wal.PushWalRequest.model_validate(request)
-    return wal.push_wal(worker_storage.get(), worker_stage.get(), parsed).model_dump()
+    storage = worker_storage.get(parsed.storage_url)
+    return wal.push_wal(storage, worker_stage.get(), parsed).model_dump()
 
 
 @app.task(name="cloud_dump.open_wal_archive", queue=WAL_QUEUE, **_RETRY)  # type: ignore[untyped-decorator]
 def open_wal_archive_task(request: dict[str, Any]) -> dict[str, Any]:
     parsed = wal.OpenWalArchiveRequest.model_validate(request)
-    return wal.open_wal_archive(worker_storage.get(), worker_stage.get(), parsed).model_dump()
+    storage = worker_storage.get(parsed.storage_url)
+    return wal.open_wal_archive(storage, worker_stage.get(), parsed).model_dump()

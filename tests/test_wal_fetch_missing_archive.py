@@ -73,11 +73,11 @@ def _local(tmp_path: Path, how: str) -> Missing:
     root = tmp_path / "store"
     target = local_target(root)
     if how == "absent-directory":
+        # Like a missing bucket: the store itself is not there (and is not created).
         absent = tmp_path / "no-such-store"
-        return Missing(local_target(absent), (), no_archive_at(f"file://{absent}/wal_archive/"),
-                       {}, absent)
+        return Missing(local_target(absent, create=False), (),
+                       f"storage directory '{absent}' does not exist", {}, absent)
     if how == "empty-directory":
-        root.mkdir()
         return Missing(target, (), no_archive_at(f"file://{root}/wal_archive/"), {})
     store = target.open()
     _elsewhere_archived(store)

@@ -2,7 +2,8 @@
 
 Plain functions: storage and stage come in as arguments, requests and results are small
 pydantic models (what Celery carries as JSON and Flower displays: keys, sizes, checksums,
-references; never bytes or secrets). Every function can be run again with the same request and
+references, the storage location the coordinator was told (``workers.location``); never bytes
+or secrets). Every function can be run again with the same request and
 end in the same state, because acks_late and the coordinator's re-dispatch both re-run work.
 
 Life of a backup in storage (DESIGN.md §3, invariant 3):
@@ -29,6 +30,7 @@ from storage.errors import (
     UploadNotFound,
 )
 from storage.layout import Layout
+from workers.location import StorageBound
 from workers.staging import Stage
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class BackupRef(BaseModel):
         return self.layout.backup_prefix(self.name) + file_name
 
 
-class ClaimRequest(BaseModel):
+class ClaimRequest(StorageBound):
     backup: BackupRef
     # Shown to whoever finds the claim of a run that died: when, where, which run.
     run_id: str
@@ -59,7 +61,11 @@ class ClaimRequest(BaseModel):
     started_at: str
 
 
-class UploadPartRequest(BaseModel):
+class OpenArchiveRequest(StorageBound):
+    key: str
+
+
+class UploadPartRequest(StorageBound):
     key: str
     upload_id: str
     part_number: int
@@ -81,7 +87,7 @@ class ArchiveUpload(BaseModel):
     parts: list[UploadPartResult]
 
 
-class FinalizeRequest(BaseModel):
+class FinalizeRequest(StorageBound):
     backup: BackupRef
     run_id: str
     archives: list[ArchiveUpload]
@@ -91,7 +97,7 @@ class FinalizeRequest(BaseModel):
     manifest_ref: str
 
 
-class AbortRequest(BaseModel):
+class AbortRequest(StorageBound):
     backup: BackupRef
     run_id: str
     uploads: list[ArchiveUpload]
@@ -105,7 +111,10 @@ def claim_backup(storage: Storage, request: ClaimRequest) -> str:
     """
     backup = request.backup
     if _exists(storage, backup.layout.manifest_key(backup.name)):
-        raise BackupExists(f"backup '{backup.name}' already exists in {storage.url}")
+        raise BackupExists(
+            f"backup '{backup.name}' already exists in "
+            f"{backup.layout.describe_backups_root(storage.url)}"
+        )
     claim_key = backup.key(CLAIM_NAME)
     claim = json.dumps(request.model_dump(exclude={"backup"})).encode()
     try:

@@ -11,11 +11,16 @@ from pydantic import BaseModel
 from storage import Storage
 from storage.base import sha256_hex
 from storage.errors import ChecksumMismatch
+from workers.location import StorageBound
 
 # Keys under this prefix cannot collide with backups: backup and cluster names start with a
 # letter or digit.
 PING_PREFIX = "_cloud_dump/ping/"
 PING_SIZE_BYTES = 64 * 1024
+
+
+class PingRequest(StorageBound):
+    """The round trip asked of a worker; nothing but the location the sender expects."""
 
 
 class PingResult(BaseModel):

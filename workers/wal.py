@@ -41,6 +41,7 @@ from storage.layout import (
     WAL_ARCHIVE_INFO_NAME,
     WAL_RAW_SHA256,
 )
+from workers.location import StorageBound
 from workers.staging import Stage
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class WalArchiveInfo(BaseModel):
     encryption: WalEncryption | None = None
 
 
-class PushWalRequest(BaseModel):
+class PushWalRequest(StorageBound):
     key: str
     file_name: str
     stored_size: int
@@ -95,7 +96,7 @@ class PushWalResult(BaseModel):
     archive: WalArchiveInfo | None = None
 
 
-class OpenWalArchiveRequest(BaseModel):
+class OpenWalArchiveRequest(StorageBound):
     """Read (and create if needed) the archive's identity; optionally set up passphrase
     encryption with the proposed recipient, whose wrapped identity is staged at ``ref``."""
 

@@ -33,12 +33,14 @@ def test_wal_fetch_usage_error_stops_recovery() -> None:
 def test_config_file_supplies_settings(tmp_path: Path) -> None:
     config = tmp_path / "cloud-dump.conf"
     config.write_text(f"# settings\nexport CLOUD_DUMP_STORAGE='file://{tmp_path}/repo'\n")
+    (tmp_path / "repo").mkdir()
     result = run_cli("check", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert f"storage file://{tmp_path}/repo: ok" in result.stdout
 
 
 def test_check_storage_round_trip_on_local_directory(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
     result = run_cli("check", "--storage", f"file://{tmp_path}/repo")
     assert result.returncode == 0, result.stderr
     assert f"storage file://{tmp_path}/repo: ok" in result.stdout

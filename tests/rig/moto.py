@@ -5,8 +5,9 @@
   them up in this process and in every child started afterwards), restored at the end.
 - ``moto_admin_client`` (session): a boto3 client on that server, for test set-up.
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server.
-- ``storage_target`` (function, parametrized "local" and "s3"): where a test's store lives, with
-  the environment a worker subprocess needs to reach the same store; ``storage`` opens it.
+- ``storage_target`` (function, parametrized "local" and "s3"): where a test's store lives (an
+  existing directory, or a bucket), with the environment a worker subprocess needs to reach the
+  same store; ``storage`` opens it.
 - ``s3_store`` (function): a store in a fresh bucket on that server, for S3-only tests.
 
 The S3 server is started only by tests that ask for it, so local-only runs do not pay for it.
@@ -117,7 +118,11 @@ def s3_target(endpoint: str, bucket: str, aws_env: dict[str, str]) -> StorageTar
     return StorageTarget("s3", url, options, env)
 
 
-def local_target(root: Path) -> StorageTarget:
+def local_target(root: Path, *, create: bool = True) -> StorageTarget:
+    """A store in directory ``root``, created here unless ``create`` is False: like a bucket,
+    a local store's root must exist (cloud-dump creates only what is under it)."""
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     url = f"file://{root}"
     return StorageTarget("local", url, StorageOptions(), {"CLOUD_DUMP_STORAGE": url})
 
@@ -130,7 +135,6 @@ def s3_store(moto_server: MotoServer, aws_env: dict[str, str], s3_bucket: str) -
 @pytest.fixture(params=["local", "s3"], ids=["local", "s3"])
 def storage_target(request: pytest.FixtureRequest, tmp_path: Path) -> StorageTarget:
     if request.param == "local":
-        # A subdirectory that does not exist yet: the backend must create it on first write.
         return local_target(tmp_path / "store")
     server: MotoServer = request.getfixturevalue("moto_server")
     env: dict[str, str] = request.getfixturevalue("aws_env")

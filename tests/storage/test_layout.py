@@ -55,8 +55,17 @@ def test_cluster_layout_groups_backups_and_wal_under_the_cluster() -> None:
     )
 
 
-def test_cluster_layout_ignores_the_flat_wal_prefix() -> None:
-    assert Layout(cluster="c1", wal_prefix="elsewhere").wal_root == "c1/wal_archive/"
+@pytest.mark.parametrize("prefix", ["elsewhere", "pg/wal", "/wal_archive/x"])
+def test_cluster_layout_refuses_a_flat_wal_prefix_naming_both(prefix: str) -> None:
+    # The seed: --wal-prefix is "flat layout only"; ignored, it would send WAL elsewhere.
+    refused = f"WAL prefix '{prefix}' cannot be used with cluster 'c1'"
+    with pytest.raises(ConfigError, match=refused):
+        Layout(cluster="c1", wal_prefix=prefix)
+
+
+@pytest.mark.parametrize("prefix", ["wal_archive", "/wal_archive/"])
+def test_cluster_layout_accepts_the_default_wal_prefix_spelt_out(prefix: str) -> None:
+    assert Layout(cluster="c1", wal_prefix=prefix).wal_root == "c1/wal_archive/"
 
 
 @pytest.mark.parametrize(
