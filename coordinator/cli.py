@@ -14,15 +14,20 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from coordinator.configfile import load_config_file
 from coordinator.exitcodes import ExitCode, exit_code_for
 from coordinator.fastpath import DEFAULT_PREFETCH
+from coordinator.limits import LIMITS, env_only_problems, flag_problem
 from storage.errors import CloudDumpError, ConfigError
 
 log = logging.getLogger("cloud_dump")
-_N = TypeVar("_N", int, float)
+
+# pgBackRest's archive-timeout. PostgreSQL's archiver waits for the call, and so does a fast
+# shutdown (the archive_command child gets no signal); a push that gives up is retried by
+# PostgreSQL, nothing is lost.
+DEFAULT_WAL_PUSH_TIMEOUT_S = 60.0
 
 # argparse's group and subparser types are private; these are what we pass around.
 _Group = Any
@@ -35,15 +40,39 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def _env_number(name: str, default: _N | None, kind: Callable[[str], _N]) -> _N | None:
-    raw = _env(name)
+class _FromEnv(str):
+    """A flag's default read from its environment variable: argparse converts it with the
+    flag's ``type`` only when the flag is absent, and the error then names the variable."""
+
+    env: str
+
+
+def _from_env(env: str) -> _FromEnv | None:
+    raw = _env(env)
     if raw is None:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"environment variable {name}='{raw}' is not {what}") from None
+        return None
+    value = _FromEnv(raw)
+    value.env = env
+    return value
+
+
+def _number(flag: str) -> Callable[[str], int | float]:
+    """argparse ``type=`` for ``flag``: its number, checked against ``coordinator.limits``.
+
+    Raises ``ConfigError`` (exit 3), which argparse lets through, rather than a usage error.
+    """
+    limit = LIMITS[flag]
+
+    def convert(text: str) -> int | float:
+        env = text.env if isinstance(text, _FromEnv) else None
+        problem = flag_problem(flag, text, env)
+        if problem is not None:
+            raise ConfigError(problem)
+        value = limit.parse(text)
+        assert value is not None  # flag_problem checked it
+        return value
+
+    return convert
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -66,13 +95,27 @@ def _env_bool(name: str) -> bool | None:
 def _flag(group: _Group, flag: str, env: str | None, help_text: str, **kw: Any) -> None:
     """Add ``flag`` whose default comes from ``env``; --help names the variable."""
     if env is not None:
-        kind = kw.get("type")
-        if kind in (int, float):
-            kw["default"] = _env_number(env, kw.get("default"), kind)
-        elif "default" not in kw:
+        if "default" not in kw:
             kw["default"] = _env(env)
         help_text += f" (env {env})"
     group.add_argument(flag, help=help_text, **kw)
+
+
+def _number_flag(
+    group: _Group, flag: str, help_text: str, default: float | None, *, metavar: str,
+    with_env: bool = True, range_text: str | None = None,
+) -> None:
+    """A numeric ``flag``: its range and environment variable come from ``coordinator.limits``,
+    and both a given value and the variable's are checked while parsing."""
+    limit = LIMITS[flag]
+    env = limit.env if with_env else None
+    notes = [] if default is None else [f"default {default:g}"]
+    notes.append(range_text or limit.describe_short())
+    notes += [f"env {env}"] if env else []
+    help_text += f" ({'; '.join(notes)})"
+    from_env = _from_env(env) if env else None
+    group.add_argument(flag, help=help_text, type=_number(flag), metavar=metavar,
+                       default=default if from_env is None else from_env)
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +130,10 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
                    default=_env_bool("CLOUD_DUMP_S3_PATH_STYLE"),
                    help="path-style addressing; default: on with --s3-endpoint "
                         "(env CLOUD_DUMP_S3_PATH_STYLE)")
-    _flag(g, "--s3-max-parts", "CLOUD_DUMP_S3_MAX_PARTS",
-          "most parts the store accepts in one upload, 1000-10000 (default 10000)",
-          type=int, default=10_000, metavar="N")
-    _flag(g, "--storage-max-attempts", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS",
-          "attempts per storage request, with backoff (default 5)", type=int, default=5,
-          metavar="N")
+    _number_flag(g, "--s3-max-parts", "most parts the store accepts in one upload",
+                 10_000, metavar="N")
+    _number_flag(g, "--storage-max-attempts", "attempts per storage request, with backoff", 5,
+                 metavar="N")
     _flag(g, "--broker", "CLOUD_DUMP_BROKER_URL",
           "Celery broker, e.g. redis://host:6379/0; without it work runs in-process",
           metavar="URL")
@@ -103,7 +144,8 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--cluster", "CLOUD_DUMP_CLUSTER",
           "cluster namespace: <cluster>/backup/, <cluster>/wal_archive/", metavar="NAME")
     _flag(parser, "--config", "CLOUD_DUMP_CONFIG",
-          "KEY=VALUE file of settings and credentials, read before the environment defaults",
+          "KEY=VALUE file of settings and credentials; its values override the environment, "
+          "flags override both",
           metavar="FILE")
     _flag(parser, "--log-level", "CLOUD_DUMP_LOG_LEVEL", "default info",
           default=_env("CLOUD_DUMP_LOG_LEVEL") or "info",
@@ -147,21 +189,17 @@ def _add_backup_parser(commands: _Subparsers) -> None:
     _flag(p, "--compression", "CLOUD_DUMP_COMPRESSION", "default zstd",
           default=_env("CLOUD_DUMP_COMPRESSION") or "zstd",
           choices=["zstd", "gzip", "lz4", "none"])
-    _flag(p, "--compression-level", "CLOUD_DUMP_COMPRESSION_LEVEL",
-          "level for the algorithm (default: fast)", type=int, metavar="N")
+    _number_flag(p, "--compression-level", "level for the algorithm; default: its fast level",
+                 None, metavar="N", range_text="zstd 1-22, gzip 1-9, lz4 1-12")
     _add_key_flags(p, encrypting=True, encrypt_env="CLOUD_DUMP_ENCRYPT")
-    _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL",
-          "uploads in flight / upload threads without a broker (default 4)",
-          type=int, default=4, metavar="N")
-    _flag(p, "--part-size-mib", "CLOUD_DUMP_PART_SIZE_MIB",
-          "target part size; grows for large archives (default 16)", type=int, default=16,
-          metavar="MIB")
-    _flag(p, "--part-timeout", "CLOUD_DUMP_PART_TIMEOUT",
-          "re-send a part not confirmed after this long (default 300)", type=float,
-          default=300.0, metavar="SECONDS")
-    _flag(p, "--task-timeout", "CLOUD_DUMP_TASK_TIMEOUT",
-          "wait this long for claim/finalize tasks (default 600)", type=float, default=600.0,
-          metavar="SECONDS")
+    _number_flag(p, "--parallel", "uploads in flight / upload threads without a broker", 4,
+                 metavar="N")
+    _number_flag(p, "--part-size-mib", "target part size; grows for large archives", 16,
+                 metavar="MIB")
+    _number_flag(p, "--part-timeout", "re-send a part not confirmed after this long", 300.0,
+                 metavar="SECONDS")
+    _number_flag(p, "--task-timeout", "wait this long for claim/finalize tasks", 600.0,
+                 metavar="SECONDS")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="live progress line on a terminal (default on)")
     _add_common_flags(p)
@@ -176,11 +214,11 @@ def _add_restore_parser(commands: _Subparsers) -> None:
     _add_key_flags(p, encrypting=False)
     p.add_argument("--tablespace-mapping", action="append", metavar="OLD=NEW",
                    help="restore the tablespace recorded at OLD into NEW (repeatable)")
-    _flag(p, "--parallel", "CLOUD_DUMP_PARALLEL", "ranged downloads in flight (default 4)",
-          type=int, default=4, metavar="N")
+    _number_flag(p, "--parallel", "ranged downloads in flight", 4, metavar="N")
     p.add_argument("--owner", metavar="USER[:GROUP]",
                    help="when run as root, give everything restored to USER (default: the "
-                        "owner of the directory PGDATA goes into; PostgreSQL cannot run as root)")
+                        "owner of PGDATA if it exists, else of the directory it goes into; "
+                        "PostgreSQL cannot run as root)")
     _add_recovery_flags(p)
     _add_wal_flags(p)
     _add_common_flags(p)
@@ -199,13 +237,16 @@ def _add_recovery_flags(parser: argparse.ArgumentParser) -> None:
                         help="stop at this restore point (pg_create_restore_point)")
     target.add_argument("--recovery-target", choices=["immediate", "latest"],
                         help="immediate: as soon as consistent; latest: all archived WAL")
-    g.add_argument("--recovery-target-timeline", metavar="latest|N",
-                   help="timeline to follow (PostgreSQL's default: latest)")
+    g.add_argument("--recovery-target-timeline", metavar="latest|current|N",
+                   help="timeline to follow: current (the backup's), latest, or a timeline "
+                        "number (default: the one the archive's history leads to; refused "
+                        "when its timelines branch)")
     g.add_argument("--recovery-target-exclusive", action="store_true",
                    help="stop just before the target instead of just after it")
     g.add_argument("--restore-config", metavar="FILE",
                    help="where to write the settings restore_command reads (default: "
-                        "cloud-dump-restore.conf beside PGDATA, mode 0600)")
+                        "<PGDATA's name>.cloud-dump-restore.conf beside PGDATA, mode 0600; "
+                        "never one serving another PGDATA)")
     parser.add_argument("--archive-mode", choices=["preserve", "off"], default="preserve",
                         help="off: write archive_mode = 'off' so the copy never archives; "
                              "preserve (default): archive as its configuration says")
@@ -233,12 +274,12 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
     push.add_argument("--compress", dest="compression", action="store_const", const="zstd",
                       help="the seed's flag: same as --compression zstd")
     _add_key_flags(push, encrypting=True, encrypt_env="CLOUD_DUMP_WAL_ENCRYPT")
-    _flag(push, "--look-ahead", "CLOUD_DUMP_WAL_LOOK_AHEAD",
-          "also push up to N more segments already marked .ready (default 8)",
-          type=int, default=8, metavar="N")
-    _flag(push, "--timeout", "CLOUD_DUMP_WAL_PUSH_TIMEOUT",
-          "give up (non-zero) if storage has not confirmed after this long (default 300)",
-          type=float, default=300.0, metavar="SECONDS")
+    _number_flag(push, "--look-ahead", "also push up to N more segments already marked .ready",
+                 8, metavar="N")
+    _number_flag(push, "--timeout",
+                 "give up (non-zero; PostgreSQL retries) if storage has not confirmed after this "
+                 "long; PostgreSQL's archiver, and a fast shutdown, wait for the call",
+                 DEFAULT_WAL_PUSH_TIMEOUT_S, metavar="SECONDS")
     _add_wal_flags(push)
     _add_common_flags(push)
 
@@ -250,9 +291,8 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
     fetch.add_argument("file_name", metavar="NAME", help="%%f: the WAL file name wanted")
     fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
     _add_key_flags(fetch, encrypting=False)
-    _flag(fetch, "--prefetch", "CLOUD_DUMP_WAL_PREFETCH",
-          f"keep up to N following segments prefetched (default {DEFAULT_PREFETCH})",
-          type=int, default=DEFAULT_PREFETCH, metavar="N")
+    _number_flag(fetch, "--prefetch", "keep up to N following segments prefetched",
+                 DEFAULT_PREFETCH, metavar="N")
     fetch.add_argument("--allow-partial", action="store_true",
                        help="serve <segment>.partial files when asked for them")
     _add_wal_flags(fetch)
@@ -286,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         "storage through the broker (with --broker).",
     )
     _add_common_flags(check)
-    check.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="how long to wait for each worker (default 30)")
+    _number_flag(check, "--timeout", "how long to wait for each worker", 30.0,
+                 metavar="SECONDS", with_env=False)
     return parser
 
 
@@ -353,8 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = ExitCode.WAL_FETCH_FAILED if argv[:1] == ["wal-fetch"] else None
     try:
         load_config_file(argv)
-        # Building the parser reads environment defaults, which may be invalid.
+        # Parsing checks every number, given or from the environment (coordinator.limits).
         args = build_parser().parse_args(argv)
+        _check_numbers(args)
     except ConfigError as exc:
         print(f"cloud-dump: error: {exc}", file=sys.stderr)
         return failed or ExitCode.CONFIG
@@ -364,6 +405,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level)
     code = _run_and_map_errors(args, failed)
     return failed if (failed and code not in (ExitCode.OK, 1)) else code
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """What parsing cannot check alone: the command's environment-only numbers, and a
+    compression level against its algorithm."""
+    problems = env_only_problems(args.command)
+    if problems:
+        raise ConfigError(problems[0])
+    level = getattr(args, "compression_level", None)
+    if args.command == "backup" and level is not None:
+        from coordinator.replication import LEVEL_RANGES  # the server's own ranges
+
+        levels = LEVEL_RANGES.get(args.compression)
+        if levels is None:
+            raise ConfigError(
+                f"a compression level (--compression-level or CLOUD_DUMP_COMPRESSION_LEVEL) "
+                f"was given, but '{args.compression}' has no levels"
+            )
+        if level not in levels:
+            raise ConfigError(
+                f"compression level {level} (--compression-level or "
+                f"CLOUD_DUMP_COMPRESSION_LEVEL) is out of range for {args.compression}: "
+                f"expected a whole number from {levels.start} to {levels.stop - 1}"
+            )
 
 
 def _run_and_map_errors(args: argparse.Namespace, failed: int | None = None) -> int:

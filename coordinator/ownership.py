@@ -2,11 +2,14 @@
 
 PostgreSQL refuses to run as root and to use a data directory it does not own, and
 ``restore_command`` runs as the server's OS user: a restore run by root must hand everything it
-writes to that user. As pgBackRest does, the user is the owner of the directory the restore goes
-into (the nearest existing parent of PGDATA, looked at before anything is created), or the one
-``--owner USER[:GROUP]`` names. When that is root, the files stay root's, with a warning: the
-copy cannot start until they are given to the server's user. ``resolve_owner`` decides before
-anything is downloaded; ``give_to`` changes the owner of whole trees without following links.
+writes to that user. As pgBackRest does, the user is the owner of PGDATA when it exists (an
+empty directory prepared for the server), else of the directory it goes into (the nearest
+existing parent), looked at before anything is created; or the one ``--owner USER[:GROUP]``
+names. When that is root, the files stay root's, with a warning: the copy cannot start until
+they are given to the server's user. ``resolve_owner`` decides before anything is downloaded;
+its warning is said by ``announce`` once nothing refused the restore (a target that is not
+empty is the error to read then, not a warning about owners); ``give_to`` changes the owner of
+whole trees without following links.
 
 Not run as root, nothing changes owner: files are the invoking user's, and ``--owner`` may only
 name that user (only root can give files away).
@@ -33,14 +36,21 @@ class Owner:
     uid: int
     gid: int
     name: str
+    # Said by ``announce`` once the restore goes ahead: the copy cannot start as it is.
+    warning: str | None = None
+
+
+_ROOT_HINT = ("PostgreSQL cannot run as root: give them to the server's OS user before "
+              "starting it (chown -R), or restore with --owner USER")
 
 
 def resolve_owner(requested: str | None, pgdata: Path) -> Owner | None:
-    """The owner restored files get; None when they keep the owner the process gives them.
+    """The owner restored files get; None when they keep the owner the process gives them
+    (not run as root).
 
     Raises ``ConfigError`` for an unknown user or group, and for ``--owner`` naming another
     user when not root. Leaving the files to root is done (a copy may be restored to be looked
-    at, or chowned later) but said clearly, since PostgreSQL cannot run as root.
+    at, or chowned later) but said clearly (``announce``), since PostgreSQL cannot run as root.
     """
     if os.geteuid() != 0:
         if requested is not None and _parse(requested).uid != os.geteuid():
@@ -50,19 +60,26 @@ def resolve_owner(requested: str | None, pgdata: Path) -> Owner | None:
         return None
     if requested is not None:
         owner = _parse(requested)
-        if owner.uid == 0:
-            log.warning("--owner '%s' leaves the restored files to root, and PostgreSQL cannot "
-                        "run as root: give them to the server's OS user before starting it",
-                        requested)
-        return owner
-    parent = nearest_existing_parent(pgdata)
-    stat = parent.stat()
-    if stat.st_uid == 0:
-        log.warning("restoring as root into '%s', which root owns: the restored files stay "
-                    "root's, and PostgreSQL cannot run as root; give them to the server's OS "
-                    "user before starting it (chown -R), or restore with --owner USER", parent)
-        return None
-    return Owner(stat.st_uid, stat.st_gid, _user_name(stat.st_uid))
+        if owner.uid != 0:
+            return owner
+        warning = f"--owner '{requested}' leaves the restored files to root, and {_ROOT_HINT}"
+        return Owner(owner.uid, owner.gid, owner.name, warning)
+    # PGDATA itself when it exists: an operator who prepared it for the server (often inside
+    # a directory of root's, such as /var/lib/postgresql/15) made that choice already.
+    source = pgdata if pgdata.is_dir() else nearest_existing_parent(pgdata)
+    stat = source.stat()
+    if stat.st_uid != 0:
+        return Owner(stat.st_uid, stat.st_gid, _user_name(stat.st_uid))
+    what = "into" if source == pgdata else "under"
+    warning = (f"restoring as root {what} '{source}', which root owns: the restored files are "
+               f"root's, and {_ROOT_HINT}")
+    return Owner(0, stat.st_gid, "root", warning)
+
+
+def announce(owner: Owner | None) -> None:
+    """Say ``owner``'s warning, if it has one: called once nothing refused the restore."""
+    if owner is not None and owner.warning:
+        log.warning("%s", owner.warning)
 
 
 def nearest_existing_parent(path: Path) -> Path:

@@ -53,7 +53,7 @@ from coordinator.extract import (
     verify_against_manifest,
 )
 from coordinator.fetch import RangedReader, open_plaintext, range_size_for
-from coordinator.ownership import Owner, give_to
+from coordinator.ownership import Owner, announce, give_to
 from coordinator.pgdata import (
     TABLESPACE_MAP,
     DataModes,
@@ -76,7 +76,7 @@ from storage.errors import (
     ObjectNotFound,
     PermanentStorageError,
 )
-from storage.layout import Layout
+from storage.layout import MANIFEST_NAME, Layout
 from storage.manifest import ArchiveRecord, BackupManifest
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def restore_backup(
     try:
         for path in (plan.pgdata, *plan.outside().values()):
             created.prepare(path)
+        announce(owner)  # a warning about owners, once nothing refused the restore
         results = [run.restore(archive, plan) for archive in _base_first(manifest.archives)]
         observed: dict[str, FileFacts] = {}
         for result in results:
@@ -177,7 +178,10 @@ def read_manifest(storage: Storage, layout: Layout, name: str) -> BackupManifest
     try:
         data = storage.get(key)
     except ObjectNotFound:
-        raise BackupNotFound(f"backup '{name}' not found in {storage.url}") from None
+        raise BackupNotFound(
+            f"backup '{name}' not found in {layout.describe_backups_root(storage.url)}: no "
+            f"'{name}/{MANIFEST_NAME}' there"
+        ) from None
     try:
         manifest = BackupManifest.from_json(data, key)
     except PermanentStorageError as exc:

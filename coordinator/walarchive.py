@@ -33,11 +33,20 @@ def wal_archive_exists(storage: Storage, layout: Layout) -> bool:
     return next(iter(storage.list(layout.wal_root)), None) is not None
 
 
-def require_wal_archive(storage: Storage, layout: Layout) -> None:
-    """Raise ``WalArchiveNotFound`` naming the location unless a WAL archive exists there."""
+def require_wal_archive(storage: Storage, layout: Layout, *, immediate: bool = False) -> None:
+    """Raise ``WalArchiveNotFound`` naming the location unless a WAL archive exists there.
+
+    ``immediate``: asked for ``--recovery-target immediate``, which an operator may give
+    for "just the backup"; the message then says that this needs no target at all.
+    """
     if not wal_archive_exists(storage, layout):
+        hint = (
+            "; --recovery-target immediate runs archive recovery, which reads the archive: "
+            "a copy of the backup alone needs no target (restore without one; the WAL inside "
+            "the backup makes it consistent)" if immediate else ""
+        )
         raise WalArchiveNotFound(
             f"no WAL archive at '{storage.url.rstrip('/')}/{layout.wal_root}': nothing was ever "
             "archived there (check --storage, --cluster and --wal-prefix, and that "
-            "archive_command pushes there)"
+            f"archive_command pushes there){hint}"
         )

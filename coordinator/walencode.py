@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 ZSTD_LEVEL = 3
 GZIP_LEVEL = 6
 
-# XLogLongPageHeaderData (access/xlog_internal.h): the 24-byte short header (magic, info, tli,
-# pageaddr, rem_len + padding), then the system identifier, segment size and block size.
-_XLP_LONG_HEADER = 0x0002
-_LONG_HEADER_BYTES = 40
-
 
 class RawWal(NamedTuple):
     """A WAL file as read from pg_wal."""
@@ -74,33 +69,20 @@ def read_wal(path: Path, file_name: str) -> RawWal:
     if file_identity(after) != identity or len(data) != after.st_size:
         raise IntegrityError(f"WAL file '{file_name}' changed while it was being read: {path}")
     if kind in ("segment", "partial"):
+        from coordinator.walheader import segment_address_mismatch, segment_system_identifier
+
         system_identifier: str | None = str(segment_system_identifier(data, file_name))
+        if (mismatch := segment_address_mismatch(data, file_name)) is not None:
+            raise IntegrityError(
+                f"WAL file '{file_name}' {mismatch}: not archiving it under another segment's "
+                "name"
+            )
     else:
         # .history and .backup files have no page header: ask the data directory.
         system_identifier = _pg_control_system_identifier(path)
         if not data:
             raise IntegrityError(f"WAL file '{file_name}' is empty")
     return RawWal(file_name, data, hashlib.sha256(data).hexdigest(), system_identifier, identity)
-
-
-def segment_system_identifier(data: bytes, file_name: str) -> int:
-    """``xlp_sysid`` of the segment's first page; ``IntegrityError`` if it is not a segment."""
-    import struct
-
-    from storage.errors import IntegrityError
-
-    if len(data) < _LONG_HEADER_BYTES:
-        raise IntegrityError(f"WAL file '{file_name}' is too short ({len(data)} bytes)")
-    # Little-endian: the byte order of the server that wrote it, x86 and arm64 alike.
-    info = struct.unpack_from("<H", data, 2)[0]
-    sysid, seg_size = struct.unpack_from("<QI", data, 24)
-    if not info & _XLP_LONG_HEADER or sysid == 0:
-        raise IntegrityError(f"WAL file '{file_name}' does not start with a WAL page header")
-    if len(data) != seg_size:
-        raise IntegrityError(
-            f"WAL file '{file_name}' is {len(data)} bytes but its header says {seg_size}"
-        )
-    return int(sysid)
 
 
 def _pg_control_system_identifier(wal_path: Path) -> str | None:

@@ -191,7 +191,7 @@ def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: boo
     if stored is None:
         _with_retries(archive.require, attempts)
         if serve:
-            log.info("'%s' is not in the archive", file_name)
+            log.info("'%s' is not in the archive at '%s'", file_name, archive.location)
         else:
             log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
         return NOT_IN_ARCHIVE
@@ -518,7 +518,10 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
     and the directory after it, so the name never points at unwritten blocks after a crash.
     """
     tmp = path.with_name(f"{_TEMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise _naming_target(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -526,9 +529,11 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):
+            raise _naming_target(exc, path) from exc
         raise
     if sync:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -536,6 +541,12 @@ def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _naming_target(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path``, the file asked for, not the temporary file beside it (a name
+    the operator never gave, for a directory that may not even exist)."""
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def is_segment(name: str) -> bool:

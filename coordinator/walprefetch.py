@@ -57,9 +57,11 @@ from storage.layout import (
     DEFAULT_WAL_PREFIX,
     ENCRYPTED_SUFFIX,
     Layout,
+    compression_suffix,
 )
 from storage.layout import WAL_ARCHIVE_INFO_NAME as ARCHIVE_INFO_NAME
 from storage.layout import WAL_RAW_SHA256 as RAW_SHA256
+from storage.walnames import kind_of
 
 if TYPE_CHECKING:
     from storage import Storage
@@ -146,8 +148,8 @@ class Prefetcher:
                     missing = batch[len(present)]
                     self._plan.drop(batch[len(present):])
                     self._archive.require()  # no archive at all: no end of one to remember
-                    log.info("'%s' is not in the archive (yet): prefetching stops there",
-                             missing)  # fmt: skip
+                    log.info("'%s' is not in the archive at '%s' (yet): prefetching stops "
+                             "there", missing, self._archive.location)  # fmt: skip
                     self._spool.mark_end_of_archive(missing)
                     return
                 batch = self._next_batch(deadline)
@@ -284,6 +286,11 @@ class WalArchive:
         self._layout = layout
         self._keys = keys
 
+    @property
+    def location(self) -> str:
+        """The archive in full, storage URL included, for messages."""
+        return f"{self._storage.url.rstrip('/')}/{self._layout.wal_root}"
+
     def find(self, file_name: str) -> StoredWal | None:
         """Where ``file_name`` is stored, or None when it is not archived (one LIST)."""
         prefix = self._layout.wal_root + file_name
@@ -327,6 +334,7 @@ class WalArchive:
                 f"archived WAL '{key}' does not match its recorded sha256 "
                 f"(expected {expected}, got {actual})"
             )
+        _check_segment_header(plain, stored)
         return plain, actual
 
     def read_info(self) -> dict[str, object]:
@@ -349,6 +357,35 @@ def _stored(key: str, suffix: str) -> StoredWal | None:
     if compression is None:
         return None
     return StoredWal(key, compression, suffix.endswith(ENCRYPTED_SUFFIX))
+
+
+def _check_segment_header(plain: bytes, stored: StoredWal) -> None:
+    """Refuse a segment whose first page says it is another segment.
+
+    PostgreSQL would read its "unexpected pageaddr" as the end of WAL and, in archive recovery,
+    promote early. wal-push refuses such files since it checks headers; this catches what an
+    older version, another tool or a hand copy stored. Data without a long page header is left
+    to PostgreSQL: cloud-dump's wal-push never stored any.
+    """
+    from coordinator.walheader import LONG_HEADER_BYTES, XLP_LONG_HEADER, segment_address_mismatch
+
+    name = stored.key.rpartition("/")[2]
+    name = name.removesuffix(ENCRYPTED_SUFFIX) if stored.encrypted else name
+    name = name.removesuffix(compression_suffix(stored.compression))
+    if kind_of(name) not in ("segment", "partial") or len(plain) < LONG_HEADER_BYTES:
+        return
+    # A long page header whose segment size is the file's own (a power of two): anything else
+    # is not a segment cloud-dump's wal-push would have stored, and is left to PostgreSQL.
+    seg_size = int.from_bytes(plain[32:36], "little")
+    info = int.from_bytes(plain[2:4], "little")
+    if not info & XLP_LONG_HEADER or seg_size != len(plain) or seg_size & (seg_size - 1):
+        return
+    mismatch = segment_address_mismatch(plain, name)
+    if mismatch is not None:
+        raise IntegrityError(
+            f"archived WAL '{stored.key}' {mismatch}: not handing PostgreSQL another segment "
+            "under this name"
+        )
 
 
 def _decompress(data: bytes, compression: str, what: str) -> bytes:

@@ -279,7 +279,7 @@ def test_backup_passphrase_that_cannot_open_the_wal_archive_key_is_refused(
     for name in ("a", "b"):
         (tmp_path / name).write_text(f"passphrase {name}\n")
     wal_dir = WalDir(tmp_path / "pgdata")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 3))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 3, SEG1))
     pushed = run_cli("wal-push", str(wal_dir.pg_wal / SEG1), SEG1, "--passphrase-file",
                      str(tmp_path / "a"), env=target.env)
     assert pushed.returncode == 0, pushed.stderr
@@ -298,7 +298,7 @@ def test_backup_passphrase_is_not_checked_without_a_wal_archive_key(
 ) -> None:
     target = local_target(tmp_path / "store")
     wal_dir = WalDir(tmp_path / "pgdata")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 4))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 4, SEG1))
     assert run_cli("wal-push", str(wal_dir.pg_wal / SEG1), SEG1, env=target.env).returncode == 0
     (tmp_path / "b").write_text("passphrase b\n")
     backup(source, target, "b1", "--passphrase-file", str(tmp_path / "b"))

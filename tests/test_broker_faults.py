@@ -192,7 +192,7 @@ def test_backup_with_a_password_broker_that_is_down_exits_6_naming_it(
     assert coordinator.returncode == ExitCode.BROKER_UNREACHABLE, stderr
     assert redacted(own_redis) in error_line(stderr)
     assert PASSWORD not in stderr
-    assert not (tmp_path / "store").exists()
+    assert not list((tmp_path / "store").iterdir())  # nothing stored
 
 
 # --- WAL pushes ---------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_wal_push_across_a_broker_restart_is_stored(
 ) -> None:
     # The worker is inside its push while Redis is killed and started again, and finishes it
     # only afterwards.
-    segment = make_segment(SYSID_A, 90)
+    segment = make_segment(SYSID_A, 90, SEG1)
     call = start_held_push(segment, "120")
     own_redis.kill()
     own_redis.start()
@@ -255,7 +255,7 @@ def test_wal_push_whose_broker_stays_away_exits_6_naming_it(
     start_held_push: Callable[[bytes, str], subprocess.Popen[str]],
     wal_dir: WalDir,
 ) -> None:
-    call = start_held_push(make_segment(SYSID_A, 91), "10")
+    call = start_held_push(make_segment(SYSID_A, 91, SEG1), "10")
     own_redis.kill()
     _, stderr = call.communicate(timeout=60)
     assert call.returncode == ExitCode.BROKER_UNREACHABLE, stderr + wal_dir.pusher_log()

@@ -26,7 +26,7 @@ from coordinator.background import helper_pid
 from coordinator.cli import build_parser
 from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
 from coordinator.exitcodes import ExitCode
-from coordinator.walencode import segment_system_identifier
+from coordinator.walheader import segment_system_identifier
 from coordinator.walspool import (
     PUSHER_LOCK,
     LookAhead,
@@ -58,7 +58,7 @@ def stored(storage: Storage, prefix: str = "wal_archive/") -> dict[str, str]:
 def test_wal_push_uncompressed_stores_the_file_unchanged(
     wal_dir: WalDir, storage_target: StorageTarget
 ) -> None:
-    segment = make_segment(SYSID_A, 1)
+    segment = make_segment(SYSID_A, 1, SEG1)
     wal_dir.add(SEG1, segment)
     result = wal_dir.push(SEG1, "--compression", "none", env=storage_target.env)
     assert result.returncode == 0, result.stderr
@@ -76,7 +76,7 @@ def test_wal_push_uncompressed_stores_the_file_unchanged(
 def test_wal_push_compressed_is_readable_with_zstd(
     wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
 ) -> None:
-    segment = make_segment(SYSID_A, 2)
+    segment = make_segment(SYSID_A, 2, SEG1)
     wal_dir.add(SEG1, segment)
     result = wal_dir.push(SEG1, "--compress", env=storage_target.env)
     assert result.returncode == 0, result.stderr
@@ -95,7 +95,7 @@ def test_wal_push_passphrase_encrypted_uses_one_archive_key(
     passphrase_file = tmp_path / "pass"
     passphrase_file.write_text("correct horse\n")
     flags = ("--encrypt", "--passphrase-file", str(passphrase_file))
-    first, second = make_segment(SYSID_A, 3), make_segment(SYSID_A, 4)
+    first, second = make_segment(SYSID_A, 3, SEG1), make_segment(SYSID_A, 4, SEG2)
     wal_dir.add(SEG1, first)
     wal_dir.add(SEG2, second)
     debug = ("--log-level", "debug")
@@ -121,7 +121,7 @@ def test_wal_push_passphrase_encrypted_uses_one_archive_key(
         assert zstandard.ZstdDecompressor().decompress(plain) == segment
 
     # Another host with the wrong passphrase is refused before it encrypts anything.
-    wal_dir.add(SEG3, make_segment(SYSID_A, 5))
+    wal_dir.add(SEG3, make_segment(SYSID_A, 5, SEG3))
     passphrase_file.write_text("wrong\n")
     result = wal_dir.push(
         SEG3, *flags, "--spool-dir", str(tmp_path / "other-spool"), env=storage_target.env
@@ -136,7 +136,7 @@ def test_wal_push_key_pair_encrypted_is_readable_with_age(
     identity, recipient = generate_identity()
     (tmp_path / "key.txt").write_text(identity + "\n")
     (tmp_path / "key.pub").write_text(recipient + "\n")
-    segment = make_segment(SYSID_A, 6)
+    segment = make_segment(SYSID_A, 6, SEG1)
     wal_dir.add(SEG1, segment)
     result = wal_dir.push(
         SEG1, "--recipient-key", str(tmp_path / "key.pub"), env=storage_target.env
@@ -157,7 +157,7 @@ def test_wal_push_key_pair_encrypted_is_readable_with_age(
 def test_wal_push_twice_is_a_noop_whatever_the_settings(
     wal_dir: WalDir, storage_target: StorageTarget
 ) -> None:
-    wal_dir.add(SEG1, make_segment(SYSID_A, 7))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 7, SEG1))
     assert wal_dir.push(SEG1, env=storage_target.env).returncode == 0
     storage = storage_target.open()
     before = stored(storage)
@@ -177,11 +177,11 @@ def test_wal_push_twice_is_a_noop_whatever_the_settings(
 def test_different_content_under_an_archived_name_fails_and_changes_nothing(
     wal_dir: WalDir, storage_target: StorageTarget, tmp_path: Path
 ) -> None:
-    wal_dir.add(SEG1, make_segment(SYSID_A, 8))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 8, SEG1))
     assert wal_dir.push(SEG1, env=storage_target.env).returncode == 0
     storage = storage_target.open()
     before = {key: storage.get(key) for key in stored(storage)}
-    wal_dir.add(SEG1, make_segment(SYSID_A, 9))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 9, SEG1))
     result = wal_dir.push(
         SEG1, "--compression", "none", "--spool-dir", str(tmp_path / "s2"), env=storage_target.env
     )
@@ -208,9 +208,9 @@ def test_history_file_is_never_overwritten(wal_dir: WalDir, tmp_path: Path) -> N
 
 def test_wal_of_another_cluster_is_refused(wal_dir: WalDir, tmp_path: Path) -> None:
     target = local_target(tmp_path / "store")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 10))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 10, SEG1))
     assert wal_dir.push(SEG1, env=target.env).returncode == 0
-    wal_dir.add(SEG2, make_segment(SYSID_B, 11))
+    wal_dir.add(SEG2, make_segment(SYSID_B, 11, SEG2))
     # Refused from the spool's cached identity, and by the store itself without it.
     for spool in ([], ["--spool-dir", str(tmp_path / "fresh-spool")]):
         result = wal_dir.push(SEG2, *spool, env=target.env)
@@ -239,11 +239,11 @@ def test_wal_of_another_cluster_is_refused(wal_dir: WalDir, tmp_path: Path) -> N
 def test_invalid_wal_names_are_refused(wal_dir: WalDir, tmp_path: Path, name: str) -> None:
     target = local_target(tmp_path / "store")
     path = wal_dir.pg_wal / "file"
-    path.write_bytes(make_segment(SYSID_A, 12))
+    path.write_bytes(make_segment(SYSID_A, 12, SEG1))
     result = run_cli("wal-push", str(path), name, env=target.env)
     assert result.returncode == ExitCode.CONFIG
     assert "invalid WAL file name" in error_line(result.stderr)
-    assert not (tmp_path / "store").exists()
+    assert not list((tmp_path / "store").iterdir())  # nothing stored
 
 
 # --- look-ahead and the fast path --------------------------------------------------------
@@ -275,7 +275,8 @@ def test_ready_segments_are_pushed_ahead_and_later_calls_return_at_once(
     wal_dir: WalDir, tmp_path: Path
 ) -> None:
     target = local_target(tmp_path / "store")
-    segments = {name: make_segment(SYSID_A, 20 + i) for i, name in enumerate([SEG1, SEG2, SEG3])}
+    names = [SEG1, SEG2, SEG3]
+    segments = {name: make_segment(SYSID_A, 20 + i, name) for i, name in enumerate(names)}
     for name, data in segments.items():
         wal_dir.add(name, data, ready=True)
     result = wal_dir.push(SEG1, "--compression", "none", env=target.env)
@@ -324,7 +325,7 @@ def test_fast_path_answers_only_for_a_marker_of_the_same_archive(
     wal_dir = WalDir(tmp_path / "pgdata")
     path = str(wal_dir.pg_wal / SEG1)
     location = archive_location("file:///store", "c1", None)
-    wal_dir.add(SEG1, make_segment(SYSID_A, 1))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 1, SEG1))
     Spool(wal_dir.spool).confirm(SEG1, "0" * 64, file_identity(Path(path).stat()), location)
     config = tmp_path / "cloud-dump.conf"
     config.write_text("CLOUD_DUMP_STORAGE=file:///store\n")
@@ -351,7 +352,7 @@ def test_segment_header_system_identifier_matches_pg_control(pg15: PgCluster) ->
 
 
 def test_broker_down_fails_without_a_marker(wal_dir: WalDir, tmp_path: Path) -> None:
-    wal_dir.add(SEG1, make_segment(SYSID_A, 30))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 30, SEG1))
     env = {
         **local_target(tmp_path / "store").env,
         "CLOUD_DUMP_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
@@ -371,7 +372,7 @@ def test_storage_down_on_the_workers_fails_without_a_marker(
         **aws_env,
     }
     pool = start_workers(dead, count=1, queues="wal")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 31))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 31, SEG1))
     result = wal_dir.push(SEG1, env={"CLOUD_DUMP_BROKER_URL": pool.broker_url})
     assert result.returncode == ExitCode.STORAGE_UNREACHABLE, result.stderr
     assert not wal_dir.marker(SEG1).exists()
@@ -385,7 +386,8 @@ def test_push_through_workers_reports_conflicts_and_encrypts(
     env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
     (tmp_path / "pass").write_text("s3cret\n")
     flags = ("--passphrase-file", str(tmp_path / "pass"))
-    segments = {name: make_segment(SYSID_A, 40 + i) for i, name in enumerate([SEG1, SEG2, SEG3])}
+    names = [SEG1, SEG2, SEG3]
+    segments = {name: make_segment(SYSID_A, 40 + i, name) for i, name in enumerate(names)}
     for name, data in segments.items():
         wal_dir.add(name, data, ready=True)
     result = wal_dir.push(SEG1, *flags, env=env)
@@ -397,7 +399,7 @@ def test_push_through_workers_reports_conflicts_and_encrypts(
     for name, data in segments.items():
         plain = decrypt_bytes(storage.get(f"wal_archive/{name}.zst.age"), [identity], name)
         assert zstandard.ZstdDecompressor().decompress(plain) == data
-    wal_dir.add(SEG2, make_segment(SYSID_A, 99))
+    wal_dir.add(SEG2, make_segment(SYSID_A, 99, SEG2))
     wal_dir.marker(SEG2).unlink()
     result = wal_dir.push(SEG2, *flags, env=env)
     assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
@@ -412,7 +414,7 @@ def test_pusher_pushes_ready_files_ahead_and_later_calls_need_no_broker(
     target = local_target(tmp_path / "store")
     pool = start_workers(target.env, count=2, queues="wal")
     names = [f"0000000100000000000000{i:02X}" for i in range(1, 7)]
-    segments = {name: make_segment(SYSID_A, 60 + i) for i, name in enumerate(names)}
+    segments = {name: make_segment(SYSID_A, 60 + i, name) for i, name in enumerate(names)}
     for name, data in segments.items():
         wal_dir.add(name, data, ready=True)
     env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
@@ -438,12 +440,12 @@ def test_pusher_failure_of_a_look_ahead_file_is_reported_by_its_own_call(
 ) -> None:
     target = local_target(tmp_path / "store")
     other = WalDir(tmp_path / "other")
-    other.add(SEG2, make_segment(SYSID_A, 70))
+    other.add(SEG2, make_segment(SYSID_A, 70, SEG2))
     assert other.push(SEG2, env=target.env).returncode == 0  # SEG2 archived, other content
     pool = start_workers(target.env, count=1, queues="wal")
     env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
-    wal_dir.add(SEG1, make_segment(SYSID_A, 71), ready=True)
-    wal_dir.add(SEG2, make_segment(SYSID_A, 72), ready=True)
+    wal_dir.add(SEG1, make_segment(SYSID_A, 71, SEG1), ready=True)
+    wal_dir.add(SEG2, make_segment(SYSID_A, 72, SEG2), ready=True)
     assert wal_dir.push(SEG1, env=env).returncode == 0
     wal_dir.wait_for_pusher()
     assert not wal_dir.marker(SEG2).exists()
@@ -463,7 +465,7 @@ def test_pusher_gets_its_settings_off_its_command_line(
 ) -> None:
     target = local_target(tmp_path / "store")
     pool = start_workers(target.env, count=1, queues="wal")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 80), ready=True)
+    wal_dir.add(SEG1, make_segment(SYSID_A, 80, SEG1), ready=True)
     secret = "pusher-secret-passphrase"
     env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url}
     result = wal_dir.push(SEG1, "--passphrase", secret, env=env)
@@ -505,7 +507,7 @@ def stuck_push(
     pool = start_workers(
         {**s3_store.env, "CLOUD_DUMP_S3_ENDPOINT": s3_proxy.endpoint}, count=1, queues="wal"
     )
-    segment = make_segment(SYSID_A, 50)
+    segment = make_segment(SYSID_A, 50, SEG1)
     wal_dir.add(SEG1, segment, ready=True)
     call = wal_dir.start_push(
         SEG1, env={"CLOUD_DUMP_BROKER_URL": pool.broker_url, "CLOUD_DUMP_WAL_RETRY_S": "3"}

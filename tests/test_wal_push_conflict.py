@@ -47,7 +47,7 @@ def test_after_a_refused_push_nothing_goes_ahead_until_the_asked_for_file_is_sto
     route: str, wal_dir: WalDir, tmp_path: Path, start_workers: Callable[..., WorkerPool]
 ) -> None:
     target = local_target(tmp_path / "store")
-    theirs = make_segment(SYSID_A, 200)
+    theirs = make_segment(SYSID_A, 200, SEG2)
     other = WalDir(tmp_path / "other")
     other.add(SEG2, theirs)
     assert other.push(SEG2, env=target.env).returncode == 0  # SEG2 belongs to someone else
@@ -59,7 +59,7 @@ def test_after_a_refused_push_nothing_goes_ahead_until_the_asked_for_file_is_sto
     # One file at a time ahead: SEG1 is stored, SEG2 goes ahead and is refused, and SEG3, next
     # in line, is not pushed after that.
     for name, seed in ((SEG1, 201), (SEG2, 202), (SEG3, 203)):
-        wal_dir.add(name, make_segment(SYSID_A, seed), ready=True)
+        wal_dir.add(name, make_segment(SYSID_A, seed, name), ready=True)
     assert wal_dir.push(SEG1, "--look-ahead", "1", env=env).returncode == 0
     wal_dir.wait_for_pusher()
     assert archived_names(storage) == {SEG1, SEG2}
@@ -67,7 +67,7 @@ def test_after_a_refused_push_nothing_goes_ahead_until_the_asked_for_file_is_sto
 
     # PostgreSQL asks for SEG2 (refused, again and again), with a wide look-ahead and one more
     # ready file: nothing after SEG2 is pushed, whether a pusher runs or a new one starts.
-    wal_dir.add(SEG4, make_segment(SYSID_A, 204), ready=True)
+    wal_dir.add(SEG4, make_segment(SYSID_A, 204, SEG4), ready=True)
     for _ in range(2):
         result = wal_dir.push(SEG2, env=env)
         assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr

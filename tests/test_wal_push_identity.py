@@ -62,7 +62,7 @@ def test_a_marker_answers_only_for_the_file_it_confirmed(
         env["CLOUD_DUMP_BROKER_URL"] = start_workers(target.env, count=1, queues="wal").broker_url
     if route == "look-ahead-0":
         flags = ["--look-ahead", "0"]
-    first, second = make_segment(SYSID_A, 100), make_segment(SYSID_A, 101)
+    first, second = make_segment(SYSID_A, 100, SEG1), make_segment(SYSID_A, 101, SEG2)
     wal_dir.add(SEG1, first, ready=True)
     wal_dir.add(SEG2, second, ready=True)
     result = wal_dir.push(SEG1, *flags, env=env)
@@ -78,14 +78,14 @@ def test_a_marker_answers_only_for_the_file_it_confirmed(
 
     # Different bytes of the same size: in place (SEG1, a marker its own call wrote), renamed
     # in (SEG2, a marker the look-ahead wrote), in place with the old mtime put back (SEG1).
-    overwrite_in_place(wal_dir.pg_wal / SEG1, make_segment(SYSID_A, 102))
-    wal_dir.replace_by_rename(SEG2, make_segment(SYSID_A, 103))
+    overwrite_in_place(wal_dir.pg_wal / SEG1, make_segment(SYSID_A, 102, SEG1))
+    wal_dir.replace_by_rename(SEG2, make_segment(SYSID_A, 103, SEG2))
     for name in (SEG1, SEG2):
         result = wal_dir.push(name, *flags, env=env)
         assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
         assert "already archived with different content" in error_line(result.stderr)
     old_mtime = (wal_dir.pg_wal / SEG1).stat().st_mtime_ns
-    overwrite_in_place(wal_dir.pg_wal / SEG1, make_segment(SYSID_A, 104))
+    overwrite_in_place(wal_dir.pg_wal / SEG1, make_segment(SYSID_A, 104, SEG1))
     os.utime(wal_dir.pg_wal / SEG1, ns=(old_mtime, old_mtime))
     result = wal_dir.push(SEG1, *flags, env=env)
     assert result.returncode == ExitCode.WAL_CONFLICT, result.stderr
@@ -130,7 +130,7 @@ def test_a_marker_without_the_file_identity_answers_for_nothing(
 ) -> None:
     """Markers of the first format ("<sha256> <location>") say nothing about which file."""
     target = local_target(tmp_path / "store")
-    segment = make_segment(SYSID_A, 110)
+    segment = make_segment(SYSID_A, 110, SEG1)
     wal_dir.add(SEG1, segment)
     location = archive_location(target.url, None, None)
     wal_dir.marker(SEG1).parent.mkdir(parents=True)
@@ -147,7 +147,7 @@ def test_fast_path_compares_the_marker_with_the_file(tmp_path: Path) -> None:
     """The entry point's answer, before argparse: a stat of %p, no hashing."""
     target = local_target(tmp_path / "store")
     wal_dir = WalDir(tmp_path / "pgdata")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 120))
+    wal_dir.add(SEG1, make_segment(SYSID_A, 120, SEG1))
     assert wal_dir.push(SEG1, env=target.env).returncode == 0
     path = wal_dir.pg_wal / SEG1
     argv = [str(path), SEG1, "--storage", target.url]
@@ -162,7 +162,7 @@ def test_a_file_changing_while_it_is_read_is_not_pushed(tmp_path: Path) -> None:
     """A writer keeps changing the file (as only someone other than PostgreSQL would): the read
     that overlaps a change is refused instead of yielding bytes and an identity for a marker."""
     path = tmp_path / SEG1
-    path.write_bytes(make_segment(SYSID_A, 130))
+    path.write_bytes(make_segment(SYSID_A, 130, SEG1))
     stop = threading.Event()
 
     def touch() -> None:
@@ -201,8 +201,8 @@ def test_wal_push_by_hand_outside_pg_wal_creates_no_spool(
     somewhere = tmp_path / "some" / "dir"
     somewhere.mkdir(parents=True)
     (somewhere / "archive_status").mkdir()
-    (somewhere / SEG1).write_bytes(make_segment(SYSID_A, 140))
-    (somewhere / SEG2).write_bytes(make_segment(SYSID_A, 141))
+    (somewhere / SEG1).write_bytes(make_segment(SYSID_A, 140, SEG1))
+    (somewhere / SEG2).write_bytes(make_segment(SYSID_A, 141, SEG2))
     (somewhere / "archive_status" / f"{SEG2}.ready").touch()
     result = run_cli("wal-push", str(somewhere / SEG1), SEG1, env=env)
     assert result.returncode == 0, result.stderr
@@ -229,7 +229,7 @@ def test_wal_push_in_a_pg_wal_directory_keeps_its_spool_there(tmp_path: Path) ->
     """%p relative to the data directory, as PostgreSQL passes it (pg_wal/NAME)."""
     target = local_target(tmp_path / "store")
     wal_dir = WalDir(tmp_path / "pgdata")
-    wal_dir.add(SEG3, make_segment(SYSID_A, 150))
+    wal_dir.add(SEG3, make_segment(SYSID_A, 150, SEG3))
     done = subprocess.run(
         [str(VENV_BIN / "cloud-dump"), "wal-push", f"pg_wal/{SEG3}", SEG3],
         env={**os.environ, **target.env}, cwd=wal_dir.root, capture_output=True, text=True,

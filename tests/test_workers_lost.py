@@ -91,7 +91,7 @@ def test_wal_push_without_a_broker_gives_up_at_its_timeout(
     encryption: str, silent_endpoint: str, tmp_path: Path, aws_env: dict[str, str]
 ) -> None:
     wal_dir = WalDir(tmp_path / "pgdata")
-    wal_dir.add(SEG1, make_segment(SYSID_A, 95), ready=True)
+    wal_dir.add(SEG1, make_segment(SYSID_A, 95, SEG1), ready=True)
     flags = ["--storage", "s3://bucket/wal", "--s3-endpoint", silent_endpoint, "--timeout", "3"]
     if encryption == "passphrase":
         (tmp_path / "pass").write_text("secret\n")

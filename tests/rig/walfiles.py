@@ -20,6 +20,7 @@ import pytest
 
 from coordinator.background import helper_pid, helper_running
 from coordinator.walspool import PUSHER_LOCK, PUSHER_LOG
+from storage.walnames import Segment
 from tests.rig.services import VENV_BIN, run_cli
 
 SEGMENT_SIZE = 16 * 1024 * 1024
@@ -28,11 +29,14 @@ SYSID_B = 7_300_000_000_000_000_002
 SEG1, SEG2, SEG3, SEG4 = (f"0000000100000000000000{i:02X}" for i in range(1, 5))
 
 
-def make_segment(system_identifier: int, seed: int) -> bytes:
-    """A 16 MiB segment whose first page carries a long header, as PostgreSQL writes it."""
+def make_segment(system_identifier: int, seed: int, name: str) -> bytes:
+    """A 16 MiB segment as PostgreSQL writes it under ``name`` (a segment or ``.partial``
+    name): its first page carries a long header with the name's timeline and the segment's
+    own address (``xlp_pageaddr``: segment number x segment size), which wal-push checks."""
     data = bytearray(SEGMENT_SIZE)
+    pageaddr = Segment.parse(name, SEGMENT_SIZE).number * SEGMENT_SIZE
     # magic (PG 15), info = XLP_LONG_HEADER, tli, pageaddr, rem_len; then sysid, sizes.
-    struct.pack_into("<HHIQI", data, 0, 0xD110, 0x0002, 1, 0, 0)
+    struct.pack_into("<HHIQI", data, 0, 0xD110, 0x0002, int(name[:8], 16), pageaddr, 0)
     struct.pack_into("<QII", data, 24, system_identifier, SEGMENT_SIZE, 8192)
     chunk = seed.to_bytes(8, "little") * 512
     for offset in range(8192, SEGMENT_SIZE // 2, 8192):  # half records, half zeros: like WAL
