@@ -68,14 +68,87 @@ def as_postgres(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-def make_postgres_dir(prefix: str) -> Path:
-    """A new directory under /tmp that the ``postgres`` OS user owns (e.g. an archive target)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+_SCRATCH: list[Path] = []  # this process's scratch root, once made
+# Directories made in it, by the scope whose end removes them.
+_TEST_DIRS: dict[str, list[Path]] = {"session": [], "module": [], "function": []}
+# The scopes of the fixtures being set up right now, innermost last (pytest_fixture_setup).
+_SETTING_UP: list[str] = []
+_SCOPE_END = {"session": "session", "package": "session", "module": "module", "class": "module",
+              "function": "function"}  # fmt: skip
+
+
+def scratch_root() -> Path:
+    """This test session's directory under /tmp, removed when the session ends.
+
+    pytest's tmp_path is out of the ``postgres`` user's reach (0700, root's), so servers, their
+    archives and restored copies live here instead; the root is 0711, so postgres reaches what
+    is inside without listing it, and the directories made in it keep /tmp's role of a parent
+    that root owns.
+    """
+    if not _SCRATCH:
+        root = Path(tempfile.mkdtemp(prefix="cloud-dump-tests-", dir="/tmp"))
+        root.chmod(0o711)
+        _SCRATCH.append(root)
+    return _SCRATCH[0]
+
+
+def make_test_dir(prefix: str, *, lifetime: str | None = None) -> Path:
+    """A new directory in the session's scratch root (root's, 0700), removed when the scope
+    that made it ends: the test, or the module or session of the fixture being set up (a full
+    run left gigabytes of restored copies behind, and CI machines have little disk).
+    ``lifetime`` "session" keeps it to the end whoever asks (a server pg_factory keeps)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+    scope = lifetime or (_SETTING_UP[-1] if _SETTING_UP else "function")
+    _TEST_DIRS[_SCOPE_END.get(scope, "session")].append(path)
+    return path
+
+
+def make_postgres_dir(prefix: str, *, lifetime: str | None = None) -> Path:
+    """A new directory that the ``postgres`` OS user owns (e.g. an archive target), removed as
+    ``make_test_dir``'s are."""
+    path = make_test_dir(prefix, lifetime=lifetime)
     if os.geteuid() == 0:
         entry = pwd.getpwnam(OS_USER)
         os.chown(path, entry.pw_uid, entry.pw_gid)
     path.chmod(0o700)
     return path
+
+
+def _remove_dirs(scope: str) -> None:
+    made = _TEST_DIRS[scope]
+    while made:
+        shutil.rmtree(made.pop(), ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any]) -> Iterator[None]:
+    _SETTING_UP.append(fixturedef.scope)
+    try:
+        yield
+    finally:
+        _SETTING_UP.pop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_session() -> Iterator[None]:
+    """Removes the scratch root once every session fixture (servers included) is torn down:
+    requested first, it is finalized last."""
+    yield
+    _remove_dirs("session")
+    for root in _SCRATCH:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_module() -> Iterator[None]:
+    yield
+    _remove_dirs("module")
+
+
+@pytest.fixture(autouse=True)
+def _scratch_test() -> Iterator[None]:
+    yield
+    _remove_dirs("function")
 
 
 def format_setting(value: SettingValue) -> str:
@@ -109,7 +182,8 @@ class PgCluster:
     ) -> None:
         self.major = major
         self.bin_dir = pgbin.bin_dir(major)
-        self.base_dir = make_postgres_dir(f"cloud-dump-pg{major}-")
+        # pg_factory keeps its servers to the end of the session, and removes them itself.
+        self.base_dir = make_postgres_dir(f"cloud-dump-pg{major}-", lifetime="session")
         self.datadir = self.base_dir / "data"
         self.socket_dir = self.base_dir
         self.log_path = self.base_dir / "server.log"
