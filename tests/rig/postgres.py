@@ -12,6 +12,7 @@ recorded at start. A cluster that cannot start fails the test with the server lo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pwd
@@ -89,6 +90,8 @@ def scratch_root() -> Path:
         root = Path(tempfile.mkdtemp(prefix="cloud-dump-tests-", dir="/tmp"))
         root.chmod(0o711)
         _SCRATCH.append(root)
+        # bench/ and the demo use the rig outside pytest: the process's exit removes it there.
+        atexit.register(shutil.rmtree, root, True)
     return _SCRATCH[0]
 
 
