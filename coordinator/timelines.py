@@ -17,7 +17,8 @@ from the backup: those whose history leaves the backup's timeline at or after th
 LSN. With the backup's timeline they form a tree. A timeline is a *possible end* of recovery
 when nothing forks from it, or when it went on after its last fork:
 
-- WAL of it is archived after that fork (the segment after the one the switch point ends); or
+- WAL of it is archived after that fork (the segment the switch point falls in, archived
+  complete under its own name, or the one after); or
 - a timeline forked there stopped at a recovery target (its reason is not PostgreSQL's "no
   recovery target specified"): a recovery stopped on purpose before the end of its parent's
   WAL, as a restored copy does. Such a child is said to look like a copy. A failover's
@@ -152,11 +153,24 @@ class ArchivedTimelines:
         return found
 
     def went_on_after(self, timeline: int, lsn: int) -> str | None:
-        """The archived segment of ``timeline`` after the one a switch at ``lsn`` ends, if any:
-        proof that ``timeline`` went on after it."""
+        """An archived segment of ``timeline`` holding WAL written after a switch at ``lsn``, if
+        any: proof that ``timeline`` went on after it.
+
+        The segment after the one the switch point ends, or the one the switch point falls in,
+        when archived under its own name: the promoted server archives the old timeline's last
+        segment as ``.partial`` (PostgreSQL 9.5+), so a complete one was written to its end by
+        a server that stayed on the old timeline past the switch (an old primary that went on,
+        or lost commits of a lagging failover).
+        """
         per_segment = self._segment_bytes
-        name = Segment(timeline, (lsn - 1) // per_segment + 1).name(per_segment)
-        return name if self._archive.find(name) is not None else None
+        candidates = [(lsn - 1) // per_segment + 1]
+        if lsn % per_segment:
+            candidates.insert(0, lsn // per_segment)
+        for number in candidates:
+            name = Segment(timeline, number).name(per_segment)
+            if self._archive.find(name) is not None:
+                return name
+        return None
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from coordinator.exitcodes import ExitCode
 from coordinator.targets import format_lsn, parse_lsn
 from storage.layout import Layout
 from storage.manifest import BackupManifest
@@ -238,9 +240,10 @@ class Failover:
     after_c: datetime  # on timeline 2, after the promoted standby wrote phase c
 
 
-@pytest.fixture(scope="module", params=[15, 17])
-def failover(request: pytest.FixtureRequest, pg_factory: PgFactory) -> Iterator[Failover]:
-    major = request.param
+@contextmanager
+def _failed_over(major: int, pg_factory: PgFactory) -> Iterator[tuple[Failover, PgCluster]]:
+    """A primary backed up, a standby of it promoted after the primary stopped (timeline 2),
+    rows a and b before the failover, c and d after it; and the stopped old primary."""
     store = archive_store()
     # wal_keep_size: the standby streams from the backup's start, with no archive to read.
     primary = pg_factory(major, archive_command=archive_command(store),
@@ -265,9 +268,15 @@ def failover(request: pytest.FixtureRequest, pg_factory: PgFactory) -> Iterator[
         after_c = _now(standby)
         _insert(standby, "d")
         wait_archived(standby)
-        yield Failover(major, store, after_c)
+        yield Failover(major, store, after_c), primary
     finally:
         standby.stop()
+
+
+@pytest.fixture(scope="module", params=[15, 17])
+def failover(request: pytest.FixtureRequest, pg_factory: PgFactory) -> Iterator[Failover]:
+    with _failed_over(request.param, pg_factory) as (done, _):
+        yield done
 
 
 def _wait_for_phase(cluster: ConfiguredCluster, phase: str) -> None:
@@ -295,6 +304,24 @@ def test_failover_chain_is_followed_to_the_end_of_the_archive(failover: Failover
     assert done.returncode == 0, done.stderr
     assert ("up to the end of the archived WAL on timeline 2 (timeline 1 until "
             in _on_start(done.stdout))
+
+
+def test_old_primary_that_went_on_within_the_fork_segment_is_a_branch(
+    pg_factory: PgFactory,
+) -> None:
+    """Split brain: the old primary comes back and completes the segment the switch point falls
+    in. The promoted server archived that segment as .partial; archived whole under its own
+    name, it holds timeline 1's WAL past the fork, which the default would silently skip."""
+    with _failed_over(15, pg_factory) as (failed_over, old_primary):
+        old_primary.start()
+        _insert(old_primary, "x")
+        wait_archived(old_primary)  # one switch: the fork segment, nothing after it
+        _, done = restore(failed_over.store, "base", "--recovery-target-time",
+                          failed_over.after_c.isoformat())
+        old_primary.stop()
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert "timeline 1, the backup's own, which went on after timeline 2 forked" in done.stderr
+    assert "is archived)" in done.stderr
 
 
 # --- history files as the archive stores them: encrypted, compressed, with gaps -------------------

@@ -279,7 +279,8 @@ class PgCluster:
             f.write(f"port = {port}\n")
 
     def start(self) -> None:
-        """Start the server and create the replication role; PgClusterError with the log tail."""
+        """Start the server (again, after ``stop``) and create the replication role if it is
+        missing; PgClusterError with the log tail."""
         for attempt in range(1, START_ATTEMPTS + 1):
             if self._pg_ctl_start():
                 break
@@ -318,6 +319,9 @@ class PgCluster:
 
     def _create_replication_role(self) -> None:
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.repl_user,))
+            if exists.fetchone() is not None:  # started again after a stop
+                return
             # Only the SCRAM verifier travels to the server: the password itself can never
             # appear in the server log (e.g. in an error report quoting the statement).
             verifier = conn.pgconn.encrypt_password(
