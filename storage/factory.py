@@ -72,6 +72,16 @@ def local_url(root_path: str) -> str:
 
 def _parse(url: str) -> tuple[str, str, str]:
     """("s3", bucket, prefix) or ("file", absolute root path, "")."""
+    # A comment after the value in a config file ("s3://b/pg # prod") would otherwise become a
+    # prefix "pg # prod" (urlsplit even drops what follows '#'), and the archive a new one.
+    odd = next((c for c in url if c.isspace() or c in "#?"), None)
+    if odd is not None:
+        shown = "whitespace" if odd.isspace() else f"'{odd}'"
+        raise ConfigError(
+            f"storage URL '{url}' contains {shown}: storage URLs take no spaces, query or "
+            "fragment (a comment after the value? config files take comments on lines of "
+            "their own)"
+        )
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if not parts.netloc:

@@ -19,6 +19,7 @@ from coordinator.cli import build_parser
 from coordinator.configfile import load_config_file
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget, local_target
+from tests.rig.services import error_line
 from tests.rig.walarchive import archive_wal, segment_name, wait_for_prefetcher
 from tests.rig.walarchive import wal_fetch as run_wal_fetch
 from tests.rig.walfiles import SEG1, SEG2, SYSID_A, WalDir, make_segment
@@ -168,3 +169,22 @@ def test_fast_path_and_full_cli_resolve_settings_alike(
 
 def _flag(flags: list[str], name: str) -> str | None:
     return flags[flags.index(name) + 1] if name in flags else None
+
+
+# --- a comment after a value -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["{url} # prod", "{url}#prod", "{url}/pg ?"])
+def test_storage_with_a_comment_after_it_is_refused_not_taken_as_a_prefix(
+    wal_dir: WalDir, tmp_path: Path, value: str
+) -> None:
+    """Found by an operator: ``CLOUD_DUMP_STORAGE=s3://b/pg # prod`` archived under the prefix
+    'pg # prod' with exit 0; the storage URL now refuses spaces, '#' and '?'."""
+    store = local_target(tmp_path / "store")
+    config = tmp_path / "archive.conf"
+    config.write_text("CLOUD_DUMP_STORAGE=" + value.format(url=store.url) + "\n")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 601, SEG1))
+    done = wal_dir.push(SEG1, "--config", str(config), env={})
+    assert done.returncode == 3, done.stderr
+    assert "storage URL" in error_line(done.stderr), done.stderr
+    assert wal_keys(store) == []
