@@ -221,12 +221,32 @@ def _check_before_download(
     from coordinator.walarchive import require_wal_archive
 
     manifest = read_manifest(storage, layout_of(args), name)
+    if args.restore_config and target is not None:
+        _refuse_config_inside_targets(Path(args.restore_config), manifest, args)
     if target is not None:
         check_reachable(target, manifest, lambda: find_backups(storage, layout_of(args)))
         require_wal_archive(storage, _wal_layout(args),
                             immediate=args.recovery_target == "immediate")
         target = _follow_timeline(storage, args, manifest, target)
     return manifest, target
+
+
+def _refuse_config_inside_targets(
+    config: Path, manifest: BackupManifest, args: argparse.Namespace
+) -> None:
+    """A restore config inside PGDATA or a tablespace directory would travel, secrets and all,
+    in every base backup of the copy: refuse it (exit 3) before anything is written."""
+    from coordinator.restoretargets import plan_targets
+
+    plan = plan_targets(manifest, Path(args.pgdata), _mapping(args.tablespace_mapping or []))
+    where = Path(os.path.normpath(config.absolute()))
+    for directory in (plan.pgdata, *plan.tablespaces.values()):
+        if where.is_relative_to(Path(os.path.normpath(directory.absolute()))):
+            raise ConfigError(
+                f"--restore-config '{config}' is inside '{directory}', which every base backup "
+                "of the copy carries (with the credentials and keys the file may hold): put it "
+                "outside the restored directories"
+            )
 
 
 def _follow_timeline(

@@ -491,3 +491,13 @@ def test_restore_into_the_same_pgdata_again_replaces_its_own_restore_config(
     assert _storage_in(config) == siblings.a.url
     assert f"# serves PGDATA: {q2}\n" in config.read_text()
     assert _storage_in(siblings.parent / "q1.cloud-dump-restore.conf") == siblings.a.url
+
+
+def test_restore_config_inside_the_restored_directory_is_refused(siblings: Siblings) -> None:
+    """Found by an operator: a --restore-config inside PGDATA put the storage credentials in
+    every later base backup of the copy. Refused before anything is written."""
+    q4 = siblings.parent / "q4"
+    done = _restore_copy(siblings.a, q4, "--restore-config", str(q4 / "cd.conf"))
+    assert done.returncode == 3, done.stderr
+    assert f"--restore-config '{q4 / 'cd.conf'}' is inside '{q4}'" in done.stderr
+    assert not q4.exists()
