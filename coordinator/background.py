@@ -31,6 +31,19 @@ from pathlib import Path
 LOG_ROTATE_BYTES = 4 * 1024 * 1024
 
 
+def make_spool_dir(root: Path, directory: Path | None = None) -> None:
+    """Create a spool's ``root`` (and ``directory`` inside it), never what holds the spool.
+
+    A spool lives in pg_wal (or ``--spool-dir``). A detached helper can outlive its data
+    directory (the server stopped, PGDATA removed): it must not bring pg_wal back, which would
+    leave the operator a directory that is "not empty" for the next restore. The missing
+    parent raises ``FileNotFoundError`` instead, which ends the helper.
+    """
+    root.mkdir(mode=0o700, exist_ok=True)
+    if directory is not None and directory != root:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 class HelperLock:
     """An exclusive, non-blocking ``flock`` on ``path``, held until ``release`` or exit."""
 
@@ -39,7 +52,7 @@ class HelperLock:
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_spool_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,7 +104,7 @@ def spawn_helper(
     Returns once the settings are written; never waits for the helper. The caller may
     ``poll()`` it while it lives; when the caller exits, the helper is reparented.
     """
-    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_spool_dir(log_path.parent)
     _rotate(log_path)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

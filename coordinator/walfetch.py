@@ -70,6 +70,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from coordinator.background import make_spool_dir
 from coordinator.fastpath import wal_spool_dir
 from storage.errors import ConfigError, TransientStorageError
 from storage.walnames import kind_of, wal_kind
@@ -398,7 +399,7 @@ class Spool:
     def put(self, name: str, data: bytes, raw_sha256: str) -> None:
         """Spool verified ``data``: the data file, fsynced, then its sidecar, so that a sidecar
         always means a complete, durable data file."""
-        self.prefetch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_dir(self.prefetch_dir)
         write_atomically(self.prefetch_dir / name, data)
         facts = {"raw_sha256": raw_sha256, "size": len(data), "source": self.source}
         write_atomically(self._sidecar(name), json.dumps(facts).encode(), sync=False)
@@ -413,6 +414,9 @@ class Spool:
             for path in self.prefetch_dir.iterdir():
                 if path.name.startswith(_TEMP_PREFIX):
                     path.unlink(missing_ok=True)
+
+    def _make_dir(self, directory: Path) -> None:
+        make_spool_dir(self.root, directory)
 
     def _sidecar(self, name: str) -> Path:
         return self.prefetch_dir / f"{name}.json"
@@ -441,7 +445,7 @@ class Spool:
     def write_plan(self, names: list[str]) -> None:
         """Record that this process (holding the prefetcher lock) will deliver ``names``."""
         plan = {"pid": os.getpid(), "names": names}
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_dir(self.root)
         write_atomically(self._plan_path, json.dumps(plan).encode(), sync=False)
 
     def clear_plan(self) -> None:
@@ -466,7 +470,7 @@ class Spool:
         """Remember that ``name`` was not archived yet, so that the next few calls do not start
         a prefetcher for it or what follows it (only prefetching relies on this)."""
         with contextlib.suppress(OSError):
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._make_dir(self.root)
             write_atomically(self.root / "end-of-archive", name.encode(), sync=False)
 
     def recent_end_of_archive(self) -> str | None:
@@ -490,7 +494,7 @@ class Spool:
         return text if text.startswith("AGE-SECRET-KEY-1") else None
 
     def cache_identity(self, identity: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_dir(self.root)
         write_atomically(self._identity_path, (identity + "\n").encode(), sync=False)
 
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from coordinator.background import make_spool_dir
 from coordinator.fastpath import (
     MARKER_DIR,
     archive_location,
@@ -243,7 +244,7 @@ class Spool:
         No fsync: a marker lost in a crash only costs one more (idempotent) push, and a torn
         one fails the location comparison.
         """
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_spool_dir(self.directory, path.parent)
         tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
         tmp.write_text(text)
         tmp.replace(path)
