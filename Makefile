@@ -9,9 +9,11 @@ PYTEST := $(VENV)/bin/pytest
 setup:
 	@bash scripts/setup.sh
 
+# Import rules: the contracts in .importlinter; ruff's banned imports (TID251) in pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Default suite: PostgreSQL 13, 15 and 17; other majors run in `make test-matrix`.
 test: lint

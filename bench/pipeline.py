@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zstandard
 
-from coordinator import pipeline
+from coordinator.backup import pipeline
+from coordinator.backup.parts import PartSizer
 from coordinator.crypto import generate_identity
-from coordinator.parts import PartSizer
 from storage.base import Capabilities, MiB
 
 # mode: (input, client compression, encrypted)

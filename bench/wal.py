@@ -118,7 +118,7 @@ REFERENCES = {
 }
 COMPONENTS = ["calls", "helpers", "workers", "redis", "moto"]
 # The detached helpers the WAL commands start (reaped and counted by reap_helpers).
-HELPER_MODULES = ["coordinator.walpushd", "coordinator.walprefetch"]
+HELPER_MODULES = ["coordinator.wal.push.helper", "coordinator.wal.fetch.helper"]
 # A request line of moto's (werkzeug's) log; errors are wrapped in ANSI colour codes.
 _REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)?([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)?" \d{3}')
 
@@ -126,33 +126,33 @@ _REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)?([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)
 # A function's time is summed over its calls in the process (a look-ahead batch reads and
 # compresses several segments); its calls and None results are counted too.
 PUSH_WRAPS = [
-    "coordinator.walpush:run_wal_push",
-    "coordinator.walpush:_push",
-    "coordinator.walpush:_push_through_pusher",
-    "coordinator.walencode:encryption_of",
-    "coordinator.walencode:read_wal",
-    "coordinator.walrunner:open_runner",
-    "coordinator.walencode:archive_for",
-    "coordinator.walencode:encode_wal",
-    "coordinator.walencode:compress",
-    "coordinator.walrunner:CeleryWalRunner.stage_payload",
-    "coordinator.walrunner:CeleryWalRunner.push",
-    "coordinator.walrunner:CeleryWalRunner.delete_staged",
-    "coordinator.walrunner:CeleryWalRunner.close",
-    "coordinator.walpush:_record",
-    "coordinator.walpush:prune_markers",
+    "coordinator.wal.push.command:run_wal_push",
+    "coordinator.wal.push.command:_push",
+    "coordinator.wal.push.command:_push_through_pusher",
+    "coordinator.wal.push.encode:encryption_of",
+    "coordinator.wal.push.encode:read_wal",
+    "coordinator.wal.push.runner:open_runner",
+    "coordinator.wal.push.encode:archive_for",
+    "coordinator.wal.push.encode:encode_wal",
+    "coordinator.wal.push.encode:compress",
+    "coordinator.wal.push.runner:CeleryWalRunner.stage_payload",
+    "coordinator.wal.push.runner:CeleryWalRunner.push",
+    "coordinator.wal.push.runner:CeleryWalRunner.delete_staged",
+    "coordinator.wal.push.runner:CeleryWalRunner.close",
+    "coordinator.wal.push.command:_record",
+    "coordinator.wal.push.command:prune_markers",
 ]
 FETCH_WRAPS = [
-    "coordinator.walfetch:run_wal_fetch",
-    "coordinator.walfetch:serve_without_cli",
-    "coordinator.walfetch:Spool.take",
-    "coordinator.walfetch:_await_prefetched",
-    "coordinator.walfetch:_start_prefetcher",
-    "coordinator.walfetch:_fetch_directly",
-    "coordinator.walfetch:_fetch",
+    "coordinator.wal.fetch.command:run_wal_fetch",
+    "coordinator.wal.fetch.command:serve_without_cli",
+    "coordinator.wal.fetch.spool:Spool.take",
+    "coordinator.wal.fetch.command:_await_prefetched",
+    "coordinator.wal.fetch.command:_start_prefetcher",
+    "coordinator.wal.fetch.command:_fetch_directly",
+    "coordinator.wal.fetch.command:_fetch",
 ]
 
-# Runs cloud-dump's entry point (coordinator.fastpath.main) in a fresh interpreter with the
+# Runs cloud-dump's entry point (coordinator.cli.fastpath.main) in a fresh interpreter with the
 # functions named in BENCH_WRAP (JSON) timed from inside. argv[1] is the output file, the rest is
 # the cloud-dump command line; BENCH_LAUNCHED is the parent's time.time() just before it started
 # the process.
@@ -213,7 +213,7 @@ def marker_phases(s: Spans) -> list[tuple[str, float]]:
     """The phases of a wal-push call answered by the entry point from a marker."""
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.fastpath", s["import"]),
+        ("import coordinator.cli.fastpath", s["import"]),
         ("flags, config file, marker check", s["main"]),
         ("interpreter exit", s["exit"]),
     ]
@@ -241,8 +241,8 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
     inside = sum(v for _, v in named)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.fastpath + walpush & co", s["import"]),
-        ("import coordinator.cli, argparse, config file, logging",
+        ("import coordinator.cli.fastpath + walpush & co", s["import"]),
+        ("import coordinator.cli.main, argparse, config file, logging",
          s["main"] - g("run_wal_push", 0)),
         ("marker check, name check",
          g("run_wal_push", 0) - g("_push", 0) - g("_push_through_pusher", 0)),
@@ -264,9 +264,9 @@ def fetch_phases(s: Spans) -> list[tuple[str, float]]:
     start, direct, fetch = g("_start_prefetcher", 0), g("_fetch_directly", 0), g("_fetch", 0)
     return [
         ("process start to first line (interpreter, site)", s["entered"]),
-        ("import coordinator.fastpath + walfetch", s["import"]),
+        ("import coordinator.cli.fastpath + walfetch", s["import"]),
         ("served by the entry point (no CLI): sidecar check + rename", fast),
-        ("import coordinator.cli, argparse, config file, logging",
+        ("import coordinator.cli.main, argparse, config file, logging",
          s["main"] - fast - g("run_wal_fetch", 0)),
         ("serve from the spool in the CLI: sidecar check + rename", take),
         ("wait for the prefetcher to spool it (polling)", wait),

@@ -3,7 +3,8 @@
 PostgreSQL runs archive_command and restore_command one file at a time, and each call is a new
 process. To keep up with a busy server a call starts a helper that keeps working after the call
 has returned (pgBackRest's async archive-push and archive-get do the same): the WAL pusher
-(``coordinator.walpushd``) and the WAL prefetcher (``coordinator.walprefetch``). A helper
+(``coordinator.wal.push.helper``) and the WAL prefetcher (``coordinator.wal.fetch.helper``). A
+helper
 
 - runs in its own session, so the signals PostgreSQL sends its own children at shutdown do not
   cut an upload short, and its output goes to a log file in the spool, not to PostgreSQL's log;

@@ -1,4 +1,8 @@
-"""Whether a WAL archive exists at a location: the line between "not archived" and "no archive".
+"""Reading the WAL archive as wal-push stored it, shared by wal-fetch, its prefetcher and restore.
+
+``WalArchive`` finds, reads and verifies stored WAL files (decrypted with ``Keys``, decompressed,
+checked against their recorded SHA-256 and, for segments, their page header). And whether a WAL
+archive exists at a location at all: the line between "not archived" and "no archive".
 
 PostgreSQL reads restore_command's exit 1 as "this file is not in the archive" and, at the end
 of the archive, promotes. So exit 1 may only be given for an archive that exists: a location
@@ -14,9 +18,33 @@ when any object lies under the WAL prefix.
 
 from __future__ import annotations
 
-from storage.base import Storage
-from storage.errors import ObjectNotFound, WalArchiveNotFound
-from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from storage.base import Storage, sha256_hex
+from storage.errors import (
+    ConfigError,
+    DecryptionFailed,
+    IntegrityError,
+    ObjectNotFound,
+    WalArchiveNotFound,
+)
+from storage.layout import (
+    COMPRESSION_SUFFIXES,
+    ENCRYPTED_SUFFIX,
+    WAL_ARCHIVE_INFO_NAME,
+    Layout,
+    compression_suffix,
+)
+from storage.layout import WAL_ARCHIVE_INFO_NAME as ARCHIVE_INFO_NAME
+from storage.layout import WAL_RAW_SHA256 as RAW_SHA256
+from storage.walnames import is_segment, kind_of
+
+if TYPE_CHECKING:
+    from storage.base import Storage
 
 
 def wal_archive_exists(storage: Storage, layout: Layout) -> bool:
@@ -50,3 +78,218 @@ def require_wal_archive(storage: Storage, layout: Layout, *, immediate: bool = F
             "archived there (check --storage, --cluster and --wal-prefix, and that "
             f"archive_command pushes there){hint}"
         )
+
+_SUFFIX_TO_COMPRESSION = {suffix: name for name, suffix in COMPRESSION_SUFFIXES.items()}
+
+
+# --- reading the archive -------------------------------------------------------------------------
+
+
+class StoredWal(NamedTuple):
+    key: str
+    compression: str
+    encrypted: bool
+
+
+class WalArchive:
+    """Reads WAL files as wal-push stored them: ``<wal_root><name>[.zst|.gz|.lz4][.age]``."""
+
+    def __init__(self, storage: Storage, layout: Layout, keys: Keys) -> None:
+        self._storage = storage
+        self._layout = layout
+        self._keys = keys
+
+    @property
+    def location(self) -> str:
+        """The archive in full, storage URL included, for messages."""
+        return f"{self._storage.url.rstrip('/')}/{self._layout.wal_root}"
+
+    def find(self, file_name: str) -> StoredWal | None:
+        """Where ``file_name`` is stored, or None when it is not archived (one LIST)."""
+        prefix = self._layout.wal_root + file_name
+        for info in self._storage.list(prefix):
+            # The prefix also matches "<segment>.partial" and "<segment>.<offset>.backup".
+            stored = _stored(info.key, info.key[len(prefix):])
+            if stored is not None:
+                return stored
+        return None
+
+    def list_segments(self, prefix: str) -> dict[str, StoredWal]:
+        """Every segment stored under ``prefix`` (timeline and log, 16 hex digits: 256 segments
+        of 16 MiB), from one LIST instead of one per segment."""
+        root = self._layout.wal_root
+        found: dict[str, StoredWal] = {}
+        for info in self._storage.list(root + prefix):
+            name = info.key[len(root):len(root) + 24]
+            stored = _stored(info.key, info.key[len(root) + 24:])
+            if stored is not None and is_segment(name):
+                found.setdefault(name, stored)  # the first in key order, as find() takes
+        return found
+
+    def require(self) -> None:
+        """Raise ``WalArchiveNotFound`` unless an archive exists here: asked only before
+        answering "not archived", which PostgreSQL takes for the end of the archive."""
+        require_wal_archive(self._storage, self._layout)
+
+    def read(self, stored: StoredWal) -> tuple[bytes, str]:
+        """The original bytes of ``stored`` and their SHA-256, verified against raw-sha256."""
+        key = stored.key
+        expected = (self._storage.head(key).metadata or {}).get(RAW_SHA256)
+        if not expected:
+            raise IntegrityError(f"archived WAL '{key}' has no {RAW_SHA256} metadata")
+        data = self._storage.get(key)
+        if stored.encrypted:
+            data = self._keys.decrypt(data, key, self)
+        plain = _decompress(data, stored.compression, f"archived WAL '{key}'")
+        actual = sha256_hex(plain)
+        if actual != expected:
+            raise IntegrityError(
+                f"archived WAL '{key}' does not match its recorded sha256 "
+                f"(expected {expected}, got {actual})"
+            )
+        _check_segment_header(plain, stored)
+        return plain, actual
+
+    def read_info(self) -> dict[str, object]:
+        key = self._layout.wal_root + ARCHIVE_INFO_NAME
+        try:
+            info = json.loads(self._storage.get(key))
+        except ValueError as exc:
+            raise IntegrityError(f"archive info '{key}' is not valid JSON") from exc
+        if not isinstance(info, dict) or info.get("format") != 1:
+            raise IntegrityError(f"archive info '{key}' has an unknown format")
+        return info
+
+    def get(self, key: str) -> bytes:
+        return self._storage.get(key)
+
+
+def _stored(key: str, suffix: str) -> StoredWal | None:
+    """``key`` as a stored WAL file if ``suffix`` (what follows the name) is wal-push's."""
+    compression = _SUFFIX_TO_COMPRESSION.get(suffix.removesuffix(ENCRYPTED_SUFFIX))
+    if compression is None:
+        return None
+    return StoredWal(key, compression, suffix.endswith(ENCRYPTED_SUFFIX))
+
+
+def _check_segment_header(plain: bytes, stored: StoredWal) -> None:
+    """Refuse a segment whose first page says it is another segment.
+
+    PostgreSQL would read its "unexpected pageaddr" as the end of WAL and, in archive recovery,
+    promote early. wal-push refuses such files since it checks headers; this catches what an
+    older version, another tool or a hand copy stored. Data without a long page header is left
+    to PostgreSQL: cloud-dump's wal-push never stored any.
+    """
+    from coordinator.walheader import LONG_HEADER_BYTES, XLP_LONG_HEADER, segment_address_mismatch
+
+    name = stored.key.rpartition("/")[2]
+    name = name.removesuffix(ENCRYPTED_SUFFIX) if stored.encrypted else name
+    name = name.removesuffix(compression_suffix(stored.compression))
+    if kind_of(name) not in ("segment", "partial") or len(plain) < LONG_HEADER_BYTES:
+        return
+    # A long page header whose segment size is the file's own (a power of two): anything else
+    # is not a segment cloud-dump's wal-push would have stored, and is left to PostgreSQL.
+    seg_size = int.from_bytes(plain[32:36], "little")
+    info = int.from_bytes(plain[2:4], "little")
+    if not info & XLP_LONG_HEADER or seg_size != len(plain) or seg_size & (seg_size - 1):
+        return
+    mismatch = segment_address_mismatch(plain, name)
+    if mismatch is not None:
+        raise IntegrityError(
+            f"archived WAL '{stored.key}' {mismatch}: not handing PostgreSQL another segment "
+            "under this name"
+        )
+
+
+def _decompress(data: bytes, compression: str, what: str) -> bytes:
+    if compression == "none":
+        return data
+    import io
+
+    from coordinator.codecs import open_plaintext
+
+    return open_plaintext(io.BytesIO(data), compression, identities=None, what=what).read(-1)
+
+
+# --- decryption keys -----------------------------------------------------------------------------
+
+
+class IdentityCache(Protocol):
+    """Where ``Keys`` keeps an unwrapped identity between calls: wal-fetch's spool."""
+
+    def cache_identity(self, identity: str) -> None: ...
+
+    def cached_identity(self) -> str | None: ...
+
+
+class Keys:
+    """The identities that decrypt the archive, resolved at most once per process.
+
+    ``identity_paths``: recipient mode (``--identity-key``). Otherwise passphrase mode: the
+    identity cached in the spool, or the archive's wrapped identity unwrapped with the passphrase
+    (``passphrase`` is called only then, so an unencrypted archive needs no passphrase file).
+    Without a spool (a call run by hand outside ``pg_wal``) nothing is cached.
+    """
+
+    def __init__(
+        self, identity_paths: list[Path], passphrase: Callable[[], str | None],
+        spool: IdentityCache | None,
+    ) -> None:
+        self.identity_paths = identity_paths
+        self.passphrase = passphrase
+        self.spool = spool
+        self._identities: list[str] | None = None
+        self._failure: Exception | None = None  # one wrong passphrase costs one scrypt
+        self._lock = threading.Lock()
+
+    def decrypt(self, data: bytes, key: str, archive: WalArchive) -> bytes:
+        from coordinator.crypto import decrypt_bytes
+
+        what = f"archived WAL '{key}'"
+        identities = self._resolve(archive, refresh=False)
+        try:
+            return decrypt_bytes(data, identities, what)
+        except DecryptionFailed:
+            if self.identity_paths or self._cached() not in identities:
+                raise
+        # The cached identity may belong to an archive that was since recreated: unwrap again.
+        return decrypt_bytes(data, self._resolve(archive, refresh=True), what)
+
+    def _resolve(self, archive: WalArchive, *, refresh: bool) -> list[str]:
+        with self._lock:  # the prefetcher's threads share one unwrap (scrypt costs ~1.7 s)
+            if self._failure is not None:
+                raise self._failure
+            if self._identities is not None and not refresh:
+                return self._identities
+            try:
+                self._identities = self._load(archive, refresh)
+            except (ConfigError, DecryptionFailed) as exc:
+                self._failure = exc
+                raise
+            return self._identities
+
+    def _load(self, archive: WalArchive, refresh: bool) -> list[str]:
+        from coordinator.crypto import read_identities, unwrap_identity
+
+        if self.identity_paths:
+            return read_identities(self.identity_paths)
+        cached = None if refresh else self._cached()
+        if cached is not None:
+            return [cached]
+        info = archive.read_info()
+        encryption = info.get("encryption")
+        if not isinstance(encryption, dict) or encryption.get("mode") != "passphrase":
+            raise ConfigError("the WAL archive is encrypted to age recipients: give "
+                              "--identity-key FILE (env CLOUD_DUMP_IDENTITY_KEY)")
+        passphrase = self.passphrase()
+        if passphrase is None:
+            raise ConfigError("the WAL archive is encrypted with a passphrase: none given "
+                              "(--passphrase-file or CLOUD_DUMP_PASSPHRASE)")
+        key = str(encryption["wrapped_identity_key"])
+        identity = unwrap_identity(archive.get(key), passphrase, key)
+        if self.spool is not None:
+            self.spool.cache_identity(identity)
+        return [identity]
+
+    def _cached(self) -> str | None:
+        return None if self.spool is None else self.spool.cached_identity()

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from storage.base import ObjectInfo as ObjectInfo
     from storage.base import Storage as Storage
     from storage.base import UploadedPart as UploadedPart
-    from storage.factory import StorageOptions as StorageOptions
     from storage.factory import open_storage as open_storage
+    from storage.options import StorageOptions as StorageOptions
 
 _EXPORTS = {
     "Capabilities": "storage.base",
@@ -26,7 +26,7 @@ _EXPORTS = {
     "ObjectInfo": "storage.base",
     "Storage": "storage.base",
     "UploadedPart": "storage.base",
-    "StorageOptions": "storage.factory",
+    "StorageOptions": "storage.options",
     "open_storage": "storage.factory",
 }
 

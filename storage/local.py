@@ -72,11 +72,11 @@ from storage.errors import (
     StorageUnreachable,
     UploadNotFound,
 )
-from storage.factory import local_url
+from storage.urls import local_url
 
 if TYPE_CHECKING:
     # Only for annotations: storage/__init__ imports this module lazily, at run time.
-    from storage import StorageOptions
+    from storage.options import StorageOptions
 
 TMP_PREFIX = ".cloud-dump-tmp-"
 UPLOADS_DIR = ".cloud-dump-uploads"

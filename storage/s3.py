@@ -75,7 +75,7 @@ from storage.errors import (
 
 if TYPE_CHECKING:
     # Only for annotations: storage/__init__ imports this module lazily, at run time.
-    from storage import StorageOptions
+    from storage.options import StorageOptions
 
 # botocore's own client-side rule; stricter AWS naming rules are the server's business, and some
 # S3-compatible gateways accept names AWS would not.

@@ -49,6 +49,11 @@ def kind_of(name: str) -> WalKind | None:
     return None
 
 
+def is_segment(name: str) -> bool:
+    """Whether ``name`` is a WAL segment's name (24 hex digits), not any other WAL file."""
+    return kind_of(name) == "segment"
+
+
 # A NamedTuple, not a dataclass: immutable and ordered all the same, and importing dataclasses
 # would cost every wal-fetch call served from the spool ~8 ms.
 class Segment(NamedTuple):

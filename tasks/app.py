@@ -11,8 +11,9 @@ import logging
 import os
 import socket
 
-from storage import Storage, open_storage
+from storage.base import Storage
 from storage.errors import ConfigError
+from storage.factory import open_storage
 from storage.redact import redact_url
 from tasks.config import make_app
 from tasks.settings import WorkerSettings

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage import StorageOptions
 from storage.base import S3_MAX_PART_COUNT
+from storage.options import StorageOptions
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 

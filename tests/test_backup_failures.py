@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
-from coordinator.exitcodes import ExitCode
 from storage.manifest import BackupManifest
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir

@@ -20,9 +20,9 @@ import pytest
 import redis
 import zstandard
 
-from coordinator.dispatch import open_broker
-from coordinator.exitcodes import ExitCode
-from coordinator.runners import CeleryRunner
+from coordinator.backup.runner import CeleryRunner
+from coordinator.broker.client import open_broker
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.procs import ServerProcess, free_port, port_open
 from tests.rig.roundtrip import restore_and_compare, start_backup

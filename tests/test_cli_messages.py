@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT, S3_MIN_PART_SIZE_BYTES
 from storage.layout import Layout
 from tests.rig.moto import local_target
@@ -186,7 +186,7 @@ def test_the_ends_of_the_ranges_are_accepted(tmp_path: Path) -> None:
 
 
 def test_ranges_agree_with_the_storage_limits() -> None:
-    from coordinator.limits import LIMITS
+    from coordinator.cli.limits import LIMITS
 
     assert LIMITS["--s3-max-parts"].low == MIN_CONFIGURABLE_PART_COUNT
     assert LIMITS["--s3-max-parts"].high == S3_MAX_PART_COUNT

@@ -4,7 +4,7 @@ A file named on the command line is deliberate (archive_command and restore_comm
 an inherited environment is not: a server started from a shell that had ``CLOUD_DUMP_STORAGE``
 set must still archive to, and recover from, the storage its command's file names. The same
 order holds in the full CLI and in the fast paths that answer from the spool
-(``coordinator.fastpath``), checked here on real local stores, and setting by setting.
+(``coordinator.cli.fastpath``), checked here on real local stores, and setting by setting.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import fastpath
-from coordinator.cli import build_parser
-from coordinator.configfile import load_config_file
+from coordinator.cli import fastpath
+from coordinator.cli.configfile import load_config_file
+from coordinator.cli.main import build_parser
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.services import error_line

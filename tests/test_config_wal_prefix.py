@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import fastpath
-from coordinator.exitcodes import ExitCode
+from coordinator.cli import fastpath
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.moto import local_target
 from tests.rig.postgres import PgCluster
 from tests.rig.services import error_line, run_cli

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.recovery import default_restore_config
+from coordinator.restore.recovery import default_restore_config
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import MotoServer, StorageTarget, s3_target
 from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.recovery import default_restore_config
-from storage import Storage
+from coordinator.restore.recovery import default_restore_config
+from storage.base import Storage
 from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from storage.manifest import BackupManifest
 from storage.walnames import Segment

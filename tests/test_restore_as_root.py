@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from coordinator.recovery import default_restore_config
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.restore.recovery import default_restore_config
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget
 from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir

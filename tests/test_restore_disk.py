@@ -22,7 +22,7 @@ import crc32c
 import pytest
 import zstandard
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from storage.manifest import BackupManifest
 from tests.rig import sample
 from tests.rig.moto import StorageTarget, local_target

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from coordinator.restore import restore_backup
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.restore.run import restore_backup
 from storage.errors import IntegrityError
 from tests.coordinator.test_restore_unit import (  # noqa: F401 - raw_backup is a fixture
     LAYOUT,

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from coordinator.fetch import RangedReader
-from storage import StorageOptions, open_storage
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.restore.reader import RangedReader
 from storage.errors import StorageUnreachable
+from storage.factory import open_storage
+from storage.options import StorageOptions
 from tests.rig import sample
 from tests.rig.moto import MotoServer, s3_target
 from tests.rig.postgres import PgFactory, make_postgres_dir

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
 from tests.rig.restored import started

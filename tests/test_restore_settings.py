@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.recovery import default_restore_config
+from coordinator.restore.recovery import default_restore_config
 from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget, local_target
@@ -333,8 +333,8 @@ def test_plain_restore_of_a_standbys_backup_says_it_starts_as_a_standby(
 
 def test_standby_without_a_source_of_wal_is_said_to_wait_forever(tmp_path: Path) -> None:
     """The sentence for a standby.signal with neither primary_conninfo nor restore_command."""
-    from coordinator.pgconf import ConfigView, Setting
-    from coordinator.restorereport import _standby, hide_password
+    from coordinator.restore.pgconf import ConfigView, Setting
+    from coordinator.restore.report import _standby, hide_password
 
     view = ConfigView({"archive_mode": Setting("on", tmp_path / "postgresql.conf")})
     assert "it will wait for WAL forever" in _standby(view)
@@ -376,7 +376,7 @@ def test_plain_restore_removes_a_recovery_signal_that_came_with_the_backup(tmp_p
     what the step does with the file.)"""
     from datetime import UTC, datetime
 
-    from coordinator.restoresettings import SettingsRequest, apply_settings
+    from coordinator.restore.recoveryconf import SettingsRequest, apply_settings
 
     (tmp_path / "recovery.signal").touch()
     (tmp_path / "postgresql.auto.conf").write_text("recovery_target_name = 'x'\n")

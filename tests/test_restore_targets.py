@@ -17,8 +17,8 @@ from datetime import UTC, datetime, tzinfo
 
 import pytest
 
-from coordinator.cli import build_parser
-from coordinator.recovery import target_from_args
+from coordinator.cli.main import build_parser
+from coordinator.restore.recovery import target_from_args
 from tests.rig.moto import StorageTarget
 from tests.rig.pgbin import bin_dir
 from tests.rig.postgres import PgCluster, PgFactory, as_postgres

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from coordinator.targets import format_lsn, parse_lsn
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.restore.targets import format_lsn, parse_lsn
 from storage.layout import Layout
 from storage.manifest import BackupManifest
 from tests.rig.moto import StorageTarget, local_target

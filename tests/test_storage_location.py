@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from storage import Storage
+from coordinator.cli.exitcodes import ExitCode
+from storage.base import Storage
 from tests.rig.moto import S3_PREFIX, MotoServer, StorageTarget, local_target, s3_target
 from tests.rig.postgres import PgCluster
 from tests.rig.services import RedisServer, WorkerPool, error_line, run_cli, start_worker_pool

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.postgres import PgCluster
 from tests.rig.services import error_line, run_cli
 from tests.rig.walarchive import SEGMENT

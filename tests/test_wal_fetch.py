@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.background import HelperLock
+from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
-from coordinator.exitcodes import ExitCode
-from coordinator.walfetch import Spool, archive_source
-from storage import Storage
+from coordinator.wal.fetch.spool import Spool, archive_source
+from storage.base import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget, s3_target
 from tests.rig.procs import free_port

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Storage
+from storage.base import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget
 from tests.rig.walarchive import (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
-from storage import Storage
+from coordinator.cli.exitcodes import ExitCode
+from storage.base import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget
 from tests.rig.services import error_line

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.crypto import generate_identity
-from storage import Storage
+from storage.base import Storage
 from storage.layout import Layout
 from tests.rig.moto import S3_PREFIX, StorageTarget, local_target, s3_target
 from tests.rig.services import run_cli

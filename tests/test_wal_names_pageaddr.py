@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from storage.walnames import Segment
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgFactory, make_postgres_dir

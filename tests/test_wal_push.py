@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from coordinator import fastpath
 from coordinator.background import helper_pid
-from coordinator.cli import build_parser
+from coordinator.cli import fastpath
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.cli.main import build_parser
 from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
-from coordinator.exitcodes import ExitCode
-from coordinator.walheader import segment_system_identifier
-from coordinator.walspool import (
+from coordinator.wal.push.spool import (
     PUSHER_LOCK,
     LookAhead,
     Spool,
@@ -35,7 +34,8 @@ from coordinator.walspool import (
     file_identity,
     select_look_ahead,
 )
-from storage import Storage
+from coordinator.walheader import segment_system_identifier
+from storage.base import Storage
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import OS_USER, PgCluster, PgFactory, make_postgres_dir
@@ -473,7 +473,7 @@ def test_pusher_gets_its_settings_off_its_command_line(
     pid = helper_pid(wal_dir.spool / PUSHER_LOCK)  # idle, it lingers a moment before exiting
     assert pid is not None, "no pusher running right after the push"
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert cmdline[1:3] == [b"-m", b"coordinator.walpushd"], cmdline
+    assert cmdline[1:3] == [b"-m", b"coordinator.wal.push.helper"], cmdline
     assert secret.encode() not in b" ".join(cmdline)
     wal_dir.wait_for_pusher()
     assert secret not in wal_dir.pusher_log()

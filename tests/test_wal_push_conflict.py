@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from coordinator.exitcodes import ExitCode
-from storage import Storage, StorageOptions
+from coordinator.cli.exitcodes import ExitCode
+from storage.base import Storage
+from storage.options import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget, local_target
 from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import fastpath
-from coordinator.exitcodes import ExitCode
-from coordinator.walencode import read_wal
-from coordinator.walspool import archive_location
-from storage import Storage
+from coordinator.cli import fastpath
+from coordinator.cli.exitcodes import ExitCode
+from coordinator.wal.push.encode import read_wal
+from coordinator.wal.push.spool import archive_location
+from storage.base import Storage
 from storage.errors import IntegrityError
 from tests.rig.moto import local_target
 from tests.rig.procs import free_port

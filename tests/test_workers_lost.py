@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.moto import StorageTarget
 from tests.rig.roundtrip import restore_and_compare, start_backup
 from tests.rig.sample import BigSource

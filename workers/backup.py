@@ -20,8 +20,7 @@ import logging
 
 from pydantic import BaseModel
 
-from storage import Storage, UploadedPart
-from storage.base import sha256_hex
+from storage.base import Storage, UploadedPart, sha256_hex
 from storage.errors import (
     BackupExists,
     ChecksumMismatch,

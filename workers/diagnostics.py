@@ -8,8 +8,7 @@ import uuid
 
 from pydantic import BaseModel
 
-from storage import Storage
-from storage.base import sha256_hex
+from storage.base import Storage, sha256_hex
 from storage.errors import ChecksumMismatch
 from workers.location import StorageBound
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from storage import Storage
+from storage.base import Storage
 from storage.errors import StorageMismatch
-from storage.factory import storage_url
+from storage.urls import storage_url
 
 
 class StorageBound(BaseModel):

@@ -9,7 +9,7 @@ the stage is a dictionary in the coordinator's process.
 The coordinator owns a payload's life: a worker never deletes one, so a part that is
 re-dispatched (its first worker looked dead) still finds its bytes. A Redis that restarts loses
 every payload: the coordinator keeps each one until its task is answered, to stage it again
-(``coordinator.flights``), so its memory is bounded by the same window as Redis's.
+(``coordinator.broker.flights``), so its memory is bounded by the same window as Redis's.
 """
 
 from __future__ import annotations

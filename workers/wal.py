@@ -32,8 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from storage import Storage
-from storage.base import sha256_hex
+from storage.base import Storage, sha256_hex
 from storage.errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, WalConflict
 from storage.layout import (
     COMPRESSION_SUFFIXES,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from coordinator.replication import ArchiveInfo
+from coordinator.backup.replication import ArchiveInfo
 from tests.rig.postgres import PgCluster, make_postgres_dir
 
 SUFFIXES = {"none": "", "zstd": ".zst", "gzip": ".gz", "lz4": ".lz4"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.exitcodes import ExitCode
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.procs import free_port
 from tests.rig.services import RedisServer, run_cli
 

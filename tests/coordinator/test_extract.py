@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
-from coordinator.extract import (
+from coordinator.restore.extract import (
     FileFacts,
     extract_archive,
     load_backup_manifest,

@@ -6,9 +6,8 @@ import os
 
 import pytest
 
-from coordinator.fetch import RangedReader
-from storage import Storage
-from storage.base import sha256_hex
+from coordinator.restore.reader import RangedReader
+from storage.base import Storage, sha256_hex
 from storage.errors import IntegrityError
 
 KEY = "b1/base.tar"

@@ -14,9 +14,9 @@ from pathlib import Path
 import lz4.frame
 import pytest
 
+from coordinator.backup.parts import PartSizer
+from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter
 from coordinator.crypto import generate_identity
-from coordinator.parts import PartSizer
-from coordinator.pipeline import ArchiveSummary, ArchiveWriter
 from storage.base import Capabilities, MiB
 from storage.errors import PermanentStorageError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from coordinator.replication import (
+from coordinator.backup.replication import (
     BaseBackupOptions,
     BaseBackupResult,
     ReplicationConnection,
@@ -244,7 +244,7 @@ def test_pg15_backup_passes_pg_verifybackup(pg15_prepared: PreparedCluster, tmp_
 def test_pg17_npm_build_refuses_zstd_and_the_backup_falls_back_to_none(
     pg17_prepared: PreparedCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="coordinator.replication"):
+    with caplog.at_level(logging.INFO, logger="coordinator.backup.replication"):
         result, sink = run_backup(pg17_prepared.cluster, tmp_path, "zstd")
 
     assert result.server_compression == "none"

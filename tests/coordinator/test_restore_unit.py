@@ -22,12 +22,11 @@ import psycopg
 import pytest
 
 from coordinator.crypto import generate_identity, wrap_identity
-from coordinator.extract import load_backup_manifest
-from coordinator.pgcontrol import checkpoint_lsn, find_crc_offset, invalidate_checkpoint
-from coordinator.pgmanifest import replace_entries
-from coordinator.restore import restore_backup
-from storage import Storage
-from storage.base import sha256_hex
+from coordinator.restore.extract import load_backup_manifest
+from coordinator.restore.pgcontrol import checkpoint_lsn, find_crc_offset, invalidate_checkpoint
+from coordinator.restore.pgmanifest import replace_entries
+from coordinator.restore.run import restore_backup
+from storage.base import Storage, sha256_hex
 from storage.errors import (
     BackupNotFound,
     ConfigError,

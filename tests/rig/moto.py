@@ -26,7 +26,9 @@ from typing import Any
 import boto3
 import pytest
 
-from storage import Storage, StorageOptions, open_storage
+from storage.base import Storage
+from storage.factory import open_storage
+from storage.options import StorageOptions
 from tests.rig.procs import ServerProcess, free_port, port_open
 
 FAKE_AWS_ENV = {

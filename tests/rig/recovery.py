@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from coordinator.recovery import default_restore_config
-from storage import StorageOptions
+from coordinator.restore.recovery import default_restore_config
+from storage.options import StorageOptions
 from tests.rig.launcher import postgres_cloud_dump
 from tests.rig.moto import StorageTarget
 from tests.rig.pgbin import bin_dir

@@ -28,7 +28,7 @@ import pytest
 import zstandard
 
 from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
-from storage import Storage
+from storage.base import Storage
 from storage.layout import Layout
 from tests.rig.moto import StorageTarget
 from tests.rig.services import VENV_BIN
@@ -140,7 +140,7 @@ def prefetcher_pids(pgdata: Path) -> list[int]:
             cwd = (entry / "cwd").readlink()
         except OSError:  # not a process, gone, or a zombie
             continue
-        if b"coordinator.walprefetch" in argv and cwd == pgdata.resolve():
+        if b"coordinator.wal.fetch.helper" in argv and cwd == pgdata.resolve():
             pids.append(int(entry.name))
     return pids
 

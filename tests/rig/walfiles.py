@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.background import helper_pid, helper_running
-from coordinator.walspool import PUSHER_LOCK, PUSHER_LOG
+from coordinator.wal.push.spool import PUSHER_LOCK, PUSHER_LOG
 from storage.walnames import Segment
 from tests.rig.services import VENV_BIN, run_cli
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Storage, StorageOptions, open_storage
-from storage.base import MiB, ObjectInfo, UploadedPart, sha256_hex
+from storage.base import MiB, ObjectInfo, Storage, UploadedPart, sha256_hex
 from storage.errors import (
     ChecksumMismatch,
     ObjectExists,
@@ -26,6 +25,8 @@ from storage.errors import (
     StorageError,
     UploadNotFound,
 )
+from storage.factory import open_storage
+from storage.options import StorageOptions
 from tests.rig.moto import StorageTarget, local_target
 
 PART_BYTES = 5 * MiB  # the smallest part both backends accept (S3's minimum)

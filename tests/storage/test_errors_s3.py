@@ -13,14 +13,15 @@ from pathlib import Path
 import boto3
 import pytest
 
-from storage import Storage, StorageOptions, open_storage
-from storage.base import sha256_hex
+from storage.base import Storage, sha256_hex
 from storage.errors import (
     ConfigError,
     ObjectNotFound,
     PermanentStorageError,
     StorageUnreachable,
 )
+from storage.factory import open_storage
+from storage.options import StorageOptions
 from tests.rig.moto import S3_PREFIX, MotoServer, StorageTarget, s3_target
 from tests.rig.procs import free_port
 

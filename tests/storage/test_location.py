@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from storage import StorageOptions, open_storage
 from storage.errors import ConfigError, StorageMismatch
-from storage.factory import storage_url
+from storage.factory import open_storage
+from storage.options import StorageOptions
+from storage.urls import storage_url
 from workers.location import require_location
 
 SPELLINGS = [

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from storage import Storage, open_storage
-from storage.base import UploadedPart, sha256_hex
+from storage.base import Storage, UploadedPart, sha256_hex
 from storage.errors import PermanentStorageError
+from storage.factory import open_storage
 from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
 
 UPLOAD_ID = "0" * 32

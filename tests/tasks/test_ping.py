@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from coordinator.dispatch import connect_broker, run_on_worker
-from coordinator.exitcodes import ExitCode
+from coordinator.broker.client import connect_broker
+from coordinator.broker.flights import run_on_worker
+from coordinator.cli.exitcodes import ExitCode
 from tests.rig.moto import StorageTarget
 from tests.rig.procs import free_port
 from tests.rig.services import RedisServer, WorkerPool, run_cli

@@ -1,0 +1,1 @@
+"""cloud-dump backup: the replication stream, parts, and the run that ties them."""

@@ -1,0 +1,108 @@
+"""``cloud-dump backup``: settings from the command line into a run of ``backup.run``, with the
+runner (embedded or Celery workers) chosen and checked before anything is claimed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from coordinator.settings import Report, layout_of, open_store, read_passphrase
+from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
+from storage.errors import ConfigError
+from storage.layout import validate_name
+from storage.urls import storage_url
+
+if TYPE_CHECKING:
+    from coordinator.backup.run import Encryption
+    from coordinator.backup.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+def run_backup(args: argparse.Namespace, report: Report) -> None:
+    from coordinator.backup.run import BackupPlan, run_backup
+
+    name = validate_name("backup", args.name or "")
+    layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
+    if not args.db_url:
+        raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")
+    if args.db_url != os.environ.get("CLOUD_DUMP_DB_URL") and _has_password(args.db_url):
+        log.warning("the password in --db-url is visible to every user in 'ps': prefer "
+                    "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
+    plan = BackupPlan(
+        name=name,
+        cluster=args.cluster,
+        dsn=args.db_url,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        encryption=_backup_encryption(args),
+        # `backup` has no --wal-prefix flag: the environment sets it for the flat layout.
+        wal_prefix=getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX"),
+        max_in_flight=max(2, args.parallel * 2),
+        part_timeout_s=args.part_timeout,
+        target_part_bytes=args.part_size_mib * 1024 * 1024,
+        show_progress=args.progress,
+    )
+    runner, capabilities = _runner(args)
+    try:
+        manifest = run_backup(plan, runner, capabilities)
+    finally:
+        runner.close()
+    report(f"backup '{manifest.name}' complete: {len(manifest.archives)} archive(s), "
+           f"{manifest.stored_size} bytes stored, WAL {manifest.start_wal_file} .. "
+           f"{manifest.end_wal_file}")
+
+
+def _has_password(dsn: str) -> bool:
+    if "://" in dsn:
+        try:
+            return urlsplit(dsn).password is not None
+        except ValueError:
+            return False
+    return "password=" in dsn
+
+
+def _backup_encryption(args: argparse.Namespace) -> Encryption | None:
+    from coordinator.backup.run import Encryption
+    from coordinator.crypto import read_recipients
+
+    passphrase = read_passphrase(args)
+    keys = [Path(p) for p in args.recipient_key or []]
+    if keys and passphrase:
+        raise ConfigError("give either --recipient-key or a passphrase, not both")
+    if keys:
+        return Encryption(read_recipients(keys))
+    if passphrase:
+        return Encryption.with_passphrase(passphrase)
+    if args.encrypt:
+        raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
+    return None
+
+
+def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
+    """Celery workers when a broker is given, else threads of this process."""
+    if args.broker:
+        from coordinator.backup.runner import CeleryRunner
+        from coordinator.broker.client import open_broker
+
+        # The workers hold the storage; told one, this backup must land there (every task
+        # carries it, and a worker storing elsewhere refuses: exit 3).
+        location = storage_url(args.storage) if args.storage else None
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
+        # The store's limits come from the flags.
+        capabilities = Capabilities(
+            S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
+        )
+        runner = CeleryRunner(
+            broker, task_timeout_s=args.task_timeout, part_timeout_s=args.part_timeout,
+            storage_url=location,
+        )  # fmt: skip
+        return runner, capabilities
+    from coordinator.backup.runner import EmbeddedRunner
+
+    storage = open_store(args)
+    return EmbeddedRunner(storage, args.parallel), storage.capabilities

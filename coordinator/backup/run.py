@@ -1,0 +1,411 @@
+"""``cloud-dump backup``: one run, from claiming the name to the manifest written last.
+
+    claim name → IDENTIFY_SYSTEM → BASE_BACKUP → per archive: open upload, ArchiveWriter
+    (compress if the server did not, encrypt, cut parts) → PartWindow (stage + send) →
+    drain → finalize (complete uploads, backup_manifest, wrapped key, manifest.json last)
+
+Any failure, Ctrl-C or SIGTERM aborts the run: uploads aborted, objects removed, claim released,
+staged payloads deleted, so nothing is left that looks like a backup.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter, PartSizer
+from coordinator.backup.progress import Progress
+from coordinator.backup.replication import (
+    ArchiveInfo,
+    BaseBackupOptions,
+    BaseBackupResult,
+    ReplicationConnection,
+    SystemInfo,
+    int_to_lsn,
+    lsn_to_int,
+    wal_file_name,
+)
+from coordinator.backup.runner import Runner
+from coordinator.backup.window import PartWindow
+from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
+from storage.base import Capabilities, sha256_hex
+from storage.errors import CloudDumpError, DecryptionFailed
+from storage.layout import DEFAULT_WAL_PREFIX, Layout
+from storage.manifest import ArchiveRecord, BackupManifest, CompressedBy, EncryptionInfo
+from workers.backup import (
+    WRAPPED_KEY_NAME,
+    AbortRequest,
+    ArchiveUpload,
+    BackupRef,
+    ClaimRequest,
+    FinalizeRequest,
+    UploadPartResult,
+)
+from workers.wal import ARCHIVE_INFO_NAME, OpenWalArchiveRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """What to encrypt to; ``wrapped_identity`` and ``passphrase`` are set in passphrase mode
+    (the passphrase only to check it against the WAL archive's key: it is never sent)."""
+
+    recipients: list[str]
+    wrapped_identity: bytes | None = None
+    passphrase: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def with_passphrase(cls, passphrase: str) -> Encryption:
+        secret, public = generate_identity()
+        return cls([public], wrap_identity(secret, passphrase), passphrase)
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    name: str
+    cluster: str | None
+    dsn: str
+    compression: str = "zstd"
+    compression_level: int | None = None
+    encryption: Encryption | None = None
+    # Where the cluster's WAL is archived (its passphrase is checked against the backup's).
+    wal_prefix: str | None = None
+    max_in_flight: int = 8
+    part_timeout_s: float = 300.0
+    target_part_bytes: int = 16 * 1024 * 1024
+    show_progress: bool = False
+
+
+@dataclass
+class _Archive:
+    info: ArchiveInfo
+    key: str
+    upload_id: str
+    writer: ArchiveWriter
+    summary: ArchiveSummary | None = None
+
+
+@dataclass
+class _Run:
+    """State of one run, written by the stream callbacks (``BackupSink``)."""
+
+    plan: BackupPlan
+    runner: Runner
+    capabilities: Capabilities
+    window: PartWindow
+    progress: Progress
+    claim: str  # where the claim is stored, storage URL included
+    archives: list[_Archive] = field(default_factory=list)
+    uploads: list[ArchiveUpload] = field(default_factory=list)
+    backup_manifest: bytes | None = None
+    stored_backup_manifest: bytes | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(cluster=self.plan.cluster)
+
+    def begin_archive(self, archive: ArchiveInfo) -> None:
+        plan = self.plan
+        encrypted = plan.encryption is not None
+        key = self.layout.archive_key(
+            plan.name, archive.name, plan.compression, encrypted=encrypted
+        )
+        upload_id = self.runner.open_archive(key)
+        # Known before anything else can fail, so that an abort finds the upload.
+        self.uploads.append(ArchiveUpload(key=key, upload_id=upload_id, parts=[]))
+        client_compression = plan.compression if archive.compression == "none" else "none"
+
+        def put_part(part_number: int, data: bytes, sha256: str) -> None:
+            self.window.submit(key, upload_id, part_number, data, sha256)
+            self.progress.stored(len(data))
+
+        writer = ArchiveWriter(
+            _CallbackSink(put_part),
+            PartSizer(
+                self.capabilities,
+                archive.size_estimate_bytes,
+                target_part_bytes=plan.target_part_bytes,
+            ),
+            client_compression=client_compression,
+            compression_level=plan.compression_level,
+            recipients=plan.encryption.recipients if plan.encryption else None,
+        )
+        self.archives.append(_Archive(archive, key, upload_id, writer))
+        self.progress.begin_archive(archive.name)
+
+    def write(self, data: memoryview) -> None:
+        self.archives[-1].writer.write(data)
+
+    def end_archive(self) -> None:
+        current = self.archives[-1]
+        current.summary = current.writer.close()
+
+    def manifest(self, data: bytes) -> None:
+        self.backup_manifest = data
+
+    def set_progress(self, done_bytes: int, total_bytes: int | None) -> None:
+        self.progress.streamed(done_bytes, total_bytes)
+
+
+class _CallbackSink:
+    """Adapts a function to the pipeline's ``PartSink``."""
+
+    def __init__(self, put: Callable[[int, bytes, str], None]) -> None:
+        self.put_part = put
+
+
+class _StreamSink:
+    """The ``BackupSink`` handed to the replication reader: forwards to the run."""
+
+    def __init__(self, run: _Run) -> None:
+        self.begin_archive = run.begin_archive
+        self.write = run.write
+        self.end_archive = run.end_archive
+        self.manifest = run.manifest
+        self.progress = run.set_progress
+
+
+def run_backup(plan: BackupPlan, runner: Runner, capabilities: Capabilities) -> BackupManifest:
+    """Take the backup described by ``plan``; return its manifest once it is stored."""
+    check_wal_archive_passphrase(plan, runner)
+    backup = BackupRef(name=plan.name, cluster=plan.cluster)
+    run_id = uuid.uuid4().hex
+    claim = runner.claim(
+        ClaimRequest(
+            backup=backup, run_id=run_id, host=socket.gethostname(), started_at=_now().isoformat()
+        )
+    )
+    window = PartWindow(runner, plan.max_in_flight, run_id=run_id)
+    run = _Run(plan, runner, capabilities, window, Progress(plan.show_progress), claim)
+    try:
+        return _stream_and_finalize(run, backup, run_id)
+    except BaseException as exc:
+        # Includes KeyboardInterrupt and the SIGTERM the CLI turns into one.
+        log.debug("backup failed, aborting: %r", exc)
+        _abort(run, backup, run_id)
+        raise
+
+
+def check_wal_archive_passphrase(plan: BackupPlan, runner: Runner) -> None:
+    """Refuse a passphrase that does not open the WAL archive's key (``DecryptionFailed``).
+
+    A point-in-time restore of this backup reads the archive's WAL with the backup's
+    passphrase: with another one it would stop at the first WAL file, long after the backup
+    was taken. No archive, or one without a passphrase-wrapped key: nothing to check.
+    """
+    passphrase = plan.encryption.passphrase if plan.encryption else None
+    if passphrase is None:
+        return
+    layout = Layout(cluster=plan.cluster, wal_prefix=plan.wal_prefix or DEFAULT_WAL_PREFIX)
+    opened = runner.open_wal_archive(
+        OpenWalArchiveRequest(
+            archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,
+            system_identifier=None,
+            want_wrapped_identity=True,
+        )
+    )
+    archive = opened.archive
+    if archive is None or archive.encryption is None or opened.wrapped_identity_b64 is None:
+        return
+    key = archive.encryption.wrapped_identity_key
+    try:
+        unwrap_identity(base64.b64decode(opened.wrapped_identity_b64), passphrase, key)
+    except DecryptionFailed as exc:
+        raise DecryptionFailed(
+            f"the backup passphrase does not open the WAL archive's key '{key}': a "
+            "point-in-time restore could not decrypt the WAL; back up with the archive's "
+            "passphrase"
+        ) from exc
+
+
+def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupManifest:
+    plan = run.plan
+    started = _now()
+    with ReplicationConnection.connect(plan.dsn) as conn:
+        system = conn.identify_system()
+        result = conn.base_backup(
+            BaseBackupOptions(
+                label=f"cloud-dump {plan.name}",
+                server_compression=plan.compression,
+                compression_level=plan.compression_level,
+            ),
+            _StreamSink(run),
+        )
+    # When the server's stream ended, not when the uploads drained: a restore refuses time
+    # targets before end_time, and a late end_time would refuse targets the backup reaches.
+    ended = _now()
+    uploads = run.window.drain()
+    if run.backup_manifest is None:
+        raise CloudDumpError("the server sent no backup_manifest")
+    manifest = _build_manifest(run, system, result, (started, ended), uploads)
+    _finalize(run, backup, run_id, manifest, uploads)
+    run.progress.finish(manifest.stored_size, run.runner.resent)
+    return manifest
+
+
+def _finalize(
+    run: _Run,
+    backup: BackupRef,
+    run_id: str,
+    manifest: BackupManifest,
+    uploads: dict[str, list[UploadPartResult]],
+) -> None:
+    refs = {name: f"{run_id}:{name}" for name in ("backup_manifest", "manifest", "wrapped")}
+    payloads = {
+        refs["backup_manifest"]: _stored_backup_manifest(run),
+        refs["manifest"]: manifest.to_json(),
+    }
+    wrapped = run.plan.encryption.wrapped_identity if run.plan.encryption else None
+    if wrapped is not None:
+        payloads[refs["wrapped"]] = wrapped
+    run.runner.finalize(
+        FinalizeRequest(
+            backup=backup,
+            run_id=run_id,
+            archives=[
+                ArchiveUpload(key=a.key, upload_id=a.upload_id, parts=uploads.get(a.key, []))
+                for a in run.archives
+            ],
+            backup_manifest_key=manifest.backup_manifest_key,
+            backup_manifest_ref=refs["backup_manifest"],
+            wrapped_key_ref=refs["wrapped"] if wrapped is not None else None,
+            manifest_ref=refs["manifest"],
+        ),
+        payloads,
+    )
+
+
+def _stored_backup_manifest(run: _Run) -> bytes:
+    """backup_manifest as stored: encrypted once (age output is randomised, so the bytes the
+    manifest describes must be the very bytes that are stored)."""
+    if run.stored_backup_manifest is None:
+        assert run.backup_manifest is not None
+        encryption = run.plan.encryption
+        run.stored_backup_manifest = (
+            run.backup_manifest
+            if encryption is None
+            else encrypt_bytes(run.backup_manifest, encryption.recipients)
+        )
+    return run.stored_backup_manifest
+
+
+def _build_manifest(
+    run: _Run,
+    system: SystemInfo,
+    result: BaseBackupResult,
+    times: tuple[datetime, datetime],
+    uploads: dict[str, list[UploadPartResult]],
+) -> BackupManifest:
+    plan = run.plan
+    encrypted = plan.encryption is not None
+    stored_manifest = _stored_backup_manifest(run)
+    layout = run.layout
+    return BackupManifest(
+        name=plan.name,
+        cluster=plan.cluster,
+        tool_version=_tool_version(),
+        pg_version=system.server_version,
+        pg_version_num=system.server_version_num,
+        system_identifier=system.system_identifier,
+        timeline=result.start_timeline,
+        start_lsn=result.start_lsn,
+        end_lsn=result.end_lsn,
+        start_wal_file=wal_file_name(
+            result.start_timeline, result.start_lsn, system.wal_segment_size
+        ),
+        # The last byte needed is just before end_lsn (PostgreSQL's XLByteToPrevSeg): at a
+        # segment boundary the backup ends in the previous segment.
+        end_wal_file=wal_file_name(
+            result.end_timeline, int_to_lsn(lsn_to_int(result.end_lsn) - 1), system.wal_segment_size
+        ),
+        start_time=times[0],
+        end_time=times[1],
+        compression=plan.compression,  # type: ignore[arg-type]
+        compression_level=plan.compression_level,
+        encryption=_encryption_info(run, layout) if encrypted else None,
+        archives=[_archive_record(a, plan, uploads) for a in run.archives],
+        backup_manifest_key=layout.backup_manifest_key(plan.name, encrypted=encrypted),
+        backup_manifest_size=len(stored_manifest),
+        backup_manifest_sha256=sha256_hex(stored_manifest),
+    )
+
+
+def _archive_record(
+    archive: _Archive, plan: BackupPlan, uploads: dict[str, list[UploadPartResult]]
+) -> ArchiveRecord:
+    summary = archive.summary
+    assert summary is not None
+    uploaded = {p.part_number: p for p in uploads.get(archive.key, [])}
+    for part in summary.parts:
+        confirmed = uploaded.get(part.number)
+        if confirmed is None or confirmed.sha256 != part.sha256 or confirmed.size != part.size:
+            raise CloudDumpError(f"part {part.number} of '{archive.key}' was not confirmed")
+    return ArchiveRecord(
+        name=archive.info.name,
+        key=archive.key,
+        tablespace_oid=archive.info.tablespace_oid,
+        tablespace_location=archive.info.location,
+        compression=plan.compression,  # type: ignore[arg-type]
+        compressed_by=_compressed_by(plan.compression, archive.info.compression),
+        encrypted=plan.encryption is not None,
+        stored_size=summary.stored_size,
+        sha256=summary.sha256,
+        parts=summary.parts,
+    )
+
+
+def _compressed_by(requested: str, streamed: str) -> CompressedBy:
+    if requested == "none":
+        return "none"
+    return "server" if streamed != "none" else "client"
+
+
+def _encryption_info(run: _Run, layout: Layout) -> EncryptionInfo:
+    encryption = run.plan.encryption
+    assert encryption is not None
+    if encryption.wrapped_identity is not None:
+        return EncryptionInfo(
+            mode="passphrase",
+            recipients=encryption.recipients,
+            wrapped_identity_key=layout.backup_prefix(run.plan.name) + WRAPPED_KEY_NAME,
+        )
+    return EncryptionInfo(mode="recipients", recipients=encryption.recipients)
+
+
+def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
+    """Best effort: undo what this run stored. A failure here must not hide the first one."""
+    run.window.abandon()  # first: releases a part thread waiting for room or for the broker
+    for archive in run.archives:
+        if archive.summary is None:
+            try:
+                archive.writer.abort()
+            except Exception:
+                log.debug("aborting the archive writer failed", exc_info=True)
+    try:
+        run.runner.abort(AbortRequest(backup=backup, run_id=run_id, uploads=run.uploads))
+    except Exception as exc:
+        log.warning(
+            "could not clean up after the failed backup (%s): backup '%s' stays claimed "
+            "until '%s' is deleted",
+            exc,
+            backup.name,
+            run.claim,
+        )
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("cloud-dump")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

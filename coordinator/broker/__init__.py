@@ -1,0 +1,1 @@
+"""The Celery boundary: the only coordinator code that speaks to the broker."""

@@ -1,0 +1,274 @@
+"""The coordinator's side of Celery: every call it makes to the broker goes through here.
+
+The only coordinator module that imports Celery, kombu or redis (besides the Redis stage of
+``workers.staging``). Three kinds of traffic, all to Redis:
+
+- task messages, sent with Celery (``Broker.send``), and control broadcasts asking which
+  workers are alive and what they run (``Broker.workers``, ``Broker.running``);
+- task results, read with MGET and forgotten here with a plain Redis client. The coordinator's
+  Celery app has no result backend: Celery's would subscribe to every task's result channel,
+  and when Redis goes away its reconnect loop blocks for ~20 s and logs a line per attempt;
+- staged payloads, through ``Broker.stage``.
+
+Every call's connection failure leaves as ``BrokerUnreachable`` naming the broker (password
+hidden), through the one translation, ``workers.brokerfaults``. ``Broker.identity`` tells one
+Redis server run from the next (``INFO server``'s run_id): a restarted or failed-over Redis has
+lost the messages, payloads and results it held even when no call failed
+(``coordinator.broker.flights`` acts on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from celery.backends.redis import RedisBackend
+
+from storage.errors import ConfigError, NoWorkerAvailable
+from storage.redact import redact_url
+from tasks.config import PARTS_QUEUE, WAL_QUEUE, make_app
+from workers.brokerfaults import broker_faults, is_broker_fault
+from workers.staging import RedisStage
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "START_WORKER_HINT",
+    "Broker",
+    "TaskState",
+    "connect_broker",
+    "live_workers",
+    "open_broker",
+    "require_queue_consumers",
+]
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Whatever a library does by default, a call to a Redis that is down must come back in seconds.
+_CONNECT_TIMEOUT_S = 5
+_READ_TIMEOUT_S = 30
+_DONE = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+# Waiting messages read to tell a queued task from a lost one; a longer queue is not read.
+QUEUE_SCAN_MAX = 1000
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What the result backend says about one task."""
+
+    status: str  # PENDING (or unknown), STARTED, RETRY, SUCCESS, FAILURE, REVOKED
+    result: Any  # SUCCESS: the return value; FAILURE: the exception Celery re-created
+    worker: str | None = None  # STARTED: the node running it
+
+    @property
+    def done(self) -> bool:
+        return self.status in _DONE
+
+
+class Broker:
+    """Task messages, results, control broadcasts and staged payloads, on one broker."""
+
+    def __init__(self, broker_url: str, result_url: str, staging_url: str) -> None:
+        for url in {result_url, staging_url}:
+            _require_redis(url)
+        self.url = broker_url
+        # Sends only: no result backend, so Celery opens no result subscription (see above).
+        self.app = make_app(broker_url, "disabled")
+        self.stage = RedisStage(staging_url)
+        self._result_url = result_url
+        # Used offline only: the key a result is stored under, and decoding it (the worker's
+        # own error re-created from its JSON form).
+        self._decoder = RedisBackend(app=self.app, url=result_url)
+        urls = list(dict.fromkeys([broker_url, result_url, staging_url]))
+        self._servers = {u: _client(u) for u in urls if _scheme(u) in REDIS_SCHEMES}
+
+    @classmethod
+    def connect(
+        cls, broker_url: str, result_backend: str | None = None, staging_url: str | None = None
+    ) -> Broker:
+        """A broker that answered; ``BrokerUnreachable`` (exit 6) at once otherwise."""
+        broker = cls(broker_url, result_backend or broker_url, staging_url or broker_url)
+        with broker_faults(broker_url), broker.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=_CONNECT_TIMEOUT_S)
+        broker.ping()
+        return broker
+
+    def send(
+        self, task: str, argument: Any, queue: Any, *, expires_s: float | None = None
+    ) -> str:
+        """Send ``task(argument)`` (no argument if None) to ``queue`` (a name, or a kombu
+        ``Queue`` such as a worker's direct queue); return its task id."""
+        task_id = uuid.uuid4().hex
+        with broker_faults(self.url):
+            self.app.send_task(
+                task,
+                args=[] if argument is None else [argument],
+                queue=queue,
+                task_id=task_id,
+                expires=expires_s,
+            )
+        return task_id
+
+    def states(self, task_ids: list[str]) -> list[TaskState]:
+        """The state of each task, in order, in one round trip."""
+        if not task_ids:
+            return []
+        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
+        with broker_faults(self._result_url):
+            raws = self._servers[self._result_url].mget(keys)
+        return [self._state(raw) for raw in raws]
+
+    def forget(self, *task_ids: str) -> None:
+        """Drop the results of these tasks; best effort, as they expire anyway."""
+        if not task_ids:
+            return
+        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
+        with contextlib.suppress(Exception), broker_faults(self._result_url):
+            self._servers[self._result_url].delete(*keys)
+
+    def ping(self) -> None:
+        """Raise ``BrokerUnreachable`` unless every Redis in use answers."""
+        for url, client in self._servers.items():
+            with broker_faults(url):
+                client.ping()
+
+    def identity(self) -> tuple[str, ...]:
+        """Which Redis server runs answer (one run id per Redis in use)."""
+        from redis.exceptions import ResponseError
+
+        ids = []
+        for url, client in self._servers.items():
+            with broker_faults(url):
+                try:
+                    ids.append(str(client.info("server").get("run_id", "")))
+                except ResponseError as exc:
+                    if is_broker_fault(exc):  # a failover in progress
+                        raise
+                    ids.append("")  # INFO not allowed to this user: a restart goes unseen
+        return tuple(ids)
+
+    def workers(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
+        """Workers answering a broadcast, each with the queues it consumes."""
+        with broker_faults(self.url):
+            replies = self.app.control.inspect(timeout=timeout_s).active_queues() or {}
+        return {
+            worker: sorted(q["name"] for q in queues if not q["name"].endswith(".dq2"))
+            for worker, queues in replies.items()
+        }
+
+    def holders(self, task_ids: list[str], timeout_s: float = 1.0) -> dict[str, set[str]]:
+        """Workers answering a broadcast, each with those of ``task_ids`` it holds (running,
+        received or scheduled for a retry)."""
+        with broker_faults(self.url):
+            replies = self.app.control.inspect(timeout=timeout_s).query_task(*task_ids) or {}
+        return {worker: set(found or ()) for worker, found in replies.items()}
+
+    def queued(self, queues: list[str]) -> set[str] | None:
+        """The ids of the tasks waiting in these queues (no worker took them yet); None when
+        that cannot be told (not a Redis broker, or a queue too long to read)."""
+        client = self._servers.get(self.url)
+        if client is None:
+            return None
+        ids: set[str] = set()
+        with broker_faults(self.url):
+            for queue in queues:
+                # kombu's Redis transport: one list per queue, a JSON message per entry.
+                messages = client.lrange(queue, 0, QUEUE_SCAN_MAX)
+                if len(messages) > QUEUE_SCAN_MAX:
+                    return None
+                ids.update(_task_id(m) for m in messages)
+        return ids
+
+    def close(self) -> None:
+        for client in self._servers.values():
+            with contextlib.suppress(Exception):
+                client.close()
+        self.stage.close()
+
+    def _state(self, raw: bytes | str | None) -> TaskState:
+        if not raw:
+            return TaskState("PENDING", None)
+        meta = self._decoder.decode_result(raw)
+        status, result = str(meta.get("status")), meta.get("result")
+        started = status == "STARTED" and isinstance(result, dict)
+        return TaskState(status, result, result.get("hostname") if started else None)
+
+
+def _task_id(message: bytes | str) -> str:
+    try:
+        return str(json.loads(message)["headers"]["id"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def open_broker(
+    broker_url: str, result_backend: str | None = None, staging_url: str | None = None
+) -> Broker:
+    return Broker.connect(broker_url, result_backend, staging_url)
+
+
+def connect_broker(broker_url: str, result_backend: str | None = None) -> Celery:
+    """A Celery client app whose broker answered; raise ``BrokerUnreachable`` otherwise.
+
+    For callers that want Celery's own API (tests); cloud-dump's commands use ``open_broker``.
+    """
+    app = make_app(broker_url, result_backend)
+    with broker_faults(broker_url), app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=_CONNECT_TIMEOUT_S)
+    return app
+
+
+def live_workers(broker: Broker | Celery, timeout_s: float = 2.0) -> dict[str, list[str]]:
+    """Workers answering a broadcast ping, each with the queues it consumes."""
+    return _as_broker(broker).workers(timeout_s)
+
+
+def require_queue_consumers(workers: dict[str, list[str]]) -> None:
+    """Raise unless at least one worker consumes each of the ``parts`` and ``wal`` queues."""
+    if not workers:
+        raise NoWorkerAvailable(f"no worker answered on the broker: {START_WORKER_HINT}")
+    for queue in (PARTS_QUEUE, WAL_QUEUE):
+        if not any(queue in queues for queues in workers.values()):
+            raise NoWorkerAvailable(f"no worker consumes queue '{queue}': {START_WORKER_HINT}")
+
+
+def _as_broker(target: Broker | Celery) -> Broker:
+    if isinstance(target, Broker):
+        return target
+    conf = target.conf
+    return Broker(str(conf.broker_url), str(conf.result_backend or conf.broker_url),
+                  str(conf.broker_url))  # fmt: skip
+
+
+def _require_redis(url: str) -> None:
+    if _scheme(url) not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"'{redact_url(url)}' is not a Redis URL: results and staged payloads need Redis "
+            "(redis://, rediss:// or unix://)"
+        )
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def _client(url: str) -> Redis:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # One retry, no backoff: enough to replace a connection a restarted Redis closed.
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=_CONNECT_TIMEOUT_S,
+        socket_timeout=_READ_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+START_WORKER_HINT = "start one with 'celery -A tasks.app worker -Q parts,wal'"

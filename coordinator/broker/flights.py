@@ -1,0 +1,389 @@
+"""Work the coordinator waits for: sent as Celery tasks, followed until answered, sent again
+when what is observed says it was lost.
+
+A ``Flight`` is one unit of work (a part upload, a claim, a finalize, a WAL push) with the
+payloads it needs staged in Redis. Re-running any task is harmless (DESIGN.md §3, invariant 5),
+so a flight may have several copies in the queue: it is answered by the first copy that
+succeeds, and fails only when every copy failed. ``Flights`` sends a copy again, its payloads
+staged again, when
+
+- **the broker went away and came back.** A call failing with ``BrokerUnreachable`` makes the
+  caller wait for the broker, up to ``grace_s``, and then fail with that one error. A broker
+  that comes back, or that is a different Redis server run than before (restarted, failed
+  over: checked every ``IDENTITY_EVERY_S``), has lost the messages, payloads and results it
+  held: every unanswered flight is sent again. The coordinator holds each unanswered flight's
+  payloads for that, so its memory stays bounded by the in-flight window.
+- **its worker is gone.** A flight unanswered for longer than its peers take
+  (``SUSPECT_FACTOR`` times their median, at least ``SUSPECT_FLOOR_S``) is a suspect; at most
+  every ``PROBE_EVERY_S`` its queue is read and one control broadcast asks the live workers
+  which of the suspects they hold. A suspect that no live worker holds was lost with a worker
+  if that worker reported it STARTED and no longer answers, or if it is not waiting in its
+  queue either: Redis would redeliver its message only after the visibility timeout, an hour
+  (invariant 5). Where the queue cannot be read, one that no live worker holds although
+  workers answer, after ``STRAY_FACTOR`` times its peers' time, is sent again too.
+- **a copy failed because its payload or the broker vanished under the worker**
+  (``StagedPayloadMissing``, ``BrokerUnreachable`` from the worker): the same outage, seen from
+  the other side.
+- **it is unanswered after ``resend_after_s``** (``--part-timeout``), whatever the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery import Celery
+from celery.utils.nodenames import worker_direct
+
+from coordinator.broker.client import START_WORKER_HINT, _as_broker
+from storage.errors import (
+    BrokerUnreachable,
+    CloudDumpError,
+    NoWorkerAvailable,
+    RemoteTaskFailed,
+)
+from storage.redact import redact_url
+from workers.staging import StagedPayloadMissing
+
+if TYPE_CHECKING:
+    from coordinator.broker.client import Broker, TaskState
+
+
+if TYPE_CHECKING:
+    from coordinator.broker.client import Broker, TaskState
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# One MGET reads the state of every flight: a caller polling many flights in a row pays once.
+REFRESH_EVERY_S = 0.005
+IDENTITY_EVERY_S = 1.0
+PROBE_EVERY_S = 5.0
+PROBE_TIMEOUT_S = 1.0
+SUSPECT_FLOOR_S = 5.0
+SUSPECT_FACTOR = 4.0
+STRAY_FLOOR_S = 30.0
+STRAY_FACTOR = 10.0
+# Copies lost to an outage under the worker before that error counts as the answer.
+MAX_LOST_COPIES = 5
+BROKER_POLL_S = 0.5
+WAIT_PAUSE_S = 0.01
+
+
+@dataclass(eq=False)
+class Flight:
+    """One unit of work and every copy of it sent so far."""
+
+    task: str
+    argument: Any  # the task's one argument (JSON-able); None for none
+    queue: Any  # a queue name, or a kombu Queue (a worker's direct queue)
+    what: str  # for messages: "part 3 of 'b1/base.tar.zst'"
+    payloads: dict[str, bytes] = field(default_factory=dict)  # staged under these refs
+    resend_after_s: float = math.inf
+    timeout_s: float | None = None  # unanswered this long in all: NoWorkerAvailable
+    expires_s: float | None = None  # a copy no worker took this long is dropped by Celery
+    task_ids: list[str] = field(default_factory=list)
+    first_sent_at: float = 0.0
+    sent_at: float = 0.0
+    epoch: int = -1
+    worker: str | None = None  # the node a copy last reported STARTED on
+    answered: bool = False
+    outcome: Any = None  # the return value, or the error every copy failed with
+    failed_ids: set[str] = field(default_factory=set)
+    lost_copies: int = 0
+
+    def result(self) -> Any:
+        """The answer; raises the flight's error."""
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+class Flights:
+    """Sends flights, follows them, and sends again those the broker or a worker lost.
+
+    Thread-safe: every operation holds one lock, also while waiting for the broker to come
+    back, so that one thread waits for it and the others wait for that thread.
+    """
+
+    def __init__(self, broker: Broker, *, grace_s: float, payload_ttl_s: int = 3600) -> None:
+        self.broker = broker
+        self.grace_s = grace_s
+        self._ttl_s = payload_ttl_s
+        self._lock = threading.RLock()
+        self._live: list[Flight] = []
+        self._epoch = 0
+        self._identity: tuple[str, ...] | None = None
+        self._identity_at = 0.0
+        self._refreshed_at = 0.0
+        self._probed_at = 0.0
+        self._durations: dict[str, deque[float]] = {}
+        # Set once the broker stayed away for grace_s: later calls fail at once.
+        self._gone: BrokerUnreachable | None = None
+        self._interrupted = threading.Event()
+        self.resent = 0
+
+    def start(self, flight: Flight) -> Flight:
+        """Stage the flight's payloads and send it."""
+        with self._lock:
+            if self._identity is None:  # the server run the first flight went to
+                self._identity = self._guarded(self.broker.identity)
+                self._identity_at = time.monotonic()
+            self._guarded(lambda: self._send(flight, first=True))
+            self._live.append(flight)
+        return flight
+
+    def poll(self, flight: Flight) -> bool:
+        """Whether ``flight`` is answered (every live flight is brought up to date)."""
+        if not flight.answered:
+            self.refresh()
+        return flight.answered
+
+    def refresh(self) -> None:
+        """Take in the answers of every live flight; send again those that were lost."""
+        with self._lock:
+            if time.monotonic() - self._refreshed_at < REFRESH_EVERY_S:
+                return
+            self._guarded(self._refresh)
+            self._refreshed_at = time.monotonic()
+
+    def wait(self, flight: Flight) -> Any:
+        """The flight's answer, once there is one; raises its error."""
+        while not self.poll(flight):
+            time.sleep(WAIT_PAUSE_S)
+        return flight.result()
+
+    def run(self, flight: Flight) -> Any:
+        """Send, wait for the answer, clean up."""
+        self.start(flight)
+        try:
+            return self.wait(flight)
+        finally:
+            self.finish(flight)
+
+    def finish(self, *flights: Flight) -> None:
+        """Forget these flights: their results and staged payloads are deleted (best effort:
+        a broker that is away lets them expire)."""
+        refs: list[str] = []
+        with self._lock:
+            for flight in flights:
+                with contextlib.suppress(ValueError):
+                    self._live.remove(flight)
+                refs.extend(flight.payloads)
+                flight.payloads = {}
+        self.broker.forget(*(task_id for f in flights for task_id in f.task_ids))
+        try:
+            self.broker.stage.delete(*refs)
+        except BrokerUnreachable as exc:
+            log.debug("staged payloads left to expire: %s", exc)
+
+    def interrupt(self) -> None:
+        """Stop waiting for the broker, now and from now on: the work is being given up."""
+        self._interrupted.set()
+
+    def revive(self, grace_s: float) -> None:
+        """Wait for the broker again, up to ``grace_s`` (cleaning up after a failure)."""
+        with self._lock:
+            self._interrupted.clear()
+            self._gone = None
+            self.grace_s = min(self.grace_s, grace_s)
+
+    # --- following flights ------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        self._check_identity(now)
+        pending = [f for f in self._live if not f.answered]
+        for flight in pending:
+            if flight.epoch != self._epoch:
+                self._send(flight, first=False)
+        ids = [task_id for f in pending for task_id in f.task_ids]
+        states = dict(zip(ids, self.broker.states(ids), strict=True))
+        suspects = []
+        for flight in pending:
+            self._settle(flight, [(i, states[i]) for i in flight.task_ids if i in states])
+            if flight.answered:
+                continue
+            age = now - flight.sent_at
+            if flight.timeout_s is not None and now - flight.first_sent_at > flight.timeout_s:
+                self._answer(flight, NoWorkerAvailable(
+                    f"no worker finished {flight.what} within {flight.timeout_s:.0f} s: "
+                    f"{START_WORKER_HINT}"
+                ))  # fmt: skip
+            elif age > flight.resend_after_s:
+                self._resend(flight, f"not confirmed after {age:.0f} s")
+            elif age > self._after(flight.task, SUSPECT_FLOOR_S, SUSPECT_FACTOR):
+                suspects.append(flight)
+        if suspects and now - self._probed_at >= PROBE_EVERY_S:
+            self._probe(suspects)
+
+    def _settle(self, flight: Flight, states: list[tuple[str, TaskState]]) -> None:
+        error: BaseException | None = None
+        for task_id, state in states:
+            if state.status == "SUCCESS":
+                self._record(flight)
+                self._answer(flight, state.result)
+                return
+            if state.status == "STARTED":
+                flight.worker = state.worker
+            if state.done and task_id not in flight.failed_ids:
+                flight.failed_ids.add(task_id)
+                error = _error_of(state, flight.what)
+                if isinstance(error, StagedPayloadMissing | BrokerUnreachable) and (
+                    flight.lost_copies < MAX_LOST_COPIES
+                ):
+                    flight.lost_copies += 1
+                    self._resend(flight, f"lost by its worker ({error})", restage=True)
+                    return
+        if error is not None and flight.failed_ids >= set(flight.task_ids):
+            self._answer(flight, error)
+
+    def _probe(self, suspects: list[Flight]) -> None:
+        """Find out whether the suspects are still held by a live worker or waiting in their
+        queue; send again those that are neither (lost with a worker)."""
+        self._probed_at = time.monotonic()
+        queues = sorted({f.queue for f in suspects if isinstance(f.queue, str)})
+        # The queue first: a task taken from it in between shows up with its worker next.
+        waiting = self.broker.queued(queues)
+        holders = self.broker.holders([i for f in suspects for i in f.task_ids], PROBE_TIMEOUT_S)
+        held = set().union(*holders.values()) if holders else set()
+        now = time.monotonic()
+        for flight in suspects:
+            if held.intersection(flight.task_ids):
+                continue
+            age = now - flight.sent_at
+            if flight.worker is not None and flight.worker not in holders:
+                self._resend(flight, f"lost with worker '{flight.worker}', gone from the broker")
+            elif waiting is not None and isinstance(flight.queue, str):
+                if not waiting.intersection(flight.task_ids):
+                    self._resend(flight, "neither queued nor held by a live worker")
+            elif holders and age > self._after(flight.task, STRAY_FLOOR_S, STRAY_FACTOR):
+                self._resend(flight, f"held by no live worker for {age:.0f} s")
+
+    def _check_identity(self, now: float) -> None:
+        if now - self._identity_at < IDENTITY_EVERY_S:
+            return
+        identity = self.broker.identity()
+        self._identity_at = now
+        if self._identity is not None and identity != self._identity:
+            self._new_epoch(f"broker '{_shown(self.broker.url)}' was restarted or replaced")
+        self._identity = identity
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _send(self, flight: Flight, *, first: bool, restage: bool = True) -> None:
+        if restage:
+            for ref, data in flight.payloads.items():
+                self.broker.stage.put(ref, data, self._ttl_s)
+        task_id = self.broker.send(
+            flight.task, flight.argument, flight.queue, expires_s=flight.expires_s
+        )
+        now = time.monotonic()
+        flight.task_ids.append(task_id)
+        flight.sent_at = now
+        if first:
+            flight.first_sent_at = now
+        flight.epoch = self._epoch
+        flight.worker = None
+
+    def _resend(self, flight: Flight, why: str, *, restage: bool = False) -> None:
+        log.warning("%s %s (attempt %d): sending it again", flight.what, why,
+                    len(flight.task_ids))  # fmt: skip
+        self._send(flight, first=False, restage=restage)
+        self.resent += 1
+
+    def _answer(self, flight: Flight, outcome: Any) -> None:
+        flight.answered, flight.outcome = True, outcome
+
+    # --- the broker going away ----------------------------------------------------------------
+
+    def _guarded(self, action: Callable[[], _T]) -> _T:
+        """Run ``action``; while the broker is away, wait for it (``grace_s``) and run it again."""
+        while True:
+            epoch = self._epoch
+            try:
+                return action()
+            except BrokerUnreachable as exc:
+                if self._gone is not None or self._interrupted.is_set():
+                    raise
+                if self._epoch == epoch:
+                    self._await_broker(exc)
+
+    def _await_broker(self, error: BrokerUnreachable) -> None:
+        """Return once the broker answers again; raise ``error`` after ``grace_s``."""
+        deadline = time.monotonic() + self.grace_s
+        if self.grace_s > 0:
+            log.warning("%s: waiting up to %.0f s for it to come back", error, self.grace_s)
+        while time.monotonic() < deadline and not self._interrupted.is_set():
+            time.sleep(BROKER_POLL_S)
+            try:
+                self.broker.ping()
+                self._identity = self.broker.identity()
+            except BrokerUnreachable as exc:
+                error = exc
+                continue
+            self._identity_at = time.monotonic()
+            self._new_epoch(f"broker '{_shown(self.broker.url)}' answers again")
+            return
+        self._gone = error
+        raise error
+
+    def _new_epoch(self, why: str) -> None:
+        self._epoch += 1
+        unanswered = sum(1 for f in self._live if not f.answered)
+        if unanswered:
+            log.warning("%s: sending %d unconfirmed task(s) again", why, unanswered)
+            self.resent += unanswered
+        else:
+            log.info("%s", why)
+
+    # --- what is usual ------------------------------------------------------------------------
+
+    def _record(self, flight: Flight) -> None:
+        took = time.monotonic() - flight.sent_at
+        self._durations.setdefault(flight.task, deque(maxlen=32)).append(took)
+
+    def _after(self, task: str, floor_s: float, factor: float) -> float:
+        durations = self._durations.get(task)
+        return max(floor_s, factor * statistics.median(durations)) if durations else floor_s
+
+
+def _error_of(state: TaskState, what: str) -> BaseException:
+    """A failed copy's error as a project error: the worker's own, re-created by Celery."""
+    if state.status == "REVOKED":
+        return NoWorkerAvailable(f"no worker took {what} in time: {START_WORKER_HINT}")
+    if isinstance(state.result, CloudDumpError):
+        return state.result
+    return RemoteTaskFailed(f"{what} failed on a worker: {state.result}")
+
+
+def _shown(url: str) -> str:
+
+    return redact_url(url)
+
+
+
+def run_on_worker(
+    broker: Broker | Celery, worker: str, task_name: str, timeout_s: float, argument: Any = None
+) -> Any:
+    """Run ``task_name`` on one named worker and return its result; ``argument`` (JSON-able) is
+    its one argument, None for none."""
+
+    flights = Flights(_as_broker(broker), grace_s=timeout_s)
+    flight = Flight(
+        task_name,
+        argument,
+        worker_direct(worker),
+        f"'{task_name}' on '{worker}'",
+        timeout_s=timeout_s,
+        expires_s=timeout_s,
+    )
+    return flights.run(flight)

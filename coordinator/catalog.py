@@ -1,0 +1,163 @@
+"""What a store holds: its complete backups (``manifest.json``), and the WAL after each.
+
+``find_backups`` and ``read_manifest`` read the backups. The WAL available after each backup, for
+``cloud-dump list``: how far it can be rolled forward.
+
+From a backup's ``start_wal_file``, the contiguous run of archived segments on the same timeline
+up to the first gap: recovery from that backup can replay exactly that far. Later timelines
+(reached through ``.history`` files) are not followed: that would mean reading, and maybe
+decrypting, history files for a listing; the range shown is a lower bound in that case.
+
+The archive is listed once per call, whatever the number of backups. Segment arithmetic needs
+the cluster's WAL segment size, which manifests do not record directly: it is derived from the
+backup's start and end LSNs and WAL file names (exact unless both fall in a log's first segment,
+when PostgreSQL's default, 16 MiB, is assumed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from storage.base import Storage
+from storage.errors import (
+    BackupNotFound,
+    ConfigError,
+    IntegrityError,
+    ObjectNotFound,
+    PermanentStorageError,
+)
+from storage.layout import (
+    COMPRESSION_SUFFIXES,
+    ENCRYPTED_SUFFIX,
+    MANIFEST_NAME,
+    Layout,
+)
+from storage.manifest import BackupManifest
+from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment, is_segment
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES = {c + e for c in COMPRESSION_SUFFIXES.values() for e in ("", ENCRYPTED_SUFFIX)}
+_MIN_SEGMENT_SIZE = 1 << 20  # initdb --wal-segsize accepts 1 MiB .. 1 GiB
+_MAX_SEGMENT_SIZE = 1 << 30
+
+
+@dataclass(frozen=True)
+class WalRange:
+    first: str
+    last: str
+    segments: int
+
+    def describe(self) -> str:
+        return f"WAL {self.first} .. {self.last} ({self.segments} segments)"
+
+
+def archived_segment_names(storage: Storage, layout: Layout) -> set[str]:
+    """Names of the WAL segments in the archive (one LIST of the WAL prefix)."""
+    root = layout.wal_root
+    names = set()
+    for info in storage.list(root):
+        rest = info.key[len(root):]
+        name, suffix = rest[:24], rest[24:]
+        if suffix in _SUFFIXES and is_segment(name):
+            names.add(name)
+    return names
+
+
+def wal_range(manifest: BackupManifest, archived: set[str]) -> WalRange | None:
+    """The archived run from the backup's first segment; None if that segment is not archived."""
+    size = segment_size_of(manifest)
+    try:
+        segment = Segment.parse(manifest.start_wal_file, size)
+    except ConfigError:
+        return None
+    first = segment.name(size)
+    if first not in archived:
+        return None
+    count = 1
+    while (following := segment.next()).name(size) in archived:
+        segment, count = following, count + 1
+    return WalRange(first, segment.name(size), count)
+
+
+def segment_size_of(manifest: BackupManifest) -> int:
+    """The WAL segment size consistent with the manifest's LSNs and WAL file names."""
+    candidates = set(_sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE))
+    for lsn, name in ((manifest.start_lsn, manifest.start_wal_file),
+                      (manifest.end_lsn, manifest.end_wal_file)):
+        candidates &= set(_sizes_matching(lsn, name))
+    if DEFAULT_SEGMENT_SIZE in candidates or not candidates:
+        return DEFAULT_SEGMENT_SIZE
+    return min(candidates)
+
+
+def _sizes_matching(lsn: str, name: str) -> Iterable[int]:
+    try:
+        high, low = (int(part, 16) for part in lsn.split("/"))
+        log, seg = int(name[8:16], 16), int(name[16:24], 16)
+    except ValueError:
+        return _sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE)
+    # A segment name is (timeline, lsn >> 32, (lsn & 0xFFFFFFFF) // segment size).
+    return [size for size in _sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE)
+            if high == log and low // size == seg]
+
+
+def _sizes_between(low: int, high: int) -> list[int]:
+    sizes, size = [], low
+    while size <= high:
+        sizes.append(size)
+        size <<= 1
+    return sizes
+
+
+
+
+
+def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:
+    """Manifests of the complete backups under ``layout``, newest first."""
+    root = layout.backups_root
+    depth = root.count("/") + 1
+    manifests = []
+    for info in storage.list(root):
+        # "<root><name>/manifest.json" and nothing deeper or shallower.
+        if not info.key.endswith("/" + MANIFEST_NAME) or info.key.count("/") != depth:
+            continue
+        try:
+            manifests.append(BackupManifest.from_json(storage.get(info.key), info.key))
+        except PermanentStorageError as exc:
+            log.warning("skipping %s", exc)
+    return sorted(manifests, key=lambda m: m.end_time, reverse=True)
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes in binary units, as ``list`` and ``restore`` print sizes."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+
+# --- step 1: everything checked before the disk is touched ---------------------------------------
+
+
+def read_manifest(storage: Storage, layout: Layout, name: str) -> BackupManifest:
+    key = layout.manifest_key(name)
+    try:
+        data = storage.get(key)
+    except ObjectNotFound:
+        raise BackupNotFound(
+            f"backup '{name}' not found in {layout.describe_backups_root(storage.url)}: no "
+            f"'{name}/{MANIFEST_NAME}' there"
+        ) from None
+    try:
+        manifest = BackupManifest.from_json(data, key)
+    except PermanentStorageError as exc:
+        raise IntegrityError(str(exc)) from exc
+    if manifest.name != name:
+        raise IntegrityError(f"manifest '{key}' describes backup '{manifest.name}', not '{name}'")
+    return manifest

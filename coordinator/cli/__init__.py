@@ -1,0 +1,1 @@
+"""The edge: console script and fast paths, argument parsing, config file, exit codes."""

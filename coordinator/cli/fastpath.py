@@ -1,0 +1,182 @@
+"""The ``cloud-dump`` entry point, with the two answers that must not wait for the full CLI.
+
+PostgreSQL starts one process per WAL file. Under load, most archive_command calls are for a
+file the WAL pusher already stored (the answer is a spool marker), and most restore_command
+calls are for a segment the prefetcher already spooled (the answer is a rename). Either way the
+call's cost is mostly starting Python, and importing argparse, logging and the CLI's parser
+would double it. So this module answers
+
+- ``wal-push PATH NAME [flags]`` for a file with a confirmation marker that names this very
+  file (one ``stat``), with ``os`` and ``sys`` alone;
+- ``wal-fetch NAME PATH [flags]`` for a spooled segment when no prefetcher needs starting, with
+  ``coordinator.wal.fetch.command``'s spool (no argparse, no storage client);
+
+and hands every other command line to ``coordinator.cli.main.main`` unchanged.
+
+It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by flags it knows
+(an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; tests hold the
+flag sets to the parser's), settings resolved as the CLI resolves them (flag, then ``--config``
+file, then environment: ``coordinator.cli.configfile``), and an error before the answer falls
+through to the full CLI, which then decides and reports. A combination the full CLI refuses
+(``--cluster`` with a ``--wal-prefix``: ``storage.layout``) is never answered here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from coordinator.cli.limits import DEFAULT_PREFETCH
+from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
+from coordinator.wal.spooldir import wal_spool_dir
+
+# The options of wal-push and wal-fetch (tests compare these with the parser): which take a
+# value, which do not.
+_COMMON_VALUE_FLAGS = frozenset({
+    "--wal-prefix", "--spool-dir", "--storage", "--s3-endpoint", "--s3-region", "--s3-max-parts",
+    "--storage-max-attempts", "--broker", "--result-backend", "--staging-url", "--cluster",
+    "--config", "--log-level", "--passphrase-file", "--passphrase",
+})  # fmt: skip
+WAL_PUSH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {
+    "--compression", "--recipient-key", "--look-ahead", "--timeout",
+}  # fmt: skip
+WAL_PUSH_SWITCHES = frozenset({"--compress", "--encrypt", "--s3-path-style", "--no-s3-path-style"})
+WAL_FETCH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {"--identity-key", "--prefetch"}
+WAL_FETCH_SWITCHES = frozenset({"--allow-partial", "--s3-path-style", "--no-s3-path-style"})
+
+_ENV = {
+    "--storage": "CLOUD_DUMP_STORAGE",
+    "--cluster": "CLOUD_DUMP_CLUSTER",
+    "--wal-prefix": "CLOUD_DUMP_WAL_PREFIX",
+    "--spool-dir": "CLOUD_DUMP_SPOOL_DIR",
+    "--prefetch": "CLOUD_DUMP_WAL_PREFETCH",
+}
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    answers = {"wal-push": wal_push_already_archived, "wal-fetch": wal_fetch_from_spool}
+    answer = answers.get(argv[0]) if argv else None
+    if answer is not None:
+        try:
+            if answer(argv[1:]):
+                return 0
+        except Exception:  # noqa: S110 - the full CLI decides and reports
+            pass
+    try:
+        from coordinator.cli.main import main as full_main
+
+        code = full_main(argv)
+    except BaseException as exc:
+        if answer is not wal_fetch_from_spool:
+            raise
+        code = _wal_fetch_broke(exc)
+    if answer is not None:
+        leave(code)
+    return code
+
+
+def _wal_fetch_broke(exc: BaseException) -> int:
+    """The status of a wal-fetch whose full CLI could not even map its error (a broken
+    installation: an import failing). Python's own exit status would be 1, which PostgreSQL
+    takes for the end of the archive: promotion with part of the data."""
+    print(f"cloud-dump: error: unexpected {type(exc).__name__}: {exc} (a broken installation? "
+          "report it)", file=sys.stderr)
+    from coordinator.cli.exitcodes import ExitCode
+
+    return int(ExitCode.WAL_FETCH_FAILED)
+
+
+def leave(code: int) -> None:
+    """Exit at once, skipping the interpreter's teardown.
+
+    PostgreSQL waits for this process to exit, once per WAL file, and tearing down an
+    interpreter that loaded Celery or boto3 takes 100-200 ms. Everything a WAL command does is
+    finished when it returns (stored, renamed, or handed to a detached helper).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def wal_push_already_archived(args: list[str]) -> bool:
+    """Whether ``wal-push`` with these arguments has a confirmation marker to answer from."""
+    parsed = _parse(args, WAL_PUSH_VALUE_FLAGS, WAL_PUSH_SWITCHES)
+    if parsed is None:
+        return False
+    (path, name), settings = parsed
+    if "/" in name or name in ("", ".", ".."):
+        return False
+    location = archive_location(
+        settings["--storage"], settings["--cluster"], settings["--wal-prefix"]
+    )
+    spool = wal_spool_dir(path, settings["--spool-dir"])
+    if spool is None:
+        return False
+    try:
+        with open(os.path.join(spool, MARKER_DIR, name)) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return marker_answers(text, path, location)  # as Spool.is_confirmed
+
+
+def wal_fetch_from_spool(args: list[str]) -> bool:
+    """Serve ``wal-fetch`` from the spool if it can be done without the full CLI; True if done.
+
+    False leaves everything as it was, except a spooled file found unfit, which is discarded
+    with a warning as the full CLI would (the full CLI then fetches it directly).
+    """
+    parsed = _parse(args, WAL_FETCH_VALUE_FLAGS, WAL_FETCH_SWITCHES)
+    if parsed is None:
+        return False
+    (name, path), settings = parsed
+    if not settings["--storage"]:
+        return False  # the full CLI says what is missing
+    from coordinator.wal.fetch.command import serve_without_cli
+    from coordinator.wal.fetch.spool import archive_source
+
+    source = archive_source(settings["--storage"], settings["--cluster"], settings["--wal-prefix"])
+    prefetch = int(settings["--prefetch"] or DEFAULT_PREFETCH)
+    return serve_without_cli(
+        name, path, spool_dir=settings["--spool-dir"], source=source, prefetch=prefetch
+    )
+
+
+def _parse(
+    args: list[str], value_flags: frozenset[str], switches: frozenset[str]
+) -> tuple[tuple[str, str], dict[str, str | None]] | None:
+    """The two positional arguments and the settings that decide the answer; None when the
+    command line is not of the simple form this module answers for."""
+    if len(args) < 2 or args[0].startswith("-") or args[1].startswith("-"):
+        return None
+    flags: dict[str, str] = {}
+    rest = args[2:]
+    i = 0
+    while i < len(rest):
+        flag, sep, value = rest[i].partition("=")
+        if flag in switches and not sep:
+            i += 1
+            continue
+        if flag not in value_flags:
+            return None  # positional, abbreviation, --help, a typo: not for this path
+        if not sep:
+            if i + 1 >= len(rest):
+                return None
+            value = rest[i + 1]
+            i += 1
+        flags[flag] = value
+        i += 1
+    from coordinator.cli.configfile import load_config_file
+
+    load_config_file(args)  # the file's values replace the environment's, as in the full CLI
+    settings = {flag: flags.get(flag) or os.environ.get(env) or None for flag, env in _ENV.items()}
+    prefix = settings["--wal-prefix"]
+    if settings["--cluster"] and prefix and prefix.strip("/") != "wal_archive":
+        return None  # refused by the full CLI (storage.layout.Layout)
+    from coordinator.cli.limits import acceptable
+
+    command = "wal-push" if value_flags is WAL_PUSH_VALUE_FLAGS else "wal-fetch"
+    if not acceptable(command, value_flags, flags):
+        return None  # a number out of range: the full CLI names it (exit 3, or 200)
+    return (args[0], args[1]), settings

@@ -1,0 +1,1 @@
+"""cloud-dump restore: reading a stored backup into a data directory, recovery settings."""

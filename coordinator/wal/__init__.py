@@ -1,0 +1,1 @@
+"""WAL archiving commands; push and fetch are independent of each other."""

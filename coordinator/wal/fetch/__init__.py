@@ -1,0 +1,1 @@
+"""cloud-dump wal-fetch: the command, the detached prefetcher, the spool."""

@@ -1,0 +1,289 @@
+"""``wal-fetch %f %p`` (restore_command): one WAL file from the archive into ``%p`` (DESIGN.md §4).
+
+Contract with PostgreSQL:
+
+- exit 0: ``%p`` holds exactly the archived file. It appears by a rename onto its name, so it is
+  never empty or partial, but it is not fsynced: after a crash PostgreSQL does not reuse a file
+  restore_command wrote, it asks for it again, and a restored segment it keeps is made durable
+  by PostgreSQL itself (``durable_rename``). pgBackRest's archive-get relies on the same;
+- exit 1: the archive exists and does not have the file (nothing written). PostgreSQL takes
+  this for the end of the archive and may promote, so it is answered only once the archive is
+  known to exist (``coordinator.walarchive``: one HEAD of its identity object, paid on this path
+  alone). A missing ``.history`` file is the common case at every recovery start and is answered
+  after one LIST and that HEAD;
+- anything else raises, and the CLI exits ``ExitCode.WAL_FETCH_FAILED`` (200): PostgreSQL then
+  stops recovery rather than take a storage outage, or a location where no archive exists at all
+  (``WalArchiveNotFound``: a wrong storage URL, ``--cluster`` or ``--wal-prefix``), for the end of
+  the archive and promote early. Transient storage errors are retried (the backends retry each
+  request; this module retries the whole fetch a few times).
+
+``%p`` may be ``RECOVERYXLOG``/``RECOVERYHISTORY``: the file name always comes from ``%f``.
+``<segment>.partial`` is served only with ``--allow-partial`` (without it: 1, for an archive that
+exists).
+
+A segment request, in order:
+
+1. spooled (``<spool>/prefetch/``, filled by the detached prefetcher,
+``coordinator.wal.fetch.helper``):
+   moved into ``%p`` by a rename, without reading it. The prefetcher verified it against its
+   archived SHA-256 and fsynced it before writing its sidecar, so a sidecar means a complete
+   file; the call only checks that the sidecar names this archive and the file's size;
+2. named in the plan of a running prefetcher: the call waits for it (polling), at most
+   ``CLOUD_DUMP_WAL_PREFETCH_WAIT`` seconds (default 30), and only while the prefetcher runs and
+   still means to deliver it;
+3. otherwise it starts the prefetcher for the following segments first, so that both overlap,
+   then fetches the segment itself: this path alone decides "not archived" (1) or failure.
+
+A running prefetcher keeps ``--prefetch`` segments spooled or in flight as the calls take them.
+After 1 or 2, when none runs and fewer than half of the next ``--prefetch`` segments are spooled
+(or known to be past the end of the archive a moment ago), the call starts one for the missing
+ones. It never waits for it: a call served from the spool imports no storage client at all.
+``--prefetch 0`` never starts a prefetcher; other files than segments are never prefetched.
+
+Where the spool is. ``--spool-dir`` when given; otherwise it is derived from where the file
+goes: PostgreSQL runs restore_command in the data directory with ``%p`` = ``pg_wal/RECOVERYXLOG``,
+so a call writing into a ``pg_wal`` directory has the spool ``<that pg_wal>/cloud-dump``. A call
+writing anywhere else (``wal-fetch NAME /some/path`` run by hand) has no spool: it fetches
+directly, starts no prefetcher, caches no identity, and creates no directory.
+
+Stale spool files. Restore only writes into an empty data directory: a spool in its ``pg_wal``
+therefore belongs to one restore. Each spooled file also
+has a sidecar naming the archive it came from and its size; a file whose sidecar is missing (the
+prefetcher was stopped while writing it), names another archive (a ``--spool-dir`` shared between
+restores) or gives another size is discarded and fetched directly.
+
+Passphrase mode: the archive's X25519 identity is stored passphrase-wrapped (scrypt, ~1.7 s).
+It is unwrapped once and cached in the spool (mode 0600, owned by the server's user) so later
+calls, and the prefetcher, do not pay scrypt again; a call without a spool unwraps it each time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from coordinator.fsutil import write_atomically
+from coordinator.wal.fetch.spool import Spool, archive_source, following_segments, spool_root_for
+from storage.errors import ConfigError, TransientStorageError
+from storage.walnames import is_segment, wal_kind
+
+if TYPE_CHECKING:
+    import argparse
+
+    from coordinator.walarchive import WalArchive
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
+
+FETCHED = 0
+NOT_IN_ARCHIVE = 1
+DEFAULT_ATTEMPTS = 3
+RETRY_BASE_DELAY_S = 2.0  # 2 s then 6 s: ~8 s on top of the backends' own per-request retries
+# How long a prefetch's "not archived yet" stands: short, since a standby's archive grows.
+DEFAULT_PREFETCH_WAIT_S = 30.0
+PREFETCH_POLL_S = 0.005
+PREFETCHER = "coordinator.wal.fetch.helper"
+
+
+def run_wal_fetch(args: argparse.Namespace) -> int:
+    """The ``wal-fetch`` command: 0 fetched, 1 not in the archive (which exists); raises on any
+    other failure (``WalArchiveNotFound`` when there is no archive at the location)."""
+    file_name = args.file_name
+    kind = wal_kind(file_name)
+    if not args.storage:
+        raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
+    # PostgreSQL never replays a .partial segment on its own: serving one needs intent.
+    serve = kind != "partial" or bool(args.allow_partial)
+    root = spool_root(args)
+    spool = None if root is None else Spool(
+        root, archive_source(args.storage, args.cluster, args.wal_prefix)
+    )
+    destination = Path(args.path)
+    segment = kind == "segment"
+    if segment and spool is not None:
+        if _serve_spooled(args, spool, file_name, destination):
+            return FETCHED
+        spool.discard_unfinished(file_name)
+        if args.prefetch > 0:  # first, so that it works while this call fetches
+            names = _prefetch_names(spool, file_name, args.prefetch, None)
+            _start_prefetcher(args, spool, names, None)
+    code = _fetch_directly(args, spool, file_name, destination, serve=serve)
+    if code == NOT_IN_ARCHIVE and segment and spool is not None:
+        spool.mark_end_of_archive(file_name)  # no prefetcher for what follows, for a while
+    return code
+
+
+def serve_without_cli(
+    name: str, destination: str, *, spool_dir: str | None, source: str, prefetch: int
+) -> bool:
+    """The served path for ``coordinator.cli.fastpath``: move spooled ``name`` into ``destination``.
+
+    Only when there is nothing else to do: no prefetcher to start (one runs, or half of the
+    next ``prefetch`` segments are spooled), since starting one needs every setting of the full
+    command line. False when it did not serve (then only an unfit spooled file was discarded).
+    """
+    root = spool_root_for(destination, spool_dir)
+    if root is None or not is_segment(name):
+        return False
+    spool = Spool(root, source)
+    if not spool.has(name):
+        return False
+    if prefetch > 0 and spool.count_ahead(name) * 2 < prefetch:
+        from coordinator.background import helper_running
+
+        if not helper_running(spool.lock_path):
+            return False
+    return spool.take(name, Path(destination)) is not None
+
+
+def _serve_spooled(
+    args: argparse.Namespace, spool: Spool, file_name: str, destination: Path
+) -> bool:
+    """Serve ``file_name`` from the spool, waiting for a prefetcher that is fetching it; then
+    start one if fewer than half of the next ``--prefetch`` segments are spooled."""
+    prefetch = max(0, args.prefetch)
+    served_bytes = spool.take(file_name, destination)
+    if served_bytes is None and prefetch:
+        served_bytes = _await_prefetched(spool, file_name, destination)
+    if served_bytes is None:
+        return False
+    log.debug("served '%s' from the spool", file_name)
+    # Counting the spool's entries is cheap; naming the missing segments imports more.
+    if prefetch and spool.count_ahead(file_name) * 2 < prefetch:
+        names = _prefetch_names(spool, file_name, prefetch, served_bytes)
+        if len(names) * 2 > prefetch:
+            _start_prefetcher(args, spool, names, served_bytes)
+    return True
+
+
+def _fetch_directly(
+    args: argparse.Namespace, spool: Spool | None, file_name: str, destination: Path,
+    *, serve: bool = True,
+) -> int:
+    from coordinator.settings import keys_from, open_store, wal_layout
+    from coordinator.walarchive import WalArchive
+
+    storage = open_store(args)
+    try:
+        return _fetch(WalArchive(storage, wal_layout(args), keys_from(args, spool)), file_name,
+                      destination, serve=serve)  # fmt: skip
+    finally:
+        storage.close()
+
+
+def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: bool = True) -> int:
+    """Fetch ``file_name`` from storage into ``destination``, with retries.
+
+    1 when the archive does not have it (``serve`` False: whether it has it or not), but only
+    for an archive that exists: ``WalArchiveNotFound`` otherwise.
+    """
+    attempts = _attempts()
+    stored = _with_retries(lambda: archive.find(file_name), attempts) if serve else None
+    if stored is None:
+        _with_retries(archive.require, attempts)
+        if serve:
+            log.info("'%s' is not in the archive at '%s'", file_name, archive.location)
+        else:
+            log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
+        return NOT_IN_ARCHIVE
+    data, _ = _with_retries(functools.partial(archive.read, stored), attempts)
+    write_atomically(destination, data, sync=False)  # not fsynced: see the module docstring
+    return FETCHED
+
+
+def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:
+    """Serve ``name`` once the running prefetcher spools it; None when none is fetching it, it
+    gave up on it, or the wait passed its bound (the caller then fetches it itself)."""
+    if not spool.being_prefetched(name):
+        return None
+    bound_s = _prefetch_wait_s()
+    deadline = time.monotonic() + bound_s
+    polls = 0
+    while time.monotonic() < deadline:
+        time.sleep(PREFETCH_POLL_S)
+        polls += 1
+        if spool.has(name):
+            return spool.take(name, destination)
+        # The plan and the lock are read less often than the sidecar is looked for.
+        if polls % 10 == 0 and not spool.being_prefetched(name):
+            return spool.take(name, destination)  # spooled just before the prefetcher left?
+    log.warning("the prefetcher has not delivered '%s' within %.0f s: fetching it directly",
+                name, bound_s)  # fmt: skip
+    return None
+
+
+def _prefetch_names(
+    spool: Spool, file_name: str, count: int, segment_bytes: int | None
+) -> list[str]:
+    """The next ``count`` segments after ``file_name`` that are neither spooled nor known to
+    have been missing from the archive a moment ago."""
+    end = spool.recent_end_of_archive()
+    return [
+        name for name in following_segments(file_name, count, segment_bytes)
+        if not spool.has(name) and (end is None or name[:8] != end[:8] or name < end)
+    ]  # fmt: skip
+
+
+def _start_prefetcher(
+    args: argparse.Namespace, spool: Spool, names: list[str], segment_bytes: int | None
+) -> None:
+    """Start the detached prefetcher for ``names`` unless one is running already."""
+    if not names:
+        return
+    from coordinator.background import helper_running, namespace_settings, spawn_helper
+
+    if helper_running(spool.lock_path):
+        return
+    settings = {**namespace_settings(args), "names": names, "segment_bytes": segment_bytes,
+                "spool_root": str(spool.root.absolute()), "source": spool.source}  # fmt: skip
+    try:
+        process = spawn_helper(PREFETCHER, settings, spool.log_path)
+    except OSError as exc:  # an optimisation: this call does not depend on it
+        log.warning("cannot start the WAL prefetcher: %s", exc)
+        return
+    log.debug("started prefetcher %d for %d segments from '%s'", process.pid, len(names),
+              names[0])  # fmt: skip
+
+
+def _prefetch_wait_s() -> float:
+    return max(0.0, _env_number("CLOUD_DUMP_WAL_PREFETCH_WAIT", DEFAULT_PREFETCH_WAIT_S, float))
+
+
+def _attempts() -> int:
+    return max(1, _env_number("CLOUD_DUMP_WAL_FETCH_RETRIES", DEFAULT_ATTEMPTS, int))
+
+
+def _env_number(name: str, default: _N, kind: Callable[[str], _N]) -> _N:
+    raw = os.environ.get(name, "")
+    try:
+        return kind(raw) if raw else default
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}='{raw}' is not {what}") from None
+
+
+def _with_retries(fetch: Callable[[], _T], attempts: int) -> _T:
+    for attempt in range(1, attempts + 1):
+        try:
+            return fetch()
+        except TransientStorageError as exc:
+            if attempt == attempts:
+                raise
+            delay_s = RETRY_BASE_DELAY_S * 3 ** (attempt - 1)
+            log.warning("%s; retrying in %.0f s (attempt %d of %d)", exc, delay_s, attempt,
+                        attempts)
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
+
+
+# --- settings shared with the prefetcher ---------------------------------------------------------
+
+
+def spool_root(args: argparse.Namespace) -> Path | None:
+    return spool_root_for(args.path, args.spool_dir)
