@@ -59,8 +59,8 @@ from bench.common import (
     verdict,
     vm_hwm_bytes,
 )
-from tests.rig.postgres import PgCluster, start_cluster
-from tests.rig.services import WorkerPool
+from devrig.postgres import PgCluster, start_cluster
+from devrig.services import WorkerPool
 
 PG_MAJOR = 15
 CLOUD_DUMP = str(VENV_BIN / "cloud-dump")

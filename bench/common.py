@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, NoReturn
 import pytest
 import redis
 
-from tests.rig.procs import ServerProcess, free_port, port_open
+from devrig.procs import ServerProcess, free_port, port_open
 
 if TYPE_CHECKING:
-    from tests.rig.services import WorkerPool
+    from devrig.services import WorkerPool
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
@@ -189,7 +189,7 @@ def _start_server(stack: contextlib.ExitStack[bool | None], logs: Path, name: st
 
 
 def start_worker(pool: WorkerPool, name: str, env: Mapping[str, str], log_path: Path) -> None:
-    """One Celery worker on both queues, one process, as tests/rig/services.py runs them."""
+    """One Celery worker on both queues, one process, as devrig/services.py runs them."""
     pool.processes.append(
         ServerProcess(
             f"celery worker {name}",

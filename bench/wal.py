@@ -81,8 +81,8 @@ from bench.common import (
     tree_cpu_seconds,
     verdict,
 )
-from tests.rig.postgres import PgCluster, start_cluster
-from tests.rig.services import WorkerPool
+from devrig.postgres import PgCluster, start_cluster
+from devrig.services import WorkerPool
 
 PG_MAJOR = 15
 PYTHON = str(VENV_BIN / "python")

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.rig import sample  # noqa: E402
-from tests.rig.postgres import PgCluster, make_postgres_dir, start_cluster  # noqa: E402
-from tests.rig.procs import ServerProcess, free_port, port_open  # noqa: E402
-from tests.rig.restored import started  # noqa: E402
+from devrig import sample  # noqa: E402
+from devrig.postgres import PgCluster, make_postgres_dir, start_cluster  # noqa: E402
+from devrig.procs import ServerProcess, free_port, port_open  # noqa: E402
+from devrig.restored import started  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

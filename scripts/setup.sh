@@ -63,4 +63,4 @@ $VENV/bin/python -m compileall -q -j 0 coordinator storage workers tasks >/dev/n
 
 # --- PostgreSQL binaries of other majors ----------------------------------------------------
 # shellcheck disable=SC2086
-$VENV/bin/python -m tests.rig.pgbin fetch $PG_MAJORS
+$VENV/bin/python -m devrig.pgbin fetch $PG_MAJORS

@@ -13,14 +13,14 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.procs import free_port
+from devrig.roundtrip import restore_and_compare, start_backup
+from devrig.sample import BigSource, make_big_source
+from devrig.services import PART_RECEIVED, RedisServer, WorkerPool, error_line, run_cli
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 from storage.manifest import BackupManifest
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.procs import free_port
-from tests.rig.roundtrip import restore_and_compare, start_backup
-from tests.rig.sample import BigSource, make_big_source
-from tests.rig.services import PART_RECEIVED, RedisServer, WorkerPool, error_line, run_cli
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 
 
 @pytest.fixture(scope="session")

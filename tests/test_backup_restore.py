@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.rig import sample
-from tests.rig.moto import StorageTarget
-from tests.rig.postgres import PgFactory, majors
-from tests.rig.roundtrip import backup_cli, restore_and_compare
-from tests.rig.services import RedisServer, WorkerPool
+from devrig import sample
+from devrig.moto import StorageTarget
+from devrig.postgres import PgFactory, majors
+from devrig.roundtrip import backup_cli, restore_and_compare
+from devrig.services import RedisServer, WorkerPool
 
 MAJORS = majors()
 

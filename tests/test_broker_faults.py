@@ -23,11 +23,11 @@ import zstandard
 from coordinator.backup.runner import CeleryRunner
 from coordinator.broker.client import open_broker
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.procs import ServerProcess, free_port, port_open
-from tests.rig.roundtrip import restore_and_compare, start_backup
-from tests.rig.sample import BigSource
-from tests.rig.services import (
+from devrig.moto import StorageTarget, local_target
+from devrig.procs import ServerProcess, free_port, port_open
+from devrig.roundtrip import restore_and_compare, start_backup
+from devrig.sample import BigSource
+from devrig.services import (
     PART_RECEIVED,
     PUSH_RECEIVED,
     WorkerPool,
@@ -35,8 +35,8 @@ from tests.rig.services import (
     start_worker_pool,
     wait_for_log,
 )
-from tests.rig.tcpproxy import TcpProxy
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from devrig.tcpproxy import TcpProxy
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 from workers.backup import BackupRef, ClaimRequest
 
 PASSWORD = "broker-pw-7f3a"  # a test server's password, checked never to leak

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster
+from devrig.roundtrip import backup_cli
+from devrig.services import VENV_BIN, error_line, run_cli
+from devrig.walarchive import archive_wal, segment_bytes, segment_name
 from storage.layout import Layout
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import VENV_BIN, error_line, run_cli
-from tests.rig.walarchive import archive_wal, segment_bytes, segment_name
 
 SEGMENT = segment_name(5)
 

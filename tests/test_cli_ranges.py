@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT, S3_MIN_PART_SIZE_BYTES
-from storage.layout import Layout
-from tests.rig.moto import local_target
-from tests.rig.procs import free_port
-from tests.rig.services import error_line, run_cli
-from tests.rig.walarchive import (
+from devrig.moto import local_target
+from devrig.procs import free_port
+from devrig.services import error_line, run_cli
+from devrig.walarchive import (
     archive_wal,
     segment_bytes,
     segment_name,
@@ -29,7 +27,9 @@ from tests.rig.walarchive import (
     wait_for_prefetcher,
     wal_fetch,
 )
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT, S3_MIN_PART_SIZE_BYTES
+from storage.layout import Layout
 
 # The range each flag's error line gives.
 RANGES = {

@@ -16,13 +16,14 @@ import pytest
 
 from coordinator.cli import fastpath
 from coordinator.cli.configfile import load_config_file
+from coordinator.cli.limits import DEFAULT_PREFETCH
 from coordinator.cli.main import build_parser
+from devrig.moto import StorageTarget, local_target
+from devrig.services import error_line
+from devrig.walarchive import archive_wal, segment_name, wait_for_prefetcher
+from devrig.walarchive import wal_fetch as run_wal_fetch
+from devrig.walfiles import SEG1, SEG2, SYSID_A, WalDir, make_segment
 from storage.layout import Layout
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.services import error_line
-from tests.rig.walarchive import archive_wal, segment_name, wait_for_prefetcher
-from tests.rig.walarchive import wal_fetch as run_wal_fetch
-from tests.rig.walfiles import SEG1, SEG2, SYSID_A, WalDir, make_segment
 
 SETTINGS = ("CLOUD_DUMP_STORAGE", "CLOUD_DUMP_CLUSTER", "CLOUD_DUMP_WAL_PREFIX",
             "CLOUD_DUMP_SPOOL_DIR", "CLOUD_DUMP_WAL_PREFETCH", "CLOUD_DUMP_CONFIG")  # fmt: skip
@@ -159,7 +160,7 @@ def test_fast_path_and_full_cli_resolve_settings_alike(
     for flag, attribute in ATTRIBUTES.items():
         if flag == "--prefetch":
             if command == "wal-fetch":  # the fast path applies the default itself
-                assert int(fast[flag] or fastpath.DEFAULT_PREFETCH) == full[attribute]
+                assert int(fast[flag] or DEFAULT_PREFETCH) == full[attribute]
             continue
         assert fast[flag] == full[attribute], (flag, fast[flag], full[attribute])
     winner = next(v for v in (_flag(flags, "--storage"), file_values.get("CLOUD_DUMP_STORAGE"),

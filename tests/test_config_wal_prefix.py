@@ -16,11 +16,11 @@ import pytest
 
 from coordinator.cli import fastpath
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.moto import local_target
-from tests.rig.postgres import PgCluster
-from tests.rig.services import error_line, run_cli
-from tests.rig.walarchive import SEGMENT
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from devrig.moto import local_target
+from devrig.postgres import PgCluster
+from devrig.services import error_line, run_cli
+from devrig.walarchive import SEGMENT
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 
 REFUSED = "WAL prefix 'pg/wal' cannot be used with cluster 'prod'"
 

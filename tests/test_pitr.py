@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 
 from coordinator.restore.recovery import default_restore_config
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import MotoServer, StorageTarget, s3_target
-from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
-from tests.rig.recovery import (
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import MotoServer, StorageTarget, s3_target
+from devrig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
+from devrig.recovery import (
     archive_command,
     archive_store,
     archiving_cluster,
     wait_archived,
     wait_promoted,
 )
-from tests.rig.restored import chown_postgres, started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
+from devrig.restored import chown_postgres, started
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
 
 MAJORS = majors(default=(15, 17))
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.restore.recovery import default_restore_config
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, make_postgres_dir
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
+from devrig.walarchive import archive_wal, segment_bytes
 from storage.base import Storage
 from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from storage.manifest import BackupManifest
 from storage.walnames import Segment
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, make_postgres_dir
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
-from tests.rig.walarchive import archive_wal, segment_bytes
 
 PASSPHRASE = "pitr-passphrase-6f1c"
 AWS_SECRET = "aws-secret-value-93b7"

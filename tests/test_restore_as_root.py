@@ -18,13 +18,13 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.restore.recovery import default_restore_config
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget
-from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
-from tests.rig.recovery import archive_store, wait_archived, wait_promoted
-from tests.rig.restored import chown_postgres, started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import VENV_BIN, run_cli
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget
+from devrig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
+from devrig.recovery import archive_store, wait_archived, wait_promoted
+from devrig.restored import chown_postgres, started
+from devrig.roundtrip import backup_cli
+from devrig.services import VENV_BIN, run_cli
 
 POSTGRES = pwd.getpwnam("postgres")
 

@@ -23,14 +23,14 @@ import pytest
 import zstandard
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig import sample
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgClusterError, PgFactory, majors, make_postgres_dir
+from devrig.procs import log_tail
+from devrig.restored import RestoredCluster, started
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
 from storage.manifest import BackupManifest
-from tests.rig import sample
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgClusterError, PgFactory, majors, make_postgres_dir
-from tests.rig.procs import log_tail
-from tests.rig.restored import RestoredCluster, started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
 
 PG15_VERIFYBACKUP = Path("/usr/lib/postgresql/15/bin/pg_verifybackup")
 DEAD = 0xDEAD

@@ -13,6 +13,11 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.restore.run import restore_backup
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.restored import started
+from devrig.roundtrip import backup_cli
+from devrig.services import VENV_BIN, run_cli
 from storage.errors import IntegrityError
 from tests.coordinator.test_restore_unit import (  # noqa: F401 - raw_backup is a fixture
     LAYOUT,
@@ -20,11 +25,6 @@ from tests.coordinator.test_restore_unit import (  # noqa: F401 - raw_backup is 
     raw_backup,
     stage_backup,
 )
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.restored import started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import VENV_BIN, run_cli
 
 IN_PLACE_ROWS = 1_500
 SENDS_IN_PLACE = [16, 17, pytest.param(18, marks=pytest.mark.matrix)]

@@ -1,7 +1,7 @@
 """Storage failing under a restore: a 5-second outage mid-download is ridden out (as a backup
 rides out one), and a store that keeps throttling ends in exit 4 (try again later), not 5.
 
-The outage is real: moto behind a TCP proxy (``tests.rig.tcpproxy``) that resets every connection
+The outage is real: moto behind a TCP proxy (``devrig.tcpproxy``) that resets every connection
 in the middle of the base archive's download and refuses new ones for 5 seconds. The throttling
 store is a stub HTTP server answering every request with S3's ``503 SlowDown``, a failure moto
 cannot be made to produce.
@@ -18,17 +18,17 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.restore.reader import RangedReader
+from devrig import sample
+from devrig.moto import MotoServer, s3_target
+from devrig.postgres import PgFactory, make_postgres_dir
+from devrig.procs import free_port
+from devrig.restored import started
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
+from devrig.tcpproxy import TcpProxy
 from storage.errors import StorageUnreachable
 from storage.factory import open_storage
 from storage.options import StorageOptions
-from tests.rig import sample
-from tests.rig.moto import MotoServer, s3_target
-from tests.rig.postgres import PgFactory, make_postgres_dir
-from tests.rig.procs import free_port
-from tests.rig.restored import started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
-from tests.rig.tcpproxy import TcpProxy
 
 OUTAGE_S = 5.0
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'

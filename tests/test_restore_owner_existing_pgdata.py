@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.restored import started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import error_line, run_cli
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.restored import started
+from devrig.roundtrip import backup_cli
+from devrig.services import error_line, run_cli
 
 POSTGRES = pwd.getpwnam("postgres")
 NOBODY = pwd.getpwnam("nobody")

@@ -26,13 +26,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.restore.recovery import default_restore_config
-from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.pgbin import bin_dir
-from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
-from tests.rig.procs import free_port, log_tail
-from tests.rig.recovery import (
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget, local_target
+from devrig.pgbin import bin_dir
+from devrig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
+from devrig.procs import free_port, log_tail
+from devrig.recovery import (
     active_settings,
     archive_command,
     archive_store,
@@ -41,9 +40,10 @@ from tests.rig.recovery import (
     wait_archived,
     wait_promoted,
 )
-from tests.rig.restored import RestoredCluster, chown_postgres, started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
+from devrig.restored import RestoredCluster, chown_postgres, started
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
+from storage.layout import WAL_ARCHIVE_INFO_NAME, Layout
 from workers.wal import WalArchiveInfo
 
 FOLLOW_TIMEOUT_S = 30

@@ -19,10 +19,10 @@ import pytest
 
 from coordinator.cli.main import build_parser
 from coordinator.restore.recovery import target_from_args
-from tests.rig.moto import StorageTarget
-from tests.rig.pgbin import bin_dir
-from tests.rig.postgres import PgCluster, PgFactory, as_postgres
-from tests.rig.recovery import (
+from devrig.moto import StorageTarget
+from devrig.pgbin import bin_dir
+from devrig.postgres import PgCluster, PgFactory, as_postgres
+from devrig.recovery import (
     active_settings,
     archive_store,
     archiving_cluster,
@@ -31,7 +31,7 @@ from tests.rig.recovery import (
     wait_archived,
     wait_promoted,
 )
-from tests.rig.roundtrip import backup_cli
+from devrig.roundtrip import backup_cli
 
 
 @dataclass(frozen=True)

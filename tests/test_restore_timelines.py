@@ -26,11 +26,9 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.restore.targets import format_lsn, parse_lsn
-from storage.layout import Layout
-from storage.manifest import BackupManifest
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.recovery import (
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.recovery import (
     ConfiguredCluster,
     active_settings,
     archive_command,
@@ -41,9 +39,11 @@ from tests.rig.recovery import (
     wait_archived,
     wait_promoted,
 )
-from tests.rig.restored import started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.walarchive import archive_wal, passphrase_segments
+from devrig.restored import RestoredCluster, started
+from devrig.roundtrip import backup_cli
+from devrig.walarchive import archive_wal, passphrase_segments
+from storage.layout import Layout
+from storage.manifest import BackupManifest
 
 SOURCE_PHASES = ["a", "b", "d", "e", "f", "g", "h", "i", "j", "k"]
 FOLLOW_TIMEOUT_S = 60
@@ -103,7 +103,7 @@ def branched(request: pytest.FixtureRequest, pg_factory: PgFactory) -> Iterator[
     yield Branched(major, store, done.stderr, after_k, xid_k, lsn_after_k)
 
 
-def _phases(cluster: ConfiguredCluster) -> list[str]:
+def _phases(cluster: RestoredCluster) -> list[str]:
     return [str(row[0]) for row in cluster.sql("SELECT DISTINCT phase FROM t ORDER BY 1")]
 
 

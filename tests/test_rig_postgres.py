@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from tests.rig import pgbin
-from tests.rig.postgres import PgCluster, PgFactory, majors, make_postgres_dir, start_cluster
+from devrig import pgbin
+from devrig.postgres import PgCluster, PgFactory, majors, make_postgres_dir, start_cluster
 
 MAJORS = majors()
 WAL_SEGMENT_BYTES = 16 * 1024 * 1024

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.crypto import generate_identity
+from devrig import sample
+from devrig.moto import StorageTarget
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.services import run_cli
+from devrig.tty import run_with_prompt_answer
 from storage.manifest import BackupManifest
-from tests.rig import sample
-from tests.rig.moto import StorageTarget
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.services import run_cli
-from tests.rig.tty import run_with_prompt_answer
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.moto import S3_PREFIX, MotoServer, StorageTarget, local_target, s3_target
+from devrig.postgres import PgCluster
+from devrig.services import RedisServer, WorkerPool, error_line, run_cli, start_worker_pool
+from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 from storage.base import Storage
-from tests.rig.moto import S3_PREFIX, MotoServer, StorageTarget, local_target, s3_target
-from tests.rig.postgres import PgCluster
-from tests.rig.services import RedisServer, WorkerPool, error_line, run_cli, start_worker_pool
-from tests.rig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 
 # Whatever the environment running the tests holds: these commands are told no storage.
 NO_STORAGE = {"CLOUD_DUMP_STORAGE": ""}

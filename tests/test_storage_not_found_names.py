@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster
+from devrig.services import error_line, run_cli
+from devrig.walarchive import SEGMENT, archive_wal, segment_name, wal_fetch
+from devrig.walfiles import SYSID_A, make_segment
 from storage.layout import Layout
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster
-from tests.rig.services import error_line, run_cli
-from tests.rig.walarchive import SEGMENT, archive_wal, segment_name, wal_fetch
-from tests.rig.walfiles import SYSID_A, make_segment
 
 CLUSTER = "pg15main"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.postgres import PgCluster
-from tests.rig.services import error_line, run_cli
-from tests.rig.walarchive import SEGMENT
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from devrig.postgres import PgCluster
+from devrig.services import error_line, run_cli
+from devrig.walarchive import SEGMENT
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 
 COMMANDS = ["backup", "restore", "list", "check", "wal-push", "wal-fetch"]
 

@@ -1,6 +1,6 @@
 """``cloud-dump wal-fetch`` as PostgreSQL runs it: one process per file, working directory PGDATA.
 
-The archive is written in wal-push's format by ``tests.rig.walarchive``, so these tests do not
+The archive is written in wal-push's format by ``devrig.walarchive``, so these tests do not
 depend on wal-push. Every case runs on both backends where storage matters.
 
 A call may leave the detached prefetcher running: every test waits for it to finish (or kills
@@ -26,11 +26,9 @@ from coordinator.background import HelperLock
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
 from coordinator.wal.fetch.spool import Spool, archive_source
-from storage.base import Storage
-from storage.layout import Layout
-from tests.rig.moto import StorageTarget, s3_target
-from tests.rig.procs import free_port
-from tests.rig.walarchive import (
+from devrig.moto import StorageTarget, s3_target
+from devrig.procs import free_port
+from devrig.walarchive import (
     SEGMENT,
     SEGMENT_BYTES,
     archive_wal,
@@ -43,6 +41,8 @@ from tests.rig.walarchive import (
     wait_for_prefetcher,
     wal_fetch,
 )
+from storage.base import Storage
+from storage.layout import Layout
 
 FETCH_FAILED = ExitCode.WAL_FETCH_FAILED
 

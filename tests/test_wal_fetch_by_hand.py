@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.base import Storage
-from storage.layout import Layout
-from tests.rig.moto import StorageTarget
-from tests.rig.walarchive import (
+from devrig.moto import StorageTarget
+from devrig.walarchive import (
     archive_wal,
     passphrase_segments,
     segment_bytes,
@@ -26,6 +24,8 @@ from tests.rig.walarchive import (
     wait_for_prefetcher,
     wal_fetch,
 )
+from storage.base import Storage
+from storage.layout import Layout
 
 FIRST = segment_name(1)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.moto import StorageTarget
+from devrig.services import error_line
+from devrig.walarchive import archive_wal, assert_not_written, segment_name, wal_fetch
+from devrig.walfiles import SYSID_A, make_segment
 from storage.base import Storage
 from storage.layout import Layout
-from tests.rig.moto import StorageTarget
-from tests.rig.services import error_line
-from tests.rig.walarchive import archive_wal, assert_not_written, segment_name, wal_fetch
-from tests.rig.walfiles import SYSID_A, make_segment
 
 WANTED = segment_name(6)
 OTHER = segment_name(5)

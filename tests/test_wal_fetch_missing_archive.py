@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.crypto import generate_identity
-from storage.base import Storage
-from storage.layout import Layout
-from tests.rig.moto import S3_PREFIX, StorageTarget, local_target, s3_target
-from tests.rig.services import run_cli
-from tests.rig.walarchive import (
+from devrig.moto import S3_PREFIX, StorageTarget, local_target, s3_target
+from devrig.services import run_cli
+from devrig.walarchive import (
     SEGMENT,
     archive_wal,
     assert_not_written,
@@ -35,6 +33,8 @@ from tests.rig.walarchive import (
     wait_for_prefetcher,
     wal_fetch,
 )
+from storage.base import Storage
+from storage.layout import Layout
 
 STOP_RECOVERY = 200  # what PostgreSQL must see: above 127, logged as "exit code 200"
 HISTORY = "00000002.history"

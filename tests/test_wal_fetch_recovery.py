@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgFactory, majors, make_postgres_dir
+from devrig.procs import free_port
+from devrig.recovery import wait_archived, wait_promoted
+from devrig.restored import RestoredCluster, chown_postgres, started
+from devrig.roundtrip import backup_cli
+from devrig.services import run_cli
+from devrig.walarchive import archive_wal, wait_for_prefetcher
 from storage.layout import Layout
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgFactory, majors, make_postgres_dir
-from tests.rig.procs import free_port
-from tests.rig.recovery import wait_archived, wait_promoted
-from tests.rig.restored import RestoredCluster, chown_postgres, started
-from tests.rig.roundtrip import backup_cli
-from tests.rig.services import run_cli
-from tests.rig.walarchive import archive_wal, wait_for_prefetcher
 
 MAJORS = majors(default=(15, 17))
 SEGMENTS_AFTER_BACKUP = 4

@@ -14,12 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from devrig.moto import MotoServer, s3_target
+from devrig.services import VENV_BIN
+from devrig.tcpproxy import TcpProxy
+from devrig.walarchive import archive_wal, prefetcher_pids, segment_name
+from devrig.walfiles import SYSID_A, make_segment
 from storage.layout import Layout
-from tests.rig.moto import MotoServer, s3_target
-from tests.rig.services import VENV_BIN
-from tests.rig.tcpproxy import TcpProxy
-from tests.rig.walarchive import archive_wal, prefetcher_pids, segment_name
-from tests.rig.walfiles import SYSID_A, make_segment
 
 WAIT_S = 60
 

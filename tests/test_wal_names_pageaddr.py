@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgFactory, make_postgres_dir
+from devrig.recovery import wait_archived
+from devrig.restored import RestoredCluster
+from devrig.services import WorkerPool, error_line
+from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 from storage.walnames import Segment
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgFactory, make_postgres_dir
-from tests.rig.recovery import wait_archived
-from tests.rig.restored import RestoredCluster
-from tests.rig.services import WorkerPool, error_line
-from tests.rig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 
 
 def stored_names(target: StorageTarget) -> set[str]:

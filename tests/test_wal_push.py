@@ -35,14 +35,14 @@ from coordinator.wal.push.spool import (
     select_look_ahead,
 )
 from coordinator.walheader import segment_system_identifier
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import OS_USER, PgCluster, PgFactory, make_postgres_dir
+from devrig.procs import free_port
+from devrig.services import PUSH_RECEIVED, WorkerPool, error_line, run_cli, wait_for_log
+from devrig.tcpproxy import TcpProxy
+from devrig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, SYSID_B, WalDir, make_segment
 from storage.base import Storage
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import OS_USER, PgCluster, PgFactory, make_postgres_dir
-from tests.rig.procs import free_port
-from tests.rig.services import PUSH_RECEIVED, WorkerPool, error_line, run_cli, wait_for_log
-from tests.rig.tcpproxy import TcpProxy
-from tests.rig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, SYSID_B, WalDir, make_segment
 from workers.wal import ARCHIVE_INFO_NAME, ARCHIVE_KEY_NAME, RAW_SHA256, WalArchiveInfo
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -21,16 +21,16 @@ import pytest
 import zstandard
 
 from coordinator.cli.exitcodes import ExitCode
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget, local_target
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.procs import log_tail
+from devrig.restored import RestoredCluster, chown_postgres, started
+from devrig.roundtrip import backup_cli, restore_cli
+from devrig.services import WorkerPool, error_line
+from devrig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, WalDir, make_segment
 from storage.base import Storage
 from storage.options import StorageOptions
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget, local_target
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
-from tests.rig.procs import log_tail
-from tests.rig.restored import RestoredCluster, chown_postgres, started
-from tests.rig.roundtrip import backup_cli, restore_cli
-from tests.rig.services import WorkerPool, error_line
-from tests.rig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, WalDir, make_segment
 from workers.wal import RAW_SHA256
 
 ARCHIVE_TIMEOUT_S = 60
@@ -131,7 +131,9 @@ def switch_wal(cluster: PgCluster | RestoredCluster, rounds: int) -> list[str]:
 def archiver(cluster: PgCluster | RestoredCluster) -> tuple[int, str | None, int, str | None]:
     row = cluster.sql("SELECT archived_count, last_archived_wal, failed_count, last_failed_wal "
                       "FROM pg_stat_archiver")[0]  # fmt: skip
-    return int(str(row[0])), row[1] and str(row[1]), int(str(row[2])), row[3] and str(row[3])
+    last_archived = None if row[1] is None else str(row[1])
+    last_failed = None if row[3] is None else str(row[3])
+    return int(str(row[0])), last_archived, int(str(row[2])), last_failed
 
 
 def wait_archived(cluster: PgCluster, name: str) -> None:

@@ -16,7 +16,7 @@ import os
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -25,15 +25,15 @@ from coordinator.cli import fastpath
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.wal.push.encode import read_wal
 from coordinator.wal.push.spool import archive_location
+from devrig.moto import local_target
+from devrig.procs import free_port
+from devrig.services import VENV_BIN, WorkerPool, error_line, run_cli
+from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 from storage.base import Storage
 from storage.errors import IntegrityError
-from tests.rig.moto import local_target
-from tests.rig.procs import free_port
-from tests.rig.services import VENV_BIN, WorkerPool, error_line, run_cli
-from tests.rig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 
 
-def snapshot(storage: Storage) -> dict[str, tuple[bytes, dict[str, str] | None]]:
+def snapshot(storage: Storage) -> dict[str, tuple[bytes, Mapping[str, str] | None]]:
     """Every stored WAL object: its bytes and its metadata."""
     return {
         info.key: (storage.get(info.key), storage.head(info.key).metadata)

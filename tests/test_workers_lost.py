@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.moto import StorageTarget
-from tests.rig.roundtrip import restore_and_compare, start_backup
-from tests.rig.sample import BigSource
-from tests.rig.services import (
+from devrig.moto import StorageTarget
+from devrig.roundtrip import restore_and_compare, start_backup
+from devrig.sample import BigSource
+from devrig.services import (
     PART_RECEIVED,
     RedisServer,
     WorkerPool,
@@ -26,8 +26,8 @@ from tests.rig.services import (
     run_cli,
     wait_for_log,
 )
-from tests.rig.tcpproxy import TcpProxy
-from tests.rig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from devrig.tcpproxy import TcpProxy
+from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 
 
 def test_backup_resumes_soon_after_every_worker_was_killed_and_new_ones_started(

@@ -7,10 +7,10 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from coordinator.backup.replication import ArchiveInfo
-from tests.rig.postgres import PgCluster, make_postgres_dir
+from devrig.postgres import PgCluster, make_postgres_dir
 
 SUFFIXES = {"none": "", "zstd": ".zst", "gzip": ".gz", "lz4": ".lz4"}
 DECOMPRESS = {"zstd": ["zstd", "-dc"], "gzip": ["gzip", "-dc"], "lz4": ["lz4", "-dc"]}
@@ -21,7 +21,7 @@ SECOND_DATABASE = "app2"
 
 
 # Python 3.11.4+ (and Debian's 3.11.2 lacks it): the "data" filter refuses unsafe members.
-SAFE_EXTRACT: dict[str, str] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+SAFE_EXTRACT: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 @dataclass

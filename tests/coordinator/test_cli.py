@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.procs import free_port
-from tests.rig.services import RedisServer, run_cli
+from devrig.procs import free_port
+from devrig.services import RedisServer, run_cli
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:

@@ -24,6 +24,9 @@ from coordinator.backup.replication import (
     lsn_to_int,
     wal_file_name,
 )
+from devrig import pgbin
+from devrig.postgres import PgCluster, PgFactory, majors
+from devrig.procs import free_port
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
 from tests.coordinator.replication_helpers import (
     GZIP_MAGIC,
@@ -35,9 +38,6 @@ from tests.coordinator.replication_helpers import (
     prepare_cluster,
     tar_members,
 )
-from tests.rig import pgbin
-from tests.rig.postgres import PgCluster, PgFactory, majors
-from tests.rig.procs import free_port
 
 MAJORS = majors()
 MIB = 1024 * 1024

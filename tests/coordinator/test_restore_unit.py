@@ -26,6 +26,8 @@ from coordinator.restore.extract import load_backup_manifest
 from coordinator.restore.pgcontrol import checkpoint_lsn, find_crc_offset, invalidate_checkpoint
 from coordinator.restore.pgmanifest import replace_entries
 from coordinator.restore.run import restore_backup
+from devrig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
+from devrig.procs import free_port
 from storage.base import Storage, sha256_hex
 from storage.errors import (
     BackupNotFound,
@@ -36,8 +38,6 @@ from storage.errors import (
 )
 from storage.layout import Layout
 from storage.manifest import ArchiveRecord, BackupManifest, EncryptionInfo, PartRecord
-from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
-from tests.rig.procs import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ROWS = 5_000

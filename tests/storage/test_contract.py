@@ -1,7 +1,7 @@
 """The Storage contract (see ``storage/base.py``), run unchanged against every backend.
 
 The ``storage`` fixture is parametrized over the local directory backend and S3 on a real moto
-server (``tests/rig/moto.py``). A behaviour only one backend can show is said so where it is
+server (``devrig/moto.py``). A behaviour only one backend can show is said so where it is
 tested.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from devrig.moto import StorageTarget, local_target
 from storage.base import MiB, ObjectInfo, Storage, UploadedPart, sha256_hex
 from storage.errors import (
     ChecksumMismatch,
@@ -27,7 +28,6 @@ from storage.errors import (
 )
 from storage.factory import open_storage
 from storage.options import StorageOptions
-from tests.rig.moto import StorageTarget, local_target
 
 PART_BYTES = 5 * MiB  # the smallest part both backends accept (S3's minimum)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from devrig.moto import S3_PREFIX, MotoServer, StorageTarget, s3_target
+from devrig.procs import free_port
 from storage.base import Storage, sha256_hex
 from storage.errors import (
     ConfigError,
@@ -22,8 +24,6 @@ from storage.errors import (
 )
 from storage.factory import open_storage
 from storage.options import StorageOptions
-from tests.rig.moto import S3_PREFIX, MotoServer, StorageTarget, s3_target
-from tests.rig.procs import free_port
 
 
 def test_unreachable_endpoint_is_storage_unreachable_naming_the_endpoint(

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from devrig.moto import MotoServer, StorageTarget, local_target, s3_target
 from storage.base import Storage, UploadedPart, sha256_hex
 from storage.errors import PermanentStorageError
 from storage.factory import open_storage
-from tests.rig.moto import MotoServer, StorageTarget, local_target, s3_target
 
 UPLOAD_ID = "0" * 32
 OPERATIONS: dict[str, Callable[[Storage], Any]] = {

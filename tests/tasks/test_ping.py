@@ -7,9 +7,9 @@ from collections.abc import Callable
 from coordinator.broker.client import connect_broker
 from coordinator.broker.flights import run_on_worker
 from coordinator.cli.exitcodes import ExitCode
-from tests.rig.moto import StorageTarget
-from tests.rig.procs import free_port
-from tests.rig.services import RedisServer, WorkerPool, run_cli
+from devrig.moto import StorageTarget
+from devrig.procs import free_port
+from devrig.services import RedisServer, WorkerPool, run_cli
 from workers.diagnostics import PING_PREFIX, PingResult
 
 

@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from coordinator.restore.recovery import default_restore_config
+from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget
+from devrig.pgbin import bin_dir
+from devrig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
+from devrig.procs import log_tail
+from devrig.restored import RestoredCluster, chown_postgres
+from devrig.services import run_cli
 from storage.options import StorageOptions
-from tests.rig.launcher import postgres_cloud_dump
-from tests.rig.moto import StorageTarget
-from tests.rig.pgbin import bin_dir
-from tests.rig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir
-from tests.rig.procs import log_tail
-from tests.rig.restored import RestoredCluster, chown_postgres
-from tests.rig.services import run_cli
 
 PROMOTION_TIMEOUT_S = 120
 

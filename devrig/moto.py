@@ -26,10 +26,10 @@ from typing import Any
 import boto3
 import pytest
 
+from devrig.procs import ServerProcess, free_port, port_open
 from storage.base import Storage
 from storage.factory import open_storage
 from storage.options import StorageOptions
-from tests.rig.procs import ServerProcess, free_port, port_open
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

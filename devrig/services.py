@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from devrig.procs import ServerProcess, free_port, port_open
 from tasks.config import make_app
-from tests.rig.procs import ServerProcess, free_port, port_open
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # What a worker logs when it takes a task (its start-up banner names the tasks too).
 PART_RECEIVED = "Task cloud_dump.upload_part["

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.services import VENV_BIN
+from devrig.services import VENV_BIN
 
 
 def postgres_cloud_dump() -> Path:

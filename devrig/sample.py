@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.postgres import PgCluster, PgFactory, make_postgres_dir
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 
 TABLES = {
     "app1": ["items", "in_tablespace"],

@@ -28,10 +28,10 @@ import pytest
 import zstandard
 
 from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
+from devrig.moto import StorageTarget
+from devrig.services import VENV_BIN
 from storage.base import Storage
 from storage.layout import Layout
-from tests.rig.moto import StorageTarget
-from tests.rig.services import VENV_BIN
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 SEGMENT = "000000010000000000000003"

@@ -6,11 +6,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.rig import sample
-from tests.rig.moto import StorageTarget
-from tests.rig.postgres import PgCluster, make_postgres_dir
-from tests.rig.restored import started
-from tests.rig.services import VENV_BIN, RedisServer, run_cli
+from devrig import sample
+from devrig.moto import StorageTarget
+from devrig.postgres import PgCluster, make_postgres_dir
+from devrig.restored import started
+from devrig.services import VENV_BIN, RedisServer, run_cli
 
 
 def backup_cli(cluster: PgCluster, target: StorageTarget, name: str, *extra: str,

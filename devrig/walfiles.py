@@ -20,8 +20,8 @@ import pytest
 
 from coordinator.background import helper_pid, helper_running
 from coordinator.wal.push.spool import PUSHER_LOCK, PUSHER_LOG
+from devrig.services import VENV_BIN, run_cli
 from storage.walnames import Segment
-from tests.rig.services import VENV_BIN, run_cli
 
 SEGMENT_SIZE = 16 * 1024 * 1024
 SYSID_A = 7_300_000_000_000_000_001

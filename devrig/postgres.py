@@ -33,8 +33,8 @@ import pytest
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
-from tests.rig import pgbin
-from tests.rig.procs import free_port, log_tail
+from devrig import pgbin
+from devrig.procs import free_port, log_tail
 
 OS_USER = "postgres"
 SUPERUSER = "postgres"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psycopg
 
-from tests.rig.pgbin import bin_dir
-from tests.rig.postgres import as_postgres, make_postgres_dir
-from tests.rig.procs import free_port, log_tail
+from devrig.pgbin import bin_dir
+from devrig.postgres import as_postgres, make_postgres_dir
+from devrig.procs import free_port, log_tail
 
 
 def chown_postgres(*paths: Path) -> None:
@@ -56,7 +56,7 @@ class RestoredCluster:
     def sql(self, query: str, dbname: str = "postgres") -> list[tuple[object, ...]]:
         dsn = f"host={self.socket_dir} port={self.port} user=postgres dbname={dbname}"
         with psycopg.connect(dsn, autocommit=True) as conn:
-            cursor = conn.execute(query.encode())  # type: ignore[arg-type]
+            cursor = conn.execute(query.encode())
             return list(cursor.fetchall()) if cursor.description is not None else []
 
     def stop(self) -> None:
