@@ -126,6 +126,20 @@ class WalArchive:
                 found.setdefault(name, stored)  # the first in key order, as find() takes
         return found
 
+    def later_segment(self, name: str) -> str | None:
+        """A stored segment after segment ``name`` on its timeline, in its log or the next one
+        (at most two LISTs); None when there is none there.
+
+        Segment names sort in WAL order within a timeline, and a log (the middle 8 hex digits)
+        holds every segment size's whole run, so two prefixes cover the next 4 GiB of WAL.
+        """
+        timeline, log = name[:8], int(name[8:16], 16)
+        for prefix in (name[:16], f"{timeline}{log + 1:08X}"):
+            later = sorted(n for n in self.list_segments(prefix) if n > name)
+            if later:
+                return later[0]
+        return None
+
     def require(self) -> None:
         """Raise ``WalArchiveNotFound`` unless an archive exists here: asked only before
         answering "not archived", which PostgreSQL takes for the end of the archive."""

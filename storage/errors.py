@@ -143,6 +143,10 @@ class IntegrityError(CloudDumpError):
     """Bytes fetched or restored do not match the checksums recorded at backup time."""
 
 
+class WalArchiveGap(IntegrityError):
+    """A WAL segment is missing from an archive that holds later segments of its timeline."""
+
+
 class WalConflict(CloudDumpError):
     """A different WAL file is already archived under the name, or the archive belongs to
     another cluster. Nothing is overwritten."""

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from devrig.launcher import postgres_cloud_dump
@@ -174,6 +175,20 @@ def _start(cluster: RestoredCluster) -> bool:
     return True
 
 
+def _promoted_before_stopping(cluster: RestoredCluster, timeout_s: float) -> bool:
+    """Whether the server promoted; False once it stopped (recovery failed) or at the bound."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
+                return True
+        except psycopg.OperationalError:
+            if STOPPED.search(cluster.log_path.read_text(errors="replace")):
+                return False
+        time.sleep(0.2)
+    return False
+
+
 def _promoted_within(cluster: RestoredCluster, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -181,3 +196,30 @@ def _promoted_within(cluster: RestoredCluster, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_a_segment_missing_before_later_ones_stops_recovery_instead_of_promoting(
+    source: Source, launcher: Path, restored_dir: Path
+) -> None:
+    """A gap in the archive: recovery to 'latest' must not promote at it without the rows
+    archived after it (PostgreSQL would take exit 1 for the end of the archive)."""
+    wal_root = Path(source.target.url.removeprefix("file://")) / "wal_archive"
+    stored = sorted(p for p in wal_root.iterdir() if len(p.name.partition(".")[0]) == 24)
+    gap = stored[-2]  # the last one is archived after it
+    aside = restored_dir.parent / gap.name
+    config = restore(source, launcher, restored_dir, "--recovery-target", "latest",
+                     "--recovery-target-timeline", "current")
+    edit_config(config, CLOUD_DUMP_WAL_FETCH_RETRIES="1")  # no wait for a push in flight
+    gap.rename(aside)
+    cluster = RestoredCluster(source.major, restored_dir)
+    try:
+        # The server may accept read-only connections once consistent, before the gap.
+        promoted = _start(cluster) and _promoted_before_stopping(cluster, 60)
+        log = cluster.log_path.read_text(errors="replace")
+    finally:
+        cluster.stop()
+        aside.rename(gap)
+    assert not promoted, "the server promoted at a gap in the archive"
+    stopped = STOPPED.search(log)
+    assert stopped is not None and stopped["name"] == gap.name.partition(".")[0], log
+    assert "a gap in the archive" in log, log

@@ -69,13 +69,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from coordinator.fsutil import write_atomically
 from coordinator.wal.fetch.spool import Spool, archive_source, following_segments, spool_root_for
-from storage.errors import ConfigError, TransientStorageError
+from storage.errors import ConfigError, TransientStorageError, WalArchiveGap
 from storage.walnames import is_segment, wal_kind
 
 if TYPE_CHECKING:
     import argparse
 
-    from coordinator.walarchive import WalArchive
+    from coordinator.walarchive import StoredWal, WalArchive
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -185,6 +185,8 @@ def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: boo
     """
     attempts = _attempts()
     stored = _with_retries(lambda: archive.find(file_name), attempts) if serve else None
+    if stored is None and serve and is_segment(file_name):
+        stored = _unless_a_gap(archive, file_name, destination, attempts)
     if stored is None:
         _with_retries(archive.require, attempts)
         if serve:
@@ -195,6 +197,42 @@ def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: boo
     data, _ = _with_retries(functools.partial(archive.read, stored), attempts)
     write_atomically(destination, data, sync=False)  # not fsynced: see the module docstring
     return FETCHED
+
+
+def _unless_a_gap(
+    archive: WalArchive, name: str, destination: Path, attempts: int
+) -> StoredWal | None:
+    """Segment ``name`` is not stored: None when that is the end of its timeline in the archive;
+    raise ``WalArchiveGap`` when later segments of the timeline are stored.
+
+    Exit 1 would tell PostgreSQL "end of the archive": it would promote at the gap and the WAL
+    after it, already archived, would be lost to this copy. A gap can also be a push still in
+    flight while the pusher's look-ahead stored later segments, so the segment is looked for
+    again on the fetch retry schedule before recovery is stopped. A standby (``standby.signal``
+    beside ``%p``'s pg_wal) is answered 1 with a warning: it keeps asking, and can stream the
+    segment from its primary; stopping it would take the standby down.
+    """
+    later = _with_retries(lambda: archive.later_segment(name), attempts)
+    if later is None:
+        return None
+    for attempt in range(1, attempts):
+        time.sleep(RETRY_BASE_DELAY_S * 3 ** (attempt - 1))
+        stored = _with_retries(lambda: archive.find(name), attempts)
+        if stored is not None:
+            return stored
+    gap = (
+        f"'{name}' is missing from the archive at '{archive.location}', which holds later WAL "
+        f"of its timeline ('{later}'): a gap in the archive"
+    )
+    pg_wal = destination.parent
+    if pg_wal.name == "pg_wal" and (pg_wal.parent / "standby.signal").exists():
+        log.warning("%s; answering 'not archived' to this standby, which keeps asking and can "
+                    "stream it from its primary", gap)  # fmt: skip
+        return None
+    raise WalArchiveGap(
+        f"{gap}; recovery stops here rather than end early without the WAL after it (put the "
+        "segment back from the source's pg_wal, or restore with a target before it)"
+    )
 
 
 def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:
