@@ -3,6 +3,8 @@ what works, and the backup's progress line never shows more streamed than its to
 
 - ``wal-fetch NAME PATH`` that cannot write PATH names PATH, not the temporary file beside it;
 - ``restore --help`` lists ``current`` for ``--recovery-target-timeline``;
+- a usage error, of the top command or of any command, is one line on stderr naming the --help
+  to read (not argparse's usage block), with the documented exit code: 2, wal-fetch 200;
 - ``restore --recovery-target immediate`` where no WAL archive exists (exit 18) adds that a
   copy of the backup alone needs no target, and a plain restore of that backup works;
 - the live progress line of ``backup`` (on a terminal) shows the server's estimate as what it is:
@@ -67,6 +69,49 @@ def test_restore_help_lists_every_timeline_it_accepts() -> None:
     text = " ".join(done.stdout.split())
     assert "--recovery-target-timeline latest|current|N" in text
     assert "current (the backup's)" in text
+
+
+USAGE_ERRORS = [
+    (["restore", "--archive-mode", "maybe"], "restore",
+     "argument --archive-mode: invalid choice: 'maybe'"),
+    (["restore", "--recovery-target", "IMMEDIATE"], "restore",
+     "argument --recovery-target: invalid choice: 'IMMEDIATE'"),
+    (["restore", "--recovery-target-lsn", "0/1", "--recovery-target-xid", "5"], "restore",
+     "argument --recovery-target-xid: not allowed with argument --recovery-target-lsn"),
+    (["restore", "--no-such-flag"], "restore", "unrecognized arguments: --no-such-flag"),
+    (["restore", "--rec", "x"], "restore", "ambiguous option: --rec could match"),
+    (["wal-fetch", SEGMENT], "wal-fetch", "the following arguments are required: PATH"),
+    (["wal-fetch", SEGMENT, "pg_wal/RECOVERYXLOG", "--no-such-flag"], "wal-fetch",
+     "unrecognized arguments: --no-such-flag"),
+    (["wal-push", "pg_wal/" + SEGMENT], "wal-push", "the following arguments are required: NAME"),
+    (["check", "--timeout"], "check", "argument --timeout: expected one argument"),
+    (["backup", "--compression", "xz"], "backup", "argument --compression: invalid choice"),
+    (["restroe"], "", "argument COMMAND: invalid choice: 'restroe'"),
+    ([], "", "the following arguments are required: COMMAND"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "command", "what"), USAGE_ERRORS)
+def test_a_usage_error_is_one_line_with_the_documented_exit_code(
+    argv: list[str], command: str, what: str
+) -> None:
+    done = run_cli(*argv, env={"CLOUD_DUMP_CONFIG": ""})
+    expected = ExitCode.WAL_FETCH_FAILED if command == "wal-fetch" else ExitCode.USAGE
+    assert done.returncode == expected, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    line = error_line(done.stderr)
+    assert line.startswith(f"cloud-dump: error: {what}"), line
+    help_command = " ".join(["cloud-dump", command]).strip()
+    assert line.endswith(f" (see '{help_command} --help')"), line
+    assert done.stdout == ""
+
+
+def test_help_is_still_argparse_help_on_stdout() -> None:
+    done = run_cli("restore", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: cloud-dump restore [-h]")
+    assert "--archive-mode {preserve,off}" in done.stdout
+    assert done.stderr == ""
 
 
 @pytest.fixture(scope="module")

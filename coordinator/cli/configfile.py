@@ -6,6 +6,10 @@ then the config file, then the environment the process inherited. A file named w
 from a shell that had ``CLOUD_DUMP_STORAGE`` set would otherwise archive to, or recover from,
 that storage instead of the one its archive_command/restore_command names).
 
+The file's values end up in ``os.environ``, so this module also remembers which file and line
+each one came from: a message about a bad value (``describe``) then points at that line, not
+at an environment variable the operator never set.
+
 Standard library only, and not even pathlib: the wal-push fast path (``coordinator.cli.fastpath``)
 reads the config file too, on every archive_command call.
 """
@@ -15,16 +19,31 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+# What the last load_config_file set: variable -> (file, line, value). The value is kept so
+# that a variable changed since (a test's monkeypatch, a caller's os.environ) is not blamed
+# on the file.
+_ORIGINS: dict[str, tuple[str, int, str]] = {}
 
-def load_config_file(argv: Sequence[str]) -> None:
-    """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment.
+# The file holds secrets (CLOUD_DUMP_PASSPHRASE, AWS_SECRET_ACCESS_KEY), and a malformed line may
+# be one: a value continued on its own line, a pasted key. So an error shows of the line only a
+# word that looks like a variable name and not like a secret: upper case letters, digits and a
+# separator ('_' or '-'), starting with a letter. Passwords and base64 have lower case letters;
+# upper case hex and base32 (TOTP seeds) have no separator.
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def load_config_file(argv: Sequence[str]) -> list[str]:
+    """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment; return the
+    warnings about it (a key set twice), for the caller to show where it can.
 
     KEY=VALUE lines, as a systemd EnvironmentFile: ``#`` comments, optional ``export`` and
-    quotes. The file's values replace variables inherited from the environment; flags win
-    over both (their defaults are read from the environment afterwards). This is how
-    archive_command and restore_command get their settings and credentials without a secret
-    on the command line (``ps``) or in postgresql.auto.conf.
+    quotes, a UTF-8 byte order mark ignored, the last of a key's lines winning. The file's
+    values replace variables inherited from the environment; flags win over both (their
+    defaults are read from the environment afterwards). This is how archive_command and
+    restore_command get their settings and credentials without a secret on the command line
+    (``ps``) or in postgresql.auto.conf. Nothing is set when the file is refused.
     """
+    _ORIGINS.clear()
     path = os.environ.get("CLOUD_DUMP_CONFIG")
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
@@ -32,15 +51,25 @@ def load_config_file(argv: Sequence[str]) -> None:
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
     if not path:
-        return
+        return []
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         from storage.errors import ConfigError
 
         raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from exc
-    for number, line in enumerate(text.splitlines(), 1):
+    try:
+        # utf-8-sig: an editor's byte order mark is not part of the first key.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        from storage.errors import ConfigError
+
+        number = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file '{path}' line {number}: not UTF-8 text") from None
+    values: dict[str, tuple[int, str]] = {}
+    lines: dict[str, list[int]] = {}
+    for number, line in enumerate(text.split("\n"), 1):  # "\n" alone: as editors number lines
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -49,7 +78,50 @@ def load_config_file(argv: Sequence[str]) -> None:
         if not sep or not key.replace("_", "").isalnum():
             from storage.errors import ConfigError
 
-            raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE")
+            problem = _malformed(key, sep)
+            raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE{problem}")
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        values[key] = (number, value)
+        lines.setdefault(key, []).append(number)
+    for key, (number, value) in values.items():
         os.environ[key] = value
+        _ORIGINS[key] = (path, number, value)
+    return [_duplicate(path, key, numbers) for key, numbers in lines.items() if len(numbers) > 1]
+
+
+def _malformed(key: str, sep: str) -> str:
+    """Why a line is not KEY=VALUE, to follow "expected KEY=VALUE" (``key``: the line up to its
+    first '=', ``sep``: that '=' if any), quoting only a word that looks like a variable name."""
+    words = key.replace(":", " ").split(maxsplit=1)  # the "KEY VALUE" and "KEY: VALUE" typos
+    if not words or not _showable(words[0]):
+        return " (the line is not shown: it may hold a secret)"
+    if not sep or key != words[0]:
+        return f": '{words[0]}' is not followed by '='"
+    return f": '{words[0]}' is not a variable name (letters, digits and '_')"
+
+
+def _showable(word: str) -> bool:
+    return (
+        0 < len(word) <= 64
+        and word[0].isalpha()
+        and set(word) <= _NAME_CHARS
+        and ("_" in word or "-" in word)
+    )
+
+
+def _duplicate(path: str, key: str, numbers: list[int]) -> str:
+    where = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+    return (f"config file '{path}' sets {key} on lines {where}: the value on line "
+            f"{numbers[-1]} is used")
+
+
+def describe(name: str, text: str) -> str:
+    """Variable ``name`` with the value ``text`` read from the environment, for a message:
+    ``NAME='text' (config file 'FILE' line N)`` when the config file set it, else
+    ``environment variable NAME='text'``. Only for values that are not secrets (numbers,
+    switches)."""
+    origin = _ORIGINS.get(name)
+    if origin is not None and origin[2] == text:
+        return f"{name}='{text}' (config file '{origin[0]}' line {origin[1]})"
+    return f"environment variable {name}='{text}'"

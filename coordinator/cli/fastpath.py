@@ -17,7 +17,8 @@ It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by 
 (an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; tests hold the
 flag sets to the parser's), settings resolved as the CLI resolves them (flag, then ``--config``
 file, then environment: ``coordinator.cli.configfile``), and an error before the answer falls
-through to the full CLI, which then decides and reports. A combination the full CLI refuses
+through to the full CLI, which then decides and reports; so does a config file with something
+to warn about, as only the full CLI has logging to say it with. A combination the full CLI refuses
 (``--cluster`` with a ``--wal-prefix``: ``storage.layout``) is never answered here.
 """
 
@@ -169,7 +170,10 @@ def _parse(
         i += 1
     from coordinator.cli.configfile import load_config_file
 
-    load_config_file(args)  # the file's values replace the environment's, as in the full CLI
+    # The file's values replace the environment's, as in the full CLI. Its warnings (a key set
+    # twice) go through the full CLI's logging: with no logging here, answering would hide them.
+    if load_config_file(args):
+        return None
     settings = {flag: flags.get(flag) or os.environ.get(env) or None for flag, env in _ENV.items()}
     prefix = settings["--wal-prefix"]
     if settings["--cluster"] and prefix and prefix.strip("/") != "wal_archive":

@@ -17,6 +17,8 @@ import math
 import os
 from collections.abc import Iterable
 
+from coordinator.cli.configfile import describe
+
 DAY_S = 86_400.0
 HOUR_S = 3_600.0
 
@@ -114,12 +116,13 @@ ENV_ONLY: dict[str, dict[str, Limit]] = {
 
 def flag_problem(flag: str, text: str, env: str | None = None) -> str | None:
     """One line saying what is wrong with ``text`` for ``flag`` (given on the command line, or,
-    with ``env``, read from that variable); None when it is acceptable."""
+    with ``env``, read from that variable, which the config file may have set); None when it
+    is acceptable."""
     problem = LIMITS[flag].problem(text)
     if problem is None:
         return None
     if env is not None:
-        return f"environment variable {env}='{text}' {problem} ({flag})"
+        return f"{describe(env, text)} {problem} ({flag})"
     return f"{flag} '{text}' {problem}"
 
 
@@ -129,7 +132,7 @@ def env_only_problems(command: str) -> list[str]:
     for name, limit in ENV_ONLY.get(command, {}).items():
         text = os.environ.get(name)
         if text and (problem := limit.problem(text)) is not None:
-            problems.append(f"environment variable {name}='{text}' {problem}")
+            problems.append(f"{describe(name, text)} {problem}")
     return problems
 
 

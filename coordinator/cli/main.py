@@ -14,9 +14,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from coordinator.cli.configfile import load_config_file
+from coordinator.cli.configfile import describe, load_config_file
 from coordinator.cli.exitcodes import ExitCode, exit_code_for
 from coordinator.cli.limits import DEFAULT_PREFETCH, LIMITS, env_only_problems, flag_problem
 from storage.errors import CloudDumpError, ConfigError
@@ -88,7 +88,31 @@ def _env_bool(name: str) -> bool | None:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"environment variable {name}='{raw}' is not true or false")
+    raise ConfigError(f"{describe(name, raw)} is not true or false")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, in the form of every other error (README: one
+    line on stderr, ``cloud-dump: error: ...``), instead of the usage block before it: a WAL
+    command's error lands in PostgreSQL's log, where the block would be 20 lines per call."""
+
+    def error(self, message: str) -> NoReturn:
+        # The help of the (sub)command the line was for names what it accepts.
+        self.exit(ExitCode.USAGE,
+                  f"cloud-dump: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+class _CommandParser(_Parser):
+    """A command's parser (add_subparsers' ``parser_class``): an argument it does not know is
+    its error, with its --help named, rather than the top parser's ("cloud-dump --help")."""
+
+    def parse_known_args(  # type: ignore[override]  # the one form argparse calls on a command
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _flag(group: _Group, flag: str, env: str | None, help_text: str, **kw: Any) -> None:
@@ -299,7 +323,7 @@ def _add_wal_parsers(commands: _Subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cloud-dump",
         description="Physical PostgreSQL backups to object storage, WAL archiving and "
         "point-in-time restore, with a Celery worker pool doing the uploads.",
@@ -311,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"wal-fetch: 1 not in the archive, {int(ExitCode.WAL_FETCH_FAILED)} any failure. "
         "See README.md.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_CommandParser)
     _add_backup_parser(commands)
     _add_restore_parser(commands)
     listing = commands.add_parser("list", help="list the backups in storage")
@@ -393,20 +418,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     # restore_command treats exit codes up to 125 as "not in the archive" and may promote:
     # every wal-fetch failure, a usage error or a bug (1) included, must stop recovery.
     failed = ExitCode.WAL_FETCH_FAILED if argv[:1] == ["wal-fetch"] else None
+    warnings: list[str] = []
     try:
-        load_config_file(argv)
+        warnings = load_config_file(argv)
         # Parsing checks every number, given or from the environment (coordinator.cli.limits).
         args = build_parser().parse_args(argv)
         _check_numbers(args)
     except ConfigError as exc:
+        _warn_before_failing(warnings)
         print(f"cloud-dump: error: {exc}", file=sys.stderr)
         return failed or ExitCode.CONFIG
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         code = exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+        if code:
+            _warn_before_failing(warnings)
         return failed if (failed and code) else code
     _setup_logging(args.log_level)
+    for warning in warnings:
+        log.warning("%s", warning)
     code = _run_and_map_errors(args, failed)
     return failed if (failed and code not in (ExitCode.OK, 1)) else code
+
+
+def _warn_before_failing(warnings: list[str]) -> None:
+    """The config file's warnings when the command line failed before its --log-level was
+    known: shown all the same, as the cause may be in them (the value of a key set twice that
+    the operator did not edit)."""
+    if warnings:
+        _setup_logging("warning")
+        for warning in warnings:
+            log.warning("%s", warning)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
