@@ -27,8 +27,14 @@ systems, nor a PGDATA that is a mount point. Instead ``global/pg_control`` is wr
 temporary name and renamed into place only after everything is verified and synced: PostgreSQL
 refuses to start a directory without it, so a restore interrupted at any moment, even by SIGKILL,
 never leaves a PGDATA that looks usable. On an exception, what this run created is removed: the
-directories it created (from the topmost one it made), or the contents of target directories that
-existed, which were empty when checked. Nothing else is ever deleted.
+directories it created (emptied of what it wrote, then removed up to the topmost one it made, each
+only if nothing else is in it), or the contents of target directories that existed, which were
+empty when checked. Nothing else is ever deleted.
+
+Each target directory is held (an exclusive ``flock`` on it, see ``coordinator.restore.targetdirs``)
+from before the emptiness check that counts until the restore ends: a second restore into the
+same directory refuses (``TargetNotEmpty``) instead of mixing its files with the first's and then
+removing them.
 """
 
 from __future__ import annotations
@@ -158,8 +164,10 @@ def restore_backup(
             log.info("gave everything restored to %s", owner.name)
         _make_startable(plan, results)
     except BaseException:
-        created.undo()
+        created.undo()  # while the targets are still held: nobody else has written in them
         raise
+    finally:
+        created.release()
     return RestoreSummary(
         backup=name,
         pgdata=plan.pgdata,

@@ -6,24 +6,39 @@ recorded location or where ``--tablespace-mapping`` says) and refuses, before th
 touched, targets that overlap or are not empty. A tablespace location is never resolved against
 the current directory: the relative location ``pg_tblspc/<oid>`` of an in-place tablespace
 (PostgreSQL 16+) means that directory inside the new PGDATA; any other relative location is
-refused. ``CreatedPaths`` records what a run made or filled, to undo it and to hand it over.
+refused. ``CreatedPaths`` holds each target for one run, and records what the run made or
+filled, to undo it and to hand it over.
+
+Two restores into the same directory at once: each target is held with an exclusive ``flock``
+on the directory itself, taken before the emptiness check that counts and kept until the restore
+ends. The second restore refuses (``TargetNotEmpty``) having written and removed nothing; without
+the lock both would pass the check, write into each other's files, and the failing one's cleanup
+would gut the other's restore. The lock is on the directory, not a file in it: PostgreSQL wants
+the directory empty, and the kernel drops the lock of a restore that dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.restore.extract import naming
+from coordinator.restore.extract import PARTIAL_SUFFIX, naming
 from storage.errors import ConfigError, IntegrityError, TargetNotEmpty
 from storage.manifest import BackupManifest
 
 DIR_MODE = 0o700
 _TBLSPC_DIR = "pg_tblspc"
+_PG_CONTROL = "global/pg_control"
+# Written early by every restore into PGDATA, while global/pg_control comes last: with one and
+# not the other, the directory is what an interrupted restore leaves.
+_RESTORE_WRITES = ("PG_VERSION", "backup_label", f"{_PG_CONTROL}{PARTIAL_SUFFIX}")
+# Times prepare looks again at a target that a failing restore removed while this one waited.
+_PREPARE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -108,44 +123,161 @@ def _check_distinct(plan: TargetPlan) -> None:
 
 
 def _check_empty(path: Path) -> None:
+    """The first look, before anything is downloaded: refuse a target that exists and is not an
+    empty directory. ``CreatedPaths.prepare`` looks again, under the lock: that decision counts."""
     if not path.exists():
         if path.is_symlink():
             raise TargetNotEmpty(f"restore target '{path}' is a dangling symbolic link")
         return
     if not path.is_dir():
         raise TargetNotEmpty(f"restore target '{path}' exists and is not a directory")
-    with os.scandir(path) as entries:
-        if next(entries, None) is not None:
-            raise TargetNotEmpty(f"restore target '{path}' is not empty")
+    if not _is_empty(path):
+        raise _in_use(path) if _held_elsewhere(path) else _not_empty(path)
+
+
+def _is_empty(directory: Path | int) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
+
+
+def _not_empty(path: Path) -> TargetNotEmpty:
+    if not (path / _PG_CONTROL).exists() and any((path / n).exists() for n in _RESTORE_WRITES):
+        return TargetNotEmpty(
+            f"restore target '{path}' is not empty: it looks like an interrupted restore "
+            f"(no {_PG_CONTROL}); empty or remove it before restoring again"
+        )
+    return TargetNotEmpty(f"restore target '{path}' is not empty")
+
+
+def _in_use(path: Path) -> TargetNotEmpty:
+    return TargetNotEmpty(f"restore target '{path}' is in use: another restore is writing into it")
+
+
+def _held_elsewhere(path: Path) -> bool:
+    """Whether a running restore holds ``path``: says which refusal to give, decides nothing.
+
+    A shared lock, let go at once: two restores looking at the same directory do not exclude
+    each other, only one holding it does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the shared lock
+    return False
+
+
+@dataclass(frozen=True)
+class _Held:
+    path: Path
+    fd: int  # holds the exclusive flock on ``path`` until closed
+    made: list[Path]  # directories this run created for it: ``path`` first, topmost last
 
 
 class CreatedPaths:
-    """Target directories this run made or filled, and how to take them back on failure."""
+    """Target directories this run holds, and how to take back what it wrote on failure.
+
+    ``prepare`` each target, ``undo`` on failure while still holding them, ``release`` once the
+    restore ends whatever its outcome. ``undo`` removes only what is inside a directory this
+    run holds, and a directory it made only once empty: never what another restore wrote.
+    """
 
     def __init__(self) -> None:
-        self._created: list[Path] = []  # topmost directory this run created
-        self._filled: list[Path] = []  # existed (empty) before this run
+        self._held: list[_Held] = []
         self.directories: list[Path] = []  # every directory this run created, parents first
 
     def prepare(self, path: Path) -> None:
-        if path.exists():
-            self._filled.append(path)
-            return
-        chain = [path]
-        while not chain[-1].parent.exists():
-            chain.append(chain[-1].parent)
-        with naming(path):
-            path.mkdir(mode=DIR_MODE, parents=True)
-        self._created.append(chain[-1])
-        self.directories.extend(reversed(chain))
+        """Make ``path`` if missing and hold it until ``release``; ``TargetNotEmpty`` when
+        another restore holds it or it is not empty under the lock, leaving nothing to undo."""
+        fd, made = _hold(path)
+        try:
+            # Under the lock: a restore that held it before us may have written and finished.
+            if not _is_empty(fd):
+                raise _not_empty(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held.append(_Held(path, fd, made))
+        self.directories.extend(reversed(made))
 
     def undo(self) -> None:
-        for top in self._created:
-            _remove_tree(top)
-        for path in self._filled:
+        """Remove what this run wrote; before ``release``, so no other restore is writing."""
+        for held in reversed(self._held):
             with contextlib.suppress(FileNotFoundError):
-                for child in path.iterdir():
+                for child in held.path.iterdir():
                     _remove_tree(child)
+            for directory in held.made:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break  # not empty: a parent shared with another restore's target
+
+    def release(self) -> None:
+        """Let other restores have the targets: closing the descriptor drops the lock."""
+        for held in self._held:
+            os.close(held.fd)
+        self._held.clear()
+
+
+def _hold(path: Path) -> tuple[int, list[Path]]:
+    """The descriptor holding ``path`` (made if missing), and the directories made for it."""
+    for _ in range(_PREPARE_ATTEMPTS):
+        made = _make_missing(path)
+        fd = _lock(path)
+        if fd is not None:
+            return fd, made
+    _check_empty(path)  # says what replaced the directory, if it can
+    raise _in_use(path)
+
+
+def _make_missing(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents: the ones this call created, ``path`` first.
+
+    One that appears meanwhile (another restore's ``mkdir``) counts as existing: the lock, not
+    who created it, decides who writes into it.
+    """
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists() or directory.is_symlink():
+            break
+        missing.append(directory)
+    made = []
+    for directory in reversed(missing):
+        try:
+            with naming(directory):
+                directory.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue
+        made.append(directory)
+    return made[::-1]
+
+
+def _lock(path: Path) -> int | None:
+    """A descriptor holding ``path`` exclusively; None when ``path`` is no longer the directory
+    locked (a failing restore removed it while this one waited); ``TargetNotEmpty`` when
+    another restore holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened, current = os.fstat(fd), path.stat()
+    except BlockingIOError:
+        os.close(fd)
+        raise _in_use(path) from None
+    except (FileNotFoundError, NotADirectoryError):
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _remove_tree(path: Path) -> None:
