@@ -59,7 +59,7 @@ fi
 # Byte-compile the project's own modules (quick when they are current). archive_command and
 # restore_command run as postgres, which cannot write __pycache__ here: without this every
 # call would compile every module it imports again, ~10-20 ms per WAL segment.
-$VENV/bin/python -m compileall -q -j 0 coordinator storage workers tasks >/dev/null
+$VENV/bin/python -m compileall -q -j 0 coordinator storage workers tasks options >/dev/null
 
 # --- PostgreSQL binaries of other majors ----------------------------------------------------
 # shellcheck disable=SC2086

@@ -16,7 +16,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("coordinator", "storage", "workers", "tasks")
+PACKAGES = ("coordinator", "storage", "workers", "tasks", "options")
 MAX_CHAIN_LINKS = 10
 
 

@@ -186,11 +186,15 @@ def test_the_ends_of_the_ranges_are_accepted(tmp_path: Path) -> None:
 
 
 def test_ranges_agree_with_the_storage_limits() -> None:
-    from coordinator.cli.limits import LIMITS
+    from options.declared import option_for
 
-    assert LIMITS["--s3-max-parts"].low == MIN_CONFIGURABLE_PART_COUNT
-    assert LIMITS["--s3-max-parts"].high == S3_MAX_PART_COUNT
-    assert LIMITS["--part-size-mib"].low * 1024 * 1024 == S3_MIN_PART_SIZE_BYTES
+    max_parts = option_for("backup", "--s3-max-parts")
+    part_size = option_for("backup", "--part-size-mib")
+    assert max_parts is not None and max_parts.limit is not None
+    assert part_size is not None and part_size.limit is not None
+    assert max_parts.limit.low == MIN_CONFIGURABLE_PART_COUNT
+    assert max_parts.limit.high == S3_MAX_PART_COUNT
+    assert part_size.limit.low * 1024 * 1024 == S3_MIN_PART_SIZE_BYTES
 
 
 def test_wal_push_answered_from_its_marker_still_refuses_a_timeout_out_of_range(

@@ -181,3 +181,37 @@ def test_a_malformed_line_is_named_by_file_and_line_without_echoing_a_secret(
     assert len(done.stderr.splitlines()) == 1, done.stderr
     for secret in (SECRET[:8], "JBSWY3DP", "horse"):
         assert secret not in done.stderr
+
+
+def test_a_key_cloud_dump_does_not_read_is_warned_about_with_a_guess(tmp_path: Path) -> None:
+    """A typo in archive.conf would otherwise be a setting silently unset: the cluster's WAL
+    archived into the flat layout, nobody told. Other libraries' keys pass silently."""
+    store = local_target(tmp_path / "store")
+    config = write_config(tmp_path, "CLOUD_DUMP_CLUSTR=prod", "storage=elsewhere",
+                          "AWS_ACCESS_KEY_ID=AKIAEXAMPLE", "PGSSLMODE=require",
+                          "CLOUD_DUMP_LOG_LEVEL=info")  # fmt: skip
+    done = run_cli("list", "--storage", store.url, "--config", str(config), env=CLEAN)
+    assert done.returncode == 0, done.stderr
+    assert warnings(done.stderr) == [
+        f"cloud-dump: warning: config file '{config}' line 1: CLOUD_DUMP_CLUSTR is not a "
+        "cloud-dump setting (did you mean CLOUD_DUMP_CLUSTER?)",
+        f"cloud-dump: warning: config file '{config}' line 2: storage is not a cloud-dump "
+        "setting (did you mean CLOUD_DUMP_STORAGE?)",
+    ]
+
+
+def test_the_wal_fast_path_hands_an_unknown_key_to_the_full_cli_to_warn(
+    tmp_path: Path, wal_dir: WalDir
+) -> None:
+    store = local_target(tmp_path / "store")
+    config = write_config(tmp_path, f"CLOUD_DUMP_STORAGE={store.url}")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 601, SEG1))
+    assert wal_dir.push(SEG1, "--config", str(config), env=CLEAN).returncode == 0
+    args = [str(wal_dir.pg_wal / SEG1), SEG1, "--config", str(config)]
+    assert fastpath._parse(args, fastpath.WAL_PUSH_VALUE_FLAGS, fastpath.WAL_PUSH_SWITCHES)
+    write_config(tmp_path, f"CLOUD_DUMP_STORAGE={store.url}", "CLOUD_DUMP_CLUSTR=a")
+    assert fastpath._parse(args, fastpath.WAL_PUSH_VALUE_FLAGS,
+                           fastpath.WAL_PUSH_SWITCHES) is None  # fmt: skip
+    done = wal_dir.push(SEG1, "--config", str(config), env=CLEAN)
+    assert done.returncode == 0, done.stderr
+    assert "CLOUD_DUMP_CLUSTR is not a cloud-dump setting" in done.stderr

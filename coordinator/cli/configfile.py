@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from options.declared import ENV_PREFIX, env_names
+
 # What the last load_config_file set: variable -> (file, line, value). The value is kept so
 # that a variable changed since (a test's monkeypatch, a caller's os.environ) is not blamed
 # on the file.
@@ -87,7 +89,25 @@ def load_config_file(argv: Sequence[str]) -> list[str]:
     for key, (number, value) in values.items():
         os.environ[key] = value
         _ORIGINS[key] = (path, number, value)
-    return [_duplicate(path, key, numbers) for key, numbers in lines.items() if len(numbers) > 1]
+    warnings = [_duplicate(path, key, numbers) for key, numbers in lines.items()
+                if len(numbers) > 1]
+    known = env_names()
+    for key, (number, _) in values.items():
+        if key not in known and (key.startswith(ENV_PREFIX) or ENV_PREFIX + key.upper() in known):
+            warnings.append(_unknown(path, number, key, known))
+    return warnings
+
+
+def _unknown(path: str, number: int, key: str, known: frozenset[str]) -> str:
+    """A key cloud-dump does not read: a typo would otherwise be a setting silently unset
+    (a misspelt cluster key archiving into the flat layout). Other keys (``AWS_*``, libpq's
+    ``PG*``) are the environment of the libraries underneath and are passed on as they are."""
+    import difflib
+
+    guess = ENV_PREFIX + key.upper() if ENV_PREFIX + key.upper() in known else None
+    guess = guess or next(iter(difflib.get_close_matches(key.upper(), sorted(known), n=1)), None)
+    hint = f" (did you mean {guess}?)" if guess else ""
+    return f"config file '{path}' line {number}: {key} is not a cloud-dump setting{hint}"
 
 
 def _malformed(key: str, sep: str) -> str:

@@ -13,12 +13,12 @@ would double it. So this module answers
 
 and hands every other command line to ``coordinator.cli.main.main`` unchanged.
 
-It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by flags it knows
-(an abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; tests hold the
-flag sets to the parser's), settings resolved as the CLI resolves them (flag, then ``--config``
+It answers only when it is sure: the exact form ``COMMAND ARG ARG`` followed by flags it knows (an
+abbreviated or unknown flag, ``--help``, or anything odd goes to the full CLI; both take their flags
+from ``options.declared``), settings resolved as the CLI resolves them (flag, then ``--config``
 file, then environment: ``coordinator.cli.configfile``), and an error before the answer falls
-through to the full CLI, which then decides and reports; so does a config file with something
-to warn about, as only the full CLI has logging to say it with. A combination the full CLI refuses
+through to the full CLI, which then decides and reports; so does a config file with something to
+warn about, as only the full CLI has logging to say it with. A combination the full CLI refuses
 (``--cluster`` with a ``--wal-prefix``: ``storage.layout``) is never answered here.
 """
 
@@ -30,20 +30,14 @@ import sys
 from coordinator.cli.limits import DEFAULT_PREFETCH
 from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
 from coordinator.wal.spooldir import wal_spool_dir
+from options.declared import WAL_FETCH, WAL_PUSH, switches, value_flags
 
-# The options of wal-push and wal-fetch (tests compare these with the parser): which take a
-# value, which do not.
-_COMMON_VALUE_FLAGS = frozenset({
-    "--wal-prefix", "--spool-dir", "--storage", "--s3-endpoint", "--s3-region", "--s3-max-parts",
-    "--storage-max-attempts", "--broker", "--result-backend", "--staging-url", "--cluster",
-    "--config", "--log-level", "--passphrase-file", "--passphrase",
-})  # fmt: skip
-WAL_PUSH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {
-    "--compression", "--recipient-key", "--look-ahead", "--timeout",
-}  # fmt: skip
-WAL_PUSH_SWITCHES = frozenset({"--compress", "--encrypt", "--s3-path-style", "--no-s3-path-style"})
-WAL_FETCH_VALUE_FLAGS = _COMMON_VALUE_FLAGS | {"--identity-key", "--prefetch"}
-WAL_FETCH_SWITCHES = frozenset({"--allow-partial", "--s3-path-style", "--no-s3-path-style"})
+# The options of wal-push and wal-fetch, from their declarations: which take a value, which
+# do not.
+WAL_PUSH_VALUE_FLAGS = value_flags(WAL_PUSH)
+WAL_PUSH_SWITCHES = switches(WAL_PUSH)
+WAL_FETCH_VALUE_FLAGS = value_flags(WAL_FETCH)
+WAL_FETCH_SWITCHES = switches(WAL_FETCH)
 
 _ENV = {
     "--storage": "CLOUD_DUMP_STORAGE",

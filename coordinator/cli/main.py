@@ -18,15 +18,27 @@ from typing import Any, NoReturn
 
 from coordinator.cli.configfile import describe, load_config_file
 from coordinator.cli.exitcodes import ExitCode, exit_code_for
-from coordinator.cli.limits import DEFAULT_PREFETCH, LIMITS, env_only_problems, flag_problem
+from coordinator.cli.limits import env_only_problems, flag_problem
+from options.declared import (
+    BACKUP,
+    BOOL,
+    CHECK,
+    CHOICE,
+    COMMANDS,
+    CONST,
+    FLOAT,
+    INT,
+    LIST,
+    RESTORE,
+    SWITCH,
+    WAL_FETCH,
+    WAL_PUSH,
+    Option,
+    options_of,
+)
 from storage.errors import CloudDumpError, ConfigError
 
 log = logging.getLogger("cloud_dump")
-
-# pgBackRest's archive-timeout. PostgreSQL's archiver waits for the call, and so does a fast
-# shutdown (the archive_command child gets no signal); a push that gives up is retried by
-# PostgreSQL, nothing is lost.
-DEFAULT_WAL_PUSH_TIMEOUT_S = 60.0
 
 # argparse's group and subparser types are private; these are what we pass around.
 _Group = Any
@@ -55,16 +67,17 @@ def _from_env(env: str) -> _FromEnv | None:
     return value
 
 
-def _number(flag: str) -> Callable[[str], int | float]:
-    """argparse ``type=`` for ``flag``: its number, checked against ``coordinator.cli.limits``.
+def _number(option: Option) -> Callable[[str], int | float]:
+    """argparse ``type=`` for a numeric ``option``: its number, checked against its range.
 
     Raises ``ConfigError`` (exit 3), which argparse lets through, rather than a usage error.
     """
-    limit = LIMITS[flag]
+    limit = option.limit
+    assert limit is not None
 
     def convert(text: str) -> int | float:
         env = text.env if isinstance(text, _FromEnv) else None
-        problem = flag_problem(flag, text, env)
+        problem = flag_problem(option, text, env)
         if problem is not None:
             raise ConfigError(problem)
         value = limit.parse(text)
@@ -115,214 +128,114 @@ class _CommandParser(_Parser):
         return parsed, extras
 
 
-def _flag(group: _Group, flag: str, env: str | None, help_text: str, **kw: Any) -> None:
-    """Add ``flag`` whose default comes from ``env``; --help names the variable."""
-    if env is not None:
-        if "default" not in kw:
-            kw["default"] = _env(env)
-        help_text += f" (env {env})"
-    group.add_argument(flag, help=help_text, **kw)
+# What each command is, for --help; its options come from ``options.declared``.
+_COMMANDS: dict[str, dict[str, str]] = {
+    BACKUP: {"help": "stream a physical backup of a cluster to storage",
+             "description": "Take a base backup over the replication protocol and store it; "
+                            "with --broker the workers upload it."},
+    RESTORE: {"help": "restore a backup into an empty PGDATA",
+              "description": "Download, decrypt, decompress and verify a backup into an empty "
+                             "or absent directory."},
+    LIST: {"help": "list the backups in storage"},
+    WAL_PUSH: {"help": "archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
+               "description": "Archive one WAL file; exit 0 only once it is stored. Settings "
+                              "come from the environment or --config, never inline secrets."},
+    WAL_FETCH: {"help": "fetch one WAL file (restore_command = 'cloud-dump wal-fetch %%f %%p')",
+                "description": "Fetch one WAL file into PATH. Exit 0 fetched, 1 not in the "
+                               "archive (which exists), "
+                               f"{int(ExitCode.WAL_FETCH_FAILED)} any other failure, no archive "
+                               "at the location included (PostgreSQL then stops recovery)."},
+    CHECK: {"help": "prove the storage and worker paths work (write, read back, delete)",
+            "description": "Check storage directly (with --storage) and every worker's path to "
+                           "its storage through the broker (with --broker)."},
+}
+# The positional arguments: PostgreSQL's %p and %f, in the order each command takes them.
+_POSITIONALS: dict[str, list[tuple[str, str, str]]] = {
+    WAL_PUSH: [("path", "PATH", "%%p: the file, relative to PGDATA"),
+               ("file_name", "NAME", "%%f: its WAL file name")],
+    WAL_FETCH: [("file_name", "NAME", "%%f: the WAL file name wanted"),
+                ("path", "PATH", "%%p: where to write it")],
+}
 
 
-def _number_flag(
-    group: _Group, flag: str, help_text: str, default: float | None, *, metavar: str,
-    with_env: bool = True, range_text: str | None = None,
-) -> None:
-    """A numeric ``flag``: its range and environment variable come from ``coordinator.cli.limits``,
-    and both a given value and the variable's are checked while parsing."""
-    limit = LIMITS[flag]
-    env = limit.env if with_env else None
-    notes = [] if default is None else [f"default {default:g}"]
-    notes.append(range_text or limit.describe_short())
-    notes += [f"env {env}"] if env else []
-    help_text += f" ({'; '.join(notes)})"
-    from_env = _from_env(env) if env else None
-    group.add_argument(flag, help=help_text, type=_number(flag), metavar=metavar,
-                       default=default if from_env is None else from_env)
-
-
-def _add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command: where the store and the broker are, and logging."""
-    g = parser.add_argument_group("storage and broker")
-    _flag(g, "--storage", "CLOUD_DUMP_STORAGE", "s3://bucket[/prefix] or file:///path",
-          metavar="URL")
-    _flag(g, "--s3-endpoint", "CLOUD_DUMP_S3_ENDPOINT", "S3-compatible endpoint, e.g. MinIO",
-          metavar="URL")
-    _flag(g, "--s3-region", "CLOUD_DUMP_S3_REGION", "S3 region", metavar="REGION")
-    g.add_argument("--s3-path-style", action=argparse.BooleanOptionalAction,
-                   default=_env_bool("CLOUD_DUMP_S3_PATH_STYLE"),
-                   help="path-style addressing; default: on with --s3-endpoint "
-                        "(env CLOUD_DUMP_S3_PATH_STYLE)")
-    _number_flag(g, "--s3-max-parts", "most parts the store accepts in one upload",
-                 10_000, metavar="N")
-    _number_flag(g, "--storage-max-attempts", "attempts per storage request, with backoff", 5,
-                 metavar="N")
-    _flag(g, "--broker", "CLOUD_DUMP_BROKER_URL",
-          "Celery broker, e.g. redis://host:6379/0; without it work runs in-process",
-          metavar="URL")
-    _flag(g, "--result-backend", "CLOUD_DUMP_RESULT_BACKEND",
-          "where task results go; default: the broker", metavar="URL")
-    _flag(g, "--staging-url", "CLOUD_DUMP_STAGING_URL",
-          "Redis for staged part payloads; default: the broker", metavar="URL")
-    _flag(parser, "--cluster", "CLOUD_DUMP_CLUSTER",
-          "cluster namespace: <cluster>/backup/, <cluster>/wal_archive/", metavar="NAME")
-    _flag(parser, "--config", "CLOUD_DUMP_CONFIG",
-          "KEY=VALUE file of settings and credentials; its values override the environment, "
-          "flags override both",
-          metavar="FILE")
-    _flag(parser, "--log-level", "CLOUD_DUMP_LOG_LEVEL", "default info",
-          default=_env("CLOUD_DUMP_LOG_LEVEL") or "info",
-          choices=["debug", "info", "warning", "error"])
-
-
-def _add_key_flags(
-    parser: argparse.ArgumentParser, *, encrypting: bool, encrypt_env: str = ""
-) -> None:
-    """age keys and passphrase: public keys to encrypt, identities to decrypt."""
-    g = parser.add_argument_group("encryption")
-    if encrypting:
-        g.add_argument("--encrypt", action="store_true",
-                       default=_env_bool(encrypt_env) or False,
-                       help=f"encrypt with age (env {encrypt_env}); implied by a key or passphrase")
-        g.add_argument("--recipient-key", action="append", metavar="FILE",
-                       default=_env_list("CLOUD_DUMP_RECIPIENT_KEY"),
-                       help="age public key file (repeatable; env CLOUD_DUMP_RECIPIENT_KEY, "
-                            "comma-separated)")
+def _add_option(command: str, target: _Group, option: Option) -> None:
+    """Add ``option``'s flag to ``target``: its default from its variable (checked here, so a
+    bad value is named before anything runs), --help naming the variable."""
+    assert option.flag is not None
+    env, kw = option.env, {}
+    notes: list[str] = []
+    if option.kind in (INT, FLOAT):
+        assert option.limit is not None
+        if option.default is not None:
+            notes.append(f"default {option.default:g}")
+        notes.append(option.range_text or option.limit.describe_short())
+        from_env = _from_env(env) if env else None
+        kw = {"type": _number(option), "metavar": option.metavar,
+              "default": option.default if from_env is None else from_env}
+    elif option.kind == SWITCH:
+        from_env_bool = _env_bool(env) if env else None
+        kw = {"action": "store_true",
+              "default": option.default if from_env_bool is None else from_env_bool}
+    elif option.kind == BOOL:
+        from_env_bool = _env_bool(env) if env else None
+        kw = {"action": argparse.BooleanOptionalAction,
+              "default": option.default if from_env_bool is None else from_env_bool}
+    elif option.kind == LIST:
+        kw = {"action": "append", "metavar": option.metavar,
+              "default": _env_list(env) if env else None}
+        notes.append("repeatable" + (f"; env {env}, comma-separated" if env else ""))
+        env = None
+    elif option.kind == CONST:
+        kw = {"action": "store_const", "dest": option.dest, "const": option.const}
     else:
-        g.add_argument("--identity-key", action="append", metavar="FILE",
-                       default=_env_list("CLOUD_DUMP_IDENTITY_KEY"),
-                       help="age identity (private key) file (repeatable; "
-                            "env CLOUD_DUMP_IDENTITY_KEY, comma-separated)")
-    _flag(g, "--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE",
-          "read the passphrase from the first line of FILE", metavar="FILE")
-    # Not _flag: the value of a flag shows in `ps`, the environment's does not.
-    g.add_argument("--passphrase", default=None,
-                   help="the passphrase itself (visible in ps: prefer --passphrase-file or "
-                        "env CLOUD_DUMP_PASSPHRASE)")
+        raw = _env(env) if env else None
+        if option.kind == CHOICE:
+            assert option.choices is not None
+            if raw is not None and raw not in option.choices:
+                assert env is not None
+                raise ConfigError(f"{describe(env, raw)} is not one of "
+                                  f"{', '.join(option.choices)} ({option.flag})")
+            kw = {"choices": list(option.choices)}
+            if option.metavar:
+                kw["metavar"] = option.metavar
+                notes.append(" | ".join(option.choices))
+            if option.default is not None:
+                notes.append(f"default {option.default}")
+        else:
+            kw = {"metavar": option.metavar}
+        kw["default"] = raw if raw is not None else option.default
+    if env:
+        notes.append(f"env {env}")
+    help_text = option.help + (f" ({'; '.join(notes)})" if notes else "")
+    if option.kind not in (CONST,) and option.dest != option.flag.lstrip("-").replace("-", "_"):
+        kw["dest"] = option.dest
+    target.add_argument(option.flag, help=help_text, **kw)
 
 
-def _add_backup_parser(commands: _Subparsers) -> None:
-    p = commands.add_parser("backup", help="stream a physical backup of a cluster to storage",
-                            description="Take a base backup over the replication protocol "
-                                        "and store it; with --broker the workers upload it.")
-    _flag(p, "--name", "CLOUD_DUMP_BACKUP_NAME", "name of the backup (unique)", metavar="NAME")
-    _flag(p, "--db-url", "CLOUD_DUMP_DB_URL",
-          "replication connection, postgres://user@host/postgres?replication=yes",
-          metavar="URL")
-    _flag(p, "--compression", "CLOUD_DUMP_COMPRESSION", "default zstd",
-          default=_env("CLOUD_DUMP_COMPRESSION") or "zstd",
-          choices=["zstd", "gzip", "lz4", "none"])
-    _number_flag(p, "--compression-level", "level for the algorithm; default: its fast level",
-                 None, metavar="N", range_text="zstd 1-22, gzip 1-9, lz4 1-12")
-    _add_key_flags(p, encrypting=True, encrypt_env="CLOUD_DUMP_ENCRYPT")
-    _number_flag(p, "--parallel", "uploads in flight / upload threads without a broker", 4,
-                 metavar="N")
-    _number_flag(p, "--part-size-mib", "target part size; grows for large archives", 16,
-                 metavar="MIB")
-    _number_flag(p, "--part-timeout", "re-send a part not confirmed after this long", 300.0,
-                 metavar="SECONDS")
-    _number_flag(p, "--task-timeout", "wait this long for claim/finalize tasks", 600.0,
-                 metavar="SECONDS")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="live progress line on a terminal (default on)")
-    _add_common_flags(p)
-
-
-def _add_restore_parser(commands: _Subparsers) -> None:
-    p = commands.add_parser("restore", help="restore a backup into an empty PGDATA",
-                            description="Download, decrypt, decompress and verify a backup "
-                                        "into an empty or absent directory.")
-    _flag(p, "--name", "CLOUD_DUMP_BACKUP_NAME", "name of the backup", metavar="NAME")
-    _flag(p, "--pgdata", "PGDATA", "target directory (absent or empty)", metavar="DIR")
-    _add_key_flags(p, encrypting=False)
-    p.add_argument("--tablespace-mapping", action="append", metavar="OLD=NEW",
-                   help="restore the tablespace recorded at OLD into NEW (repeatable)")
-    _number_flag(p, "--parallel", "ranged downloads in flight", 4, metavar="N")
-    p.add_argument("--owner", metavar="USER[:GROUP]",
-                   help="when run as root, give everything restored to USER (default: the "
-                        "owner of PGDATA if it exists, else of the directory it goes into; "
-                        "PostgreSQL cannot run as root)")
-    _add_recovery_flags(p)
-    _add_wal_flags(p)
-    _add_common_flags(p)
-
-
-def _add_recovery_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("point-in-time recovery (writes restore_command, the target "
-                                  "and recovery.signal)")
-    target = g.add_mutually_exclusive_group()
-    target.add_argument("--recovery-target-time", metavar="TIME",
-                        help="stop at this time, with an offset or a full zone name: "
-                             "'2026-03-22 14:30:00+00', '2026-03-22T16:30:00 Europe/Helsinki'")
-    target.add_argument("--recovery-target-lsn", metavar="LSN", help="stop at this LSN")
-    target.add_argument("--recovery-target-xid", metavar="XID", help="stop at this transaction")
-    target.add_argument("--recovery-target-name", metavar="NAME",
-                        help="stop at this restore point (pg_create_restore_point)")
-    target.add_argument("--recovery-target", choices=["immediate", "latest"],
-                        help="immediate: as soon as consistent; latest: all archived WAL")
-    g.add_argument("--recovery-target-timeline", metavar="latest|current|N",
-                   help="timeline to follow: current (the backup's), latest, or a timeline "
-                        "number (default: the one the archive's history leads to; refused "
-                        "when its timelines branch)")
-    g.add_argument("--recovery-target-exclusive", action="store_true",
-                   help="stop just before the target instead of just after it")
-    g.add_argument("--restore-config", metavar="FILE",
-                   help="where to write the settings restore_command reads (default: "
-                        "<PGDATA's name>.cloud-dump-restore.conf beside PGDATA, mode 0600; "
-                        "never one serving another PGDATA)")
-    parser.add_argument("--archive-mode", choices=["preserve", "off"], default="preserve",
-                        help="off: write archive_mode = 'off' so the copy never archives; "
-                             "preserve (default): archive as its configuration says")
-
-
-def _add_wal_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("WAL archive")
-    _flag(g, "--wal-prefix", "CLOUD_DUMP_WAL_PREFIX",
-          "WAL archive prefix in the flat layout (default wal_archive)", metavar="PREFIX")
-    _flag(g, "--spool-dir", "CLOUD_DUMP_SPOOL_DIR",
-          "local directory for confirmation markers and prefetched WAL "
-          "(default: pg_wal/cloud-dump of the data directory)", metavar="DIR")
-
-
-def _add_wal_parsers(commands: _Subparsers) -> None:
-    push = commands.add_parser(
-        "wal-push", help="archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
-        description="Archive one WAL file; exit 0 only once it is stored. Settings come from "
-                    "the environment or --config, never inline secrets.")
-    push.add_argument("path", metavar="PATH", help="%%p: the file, relative to PGDATA")
-    push.add_argument("file_name", metavar="NAME", help="%%f: its WAL file name")
-    _flag(push, "--compression", "CLOUD_DUMP_WAL_COMPRESSION", "default zstd",
-          default=_env("CLOUD_DUMP_WAL_COMPRESSION") or "zstd",
-          choices=["zstd", "gzip", "lz4", "none"])
-    push.add_argument("--compress", dest="compression", action="store_const", const="zstd",
-                      help="the seed's flag: same as --compression zstd")
-    _add_key_flags(push, encrypting=True, encrypt_env="CLOUD_DUMP_WAL_ENCRYPT")
-    _number_flag(push, "--look-ahead", "also push up to N more segments already marked .ready",
-                 8, metavar="N")
-    _number_flag(push, "--timeout",
-                 "give up (non-zero; PostgreSQL retries) if storage has not confirmed after this "
-                 "long; PostgreSQL's archiver, and a fast shutdown, wait for the call",
-                 DEFAULT_WAL_PUSH_TIMEOUT_S, metavar="SECONDS")
-    _add_wal_flags(push)
-    _add_common_flags(push)
-
-    fetch = commands.add_parser(
-        "wal-fetch", help="fetch one WAL file (restore_command = 'cloud-dump wal-fetch %%f %%p')",
-        description="Fetch one WAL file into PATH. Exit 0 fetched, 1 not in the archive "
-                    f"(which exists), {int(ExitCode.WAL_FETCH_FAILED)} any other failure, "
-                    "no archive at the location included (PostgreSQL then stops recovery).")
-    fetch.add_argument("file_name", metavar="NAME", help="%%f: the WAL file name wanted")
-    fetch.add_argument("path", metavar="PATH", help="%%p: where to write it")
-    _add_key_flags(fetch, encrypting=False)
-    _number_flag(fetch, "--prefetch", "keep up to N following segments prefetched",
-                 DEFAULT_PREFETCH, metavar="N")
-    fetch.add_argument("--allow-partial", action="store_true",
-                       help="serve <segment>.partial files when asked for them")
-    _add_wal_flags(fetch)
-    _add_common_flags(fetch)
+def _add_command(commands: _Subparsers, command: str) -> None:
+    parser = commands.add_parser(command, **_COMMANDS[command])
+    for dest, metavar, help_text in _POSITIONALS.get(command, []):
+        parser.add_argument(dest, metavar=metavar, help=help_text)
+    groups: dict[str | None, _Group] = {None: parser}
+    exclusive: dict[str, _Group] = {}
+    for option in options_of(command):
+        if option.flag is None:
+            continue  # environment-only: read where it is used, checked in _check_numbers
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        target = groups[option.group]
+        if option.exclusive is not None:
+            if option.exclusive not in exclusive:
+                exclusive[option.exclusive] = target.add_mutually_exclusive_group()
+            target = exclusive[option.exclusive]
+        _add_option(command, target, option)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The full CLI's parser, every option from ``options.declared``.
+
+    Raises ``ConfigError`` for a variable whose value its option cannot take.
+    """
     parser = _Parser(
         prog="cloud-dump",
         description="Physical PostgreSQL backups to object storage, WAL archiving and "
@@ -336,22 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         "See README.md.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                     parser_class=_CommandParser)
-    _add_backup_parser(commands)
-    _add_restore_parser(commands)
-    listing = commands.add_parser("list", help="list the backups in storage")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_common_flags(listing)
-    _add_wal_parsers(commands)
-    check = commands.add_parser(
-        "check",
-        help="prove the storage and worker paths work (write, read back, delete)",
-        description="Check storage directly (with --storage) and every worker's path to its "
-        "storage through the broker (with --broker).",
-    )
-    _add_common_flags(check)
-    _number_flag(check, "--timeout", "how long to wait for each worker", 30.0,
-                 metavar="SECONDS", with_env=False)
+                                     parser_class=_CommandParser)  # fmt: skip
+    for command in COMMANDS:
+        _add_command(commands, command)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""Every setting is declared once (``options.declared``), and what is made from the declaration
+agrees with it: the README's table, the variables the code reads, the workers' settings and
+the fast path's flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from coordinator.cli import fastpath
+from coordinator.cli.main import build_parser
+from options.declared import OPTIONS, WAL_FETCH, WAL_PUSH, WORKER, env_names, options_of
+from options.readme import BEGIN, END, table
+from tasks.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+# A variable name in the code: a string literal, or in a docstring or comment.
+_VARIABLE = re.compile(r"\bCLOUD_DUMP_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def test_the_readme_table_is_the_declarations() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme and END in readme
+    shown = readme[readme.index(BEGIN) + len(BEGIN):readme.index(END)].strip()
+    assert shown == table(), "README's table differs: run `python -m options.readme`"
+
+
+def test_every_variable_the_code_names_is_declared() -> None:
+    named: dict[str, str] = {}
+    for package in ("coordinator", "storage", "workers", "tasks", "options"):
+        for path in (ROOT / package).rglob("*.py"):
+            for name in _VARIABLE.findall(path.read_text()):
+                named.setdefault(name, str(path.relative_to(ROOT)))
+    undeclared = {name: where for name, where in named.items() if name not in env_names()}
+    assert undeclared == {}
+
+
+def test_the_workers_read_exactly_the_rows_declared_for_them() -> None:
+    declared = {o.env.removeprefix("CLOUD_DUMP_").lower() for o in OPTIONS
+                if WORKER in o.commands and o.env}  # fmt: skip
+    assert set(WorkerSettings.model_fields) == declared
+    for option in OPTIONS:
+        if WORKER in option.commands and option.env:
+            field = WorkerSettings.model_fields[option.env.removeprefix("CLOUD_DUMP_").lower()]
+            expected = option.default if option.worker_default is None else option.worker_default
+            assert field.default == expected, option
+
+
+def test_the_fast_path_knows_every_flag_of_the_wal_commands() -> None:
+    parser = build_parser()
+    choices = next(a for a in parser._actions if a.dest == "command").choices
+    assert isinstance(choices, dict)
+    commands: dict[str, argparse.ArgumentParser] = choices
+    for command, value_flags, switches in (
+        (WAL_PUSH, fastpath.WAL_PUSH_VALUE_FLAGS, fastpath.WAL_PUSH_SWITCHES),
+        (WAL_FETCH, fastpath.WAL_FETCH_VALUE_FLAGS, fastpath.WAL_FETCH_SWITCHES),
+    ):
+        flags = {s for a in commands[command]._actions for s in a.option_strings}
+        assert flags - {"-h", "--help"} == value_flags | switches
+        assert {o.flag for o in options_of(command) if o.flag} <= flags
