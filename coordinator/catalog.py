@@ -35,13 +35,19 @@ from storage.layout import (
     Layout,
 )
 from storage.manifest import BackupManifest
-from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment, is_segment
+from storage.walnames import (
+    DEFAULT_SEGMENT_SIZE,
+    SEGMENT_SIZES,
+    Segment,
+    is_segment,
+    parse_lsn,
+    prev_segment_number,
+    segment_number,
+)
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = {c + e for c in COMPRESSION_SUFFIXES.values() for e in ("", ENCRYPTED_SUFFIX)}
-_MIN_SEGMENT_SIZE = 1 << 20  # initdb --wal-segsize accepts 1 MiB .. 1 GiB
-_MAX_SEGMENT_SIZE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -83,36 +89,44 @@ def wal_range(manifest: BackupManifest, archived: set[str]) -> WalRange | None:
 
 
 def segment_size_of(manifest: BackupManifest) -> int:
-    """The WAL segment size consistent with the manifest's LSNs and WAL file names."""
-    candidates = set(_sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE))
-    for lsn, name in ((manifest.start_lsn, manifest.start_wal_file),
-                      (manifest.end_lsn, manifest.end_wal_file)):
-        candidates &= set(_sizes_matching(lsn, name))
+    """The WAL segment size (bytes) consistent with the manifest's LSNs and WAL file names:
+    PostgreSQL's default, 16 MiB, when it is one of them or none is."""
+    candidates = set(SEGMENT_SIZES)
+    candidates &= set(_sizes_matching(manifest.start_lsn, manifest.start_wal_file))
+    candidates &= set(_sizes_matching(manifest.end_lsn, manifest.end_wal_file, end=True))
     if DEFAULT_SEGMENT_SIZE in candidates or not candidates:
         return DEFAULT_SEGMENT_SIZE
     return min(candidates)
 
 
-def _sizes_matching(lsn: str, name: str) -> Iterable[int]:
+def _sizes_matching(lsn: str, name: str, *, end: bool = False) -> Iterable[int]:
+    """The valid segment sizes at which segment ``name`` holds the byte at ``lsn`` (``end``:
+    or the byte before it, as a backup's end WAL file is named, XLByteToPrevSeg: the end LSN
+    may fall on a segment boundary); all of them when either is unreadable (that pair then
+    says nothing)."""
     try:
-        high, low = (int(part, 16) for part in lsn.split("/"))
-        log, seg = int(name[8:16], 16), int(name[16:24], 16)
-    except ValueError:
-        return _sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE)
-    # A segment name is (timeline, lsn >> 32, (lsn & 0xFFFFFFFF) // segment size).
-    return [size for size in _sizes_between(_MIN_SEGMENT_SIZE, _MAX_SEGMENT_SIZE)
-            if high == log and low // size == seg]
-
-
-def _sizes_between(low: int, high: int) -> list[int]:
-    sizes, size = [], low
-    while size <= high:
-        sizes.append(size)
-        size <<= 1
+        position = parse_lsn(lsn)
+    except ConfigError:
+        return SEGMENT_SIZES
+    if not is_segment(name):
+        return SEGMENT_SIZES
+    sizes = []
+    for size in SEGMENT_SIZES:
+        numbers = {segment_number(position, size)}
+        if end and position > 0:
+            numbers.add(prev_segment_number(position, size))
+        if _number_at(name, size) in numbers:
+            sizes.append(size)
     return sizes
 
 
-
+def _number_at(name: str, size: int) -> int | None:
+    """The segment number ``name`` stands for with ``size``-byte segments; None if it names
+    none at that size."""
+    try:
+        return Segment.parse(name, size).number
+    except ConfigError:
+        return None
 
 
 def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:

@@ -46,20 +46,16 @@ def segment_address_mismatch(data: bytes, file_name: str) -> str | None:
     timeline is a copy of the old timeline's and keeps its header. Call after
     ``segment_system_identifier``, which checks the header and the size.
     """
-    from storage.walnames import Segment
+    from storage.walnames import Segment, format_lsn, segment_number
 
     tli, pageaddr = struct.unpack_from("<IQ", data, 4)
     seg_size = struct.unpack_from("<I", data, 32)[0]
     try:
-        named = Segment.parse(file_name, seg_size)
+        expected = Segment.parse(file_name, seg_size).start_lsn(seg_size)
     except ConfigError as exc:
         raise IntegrityError(f"WAL file '{file_name}': {exc}") from None
-    expected = named.number * seg_size
     if pageaddr == expected:
         return None
-    held = Segment(tli, pageaddr // seg_size).name(seg_size)
-    return f"holds segment {held} (its first page is at {_lsn(pageaddr)}, not {_lsn(expected)})"
-
-
-def _lsn(position: int) -> str:
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+    held = Segment(tli, segment_number(pageaddr, seg_size)).name(seg_size)
+    return (f"holds segment {held} (its first page is at {format_lsn(pageaddr)}, not "
+            f"{format_lsn(expected)})")

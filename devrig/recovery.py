@@ -21,6 +21,7 @@ from devrig.procs import log_tail
 from devrig.restored import RestoredCluster, chown_postgres
 from devrig.services import run_cli
 from storage.options import StorageOptions
+from storage.walnames import format_lsn, parse_lsn
 
 PROMOTION_TIMEOUT_S = 120
 
@@ -53,10 +54,8 @@ def wait_archived(cluster: PgCluster | RestoredCluster) -> None:
     # The last byte of WAL written: pg_switch_wal() returns the end of the segment it completed,
     # or, with nothing written since the last switch, the start of the current one. (At a
     # segment's start, pg_walfile_name(pg_current_wal_lsn()) names the empty segment on 17.)
-    end = str(cluster.sql("SELECT pg_switch_wal()")[0][0])
-    high, low = (int(part, 16) for part in end.split("/"))
-    last = (high << 32 | low) - 1
-    wanted = cluster.sql(f"SELECT pg_walfile_name('{last >> 32:X}/{last & 0xFFFFFFFF:X}')")[0][0]
+    end = parse_lsn(str(cluster.sql("SELECT pg_switch_wal()")[0][0]))
+    wanted = cluster.sql(f"SELECT pg_walfile_name('{format_lsn(end - 1)}')")[0][0]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         archived, failed = cluster.sql(

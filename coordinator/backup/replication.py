@@ -35,6 +35,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from coordinator.backup import inplace, replication_legacy
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
+from storage.walnames import format_lsn, parse_lsn, segment_name
 
 log = logging.getLogger(__name__)
 
@@ -139,32 +140,19 @@ class BaseBackupResult:
 
 
 # --- LSNs and WAL file names ---------------------------------------------------------------------
+# The arithmetic is storage.walnames'; these are the names the server's replies are read with here
+# (and that tests/coordinator/test_replication.py imports).
 
-LSN_PATTERN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-
-
-def lsn_to_int(lsn: str) -> int:
-    """``"0/3000060"`` as a 64-bit position; ConfigError if it is not an LSN."""
-    match = LSN_PATTERN.fullmatch(lsn.strip())
-    if match is None:
-        raise ConfigError(f"invalid lsn '{lsn}'")
-    return (int(match[1], 16) << 32) | int(match[2], 16)
-
-
-def int_to_lsn(value: int) -> str:
-    if not 0 <= value < 1 << 64:
-        raise ConfigError(f"lsn {value} is out of range")
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+lsn_to_int = parse_lsn
+int_to_lsn = format_lsn
 
 
 def wal_file_name(timeline: int, lsn: str, wal_segment_size: int) -> str:
-    """Name of the WAL segment that contains the byte at ``lsn`` (PostgreSQL's XLByteToSeg)."""
-    size = wal_segment_size
-    if size < 1024 * 1024 or size > 1024**3 or size & (size - 1):
-        raise ConfigError(f"invalid wal segment size {size}")
-    segment = lsn_to_int(lsn) // size
-    per_xlogid = 0x1_0000_0000 // size
-    return f"{timeline:08X}{segment // per_xlogid:08X}{segment % per_xlogid:08X}"
+    """Name of the WAL segment of ``timeline`` holding the byte at ``lsn`` (LSN text such as
+    the server returns, ``"0/3000060"``) for ``wal_segment_size``-byte segments (PostgreSQL's
+    XLByteToSeg and XLogFileName: ``storage.walnames.segment_name``). ``ConfigError`` for a
+    malformed LSN or an invalid segment size."""
+    return segment_name(timeline, parse_lsn(lsn), wal_segment_size)
 
 
 # --- errors ------------------------------------------------------------------------------------

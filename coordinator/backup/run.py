@@ -27,9 +27,6 @@ from coordinator.backup.replication import (
     BaseBackupResult,
     ReplicationConnection,
     SystemInfo,
-    int_to_lsn,
-    lsn_to_int,
-    wal_file_name,
 )
 from coordinator.backup.runner import Runner
 from coordinator.backup.window import PartWindow
@@ -38,6 +35,7 @@ from storage.base import Capabilities, sha256_hex
 from storage.errors import CloudDumpError, DecryptionFailed
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.manifest import ArchiveRecord, BackupManifest, CompressedBy, EncryptionInfo
+from storage.walnames import parse_lsn, prev_segment_name, segment_name
 from workers.backup import (
     WRAPPED_KEY_NAME,
     AbortRequest,
@@ -317,13 +315,13 @@ def _build_manifest(
         timeline=result.start_timeline,
         start_lsn=result.start_lsn,
         end_lsn=result.end_lsn,
-        start_wal_file=wal_file_name(
-            result.start_timeline, result.start_lsn, system.wal_segment_size
+        start_wal_file=segment_name(
+            result.start_timeline, parse_lsn(result.start_lsn), system.wal_segment_size
         ),
         # The last byte needed is just before end_lsn (PostgreSQL's XLByteToPrevSeg): at a
         # segment boundary the backup ends in the previous segment.
-        end_wal_file=wal_file_name(
-            result.end_timeline, int_to_lsn(lsn_to_int(result.end_lsn) - 1), system.wal_segment_size
+        end_wal_file=prev_segment_name(
+            result.end_timeline, parse_lsn(result.end_lsn), system.wal_segment_size
         ),
         start_time=times[0],
         end_time=times[1],

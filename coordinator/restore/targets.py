@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from functools import cache
 
+from storage import walnames
 from storage.errors import ConfigError
+from storage.walnames import format_lsn as format_lsn  # how restore writes an LSN
 
 MAX_RESTORE_POINT_NAME_BYTES = 63  # MAXFNAMELEN - 1
 FIRST_NORMAL_XID = 3
@@ -53,7 +55,6 @@ _OFFSET_RE = re.compile(
     r"|(?P<sign2>[+-])(?P<h2>\d{2})(?P<m2>\d{2})(?P<s2>\d{2})?",
     re.ASCII,
 )
-_LSN_RE = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})", re.ASCII)
 _TIME_FORM = "'YYYY-MM-DD HH:MM:SS[.ffffff]' with an offset or zone, e.g. '2026-03-22 14:30:00+00'"
 
 
@@ -185,16 +186,13 @@ def _bad_time(value: str, why: str) -> ConfigError:
 
 
 def parse_lsn(value: str) -> int:
-    """An LSN as PostgreSQL's pg_lsn reads it; ``ConfigError`` otherwise."""
-    match = _LSN_RE.fullmatch(value.strip())
-    if match is None:
+    """``--recovery-target-lsn``'s value as PostgreSQL's pg_lsn reads it, an int in 0..2^64-1
+    (``storage.walnames.parse_lsn``); ``ConfigError`` naming the flag otherwise."""
+    try:
+        return walnames.parse_lsn(value)
+    except ConfigError:
         raise ConfigError(f"invalid --recovery-target-lsn '{value}': expected an LSN like "
-                          "0/16B3748 (1-8 hex digits on each side of '/')")
-    return (int(match[1], 16) << 32) | int(match[2], 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+                          "0/16B3748 (1-8 hex digits on each side of '/')") from None
 
 
 def normalize_xid(value: str) -> str:

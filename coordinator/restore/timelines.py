@@ -48,10 +48,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.restore.recovery import RecoveryTarget
-from coordinator.restore.targets import format_lsn, parse_lsn, timeline_number
+from coordinator.restore.targets import timeline_number
 from storage.errors import ConfigError, IntegrityError
 from storage.manifest import BackupManifest
-from storage.walnames import Segment
+from storage.walnames import Segment, format_lsn, parse_lsn, segment_number
 
 if TYPE_CHECKING:
     from coordinator.walarchive import WalArchive
@@ -60,7 +60,7 @@ NO_TARGET_REASON = "no recovery target specified"  # PostgreSQL's, for a promoti
 # History files probed past the first number missing from the archive: PostgreSQL stops at a
 # gap, but a timeline beyond it still shows a branch (a history file that failed to archive).
 PROBES_PAST_GAP = 2
-_LINE_RE = re.compile(r"(\d+)\s+([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})(?:\s+(.*))?", re.ASCII)
+_LINE_RE = re.compile(r"(\d+)\s+(\S+)(?:\s+(.*))?", re.ASCII)  # parent, LSN, reason
 
 
 @dataclass(frozen=True)
@@ -105,17 +105,24 @@ def parse_history(timeline: int, text: str) -> History:
             continue
         match = _LINE_RE.fullmatch(line)
         parent = int(match[1]) if match else None
-        if match is None or parent is None or parent >= timeline or (
+        lsn = _lsn_or_none(match[2]) if match else None
+        if match is None or parent is None or lsn is None or parent >= timeline or (
             switches and parent <= switches[-1].timeline
         ):
             raise IntegrityError(f"history file of timeline {timeline}, line {number}: "
                                  f"{raw!r} is not 'parent<TAB>LSN<TAB>reason' with timelines "
                                  "increasing and below its own")
-        lsn = (int(match[2], 16) << 32) | int(match[3], 16)
-        switches.append(Switch(parent, lsn, (match[4] or "").strip()))
+        switches.append(Switch(parent, lsn, (match[3] or "").strip()))
     if not switches:
         raise IntegrityError(f"history file of timeline {timeline} names no parent timeline")
     return History(timeline, tuple(switches))
+
+
+def _lsn_or_none(text: str) -> int | None:
+    try:
+        return parse_lsn(text)
+    except ConfigError:
+        return None
 
 
 class ArchivedTimelines:
@@ -163,9 +170,9 @@ class ArchivedTimelines:
         or lost commits of a lagging failover).
         """
         per_segment = self._segment_bytes
-        candidates = [(lsn - 1) // per_segment + 1]
-        if lsn % per_segment:
-            candidates.insert(0, lsn // per_segment)
+        # The segment holding ``lsn``; if the switch falls inside it, also the next one.
+        holding = segment_number(lsn, per_segment)
+        candidates = [holding, holding + 1] if lsn % per_segment else [holding]
         for number in candidates:
             name = Segment(timeline, number).name(per_segment)
             if self._archive.find(name) is not None:

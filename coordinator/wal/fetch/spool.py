@@ -18,32 +18,33 @@ from coordinator.background import make_spool_dir
 from coordinator.fsutil import TEMP_PREFIX, move, write_atomically
 from coordinator.wal.spooldir import wal_spool_dir
 from storage.errors import ConfigError
-from storage.walnames import is_segment
+from storage.walnames import (
+    DEFAULT_SEGMENT_SIZE,
+    following_names,
+    is_segment,
+    is_segment_size,
+    timeline_prefix,
+)
 
 log = logging.getLogger(__name__)
 END_OF_ARCHIVE_MEMORY_S = 10.0
 
 
 def following_segments(file_name: str, count: int, segment_bytes: int | None) -> list[str]:
-    """Names of the ``count`` segments after ``file_name`` on its timeline.
+    """Names of the ``count`` segments after ``file_name`` on its timeline; none if it is not a
+    segment name.
 
-    The segment size is the served file's length when known, else PostgreSQL's default: a wrong
-    guess can only name a segment that does not exist, which ends prefetching early.
+    The segment size is the served file's length when that is a valid segment size, else
+    PostgreSQL's default: a wrong guess can only name a segment that does not exist, which ends
+    prefetching early.
     """
-    from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment
-
     size = DEFAULT_SEGMENT_SIZE
-    if segment_bytes and not segment_bytes & (segment_bytes - 1):
+    if segment_bytes and is_segment_size(segment_bytes):
         size = segment_bytes
     try:
-        segment = Segment.parse(file_name, size)
+        return following_names(file_name, count, size)
     except ConfigError:
         return []
-    names = []
-    for _ in range(count):
-        segment = segment.next()
-        names.append(segment.name(size))
-    return names
 
 
 def spool_root_for(destination: str, spool_dir: str | None) -> Path | None:
@@ -137,7 +138,10 @@ class Spool:
 
     def count_ahead(self, name: str) -> int:
         """How many segments after ``name`` on its timeline are spooled or being written."""
-        return sum(1 for entry in self.entries() if entry[:8] == name[:8] and entry > name)
+        timeline = timeline_prefix(name)
+        return sum(
+            1 for entry in self.entries() if timeline_prefix(entry) == timeline and entry > name
+        )
 
     def remove_temp_files(self) -> None:
         """Drop what a stopped writer left (only the prefetcher, holding the lock, calls this)."""
@@ -159,8 +163,9 @@ class Spool:
     def _prune_before(self, name: str) -> None:
         """Drop spooled segments of this timeline older than ``name``: never asked for again
         (a restarted recovery re-fetches them from storage), they only hold disk space."""
+        timeline = timeline_prefix(name)
         for entry in self.entries():
-            if entry[:8] == name[:8] and entry < name:
+            if timeline_prefix(entry) == timeline and entry < name:
                 self._remove(entry)
 
     def entries(self) -> Iterator[str]:
