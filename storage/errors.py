@@ -32,6 +32,10 @@ re-raised ``from`` the original so the traceback (shown at DEBUG) keeps the caus
           ├── NoWorkerAvailable      the broker answered but no worker took the work in time
           └── RemoteTaskFailed       a worker ran the task and it failed
 
+Each class carries the exit code of the ``cloud-dump`` command that fails with it
+(``exit_code``, inherited by subclasses that do not set their own); ``coordinator.cli.exitcodes``
+names them, and ``--help`` and the README's table are checked against it.
+
 Messages are lower case, without a trailing period, and quote the names they mention, so that the
 CLI can print ``cloud-dump: error: <message>`` as one readable line.
 """
@@ -42,9 +46,13 @@ from __future__ import annotations
 class CloudDumpError(Exception):
     """Base of every error cloud-dump raises on purpose."""
 
+    exit_code: int = 1
+
 
 class ConfigError(CloudDumpError):
     """A flag, environment variable or URL is invalid."""
+
+    exit_code: int = 3
 
 
 class StorageMismatch(ConfigError):
@@ -58,6 +66,8 @@ class StorageMismatch(ConfigError):
 class StorageError(CloudDumpError):
     """A storage operation failed."""
 
+    exit_code: int = 5
+
 
 class TransientStorageError(StorageError):
     """A storage failure that may succeed if retried later."""
@@ -65,6 +75,8 @@ class TransientStorageError(StorageError):
 
 class StorageUnreachable(TransientStorageError):
     """The storage endpoint (or local directory) could not be reached."""
+
+    exit_code: int = 4
 
 
 class PermanentStorageError(StorageError):
@@ -102,45 +114,67 @@ class UploadNotFound(PermanentStorageError):
 class BrokerError(CloudDumpError):
     """The task broker or result backend failed."""
 
+    exit_code: int = 1
+
 
 class BrokerUnreachable(BrokerError):
     """The broker could not be reached."""
+
+    exit_code: int = 6
 
 
 class NoWorkerAvailable(BrokerError):
     """The broker is reachable but no worker consumed the task in time."""
 
+    exit_code: int = 7
+
 
 class RemoteTaskFailed(BrokerError):
     """A task failed on a worker; the message carries the worker's error."""
+
+    exit_code: int = 8
 
 
 class DatabaseError(CloudDumpError):
     """The PostgreSQL server refused or failed a request."""
 
+    exit_code: int = 10
+
 
 class DatabaseUnreachable(DatabaseError):
     """Could not connect to (or authenticate with) the PostgreSQL server."""
+
+    exit_code: int = 9
 
 
 class BackupNotFound(CloudDumpError):
     """No complete backup (manifest.json) exists under that name."""
 
+    exit_code: int = 11
+
 
 class BackupExists(CloudDumpError):
     """The backup name is already used by a complete or a running backup."""
+
+    exit_code: int = 12
 
 
 class TargetNotEmpty(CloudDumpError):
     """A restore target directory exists and is not empty: nothing was written."""
 
+    exit_code: int = 13
+
 
 class DecryptionFailed(CloudDumpError):
     """The passphrase or identity does not decrypt the backup."""
 
+    exit_code: int = 14
+
 
 class IntegrityError(CloudDumpError):
     """Bytes fetched or restored do not match the checksums recorded at backup time."""
+
+    exit_code: int = 15
 
 
 class WalArchiveGap(IntegrityError):
@@ -151,6 +185,8 @@ class WalConflict(CloudDumpError):
     """A different WAL file is already archived under the name, or the archive belongs to
     another cluster. Nothing is overwritten."""
 
+    exit_code: int = 17
+
 
 class WalArchiveNotFound(CloudDumpError):
     """No WAL archive exists at the configured location (wrong storage, cluster or prefix).
@@ -158,3 +194,5 @@ class WalArchiveNotFound(CloudDumpError):
     Distinct from a file missing from an archive that exists: restore_command must not answer
     "not in the archive" for it, since PostgreSQL would take that as the end of recovery.
     """
+
+    exit_code: int = 18

@@ -59,3 +59,22 @@ def test_the_fast_path_knows_every_flag_of_the_wal_commands() -> None:
         flags = {s for a in commands[command]._actions for s in a.option_strings}
         assert flags - {"-h", "--help"} == value_flags | switches
         assert {o.flag for o in options_of(command) if o.flag} <= flags
+
+
+def test_the_readme_exit_codes_are_the_codes_the_cli_exits_with() -> None:
+    """The README's table, --help and the error classes name the same statuses."""
+    from coordinator.cli.exitcodes import SUMMARY, ExitCode, exit_code_for, help_epilog
+    from storage import errors
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Exit codes"):]
+    section = section[:section.index("\n\n", section.index("| code |"))]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", section, re.MULTILINE)}
+    assert documented == {int(code) for code in ExitCode}
+    assert set(SUMMARY) == set(ExitCode)
+    assert all(f"{int(code)} {SUMMARY[code]}" in help_epilog() for code in ExitCode)
+    for name in dir(errors):
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, errors.CloudDumpError):
+            assert cls.exit_code in set(ExitCode), cls
+            assert exit_code_for(cls.__new__(cls)) == cls.exit_code

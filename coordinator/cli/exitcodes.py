@@ -1,7 +1,8 @@
-"""Exit codes of the ``cloud-dump`` command, and which error maps to which.
+"""Exit codes of the ``cloud-dump`` command. Each error class carries its own
+(``storage.errors``); this module names them, with the statuses no error class has.
 
-The README documents this table; scripts and monitoring may rely on it, so codes are never
-reused for another meaning.
+The README documents the table (a test holds it to ``ExitCode``); scripts and monitoring may rely
+on it, so codes are never reused for another meaning.
 """
 
 from __future__ import annotations
@@ -29,44 +30,33 @@ from storage.errors import (
 
 
 class ExitCode(IntEnum):
+    """Every exit status of ``cloud-dump``. An error's status is its class's ``exit_code``
+    (``storage.errors``): the members naming an error class take it from there."""
+
     OK = 0
     # An unexpected failure (a bug: please report it with the --log-level debug output).
-    FAILURE = 1
+    FAILURE = CloudDumpError.exit_code
     # Bad command line, or a command this version does not implement yet.
     USAGE = 2
-    # A flag or environment value is invalid (storage URL, name, number out of range).
-    CONFIG = 3
-    # The storage endpoint or directory could not be reached or kept failing, throttling (503
-    # SlowDown) or timing out, after retries: may pass, try again later.
-    STORAGE_UNREACHABLE = 4
-    # The store answered with an error retrying will not fix (no bucket, access denied, ...).
-    STORAGE_ERROR = 5
-    # The Celery broker (Redis) could not be reached.
-    BROKER_UNREACHABLE = 6
-    # The broker answered, but no worker took the work in time.
-    NO_WORKER = 7
-    # A worker ran the task and it failed (its error is in the message).
-    TASK_FAILED = 8
-    # Could not connect to or authenticate with PostgreSQL.
-    DATABASE_UNREACHABLE = 9
-    # PostgreSQL refused or failed the backup (e.g. not enough wal senders).
-    DATABASE_ERROR = 10
-    # No complete backup of that name.
-    BACKUP_NOT_FOUND = 11
-    # The backup name is taken, by a complete backup or one in progress.
-    BACKUP_EXISTS = 12
-    # The restore target (PGDATA or a tablespace directory) is not empty; nothing was written.
-    TARGET_NOT_EMPTY = 13
-    # Wrong passphrase or identity.
-    DECRYPTION_FAILED = 14
-    # Stored or restored bytes do not match their checksums (corrupted or missing data).
-    INTEGRITY = 15
-    # A local file or directory could not be read or written (permissions, disk full).
+    CONFIG = ConfigError.exit_code
+    STORAGE_UNREACHABLE = StorageUnreachable.exit_code
+    STORAGE_ERROR = StorageError.exit_code
+    BROKER_UNREACHABLE = BrokerUnreachable.exit_code
+    NO_WORKER = NoWorkerAvailable.exit_code
+    TASK_FAILED = RemoteTaskFailed.exit_code
+    DATABASE_UNREACHABLE = DatabaseUnreachable.exit_code
+    DATABASE_ERROR = DatabaseError.exit_code
+    BACKUP_NOT_FOUND = BackupNotFound.exit_code
+    BACKUP_EXISTS = BackupExists.exit_code
+    TARGET_NOT_EMPTY = TargetNotEmpty.exit_code
+    DECRYPTION_FAILED = DecryptionFailed.exit_code
+    INTEGRITY = IntegrityError.exit_code
+    # A local file or directory could not be read or written (permissions, disk full): OSError.
     LOCAL_IO = 16
-    # wal-push: a different file is archived under that name, or WAL of another cluster.
-    WAL_CONFLICT = 17
-    # No WAL archive exists at the location at all (wrong --storage, --cluster or --wal-prefix).
-    WAL_ARCHIVE_NOT_FOUND = 18
+    WAL_CONFLICT = WalConflict.exit_code
+    WAL_ARCHIVE_NOT_FOUND = WalArchiveNotFound.exit_code
+    # Ctrl-C or SIGTERM, after the command cleaned up (128 + SIGINT, as shells report it).
+    INTERRUPTED = 130
     # wal-fetch only: any failure other than "not in the archive", a missing archive (18)
     # included. PostgreSQL stops recovery on a restore_command status above 125
     # (src/common/wait_error.c, wait_result_is_any_signal(rc, true), called by
@@ -79,30 +69,43 @@ class ExitCode(IntEnum):
     WAL_FETCH_FAILED = 200
 
 
-# Most specific first: the first matching class decides.
-_EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
-    (ConfigError, ExitCode.CONFIG),
-    (StorageUnreachable, ExitCode.STORAGE_UNREACHABLE),
-    (StorageError, ExitCode.STORAGE_ERROR),
-    (BrokerUnreachable, ExitCode.BROKER_UNREACHABLE),
-    (NoWorkerAvailable, ExitCode.NO_WORKER),
-    (RemoteTaskFailed, ExitCode.TASK_FAILED),
-    (DatabaseUnreachable, ExitCode.DATABASE_UNREACHABLE),
-    (DatabaseError, ExitCode.DATABASE_ERROR),
-    (BackupNotFound, ExitCode.BACKUP_NOT_FOUND),
-    (BackupExists, ExitCode.BACKUP_EXISTS),
-    (TargetNotEmpty, ExitCode.TARGET_NOT_EMPTY),
-    (DecryptionFailed, ExitCode.DECRYPTION_FAILED),
-    (IntegrityError, ExitCode.INTEGRITY),
-    (WalConflict, ExitCode.WAL_CONFLICT),
-    (WalArchiveNotFound, ExitCode.WAL_ARCHIVE_NOT_FOUND),
-    (CloudDumpError, ExitCode.FAILURE),
-    (OSError, ExitCode.LOCAL_IO),
-]
+# What --help says of each status, in a few words (the README's table says more).
+SUMMARY: dict[ExitCode, str] = {
+    ExitCode.OK: "ok",
+    ExitCode.FAILURE: "unexpected failure",
+    ExitCode.USAGE: "usage",
+    ExitCode.CONFIG: "configuration",
+    ExitCode.STORAGE_UNREACHABLE: "storage unreachable",
+    ExitCode.STORAGE_ERROR: "storage error",
+    ExitCode.BROKER_UNREACHABLE: "broker unreachable",
+    ExitCode.NO_WORKER: "no worker",
+    ExitCode.TASK_FAILED: "task failed on a worker",
+    ExitCode.DATABASE_UNREACHABLE: "database unreachable",
+    ExitCode.DATABASE_ERROR: "database error",
+    ExitCode.BACKUP_NOT_FOUND: "backup not found",
+    ExitCode.BACKUP_EXISTS: "backup exists",
+    ExitCode.TARGET_NOT_EMPTY: "target not empty or in use",
+    ExitCode.DECRYPTION_FAILED: "decryption failed",
+    ExitCode.INTEGRITY: "integrity error",
+    ExitCode.LOCAL_IO: "local i/o error",
+    ExitCode.WAL_CONFLICT: "WAL conflict",
+    ExitCode.WAL_ARCHIVE_NOT_FOUND: "no WAL archive there",
+    ExitCode.INTERRUPTED: "interrupted",
+    ExitCode.WAL_FETCH_FAILED: "wal-fetch: any failure (1: not in the archive)",
+}
+
+
+def help_epilog() -> str:
+    """The exit codes for ``cloud-dump --help``, from ``ExitCode`` and ``SUMMARY``."""
+    return "Exit codes: " + ", ".join(f"{int(c)} {SUMMARY[c]}" for c in ExitCode) + (
+        ". See README.md.")
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
-    for cls, code in _EXIT_CODES:
-        if isinstance(error, cls):
-            return code
+    """The status ``error`` ends the command with: its class's ``exit_code`` for cloud-dump's
+    errors, ``LOCAL_IO`` for an ``OSError`` (local disk trouble), ``FAILURE`` otherwise."""
+    if isinstance(error, CloudDumpError):
+        return ExitCode(type(error).exit_code)
+    if isinstance(error, OSError):
+        return ExitCode.LOCAL_IO
     return ExitCode.FAILURE

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from coordinator.cli.configfile import describe, load_config_file
-from coordinator.cli.exitcodes import ExitCode, exit_code_for
+from coordinator.cli.exitcodes import ExitCode, exit_code_for, help_epilog
 from coordinator.cli.limits import env_only_problems, flag_problem
 from options.declared import (
     BACKUP,
@@ -240,13 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cloud-dump",
         description="Physical PostgreSQL backups to object storage, WAL archiving and "
         "point-in-time restore, with a Celery worker pool doing the uploads.",
-        epilog="Exit codes: 0 ok, 1 unexpected failure, 2 usage, 3 configuration, "
-        "4 storage unreachable, 5 storage error, 6 broker unreachable, 7 no worker, "
-        "8 task failed on a worker, 9 database unreachable, 10 database error, "
-        "11 backup not found, 12 backup exists, 13 target not empty, 14 decryption failed, "
-        "15 integrity error, 16 local i/o error, 17 WAL conflict, 18 no WAL archive there; "
-        f"wal-fetch: 1 not in the archive, {int(ExitCode.WAL_FETCH_FAILED)} any failure. "
-        "See README.md.",
+        epilog=help_epilog(),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_CommandParser)  # fmt: skip
@@ -394,7 +388,7 @@ def _run_and_map_errors(args: argparse.Namespace, failed: int | None = None) -> 
     except KeyboardInterrupt:
         # Reached after the command cleaned up (a backup aborts its uploads first).
         log.error("interrupted")
-        return failed or 130
+        return failed or ExitCode.INTERRUPTED
     except Exception as exc:
         # Not an error we anticipated, so a bug: keep it to one line, traceback on request.
         log.error(
