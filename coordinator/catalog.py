@@ -28,12 +28,7 @@ from storage.errors import (
     ObjectNotFound,
     PermanentStorageError,
 )
-from storage.layout import (
-    COMPRESSION_SUFFIXES,
-    ENCRYPTED_SUFFIX,
-    MANIFEST_NAME,
-    Layout,
-)
+from storage.layout import MANIFEST_NAME, WAL_OBJECT_SUFFIXES, Layout
 from storage.manifest import BackupManifest
 from storage.walnames import (
     DEFAULT_SEGMENT_SIZE,
@@ -46,9 +41,6 @@ from storage.walnames import (
 )
 
 log = logging.getLogger(__name__)
-
-_SUFFIXES = {c + e for c in COMPRESSION_SUFFIXES.values() for e in ("", ENCRYPTED_SUFFIX)}
-
 
 @dataclass(frozen=True)
 class WalRange:
@@ -67,7 +59,7 @@ def archived_segment_names(storage: Storage, layout: Layout) -> set[str]:
     for info in storage.list(root):
         rest = info.key[len(root):]
         name, suffix = rest[:24], rest[24:]
-        if suffix in _SUFFIXES and is_segment(name):
+        if suffix in WAL_OBJECT_SUFFIXES and is_segment(name):
             names.add(name)
     return names
 

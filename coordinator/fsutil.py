@@ -1,7 +1,18 @@
-"""Writing files so that a reader never sees half of one: atomic writes and moves.
+"""Writing files so that a reader never sees half of one, and errors that name the file.
 
-A temporary file beside the target (named ``TEMP_PREFIX...``, so that spools skip it), written,
-optionally fsynced with its directory, then renamed over the target. Errors name the target.
+``write_atomically`` is the one atomic write of the coordinator: a temporary file beside the
+target (``<temp_prefix><name>-<pid>-<thread>``, so that a directory's readers can skip it by its
+prefix), written, optionally fsynced with its directory, then renamed over the target. Each
+caller says which mode the file gets and whether it is fsynced, and why (at the call site).
+``storage.local`` keeps its own: storage sits below the coordinator, and its create-if-absent by
+hard link is another contract.
+
+An ``OSError`` from a write on a file descriptor (``ENOSPC``, ``EFBIG``) or from ``fsync`` names
+no file, and one from a temporary file names a file the operator never gave: ``naming`` makes
+either name the file that was asked for, so that the CLI's one-line error says where.
+
+Standard library only, and only modules the CLI has loaded anyway: wal-fetch's served path
+imports this module.
 """
 
 from __future__ import annotations
@@ -10,16 +21,69 @@ import contextlib
 import errno
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-# --- moving and writing files --------------------------------------------------------------------
-
 TEMP_PREFIX = ".cloud-dump-tmp-"
+# Flags of every temporary file: never through a symbolic link someone left under its name,
+# and not inherited by the helpers this process may be spawning meanwhile.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+_UMASK_MODE = 0o666  # what ``open()`` asks for: the umask then decides
+
+
+def write_atomically(
+    path: Path,
+    data: bytes | str,
+    *,
+    mode: int | None = 0o600,
+    sync: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+) -> None:
+    """Replace ``path`` with ``data`` so that it appears whole or not at all.
+
+    ``data``: bytes, or text encoded as ``open()`` in text mode would (the locale's encoding;
+    UTF-8 in UTF-8 mode), so that ``Path.read_text()`` reads it back unchanged.
+
+    ``mode``: the file's permission bits exactly (set with ``fchmod``: ``open()`` applies the
+    umask); to keep an existing file's mode, pass what ``stat`` gives for it. None: 0666 less
+    the umask, as ``open()`` creates a file.
+
+    ``sync``: fsync the file before the rename and its directory after it, so that after a
+    crash the name never points at unwritten blocks. False: a crash may leave the old file, the
+    new one, or (on some file systems) an empty one; callers say why that is acceptable.
+
+    ``temp_prefix``: how the temporary file's name starts (readers of the directory skip it by
+    this prefix). It is removed again if anything fails.
+
+    Raises ``OSError`` naming ``path`` (never the temporary file); a directory fsync that fails
+    after the rename names the directory.
+    """
+    tmp = path.with_name(f"{temp_prefix}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    raw = data if isinstance(data, bytes) else data.encode(_text_encoding())
+    with naming(path, replacing=True):
+        fd = os.open(tmp, _TEMP_FLAGS, _UMASK_MODE if mode is None else mode)
+        try:
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+                write_all(fd, raw)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    if sync:
+        fsync_dir(path.parent)
 
 
 def move(source: Path, destination: Path) -> None:
     """Rename ``source`` onto ``destination``; across file systems (a ``--spool-dir`` elsewhere)
-    copy it beside ``destination`` first, so that it still appears whole."""
+    copy it beside ``destination`` first (mode 0600, not fsynced), so that it still appears
+    whole. Raises ``OSError``; a failed copy names ``destination``."""
     try:
         source.replace(destination)
     except OSError as exc:
@@ -29,39 +93,45 @@ def move(source: Path, destination: Path) -> None:
         source.unlink()
 
 
-def write_atomically(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Write ``path`` (mode 0600) so that it appears whole or not at all.
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a rename or a new file in it).
 
-    A temp file beside it is renamed over it; with ``sync`` the file is fsynced before the rename
-    and the directory after it, so the name never points at unwritten blocks after a crash.
+    Raises ``OSError`` naming ``path``.
     """
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as exc:
-        raise _naming_target(exc, path) from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise _naming_target(exc, path) from exc
-        raise
-    if sync:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    with naming(path):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)
 
 
-def _naming_target(exc: OSError, path: Path) -> OSError:
-    """``exc`` naming ``path``, the file asked for, not the temporary file beside it (a name
-    the operator never gave, for a directory that may not even exist)."""
-    return type(exc)(exc.errno, exc.strerror, str(path))
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``: a write may take only part of it (a disk filling up, a
+    signal). Raises ``OSError`` as ``os.write`` does (naming no file)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def naming(path: Path, *, replacing: bool = False) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file as the same error naming ``path``.
+
+    ``replacing``: also one that names another file (a temporary file beside ``path``, a name
+    the operator never gave, in a directory that may not even exist). An error without an errno
+    (raised with a message alone) is re-raised unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or (exc.filename is not None and not replacing):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _text_encoding() -> str:
+    """The encoding ``open()`` uses for text when given none."""
+    import locale  # only text needs it
+
+    return locale.getpreferredencoding(False)

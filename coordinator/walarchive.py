@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from coordinator.codecs import decompress_wal
 from storage.base import Storage, sha256_hex
 from storage.errors import (
     ConfigError,
@@ -33,10 +34,10 @@ from storage.errors import (
     WalArchiveNotFound,
 )
 from storage.layout import (
-    COMPRESSION_SUFFIXES,
     ENCRYPTED_SUFFIX,
     WAL_ARCHIVE_INFO_NAME,
     Layout,
+    compression_of_suffix,
     compression_suffix,
 )
 from storage.layout import WAL_ARCHIVE_INFO_NAME as ARCHIVE_INFO_NAME
@@ -78,9 +79,6 @@ def require_wal_archive(storage: Storage, layout: Layout, *, immediate: bool = F
             "archived there (check --storage, --cluster and --wal-prefix, and that "
             f"archive_command pushes there){hint}"
         )
-
-_SUFFIX_TO_COMPRESSION = {suffix: name for name, suffix in COMPRESSION_SUFFIXES.items()}
-
 
 # --- reading the archive -------------------------------------------------------------------------
 
@@ -154,7 +152,7 @@ class WalArchive:
         data = self._storage.get(key)
         if stored.encrypted:
             data = self._keys.decrypt(data, key, self)
-        plain = _decompress(data, stored.compression, f"archived WAL '{key}'")
+        plain = decompress_wal(data, stored.compression, f"archived WAL '{key}'")
         actual = sha256_hex(plain)
         if actual != expected:
             raise IntegrityError(
@@ -180,7 +178,7 @@ class WalArchive:
 
 def _stored(key: str, suffix: str) -> StoredWal | None:
     """``key`` as a stored WAL file if ``suffix`` (what follows the name) is wal-push's."""
-    compression = _SUFFIX_TO_COMPRESSION.get(suffix.removesuffix(ENCRYPTED_SUFFIX))
+    compression = compression_of_suffix(suffix.removesuffix(ENCRYPTED_SUFFIX))
     if compression is None:
         return None
     return StoredWal(key, compression, suffix.endswith(ENCRYPTED_SUFFIX))
@@ -213,16 +211,6 @@ def _check_segment_header(plain: bytes, stored: StoredWal) -> None:
             f"archived WAL '{stored.key}' {mismatch}: not handing PostgreSQL another segment "
             "under this name"
         )
-
-
-def _decompress(data: bytes, compression: str, what: str) -> bytes:
-    if compression == "none":
-        return data
-    import io
-
-    from coordinator.codecs import open_plaintext
-
-    return open_plaintext(io.BytesIO(data), compression, identities=None, what=what).read(-1)
 
 
 # --- decryption keys -----------------------------------------------------------------------------

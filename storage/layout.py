@@ -25,10 +25,27 @@ from typing import Literal
 
 from storage.errors import ConfigError
 
+# The compressions by name, and the suffix each gives a stored object's key (after ``.tar`` for a
+# backup archive, after the file name for WAL): the seed tool's layout and PostgreSQL's own
+# archive names (``base.tar.zst``, ``.tar.gz``, ``.tar.lz4``), so never to change. This is the
+# part of the compression registry that storage and the workers need; levels, compressors and
+# decoders are ``coordinator.codecs``'.
 Compression = Literal["zstd", "gzip", "lz4", "none"]
-
-COMPRESSION_SUFFIXES: dict[str, str] = {"zstd": ".zst", "gzip": ".gz", "lz4": ".lz4", "none": ""}
+COMPRESSION_SUFFIXES: dict[Compression, str] = {
+    "zstd": ".zst",
+    "gzip": ".gz",
+    "lz4": ".lz4",
+    "none": "",
+}
+COMPRESSIONS: tuple[Compression, ...] = tuple(COMPRESSION_SUFFIXES)
+# Who compressed a backup archive (its manifest record): PostgreSQL, cloud-dump, or nobody.
+CompressedBy = Literal["server", "client", "none"]
 ENCRYPTED_SUFFIX = ".age"
+# Every suffix a stored WAL object's key may carry after the file name: a compression's, then
+# ``.age`` when encrypted ("", ".zst", ".zst.age", ..., ".age").
+WAL_OBJECT_SUFFIXES = frozenset(
+    c + e for c in COMPRESSION_SUFFIXES.values() for e in ("", ENCRYPTED_SUFFIX)
+)
 DEFAULT_WAL_PREFIX = "wal_archive"
 # In a WAL archive: the archive's identity (workers.wal.WalArchiveInfo), and the metadata key of
 # each WAL object holding the SHA-256 of the original file (wal-push writes it, wal-fetch checks).
@@ -51,13 +68,26 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
+def compression_named(compression: str) -> Compression:
+    """``compression`` as a ``Compression``; ``ConfigError`` naming the choices if unknown."""
+    for known in COMPRESSIONS:
+        if known == compression:
+            return known
+    raise ConfigError(f"unknown compression '{compression}': use one of {', '.join(COMPRESSIONS)}")
+
+
 def compression_suffix(compression: str) -> str:
-    try:
-        return COMPRESSION_SUFFIXES[compression]
-    except KeyError:
-        raise ConfigError(
-            f"unknown compression '{compression}': use one of {', '.join(COMPRESSION_SUFFIXES)}"
-        ) from None
+    """The key suffix of ``compression`` (".zst", ".gz", ".lz4", "" for "none");
+    ``ConfigError`` naming the choices if unknown."""
+    return COMPRESSION_SUFFIXES[compression_named(compression)]
+
+
+def compression_of_suffix(suffix: str) -> Compression | None:
+    """The compression whose key suffix is exactly ``suffix`` ("" is "none"), None if none is."""
+    for name, known in COMPRESSION_SUFFIXES.items():
+        if known == suffix:
+            return name
+    return None
 
 
 @dataclass(frozen=True)

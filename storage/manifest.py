@@ -16,10 +16,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import PermanentStorageError
+from storage.layout import CompressedBy as CompressedBy
+from storage.layout import Compression as Compression
 
 FORMAT_VERSION = 1
-Compression = Literal["zstd", "gzip", "lz4", "none"]
-CompressedBy = Literal["server", "client", "none"]
 
 
 class _Model(BaseModel):

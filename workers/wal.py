@@ -34,12 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from storage.base import Storage, sha256_hex
 from storage.errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, WalConflict
-from storage.layout import (
-    COMPRESSION_SUFFIXES,
-    ENCRYPTED_SUFFIX,
-    WAL_ARCHIVE_INFO_NAME,
-    WAL_RAW_SHA256,
-)
+from storage.layout import WAL_ARCHIVE_INFO_NAME, WAL_OBJECT_SUFFIXES, WAL_RAW_SHA256
 from workers.location import StorageBound
 from workers.staging import Stage
 
@@ -52,11 +47,6 @@ ARCHIVE_FORMAT = 1
 RAW_SHA256 = WAL_RAW_SHA256
 SYSTEM_IDENTIFIER = "system-identifier"
 RECIPIENT = "recipient"
-
-# Every suffix a WAL file's object may carry: compression, then optional encryption.
-STORED_SUFFIXES = frozenset(
-    c + e for c in COMPRESSION_SUFFIXES.values() for e in ("", ENCRYPTED_SUFFIX)
-)
 
 
 class WalEncryption(BaseModel):
@@ -130,7 +120,7 @@ def push_wal(storage: Storage, stage: Stage, request: PushWalRequest) -> PushWal
     """
     root = wal_root_of(request.key)
     named = root + request.file_name
-    if not request.key.startswith(named) or request.key[len(named) :] not in STORED_SUFFIXES:
+    if not request.key.startswith(named) or request.key[len(named) :] not in WAL_OBJECT_SUFFIXES:
         raise ConfigError(f"WAL key '{request.key}' does not name '{request.file_name}'")
     archive = ensure_archive(storage, request.archive_info_key, request.system_identifier)
     existing = _check_archived(storage, root, request.file_name, request.raw_sha256)
@@ -252,7 +242,7 @@ def _check_archived(storage: Storage, root: str, file_name: str, raw_sha256: str
     """
     prefix = root + file_name
     candidates = [
-        info.key for info in storage.list(prefix) if info.key[len(prefix) :] in STORED_SUFFIXES
+        info.key for info in storage.list(prefix) if info.key[len(prefix) :] in WAL_OBJECT_SUFFIXES
     ]
     for key in candidates:
         if (storage.head(key).metadata or {}).get(RAW_SHA256) == raw_sha256:

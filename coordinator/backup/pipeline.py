@@ -18,37 +18,31 @@ from the next ``write`` or from ``close``, after the writer has stopped its thre
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NoReturn, Protocol
-
-import lz4.frame
-import zstandard
+from typing import NoReturn
 
 from coordinator.backup.parts import PartCutter, PartSink, PartSizer, PartThread
+from coordinator.codecs import stream_compressor
 from coordinator.crypto import StreamEncryptor
-from storage.manifest import Compression, PartRecord
+from storage.layout import Compression
+from storage.manifest import PartRecord
 
 __all__ = [
-    "DEFAULT_LEVELS",
     "ArchiveSummary",
     "ArchiveWriter",
     "PartSink",
     "PartSizer",
-    "make_compressor",
 ]
 
-# Levels chosen for throughput (the pipeline must keep up with the replication stream), measured
-# on pgbench-like pages: zstd 1 ~700 MB/s per core at 7.7x; gzip 1 ~230 MB/s at 5.6x where
-# gzip 6 manages ~47 MB/s for 6.1x; lz4.frame's default (0, fast mode).
-DEFAULT_LEVELS: dict[str, int] = {"zstd": 1, "gzip": 1, "lz4": 0}
-# zstd worker threads compress while the caller's thread goes back to reading the replication
-# stream. On this 2-core machine, 2 workers took client zstd from ~610 to ~700-1000 MB/s
-# (bench/pipeline.py); capped because each worker holds its own job buffers and the database
-# server shares the host: 4 workers at level 1 outrun any upload link.
+# Levels, checksums and the compressors themselves: coordinator.codecs (the backup levels are
+# chosen for throughput there). What is the pipeline's own: zstd worker threads compress while
+# the caller's thread goes back to reading the replication stream. On this 2-core machine, 2
+# workers took client zstd from ~610 to ~700-1000 MB/s (bench/pipeline.py, which sets this);
+# capped because each worker holds its own job buffers and the database server shares the
+# host: 4 workers at level 1 outrun any upload link.
 ZSTD_THREADS = min(os.cpu_count() or 1, 4)
 
 
@@ -62,52 +56,12 @@ class ArchiveSummary:
     parts: list[PartRecord]  # number, size, sha256 of each part
 
 
-class _Compressor(Protocol):
-    def compress(self, data: bytes | memoryview) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-
-class _Lz4Compressor:
-    """lz4 frame format (what ``lz4 -dc`` reads), with its content checksum."""
-
-    def __init__(self, level: int) -> None:
-        self._frame = lz4.frame.LZ4FrameCompressor(compression_level=level, content_checksum=True)
-        self._header: bytes | None = self._frame.begin()
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        out: bytes = self._frame.compress(data)
-        if self._header is not None:
-            out, self._header = self._header + out, None
-        return out
-
-    def flush(self) -> bytes:
-        tail: bytes = self._frame.flush()
-        return (self._header or b"") + tail
-
-
-def make_compressor(compression: Compression | str, level: int | None) -> _Compressor | None:
-    """A streaming compressor writing the standard format, or None for ``"none"``."""
-    if compression == "none":
-        return None
-    if compression not in DEFAULT_LEVELS:
-        raise ValueError(f"unknown compression '{compression}'")
-    level = DEFAULT_LEVELS[compression] if level is None else level
-    if compression == "zstd":
-        # The frame checksum lets `zstd -t` and restore catch corruption without the manifest.
-        cctx = zstandard.ZstdCompressor(level=level, threads=ZSTD_THREADS, write_checksum=True)
-        compressor: _Compressor = cctx.compressobj()
-        return compressor
-    if compression == "gzip":
-        return zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header
-    return _Lz4Compressor(level)
-
-
 class ArchiveWriter:
     """Push one archive's bytes in with ``write``; ``close`` returns what was stored.
 
     ``client_compression`` is "zstd", "gzip", "lz4" or "none" (server-compressed or raw bytes
-    pass through); ``compression_level`` None means ``DEFAULT_LEVELS``. With ``recipients``
+    pass through; ``ConfigError`` for another name); ``compression_level`` None means the
+    registry's backup level (``coordinator.codecs.Codec.backup_level``). With ``recipients``
     (age public keys) the stored bytes are one age stream.
 
     Use from one thread. ``sink.put_part`` is called on the writer's ``archive-parts`` thread,
@@ -128,7 +82,9 @@ class ArchiveWriter:
         compression_level: int | None = None,
         recipients: Sequence[str] | None = None,
     ) -> None:
-        self._compressor = make_compressor(client_compression, compression_level)
+        self._compressor = stream_compressor(
+            client_compression, compression_level, threads=ZSTD_THREADS
+        )
         self._parts = PartThread(sink)
         self._cutter = PartCutter(sizer, self._parts)
         self._encryptor: StreamEncryptor | None = None

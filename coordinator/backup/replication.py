@@ -34,23 +34,20 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from coordinator.backup import inplace, replication_legacy
+from coordinator.codecs import DEFAULT_COMPRESSION, codec
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
+from storage.layout import COMPRESSIONS, Compression, compression_of_suffix
 from storage.walnames import format_lsn, parse_lsn, segment_name
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = ("zstd", "gzip", "lz4", "none")
-# Our defaults: the fastest level of each. Measured on pgbench data, server zstd level 1 ran
-# ~800 MB/s for a 5.7x ratio; higher levels cost server CPU on the database host.
-DEFAULT_LEVELS = {"zstd": 1, "gzip": 1, "lz4": 1}
-LEVEL_RANGES = {"zstd": range(1, 23), "gzip": range(1, 10), "lz4": range(1, 13)}
-ZSTD_WORKERS = 2
+# Compressions, their levels (what we accept, what we ask for by default, zstd's workers) and
+# why: coordinator.codecs; the archive names the server gives (base.tar.zst ...): storage.layout.
 MAX_RATE_RANGE_KBPS = range(32, 1048577)  # the server's own limits for MAX_RATE
 MAX_LABEL_BYTES = 1023  # MAXPGPATH - 1
 OLDEST_SERVER = 130000  # backup manifests start with 13
 NEW_FRAMING = 150000
 CONNECT_TIMEOUT_S = 15
-SUFFIX_COMPRESSION = {".tar": "none", ".tar.gz": "gzip", ".tar.lz4": "lz4", ".tar.zst": "zstd"}
 # The server rejects a compression specification (unknown algorithm, not built in, bad detail)
 # with syntax_error; zstd rejecting a worker count while setting up reports internal_error.
 SQLSTATE_SYNTAX_ERROR = "42601"
@@ -99,7 +96,7 @@ class BaseBackupOptions:
     """``server_compression`` is what to ask for; the server may refuse (see ``base_backup``)."""
 
     label: str
-    server_compression: str = "zstd"
+    server_compression: str = DEFAULT_COMPRESSION
     compression_level: int | None = None
     fast_checkpoint: bool = True
     max_rate_kbps: int | None = None
@@ -107,7 +104,7 @@ class BaseBackupOptions:
     def __post_init__(self) -> None:
         if self.server_compression not in COMPRESSIONS:
             raise ConfigError(f"unknown compression '{self.server_compression}'")
-        levels = LEVEL_RANGES.get(self.server_compression)
+        levels = codec(self.server_compression).levels
         if self.compression_level is not None and (
             levels is None or self.compression_level not in levels
         ):
@@ -121,12 +118,17 @@ class BaseBackupOptions:
             raise ConfigError("backup label is too long or holds a NUL byte")
 
     def compression_detail(self, workers: bool) -> str | None:
-        """COMPRESSION_DETAIL for the requested algorithm, None for "none"."""
-        level = self.compression_level or DEFAULT_LEVELS.get(self.server_compression)
+        """COMPRESSION_DETAIL for the requested algorithm ("level=1", with ``workers`` and an
+        algorithm that has server workers "level=1,workers=2"), None for "none". The level is
+        ``compression_level`` or the registry's server level (``Codec.server_level``)."""
+        entry = codec(self.server_compression)
+        level = self.compression_level or entry.server_level
         if level is None:
             return None
         detail = f"level={level}"
-        return f"{detail},workers={ZSTD_WORKERS}" if workers else detail
+        if workers and entry.server_workers is not None:
+            return f"{detail},workers={entry.server_workers}"
+        return detail
 
 
 @dataclass(frozen=True)
@@ -320,9 +322,9 @@ class ReplicationConnection:
         attempts: list[tuple[str, str | None]] = []
         if options.server_compression != "none":
             algorithm = options.server_compression
-            if algorithm == "zstd":
-                # workers=2 measured no faster here on 2 cores; kept for larger DB hosts, and
-                # dropped silently where zstd is built without threads.
+            if codec(algorithm).server_workers is not None:
+                # Asked first (why: coordinator.codecs); a server whose zstd has no threads
+                # refuses the worker count, and the next attempt goes without.
                 attempts.append((algorithm, options.compression_detail(workers=True)))
             attempts.append((algorithm, options.compression_detail(workers=False)))
         attempts.append(("none", None))
@@ -369,6 +371,14 @@ class ReplicationConnection:
         raise DatabaseError(
             f"base backup on {self._target} failed: {_message(failure)}"
         ) from failure
+
+
+def _streamed_compression(suffix: str) -> Compression:
+    """What an archive's bytes are as streamed, from what follows the stem of the name the
+    server gives it (".tar", ".tar.zst", ".tar.gz", ".tar.lz4"); "none" for anything else."""
+    if not suffix.startswith(".tar"):
+        return "none"
+    return compression_of_suffix(suffix.removeprefix(".tar")) or "none"
 
 
 def _new_command(options: BaseBackupOptions, compression: str, detail: str | None) -> bytes:
@@ -489,7 +499,7 @@ class BackupStream:
             tablespace_oid=oid,
             location=location,
             size_estimate_bytes=row.size_bytes if row else None,
-            compression=SUFFIX_COMPRESSION.get(dot + suffix, "none"),
+            compression=_streamed_compression(dot + suffix),
         )
         self.archives.append(archive)
         self.archive_open = True

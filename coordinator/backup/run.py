@@ -30,11 +30,12 @@ from coordinator.backup.replication import (
 )
 from coordinator.backup.runner import Runner
 from coordinator.backup.window import PartWindow
+from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from storage.base import Capabilities, sha256_hex
 from storage.errors import CloudDumpError, DecryptionFailed
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
-from storage.manifest import ArchiveRecord, BackupManifest, CompressedBy, EncryptionInfo
+from storage.manifest import ArchiveRecord, BackupManifest, EncryptionInfo
 from storage.walnames import parse_lsn, prev_segment_name, segment_name
 from workers.backup import (
     WRAPPED_KEY_NAME,
@@ -70,7 +71,7 @@ class BackupPlan:
     name: str
     cluster: str | None
     dsn: str
-    compression: str = "zstd"
+    compression: str = DEFAULT_COMPRESSION
     compression_level: int | None = None
     encryption: Encryption | None = None
     # Where the cluster's WAL is archived (its passphrase is checked against the backup's).
@@ -325,7 +326,7 @@ def _build_manifest(
         ),
         start_time=times[0],
         end_time=times[1],
-        compression=plan.compression,  # type: ignore[arg-type]
+        compression=codec(plan.compression).name,
         compression_level=plan.compression_level,
         encryption=_encryption_info(run, layout) if encrypted else None,
         archives=[_archive_record(a, plan, uploads) for a in run.archives],
@@ -350,19 +351,13 @@ def _archive_record(
         key=archive.key,
         tablespace_oid=archive.info.tablespace_oid,
         tablespace_location=archive.info.location,
-        compression=plan.compression,  # type: ignore[arg-type]
-        compressed_by=_compressed_by(plan.compression, archive.info.compression),
+        compression=codec(plan.compression).name,
+        compressed_by=compressed_by(plan.compression, archive.info.compression),
         encrypted=plan.encryption is not None,
         stored_size=summary.stored_size,
         sha256=summary.sha256,
         parts=summary.parts,
     )
-
-
-def _compressed_by(requested: str, streamed: str) -> CompressedBy:
-    if requested == "none":
-        return "none"
-    return "server" if streamed != "none" else "client"
 
 
 def _encryption_info(run: _Run, layout: Layout) -> EncryptionInfo:

@@ -10,15 +10,20 @@ confirmed. Sending again what a dead worker or a restarted broker lost is the ru
 
 from __future__ import annotations
 
+import math
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 
 from coordinator.backup.runner import PartHandle, Runner
+from coordinator.wait import wait_until
 from storage.errors import CloudDumpError
 from workers.backup import UploadPartRequest, UploadPartResult
 
+# How often a full window looks for finished parts (fixed): a part takes seconds to upload, so
+# seeing it 10 ms late costs nothing. No bound on the wait: the runner sends again a part not
+# confirmed after ``--part-timeout``, fails the backup when the broker stays away that long
+# (``coordinator.broker.flights``), and ``abandon`` ends the wait.
 _POLL_S = 0.01
 
 
@@ -42,11 +47,7 @@ class PartWindow:
     def submit(self, key: str, upload_id: str, part_number: int, data: bytes, sha256: str) -> None:
         """Stage and send one part; blocks while the window is full."""
         with self._lock:
-            while len(self._pending) >= self.max_in_flight:
-                if self._abandoned:
-                    raise CloudDumpError("the backup was abandoned")
-                if not self._collect():
-                    time.sleep(_POLL_S)
+            wait_until(self._room, timeout_s=math.inf, first_s=_POLL_S)
             self._sequence += 1
             request = UploadPartRequest(
                 key=key,
@@ -62,9 +63,7 @@ class PartWindow:
     def drain(self) -> dict[str, list[UploadPartResult]]:
         """Wait for every part sent; return the uploaded parts of each key, in order."""
         with self._lock:
-            while self._pending:
-                if not self._collect():
-                    time.sleep(_POLL_S)
+            wait_until(self._all_done, timeout_s=math.inf, first_s=_POLL_S)
             return {k: [parts[n] for n in sorted(parts)] for k, parts in self._done.items()}
 
     def abandon(self) -> None:
@@ -85,6 +84,24 @@ class PartWindow:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def _room(self) -> bool:
+        """Whether another part may be sent (taking in finished ones first); raises once the
+        backup is abandoned, or a part's error."""
+        while len(self._pending) >= self.max_in_flight:
+            if self._abandoned:
+                raise CloudDumpError("the backup was abandoned")
+            if not self._collect():
+                return False
+        return True
+
+    def _all_done(self) -> bool:
+        """Whether every part sent is confirmed (taking in finished ones); raises a part's
+        error."""
+        while self._pending:
+            if not self._collect():
+                return False
+        return True
 
     def _collect(self) -> bool:
         """Take in finished parts (raising a part's error). True if anything finished."""

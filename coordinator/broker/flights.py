@@ -44,6 +44,7 @@ from celery import Celery
 from celery.utils.nodenames import worker_direct
 
 from coordinator.broker.client import START_WORKER_HINT, _as_broker
+from coordinator.wait import wait_until
 from storage.errors import (
     BrokerUnreachable,
     CloudDumpError,
@@ -74,7 +75,11 @@ STRAY_FLOOR_S = 30.0
 STRAY_FACTOR = 10.0
 # Copies lost to an outage under the worker before that error counts as the answer.
 MAX_LOST_COPIES = 5
+# Between two pings of a broker that went away: a Redis restart or failover takes seconds, so
+# it is noticed within half a second, without hammering a server that is starting.
 BROKER_POLL_S = 0.5
+# Between two looks at a flight ``wait`` follows: a task's round trip takes milliseconds at
+# best, and ``refresh`` reads the broker at most every REFRESH_EVERY_S anyway.
 WAIT_PAUSE_S = 0.01
 
 
@@ -157,8 +162,9 @@ class Flights:
 
     def wait(self, flight: Flight) -> Any:
         """The flight's answer, once there is one; raises its error."""
-        while not self.poll(flight):
-            time.sleep(WAIT_PAUSE_S)
+        # No bound here: a flight with a ``timeout_s`` is answered NoWorkerAvailable past it,
+        # and a broker that stays away past ``grace_s`` raises from ``poll``.
+        wait_until(lambda: self.poll(flight), timeout_s=math.inf, first_s=WAIT_PAUSE_S)
         return flight.result()
 
     def run(self, flight: Flight) -> Any:
@@ -319,17 +325,22 @@ class Flights:
 
     def _await_broker(self, error: BrokerUnreachable) -> None:
         """Return once the broker answers again; raise ``error`` after ``grace_s``."""
-        deadline = time.monotonic() + self.grace_s
         if self.grace_s > 0:
             log.warning("%s: waiting up to %.0f s for it to come back", error, self.grace_s)
-        while time.monotonic() < deadline and not self._interrupted.is_set():
-            time.sleep(BROKER_POLL_S)
+
+        def answers() -> bool:
+            nonlocal error
             try:
                 self.broker.ping()
                 self._identity = self.broker.identity()
             except BrokerUnreachable as exc:
                 error = exc
-                continue
+                return False
+            return True
+
+        # Paused first: the call that failed has just tried. BROKER_POLL_S between pings.
+        if wait_until(answers, timeout_s=self.grace_s, first_s=BROKER_POLL_S, pause_first=True,
+                      interrupt=self._interrupted):  # fmt: skip
             self._identity_at = time.monotonic()
             self._new_epoch(f"broker '{_shown(self.broker.url)}' answers again")
             return

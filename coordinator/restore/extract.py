@@ -26,18 +26,19 @@ point (even by SIGKILL) never leaves a data directory that looks usable.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NoReturn
 
 import crc32c
 
+from coordinator.fsutil import naming as naming  # also run.py's and targetdirs.py's, for now
+from coordinator.fsutil import write_all
 from storage.errors import IntegrityError
 
 PARTIAL_SUFFIX = ".cloud-dump-partial"
@@ -73,24 +74,6 @@ def dir_mode(archived: int) -> int:
 def file_mode(archived: int) -> int:
     """The mode a restored regular file gets for the mode it had in the archive."""
     return (archived & _KEPT_MODE_BITS) | 0o600
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data``: a write may take only part of it (a disk filling up, a signal)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-@contextlib.contextmanager
-def naming(path: Path) -> Iterator[None]:
-    """Re-raise an ``OSError`` that names no file as one naming ``path``."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def extract_archive(

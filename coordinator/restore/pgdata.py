@@ -9,12 +9,13 @@ invalidated (``coordinator.restore.pgcontrol``). Every write names its file if i
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.restore.extract import naming, rewrite_tablespace_map, write_all
+from coordinator.fsutil import fsync_dir as fsync_dir  # run.py's import of it, for now
+from coordinator.fsutil import naming, write_atomically
+from coordinator.restore.extract import rewrite_tablespace_map
 from coordinator.restore.pgcontrol import control_version, invalidate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,22 +103,10 @@ def set_modes(directories: Collection[Path], modes: DataModes) -> None:
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically (a temporary file renamed over it)."""
-    temp = path.with_name(path.name + ".cloud-dump-tmp")
-    with naming(temp):
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            os.fchmod(fd, mode)  # open() applied the umask to it
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-    temp.replace(path)
+    """Replace ``path`` with ``data`` atomically, with exactly ``mode`` (``DataModes.file``, or
+    the mode the restored file had), never through a symbolic link; raises ``OSError`` naming
+    ``path``.
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with naming(path):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    Not fsynced: restore calls ``os.sync()`` once before it makes the directory startable.
+    """
+    write_atomically(path, data, mode=mode, sync=False)

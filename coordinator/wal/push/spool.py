@@ -43,12 +43,12 @@ standard library modules the CLI has already loaded.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from coordinator.background import make_spool_dir
+from coordinator.fsutil import write_atomically
 from coordinator.wal.push.marker import (
     MARKER_DIR,
     archive_location,
@@ -248,12 +248,12 @@ class Spool:
         """Write atomically (temp file + rename): a reader sees the old text or the new one.
 
         No fsync: a marker lost in a crash only costs one more (idempotent) push, and a torn
-        one fails the location comparison.
+        one fails the location comparison. Mode: 0666 less the umask (the spool's directories are
+        0700). Temporary names start with ``_TMP_PREFIX``, which readers skip.
+        Raises ``OSError`` naming ``path``.
         """
         make_spool_dir(self.directory, path.parent)
-        tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomically(path, text, mode=None, sync=False, temp_prefix=_TMP_PREFIX)
 
 
 class NoSpool(Spool):
