@@ -19,13 +19,13 @@ This module is imported on the fast path of every WAL call: standard library onl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 # A helper's log is rotated (one old generation kept) when it passes this size at start-up.
@@ -98,7 +98,7 @@ def helper_running(lock_path: Path) -> bool:
 
 
 def spawn_helper(
-    module: str, settings: dict[str, object], log_path: Path
+    module: str, settings: Mapping[str, object], log_path: Path
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m module`` detached, with ``settings`` on its stdin.
 
@@ -126,21 +126,13 @@ def spawn_helper(
     return process
 
 
-def read_settings() -> argparse.Namespace:
-    """In the helper: the settings its caller wrote on stdin."""
-    settings = json.loads(sys.stdin.buffer.read() or b"{}")
-    if not isinstance(settings, dict):
-        raise SystemExit("helper settings on stdin are not a JSON object")
-    return argparse.Namespace(**settings)
-
-
-def namespace_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The JSON-safe part of the caller's parsed arguments, to hand to a helper."""
-    return {
-        key: value
-        for key, value in vars(args).items()
-        if value is None or isinstance(value, str | int | float | bool | list)
-    }
+def read_payload() -> dict[str, object]:
+    """In the helper: what its caller wrote on stdin (its settings, as
+    ``coordinator.settings.settings_to_json`` wrote them, under ``"settings"``, and the job)."""
+    payload = json.loads(sys.stdin.buffer.read() or b"{}")
+    if not isinstance(payload, dict) or not isinstance(payload.get("settings"), dict):
+        raise SystemExit("helper settings on stdin are not a JSON object with 'settings'")
+    return payload
 
 
 def _rotate(log_path: Path) -> None:

@@ -6,22 +6,21 @@ file by ``coordinator.cli.main``) and returns the object a command works with.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from coordinator.walarchive import IdentityCache, Keys
-from storage.base import Storage
+from storage.base import S3_MAX_PART_COUNT, Storage
 from storage.errors import ConfigError
 from storage.factory import open_storage
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.options import StorageOptions
 
 if TYPE_CHECKING:
-    from storage.base import Storage
+    from storage.base import S3_MAX_PART_COUNT, Storage
 
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,133 @@ log = logging.getLogger(__name__)
 Report = Callable[[str], None]
 
 
-def storage_options(args: argparse.Namespace) -> StorageOptions:
+# --- each command's settings, typed ----------------------------------------------------------
+# Built once, at the edge, from the parsed command line (``coordinator.cli.settings``); below
+# the CLI nothing reads argparse or the environment for a setting the table declares. Field
+# names are the options' ``dest`` in ``options.declared`` (tests/test_options.py holds each
+# class to its command's rows). Frozen: a helper gets a copy as JSON on stdin, never argv.
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonSettings:
+    """Where the store and the broker are, and logging: every command's."""
+
+    command: str
+    storage: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_path_style: bool | None = None
+    s3_max_parts: int = S3_MAX_PART_COUNT
+    storage_max_attempts: int = 5
+    broker: str | None = None
+    result_backend: str | None = None
+    staging_url: str | None = None
+    cluster: str | None = None
+    config: str | None = None
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyedSettings(CommonSettings):
+    """A command that encrypts or decrypts: the passphrase's sources. ``passphrase`` is the
+    flag's or else ``CLOUD_DUMP_PASSPHRASE``; ``passphrase_from_flag`` says it was typed on
+    the command line (visible in ps: warned about once)."""
+
+    passphrase_file: str | None = None
+    passphrase: str | None = field(default=None, repr=False)
+    passphrase_from_flag: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupSettings(KeyedSettings):
+    name: str | None = None
+    db_url: str | None = field(default=None, repr=False)
+    compression: str = "zstd"
+    compression_level: int | None = None
+    encrypt: bool = False
+    recipient_key: tuple[str, ...] = ()
+    parallel: int = 4
+    part_size_mib: int = 16
+    part_timeout: float = 300.0
+    task_timeout: float = 600.0
+    progress: bool = True
+    wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: backup has no flag for it
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreSettings(KeyedSettings):
+    name: str | None = None
+    pgdata: str | None = None
+    identity_key: tuple[str, ...] = ()
+    tablespace_mapping: tuple[str, ...] = ()
+    parallel: int = 4
+    owner: str | None = None
+    recovery_target_time: str | None = None
+    recovery_target_lsn: str | None = None
+    recovery_target_xid: str | None = None
+    recovery_target_name: str | None = None
+    recovery_target: str | None = None
+    recovery_target_timeline: str | None = None
+    recovery_target_exclusive: bool = False
+    restore_config: str | None = None
+    archive_mode: str = "preserve"
+    wal_prefix: str | None = None
+    spool_dir: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListSettings(CommonSettings):
+    json: bool = False
+    wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: list has no flag for it
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckSettings(CommonSettings):
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class WalPushSettings(KeyedSettings):
+    path: str
+    file_name: str
+    compression: str = "zstd"
+    encrypt: bool = False
+    recipient_key: tuple[str, ...] = ()
+    look_ahead: int = 8
+    timeout: float = 60.0
+    wal_prefix: str | None = None
+    spool_dir: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WalFetchSettings(KeyedSettings):
+    file_name: str
+    path: str
+    identity_key: tuple[str, ...] = ()
+    prefetch: int = 8
+    allow_partial: bool = False
+    wal_prefix: str | None = None
+    spool_dir: str | None = None
+
+
+_S = TypeVar("_S", bound=CommonSettings)
+
+
+def settings_to_json(settings: CommonSettings) -> dict[str, object]:
+    """``settings`` as JSON-safe values, for a detached helper's stdin (never its argv: the
+    passphrase would show in ps)."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+def settings_from_json(cls: type[_S], data: dict[str, object]) -> _S:
+    """The settings a helper was given, as ``settings_to_json`` wrote them; unknown keys (a
+    helper started by another version) are ignored."""
+    known = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+    return cls(**values)  # type: ignore[arg-type]
+
+
+def storage_options(args: CommonSettings) -> StorageOptions:
     return StorageOptions(
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
@@ -40,20 +165,25 @@ def storage_options(args: argparse.Namespace) -> StorageOptions:
     )
 
 
-def open_store(args: argparse.Namespace) -> Storage:
+def storage_url_of(args: CommonSettings) -> str:
+    """The storage URL; ``ConfigError`` when none was given."""
     if not args.storage:
         raise ConfigError("no storage given: use --storage or CLOUD_DUMP_STORAGE")
-    return open_storage(args.storage, storage_options(args))
+    return args.storage
 
 
-def layout_of(args: argparse.Namespace) -> Layout:
+def open_store(args: CommonSettings) -> Storage:
+    """The store ``args`` names, opened; ``ConfigError`` when none was given."""
+    return open_storage(storage_url_of(args), storage_options(args))
+
+
+def layout_of(args: BackupSettings | RestoreSettings | ListSettings) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
-    # `backup` and `list` have no --wal-prefix flag: the environment sets it for the flat layout.
-    prefix = getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX")
+    prefix = args.wal_prefix
     return Layout(cluster=args.cluster, wal_prefix=prefix or DEFAULT_WAL_PREFIX)
 
 
-def read_passphrase(args: argparse.Namespace) -> str | None:
+def read_passphrase(args: KeyedSettings) -> str | None:
     """From --passphrase-file, CLOUD_DUMP_PASSPHRASE or --passphrase (warned: ps shows it)."""
     if args.passphrase_file:
         try:
@@ -76,9 +206,9 @@ def read_passphrase(args: argparse.Namespace) -> str | None:
 
 
 
-def wal_layout(args: argparse.Namespace) -> Layout:
+def wal_layout(args: RestoreSettings | WalPushSettings | WalFetchSettings) -> Layout:
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
-def keys_from(args: argparse.Namespace, spool: IdentityCache | None) -> Keys:
+def keys_from(args: RestoreSettings | WalFetchSettings, spool: IdentityCache | None) -> Keys:
     return Keys([Path(p) for p in args.identity_key or []], lambda: read_passphrase(args), spool)

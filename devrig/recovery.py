@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from coordinator.restore.recovery import default_restore_config
+from coordinator.restore.restoreconfig import default_restore_config
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget
 from devrig.pgbin import bin_dir

@@ -29,6 +29,9 @@ ALL = frozenset(COMMANDS)
 KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
 
+# storage.layout.COMPRESSIONS, spelled out: this module is standard library only and below
+# storage (the fast path imports it). tests/coordinator/test_codecs.py holds the two equal, and
+# the --compression-level row's limit and range text equal to coordinator.codecs' level ranges.
 COMPRESSIONS = ("zstd", "gzip", "lz4", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

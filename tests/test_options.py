@@ -78,3 +78,20 @@ def test_the_readme_exit_codes_are_the_codes_the_cli_exits_with() -> None:
         if isinstance(cls, type) and issubclass(cls, errors.CloudDumpError):
             assert cls.exit_code in set(ExitCode), cls
             assert exit_code_for(cls.__new__(cls)) == cls.exit_code
+
+
+def test_each_commands_typed_settings_are_its_declared_options() -> None:
+    """The typed settings a command runs with (coordinator.settings) have a field for each of
+    its declared options, and nothing the table does not declare."""
+    from dataclasses import fields
+
+    from coordinator.cli.settings import SETTINGS
+
+    extra = {"command", "passphrase_from_flag", "path", "file_name"}
+    for command, cls in SETTINGS.items():
+        declared = {o.dest for o in options_of(command) if o.dest}
+        env_only = {o.env.removeprefix("CLOUD_DUMP_").lower() for o in options_of(command)
+                    if o.flag is None and o.env}  # fmt: skip
+        names = {f.name for f in fields(cls)}
+        assert declared <= names, (command, declared - names)
+        assert names <= declared | env_only | extra, (command, names - declared - env_only)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.restore.recovery import default_restore_config
+from coordinator.restore.restoreconfig import default_restore_config
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, make_postgres_dir
 from devrig.roundtrip import backup_cli

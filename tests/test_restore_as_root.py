@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from coordinator.restore.recovery import default_restore_config
+from coordinator.restore.restoreconfig import default_restore_config
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget
 from devrig.postgres import PgCluster, PgFactory, as_postgres, make_postgres_dir

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.restore.recovery import default_restore_config
+from coordinator.restore.restoreconfig import default_restore_config
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget, local_target
 from devrig.pgbin import bin_dir

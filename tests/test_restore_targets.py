@@ -18,7 +18,9 @@ from datetime import UTC, datetime, tzinfo
 import pytest
 
 from coordinator.cli.main import build_parser
-from coordinator.restore.recovery import target_from_args
+from coordinator.cli.settings import settings_of
+from coordinator.restore.command import target_from_args
+from coordinator.settings import RestoreSettings
 from devrig.moto import StorageTarget
 from devrig.pgbin import bin_dir
 from devrig.postgres import PgCluster, PgFactory, as_postgres
@@ -152,8 +154,9 @@ ACCEPTED_TIMES = [
 
 def written_value(*flags: str) -> dict[str, str]:
     """The recovery settings restore would write for ``flags``."""
-    args = build_parser().parse_args(["restore", *flags])
-    target = target_from_args(args)
+    settings = settings_of(build_parser().parse_args(["restore", *flags]))
+    assert isinstance(settings, RestoreSettings)
+    target = target_from_args(settings)
     assert target is not None
     return {k: v for k, v in target.settings().items() if v}
 

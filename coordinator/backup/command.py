@@ -3,14 +3,13 @@ runner (embedded or Celery workers) chosen and checked before anything is claime
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from coordinator.settings import Report, layout_of, open_store, read_passphrase
+from coordinator.settings import BackupSettings, Report, layout_of, open_store, read_passphrase
 from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
 from storage.errors import ConfigError
 from storage.layout import validate_name
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_backup(args: argparse.Namespace, report: Report) -> None:
+def run_backup(args: BackupSettings, report: Report) -> None:
     from coordinator.backup.run import BackupPlan, run_backup
 
     name = validate_name("backup", args.name or "")
@@ -66,7 +65,7 @@ def _has_password(dsn: str) -> bool:
     return "password=" in dsn
 
 
-def _backup_encryption(args: argparse.Namespace) -> Encryption | None:
+def _backup_encryption(args: BackupSettings) -> Encryption | None:
     from coordinator.backup.run import Encryption
     from coordinator.crypto import read_recipients
 
@@ -83,7 +82,7 @@ def _backup_encryption(args: argparse.Namespace) -> Encryption | None:
     return None
 
 
-def _runner(args: argparse.Namespace) -> tuple[Runner, Capabilities]:
+def _runner(args: BackupSettings) -> tuple[Runner, Capabilities]:
     """Celery workers when a broker is given, else threads of this process."""
     if args.broker:
         from coordinator.backup.runner import CeleryRunner

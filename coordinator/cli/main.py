@@ -250,33 +250,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # The environment's passphrase is read here rather than as a flag default, so that only a
-    # passphrase typed on the command line (visible in ps) gets the warning.
-    if hasattr(args, "passphrase"):
-        args.passphrase_from_flag = args.passphrase is not None
-        args.passphrase = args.passphrase or _env("CLOUD_DUMP_PASSPHRASE")
+    from coordinator.cli.settings import settings_of
+    from coordinator.settings import (
+        BackupSettings,
+        CheckSettings,
+        ListSettings,
+        RestoreSettings,
+        WalFetchSettings,
+        WalPushSettings,
+    )
+
+    settings = settings_of(args)
     # The WAL commands first: they run once per segment and import only what they need.
-    if args.command == "wal-push":
+    if isinstance(settings, WalPushSettings):
         from coordinator.wal.push.command import run_wal_push
 
-        run_wal_push(args)
+        run_wal_push(settings)
         return ExitCode.OK
-    if args.command == "wal-fetch":
+    if isinstance(settings, WalFetchSettings):
         from coordinator.wal.fetch.command import run_wal_fetch
 
-        return run_wal_fetch(args)
-    from coordinator.backup.command import run_backup
-    from coordinator.ops.check import run_check
-    from coordinator.ops.list import run_list
-    from coordinator.restore.command import run_restore
+        return run_wal_fetch(settings)
+    if isinstance(settings, BackupSettings):
+        from coordinator.backup.command import run_backup
 
-    handlers = {
-        "backup": run_backup,
-        "restore": run_restore,
-        "list": run_list,
-        "check": run_check,
-    }
-    handlers[args.command](args, print)
+        run_backup(settings, print)
+    elif isinstance(settings, RestoreSettings):
+        from coordinator.restore.command import run_restore
+
+        run_restore(settings, print)
+    elif isinstance(settings, ListSettings):
+        from coordinator.ops.list import run_list
+
+        run_list(settings, print)
+    else:
+        from coordinator.ops.check import run_check
+
+        assert isinstance(settings, CheckSettings)
+        run_check(settings, print)
     return ExitCode.OK
 
 
@@ -352,9 +363,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(problems[0])
     level = getattr(args, "compression_level", None)
     if args.command == "backup" and level is not None:
-        from coordinator.backup.replication import LEVEL_RANGES
+        from coordinator.codecs import codec
 
-        levels = LEVEL_RANGES.get(args.compression)
+        levels = codec(args.compression).levels
         if levels is None:
             raise ConfigError(
                 f"a compression level (--compression-level or CLOUD_DUMP_COMPRESSION_LEVEL) "

@@ -10,10 +10,9 @@ the check fails (exit 3) naming both locations.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
-from coordinator.settings import Report, open_store
+from coordinator.settings import CheckSettings, Report, open_store
 from storage.base import Storage
 from storage.errors import ConfigError, RemoteTaskFailed, StorageError, StorageMismatch
 from storage.redact import redact_url
@@ -79,7 +78,7 @@ def check_workers(
 
 
 
-def run_check(args: argparse.Namespace, report: Report) -> None:
+def run_check(args: CheckSettings, report: Report) -> None:
 
     if not args.storage and not args.broker:
         raise ConfigError("nothing to check: give --storage, --broker or both")

@@ -7,7 +7,6 @@ abandoned runs are not shown. Under each backup, the WAL archived after it
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from coordinator.catalog import human_size
-from coordinator.settings import Report, open_store
+from coordinator.settings import ListSettings, Report, open_store
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.manifest import BackupManifest
 
@@ -93,7 +92,7 @@ def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
 
 
 
-def run_list(args: argparse.Namespace, report: Report) -> None:
+def run_list(args: ListSettings, report: Report) -> None:
     from coordinator.catalog import archived_segment_names, find_backups, wal_range
 
     # `list` has no --wal-prefix flag of its own: the environment sets it for the flat layout.

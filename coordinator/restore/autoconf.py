@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from coordinator.restore.pgconf import parse_line, quote
-from coordinator.restore.recovery import is_restore_config_name
+from coordinator.restore.restoreconfig import is_restore_config_name
 
 OLD_BLOCK_HEADER = "# point-in-time recovery, written by cloud-dump restore"
 BLOCK_BEGIN = "# BEGIN cloud-dump restore settings"

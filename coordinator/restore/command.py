@@ -7,40 +7,55 @@ archive's timelines, the recovery settings, the restore config file and the fina
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coordinator.settings import Report, layout_of, open_store, read_passphrase
+from coordinator.restore.recovery import (
+    AWS_VARIABLES,
+    RecoveryTarget,
+    WalFetchCommand,
+    normalized_target,
+    own_executable,
+)
+from coordinator.restore.restoreconfig import absolute_path, default_restore_config
+from coordinator.restore.targets import (
+    normalize_timeline,
+)
+from coordinator.settings import (
+    Report,
+    RestoreSettings,
+    layout_of,
+    open_store,
+    read_passphrase,
+    storage_url_of,
+)
 from storage.base import Storage
 from storage.errors import ConfigError
 from storage.layout import DEFAULT_WAL_PREFIX, Layout, validate_name
 
 if TYPE_CHECKING:
-    from coordinator.restore.recovery import RecoveryTarget
-    from coordinator.restore.recoveryconf import RestoreSettings
+    from coordinator.restore.recoveryconf import RecoveryConf
     from coordinator.restore.run import RestoreSummary
     from storage.manifest import BackupManifest
 
 log = logging.getLogger(__name__)
 
 
-def run_restore(args: argparse.Namespace, report: Report) -> None:
+def run_restore(args: RestoreSettings, report: Report) -> None:
     from coordinator.restore.ownership import resolve_owner
-    from coordinator.restore.recovery import (
-        check_restore_config,
-        target_from_args,
-        wal_fetch_command,
-    )
-    from coordinator.restore.recoveryconf import RestoreSettings, SettingsRequest
+    from coordinator.restore.recovery import check_restore_config
+    from coordinator.restore.recoveryconf import RecoveryConf, SettingsRequest
     from coordinator.restore.run import restore_backup
 
     name = validate_name("backup", args.name or "")
     if not args.pgdata:
         raise ConfigError("no target directory given: use --pgdata or PGDATA")
+    storage_url_of(args)  # no storage: refused before anything is decided
     # Refuse a bad recovery target before downloading anything.
     target = target_from_args(args)
     command = wal_fetch_command(args, Path(args.pgdata), os.environ) if target else None
@@ -49,11 +64,11 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
     # Run as root: who gets what the restore writes, decided before anything is downloaded.
     owner = resolve_owner(args.owner, Path(args.pgdata))
     storage = open_store(args)
-    settings: RestoreSettings | None = None
+    settings: RecoveryConf | None = None
     try:
         manifest, target = _check_before_download(storage, args, name, target)
         # Applied once every file is verified, before pg_control makes PGDATA startable.
-        settings = RestoreSettings(SettingsRequest(
+        settings = RecoveryConf(SettingsRequest(
             name, target, command, args.archive_mode, datetime.now(UTC)))
         summary = restore_backup(
             storage,
@@ -62,7 +77,7 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
             Path(args.pgdata),
             identity_paths=[Path(p) for p in args.identity_key or []],
             passphrase=read_passphrase(args),
-            tablespace_mapping=_mapping(args.tablespace_mapping or []),
+            tablespace_mapping=_mapping(args.tablespace_mapping),
             parallel=args.parallel,
             before_startable=settings,
             owner=owner,
@@ -79,7 +94,7 @@ def run_restore(args: argparse.Namespace, report: Report) -> None:
 
 
 def _check_before_download(
-    storage: Storage, args: argparse.Namespace, name: str, target: RecoveryTarget | None
+    storage: Storage, args: RestoreSettings, name: str, target: RecoveryTarget | None
 ) -> tuple[BackupManifest, RecoveryTarget | None]:
     """The backup's manifest, and the target with the timeline recovery will follow; with a
     target, refuse one it cannot reach or an ambiguous timeline (exit 3) and a WAL archive
@@ -100,13 +115,14 @@ def _check_before_download(
 
 
 def _refuse_config_inside_targets(
-    config: Path, manifest: BackupManifest, args: argparse.Namespace
+    config: Path, manifest: BackupManifest, args: RestoreSettings
 ) -> None:
     """A restore config inside PGDATA or a tablespace directory would travel, secrets and all,
     in every base backup of the copy: refuse it (exit 3) before anything is written."""
     from coordinator.restore.targetdirs import plan_targets
 
-    plan = plan_targets(manifest, Path(args.pgdata), _mapping(args.tablespace_mapping or []))
+    assert args.pgdata is not None  # run_restore refused it missing
+    plan = plan_targets(manifest, Path(args.pgdata), _mapping(args.tablespace_mapping))
     where = Path(os.path.normpath(config.absolute()))
     for directory in (plan.pgdata, *plan.tablespaces.values()):
         if where.is_relative_to(Path(os.path.normpath(directory.absolute()))):
@@ -118,11 +134,10 @@ def _refuse_config_inside_targets(
 
 
 def _follow_timeline(
-    storage: Storage, args: argparse.Namespace, manifest: BackupManifest, target: RecoveryTarget
+    storage: Storage, args: RestoreSettings, manifest: BackupManifest, target: RecoveryTarget
 ) -> RecoveryTarget:
     """``target`` pinned to the timeline ``coordinator.restore.timelines`` chooses from the
     archive's history files (refusing an ambiguous or impossible one, exit 3)."""
-    from dataclasses import replace
 
     from coordinator.catalog import segment_size_of
     from coordinator.restore.archiving import archive_url
@@ -131,21 +146,21 @@ def _follow_timeline(
     from coordinator.walarchive import WalArchive
 
     archive = WalArchive(storage, _wal_layout(args), keys_from(args, None))
-    where = archive_url(args.storage, args.cluster, args.wal_prefix)
+    where = archive_url(storage_url_of(args), args.cluster, args.wal_prefix)
     choice = choose_timeline(
         manifest, target, ArchivedTimelines(archive, segment_size_of(manifest), where))
     return replace(target, timeline=choice.setting, followed=choice.describe())
 
 
-def _wal_layout(args: argparse.Namespace) -> Layout:
+def _wal_layout(args: RestoreSettings) -> Layout:
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
 def _report_restore(
-    args: argparse.Namespace,
+    args: RestoreSettings,
     summary: RestoreSummary,
     manifest: BackupManifest,
-    settings: RestoreSettings,
+    settings: RecoveryConf,
     report: Report,
 ) -> None:
     from coordinator.restore.archiving import archive_url
@@ -154,7 +169,7 @@ def _report_restore(
     assert settings.outcome is not None  # restore_backup calls before_startable or raises
     text = restore_report(
         summary, manifest, settings.request, settings.outcome, settings.plan,
-        archive_url(args.storage, args.cluster, args.wal_prefix),
+        archive_url(storage_url_of(args), args.cluster, args.wal_prefix),
     )
     for line in text.lines:
         report(line)
@@ -162,7 +177,7 @@ def _report_restore(
         log.warning("%s", warning)
 
 
-def _mapping(pairs: list[str]) -> dict[str, str]:
+def _mapping(pairs: Iterable[str]) -> dict[str, str]:
     mapping = {}
     for pair in pairs:
         old, sep, new = pair.partition("=")
@@ -170,3 +185,71 @@ def _mapping(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"invalid --tablespace-mapping '{pair}': expected /OLD=/NEW")
         mapping[old.rstrip("/")] = new.rstrip("/")
     return mapping
+
+
+
+def target_from_args(args: RestoreSettings) -> RecoveryTarget | None:
+    """The target the restore flags ask for, normalised; None for a plain restore.
+
+    ``ConfigError`` (exit 3) for a value PostgreSQL would refuse or read otherwise.
+    """
+    timeline = (None if args.recovery_target_timeline is None
+                else normalize_timeline(args.recovery_target_timeline))
+    given = [
+        (setting, value)
+        for setting, value in (
+            ("recovery_target_time", args.recovery_target_time),
+            ("recovery_target_lsn", args.recovery_target_lsn),
+            ("recovery_target_xid", args.recovery_target_xid),
+            ("recovery_target_name", args.recovery_target_name),
+        )
+        if value is not None
+    ]
+    if args.recovery_target == "immediate":
+        given.append(("recovery_target", "immediate"))
+    if not given and args.recovery_target != "latest" and timeline is None:
+        if args.recovery_target_exclusive:
+            raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
+        return None
+    setting, value = given[0] if given else (None, None)
+    if args.recovery_target_exclusive and setting not in (
+        "recovery_target_time", "recovery_target_lsn", "recovery_target_xid"
+    ):
+        raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
+    target = RecoveryTarget(setting, value, timeline, not args.recovery_target_exclusive)
+    return normalized_target(target) if setting is not None and value is not None else target
+
+
+def wal_fetch_command(
+    args: RestoreSettings, pgdata: Path, environ: Mapping[str, str]
+) -> WalFetchCommand:
+    """The wal-fetch invocation and settings for a restore run with ``args``.
+
+    ``CLOUD_DUMP_EXECUTABLE`` overrides the path of the command the server runs, for hosts where
+    the server's user reaches cloud-dump by another path than the one running restore.
+    """
+    settings: dict[str, str] = {"CLOUD_DUMP_STORAGE": storage_url_of(args)}
+    optional = {
+        "CLOUD_DUMP_S3_ENDPOINT": args.s3_endpoint,
+        "CLOUD_DUMP_S3_REGION": args.s3_region,
+        "CLOUD_DUMP_S3_PATH_STYLE": None if args.s3_path_style is None
+        else str(args.s3_path_style).lower(),
+        "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": str(args.storage_max_attempts),
+        "CLOUD_DUMP_CLUSTER": args.cluster,
+        "CLOUD_DUMP_WAL_PREFIX": args.wal_prefix,
+        "CLOUD_DUMP_SPOOL_DIR": args.spool_dir and str(Path(args.spool_dir).absolute()),
+        "CLOUD_DUMP_IDENTITY_KEY": ",".join(
+            str(Path(p).absolute()) for p in args.identity_key or []
+        ),
+    }
+    if args.passphrase_file:
+        optional["CLOUD_DUMP_PASSPHRASE_FILE"] = str(Path(args.passphrase_file).absolute())
+    elif args.passphrase:
+        optional["CLOUD_DUMP_PASSPHRASE"] = args.passphrase
+    if str(args.storage).startswith("s3:"):
+        optional.update({name: environ.get(name) for name in AWS_VARIABLES})
+    settings.update({k: v for k, v in optional.items() if v})
+    config = Path(args.restore_config) if args.restore_config else default_restore_config(pgdata)
+    executable = environ.get("CLOUD_DUMP_EXECUTABLE") or own_executable()
+    return WalFetchCommand(Path(executable).absolute(), absolute_path(config), settings,
+                           absolute_path(pgdata))

@@ -33,8 +33,6 @@ the same PGDATA replaces its own.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import sys
 from collections.abc import Mapping
@@ -46,16 +44,12 @@ from coordinator.fsutil import write_atomically
 from coordinator.restore.targets import (
     check_restore_point_name,
     format_lsn,
-    normalize_timeline,
     normalize_xid,
     parse_lsn,
     parse_target_time,
 )
 from storage.errors import ConfigError, TargetNotEmpty
 
-# The default restore config of PGDATA ``.../NAME`` is ``.../NAME.cloud-dump-restore.conf``;
-# versions before it used this name alone, one per parent directory.
-RESTORE_CONFIG_NAME = "cloud-dump-restore.conf"
 _CONFIG_HEADER = ("# cloud-dump settings for restore_command (wal-fetch); mode 0600, may hold "
                   "secrets")
 _SERVES = "# serves PGDATA: "
@@ -127,39 +121,7 @@ class RecoveryTarget:
         return stop
 
 
-def target_from_args(args: argparse.Namespace) -> RecoveryTarget | None:
-    """The target the restore flags ask for, normalised; None for a plain restore.
-
-    ``ConfigError`` (exit 3) for a value PostgreSQL would refuse or read otherwise.
-    """
-    timeline = (None if args.recovery_target_timeline is None
-                else normalize_timeline(args.recovery_target_timeline))
-    given = [
-        (setting, value)
-        for setting, value in (
-            ("recovery_target_time", args.recovery_target_time),
-            ("recovery_target_lsn", args.recovery_target_lsn),
-            ("recovery_target_xid", args.recovery_target_xid),
-            ("recovery_target_name", args.recovery_target_name),
-        )
-        if value is not None
-    ]
-    if args.recovery_target == "immediate":
-        given.append(("recovery_target", "immediate"))
-    if not given and args.recovery_target != "latest" and timeline is None:
-        if args.recovery_target_exclusive:
-            raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
-        return None
-    setting, value = given[0] if given else (None, None)
-    if args.recovery_target_exclusive and setting not in (
-        "recovery_target_time", "recovery_target_lsn", "recovery_target_xid"
-    ):
-        raise ConfigError("--recovery-target-exclusive needs a target time, LSN or xid")
-    target = RecoveryTarget(setting, value, timeline, not args.recovery_target_exclusive)
-    return _normalized(target) if setting is not None and value is not None else target
-
-
-def _normalized(target: RecoveryTarget) -> RecoveryTarget:
+def normalized_target(target: RecoveryTarget) -> RecoveryTarget:
     value = target.value or ""
     if target.setting == "recovery_target_time":
         time = parse_target_time(value)
@@ -190,57 +152,6 @@ class WalFetchCommand:
             for path in (self.executable, self.config_path)
         )
         return f"{executable} wal-fetch %f %p --config {config}"
-
-
-def wal_fetch_command(
-    args: argparse.Namespace, pgdata: Path, environ: Mapping[str, str]
-) -> WalFetchCommand:
-    """The wal-fetch invocation and settings for a restore run with ``args``.
-
-    ``CLOUD_DUMP_EXECUTABLE`` overrides the path of the command the server runs, for hosts where
-    the server's user reaches cloud-dump by another path than the one running restore.
-    """
-    settings: dict[str, str] = {"CLOUD_DUMP_STORAGE": args.storage}
-    optional = {
-        "CLOUD_DUMP_S3_ENDPOINT": args.s3_endpoint,
-        "CLOUD_DUMP_S3_REGION": args.s3_region,
-        "CLOUD_DUMP_S3_PATH_STYLE": None if args.s3_path_style is None
-        else str(args.s3_path_style).lower(),
-        "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": str(args.storage_max_attempts),
-        "CLOUD_DUMP_CLUSTER": args.cluster,
-        "CLOUD_DUMP_WAL_PREFIX": args.wal_prefix,
-        "CLOUD_DUMP_SPOOL_DIR": args.spool_dir and str(Path(args.spool_dir).absolute()),
-        "CLOUD_DUMP_IDENTITY_KEY": ",".join(
-            str(Path(p).absolute()) for p in args.identity_key or []
-        ),
-    }
-    if args.passphrase_file:
-        optional["CLOUD_DUMP_PASSPHRASE_FILE"] = str(Path(args.passphrase_file).absolute())
-    elif args.passphrase:
-        optional["CLOUD_DUMP_PASSPHRASE"] = args.passphrase
-    if str(args.storage).startswith("s3:"):
-        optional.update({name: environ.get(name) for name in AWS_VARIABLES})
-    settings.update({k: v for k, v in optional.items() if v})
-    config = Path(args.restore_config) if args.restore_config else default_restore_config(pgdata)
-    executable = environ.get("CLOUD_DUMP_EXECUTABLE") or _own_executable()
-    return WalFetchCommand(Path(executable).absolute(), _absolute(config), settings,
-                           _absolute(pgdata))
-
-
-def default_restore_config(pgdata: Path) -> Path:
-    """``<PGDATA's parent>/<PGDATA's name>.cloud-dump-restore.conf``: one per copy."""
-    path = _absolute(pgdata)
-    return path.parent / f"{path.name}.{RESTORE_CONFIG_NAME}"
-
-
-def is_restore_config_name(name: str) -> bool:
-    """Whether ``name`` is the name restore gives a restore config file by default (this
-    version's, ``<PGDATA's name>.cloud-dump-restore.conf``, or earlier versions')."""
-    return name == RESTORE_CONFIG_NAME or name.endswith("." + RESTORE_CONFIG_NAME)
-
-
-def _absolute(path: Path) -> Path:
-    return Path(os.path.normpath(path.absolute()))  # ".." resolved, symbolic links kept
 
 
 def check_restore_config(command: WalFetchCommand) -> None:
@@ -282,7 +193,7 @@ def _same_path(one: Path, other: Path) -> bool:
     return one == other or one.resolve() == other.resolve()
 
 
-def _own_executable() -> str:
+def own_executable() -> str:
     """The cloud-dump console script running now: the server runs the same installation."""
     script = Path(sys.argv[0])
     if script.name == "cloud-dump" and script.is_file():

@@ -17,7 +17,7 @@ nothing startable ever has half of these changes. In order:
    ``standby.signal`` (the copy starts as a standby, and says so) and removes a
    ``recovery.signal`` that came with the backup (a plain restore starts with crash recovery).
 
-``RestoreSettings`` keeps what was done for the report (``coordinator.restore.report``).
+``RecoveryConf`` keeps what was done for the report (``coordinator.restore.report``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator.fsutil import write_atomically
 from coordinator.restore.autoconf import (
     DisabledSetting,
     disable_earlier_settings,
@@ -75,7 +76,7 @@ class SettingsOutcome:
     foreign: dict[str, str] = field(default_factory=dict)
 
 
-class RestoreSettings:
+class RecoveryConf:
     """The ``before_startable`` callback: applies ``request`` to the plan's PGDATA."""
 
     def __init__(self, request: SettingsRequest) -> None:
@@ -166,15 +167,8 @@ def _file_mode(path: Path) -> int:
 
 
 def _replace_keeping_mode(path: Path, text: str) -> None:
-    mode = _file_mode(path)
-    temp = path.with_name(path.name + ".cloud-dump-tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            os.fchmod(f.fileno(), mode)  # the umask may have narrowed it
-        temp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
+    """Replace ``path`` atomically with its mode (``_file_mode``); raises ``OSError`` naming it.
+
+    Not fsynced: this runs before restore's ``os.sync()`` that precedes pg_control.
+    """
+    write_atomically(path, text, mode=_file_mode(path), sync=False)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,12 +68,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from coordinator.fsutil import write_atomically
 from coordinator.wal.fetch.spool import Spool, archive_source, following_segments, spool_root_for
+from options.declared import number_from_env
 from storage.errors import ConfigError, TransientStorageError, WalArchiveGap
 from storage.walnames import is_segment, wal_kind
 
 if TYPE_CHECKING:
-    import argparse
-
+    from coordinator.settings import WalFetchSettings
     from coordinator.walarchive import StoredWal, WalArchive
 
 log = logging.getLogger(__name__)
@@ -83,15 +82,13 @@ _N = TypeVar("_N", int, float)
 
 FETCHED = 0
 NOT_IN_ARCHIVE = 1
-DEFAULT_ATTEMPTS = 3
 RETRY_BASE_DELAY_S = 2.0  # 2 s then 6 s: ~8 s on top of the backends' own per-request retries
 # How long a prefetch's "not archived yet" stands: short, since a standby's archive grows.
-DEFAULT_PREFETCH_WAIT_S = 30.0
 PREFETCH_POLL_S = 0.005
 PREFETCHER = "coordinator.wal.fetch.helper"
 
 
-def run_wal_fetch(args: argparse.Namespace) -> int:
+def run_wal_fetch(args: WalFetchSettings) -> int:
     """The ``wal-fetch`` command: 0 fetched, 1 not in the archive (which exists); raises on any
     other failure (``WalArchiveNotFound`` when there is no archive at the location)."""
     file_name = args.file_name
@@ -143,7 +140,7 @@ def serve_without_cli(
 
 
 def _serve_spooled(
-    args: argparse.Namespace, spool: Spool, file_name: str, destination: Path
+    args: WalFetchSettings, spool: Spool, file_name: str, destination: Path
 ) -> bool:
     """Serve ``file_name`` from the spool, waiting for a prefetcher that is fetching it; then
     start one if fewer than half of the next ``--prefetch`` segments are spooled."""
@@ -163,7 +160,7 @@ def _serve_spooled(
 
 
 def _fetch_directly(
-    args: argparse.Namespace, spool: Spool | None, file_name: str, destination: Path,
+    args: WalFetchSettings, spool: Spool | None, file_name: str, destination: Path,
     *, serve: bool = True,
 ) -> int:
     from coordinator.settings import keys_from, open_store, wal_layout
@@ -240,17 +237,24 @@ def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:
     gave up on it, or the wait passed its bound (the caller then fetches it itself)."""
     if not spool.being_prefetched(name):
         return None
-    bound_s = _prefetch_wait_s()
-    deadline = time.monotonic() + bound_s
+    from coordinator.wait import wait_until  # only this path waits: the served one stays lean
+
     polls = 0
-    while time.monotonic() < deadline:
-        time.sleep(PREFETCH_POLL_S)
+
+    def delivered_or_abandoned() -> bool:
+        nonlocal polls
         polls += 1
-        if spool.has(name):
-            return spool.take(name, destination)
         # The plan and the lock are read less often than the sidecar is looked for.
-        if polls % 10 == 0 and not spool.being_prefetched(name):
-            return spool.take(name, destination)  # spooled just before the prefetcher left?
+        return spool.has(name) or (polls % 10 == 0 and not spool.being_prefetched(name))
+
+    bound_s = _prefetch_wait_s()
+    # Sleep first: the caller has just looked. PREFETCH_POLL_S (5 ms, fixed): PostgreSQL replays
+    # nothing while it waits, so the segment is taken within 5 ms of its sidecar appearing;
+    # a stat that often costs nothing.
+    if wait_until(delivered_or_abandoned, timeout_s=bound_s, first_s=PREFETCH_POLL_S,
+                  pause_first=True):  # fmt: skip
+        # Spooled, or the prefetcher left (perhaps right after spooling it): None if not there.
+        return spool.take(name, destination)
     log.warning("the prefetcher has not delivered '%s' within %.0f s: fetching it directly",
                 name, bound_s)  # fmt: skip
     return None
@@ -269,16 +273,17 @@ def _prefetch_names(
 
 
 def _start_prefetcher(
-    args: argparse.Namespace, spool: Spool, names: list[str], segment_bytes: int | None
+    args: WalFetchSettings, spool: Spool, names: list[str], segment_bytes: int | None
 ) -> None:
     """Start the detached prefetcher for ``names`` unless one is running already."""
     if not names:
         return
-    from coordinator.background import helper_running, namespace_settings, spawn_helper
+    from coordinator.background import helper_running, spawn_helper
+    from coordinator.settings import settings_to_json
 
     if helper_running(spool.lock_path):
         return
-    settings = {**namespace_settings(args), "names": names, "segment_bytes": segment_bytes,
+    settings = {"settings": settings_to_json(args), "names": names, "segment_bytes": segment_bytes,
                 "spool_root": str(spool.root.absolute()), "source": spool.source}  # fmt: skip
     try:
         process = spawn_helper(PREFETCHER, settings, spool.log_path)
@@ -290,38 +295,29 @@ def _start_prefetcher(
 
 
 def _prefetch_wait_s() -> float:
-    return max(0.0, _env_number("CLOUD_DUMP_WAL_PREFETCH_WAIT", DEFAULT_PREFETCH_WAIT_S, float))
+    return float(number_from_env("CLOUD_DUMP_WAL_PREFETCH_WAIT"))
 
 
 def _attempts() -> int:
-    return max(1, _env_number("CLOUD_DUMP_WAL_FETCH_RETRIES", DEFAULT_ATTEMPTS, int))
-
-
-def _env_number(name: str, default: _N, kind: Callable[[str], _N]) -> _N:
-    raw = os.environ.get(name, "")
-    try:
-        return kind(raw) if raw else default
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name}='{raw}' is not {what}") from None
+    return int(number_from_env("CLOUD_DUMP_WAL_FETCH_RETRIES"))
 
 
 def _with_retries(fetch: Callable[[], _T], attempts: int) -> _T:
-    for attempt in range(1, attempts + 1):
-        try:
-            return fetch()
-        except TransientStorageError as exc:
-            if attempt == attempts:
-                raise
-            delay_s = RETRY_BASE_DELAY_S * 3 ** (attempt - 1)
-            log.warning("%s; retrying in %.0f s (attempt %d of %d)", exc, delay_s, attempt,
-                        attempts)
-            time.sleep(delay_s)
-    raise AssertionError("unreachable")
+    """``fetch()``, attempted up to ``attempts`` times while it raises
+    ``TransientStorageError``, RETRY_BASE_DELAY_S (2 s) apart, then 3 times longer each time;
+    the last error propagates."""
+    from coordinator.wait import retry  # not on the served path
+
+    def warn(exc: BaseException, delay_s: float, attempt: int) -> None:
+        log.warning("%s; retrying in %.0f s (attempt %d of %d)", exc, delay_s, attempt,
+                    attempts)  # fmt: skip
+
+    return retry(fetch, attempts=attempts, retry_on=TransientStorageError,
+                 first_s=RETRY_BASE_DELAY_S, factor=3.0, before_retry=warn)  # fmt: skip
 
 
 # --- settings shared with the prefetcher ---------------------------------------------------------
 
 
-def spool_root(args: argparse.Namespace) -> Path | None:
+def spool_root(args: WalFetchSettings) -> Path | None:
     return spool_root_for(args.path, args.spool_dir)

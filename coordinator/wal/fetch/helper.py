@@ -35,19 +35,21 @@ them too.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from coordinator.background import HelperLock, read_settings
-from coordinator.settings import keys_from, wal_layout
+from coordinator.background import HelperLock, read_payload
+from coordinator.settings import WalFetchSettings, keys_from, settings_from_json, wal_layout
+from coordinator.wait import Backoff
 from coordinator.wal.fetch.spool import Spool, following_segments
 from coordinator.walarchive import StoredWal, WalArchive
+from options.declared import number_from_env
 from storage.errors import CloudDumpError
 from storage.walnames import is_segment
 
@@ -56,21 +58,25 @@ log = logging.getLogger("cloud-dump.prefetcher")
 FETCH_THREADS = 4
 DEADLINE_S = 300.0  # no segment is planned after this
 HARD_DEADLINE_S = DEADLINE_S + 60.0
-DEFAULT_IDLE_EXIT_S = 5.0  # replaying one segment takes well under a second
 POLL_S = 0.01
 
 
 def main() -> int:
-    args = read_settings()
-    spool = Spool(Path(args.spool_root), str(args.source))
+    payload = read_payload()
+    # The call that started this prefetcher warned about a passphrase typed on its command line.
+    args = replace(settings_from_json(WalFetchSettings, payload["settings"]),  # type: ignore[arg-type]
+                   passphrase_from_flag=False)
+    spool = Spool(Path(str(payload["spool_root"])), str(payload["source"]))
     lock = HelperLock(spool.lock_path)
     if not lock.try_acquire():
         return 0  # another prefetcher serves this spool
     try:
         _setup_logging(str(args.log_level))
         _exit_at_deadline(spool)
-        args.passphrase_from_flag = False  # the call that started us warned already
-        prefetch(args, spool, [n for n in args.names if is_segment(str(n))])
+        names = payload.get("names")
+        segment_bytes = payload.get("segment_bytes")
+        wanted = [str(n) for n in names if is_segment(str(n))] if isinstance(names, list) else []
+        prefetch(args, spool, wanted, segment_bytes if isinstance(segment_bytes, int) else None)
     except CloudDumpError as exc:
         log.error("WAL prefetcher stopped: %s", exc)
         return 1
@@ -83,7 +89,9 @@ def main() -> int:
     return 0
 
 
-def prefetch(args: argparse.Namespace, spool: Spool, names: list[str]) -> None:
+def prefetch(
+    args: WalFetchSettings, spool: Spool, names: list[str], segment_bytes: int | None
+) -> None:
     """Spool the segments ``names``, then the ones after them while calls consume the spool."""
     plan = Plan(spool, [name for name in names if not spool.has(name)])
     if not plan.names:
@@ -96,7 +104,7 @@ def prefetch(args: argparse.Namespace, spool: Spool, names: list[str]) -> None:
     try:
         archive = WalArchive(storage, wal_layout(args), keys_from(args, spool))
         window = max(1, int(args.prefetch))
-        Prefetcher(archive, spool, plan, window, args.segment_bytes).run()
+        Prefetcher(archive, spool, plan, window, segment_bytes).run()
     finally:
         storage.close()
     log.info("prefetching done")
@@ -153,6 +161,10 @@ class Prefetcher:
         idle_exit_s = _idle_exit_s()
         seen: set[str] = set()
         idle_since = time.monotonic()
+        # A loop, not a wait: each round plans. POLL_S (10 ms, fixed) between looks at the
+        # spool: room opens when a call takes a segment, one per replayed segment (tens of ms
+        # at the fastest), so the window is refilled well within one segment's replay.
+        pause = Backoff(POLL_S)
         while not self._failed.is_set():
             if time.monotonic() > deadline:
                 log.info("prefetching for %.0f s: stopping", DEADLINE_S)
@@ -173,7 +185,7 @@ class Prefetcher:
             elif time.monotonic() - idle_since > idle_exit_s:
                 log.info("no spooled segment taken for %.1f s: stopping", idle_exit_s)
                 return []
-            time.sleep(POLL_S)
+            pause.pause()
         log.info("stopping after a failed prefetch")
         return []
 
@@ -211,13 +223,7 @@ class Plan:
 
 
 def _idle_exit_s() -> float:
-    raw = os.environ.get("CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT", "")
-    try:
-        return max(0.0, float(raw)) if raw else DEFAULT_IDLE_EXIT_S
-    except ValueError:
-        log.warning("CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT='%s' is not a number: using %.0f s", raw,
-                    DEFAULT_IDLE_EXIT_S)  # fmt: skip
-        return DEFAULT_IDLE_EXIT_S
+    return float(number_from_env("CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT"))
 
 
 def _exit_at_deadline(spool: Spool) -> None:

@@ -13,22 +13,19 @@ cached archive identity, so the ~1.7 s scrypt cost is paid once per spool, not p
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from coordinator.settings import WalPushSettings
     from coordinator.wal.push.runner import WalRunner
     from coordinator.wal.push.spool import Spool
     from storage.layout import Layout
     from workers.wal import PushWalRequest, WalArchiveInfo
 
 log = logging.getLogger(__name__)
-
-ZSTD_LEVEL = 3
-GZIP_LEVEL = 6
 
 
 class RawWal(NamedTuple):
@@ -104,13 +101,16 @@ def _pg_control_system_identifier(wal_path: Path) -> str | None:
 def encode_wal(
     runner: WalRunner, raw: RawWal, compression: str, recipients: list[str] | None, layout: Layout
 ) -> PushWalRequest:
-    """Compress and encrypt ``raw``, stage the result, and describe it for ``push_wal``."""
+    """Compress (``coordinator.codecs.compress_wal``: levels and why there) and encrypt ``raw``,
+    stage the result, and describe it for ``push_wal``. ``ConfigError`` naming the choices for
+    an unknown ``compression``."""
     import hashlib
     import uuid
 
+    from coordinator.codecs import compress_wal
     from workers.wal import ARCHIVE_INFO_NAME, PushWalRequest
 
-    payload = compress(raw.data, compression)
+    payload = compress_wal(raw.data, compression)
     if recipients:
         from coordinator.crypto import encrypt_bytes
 
@@ -129,29 +129,7 @@ def encode_wal(
     return request
 
 
-def compress(data: bytes, compression: str) -> bytes:
-    """One frame/member, readable by ``zstd -d``, ``gzip -d`` or ``lz4 -d``."""
-    if compression == "zstd":
-        import zstandard
-
-        return bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data))
-    if compression == "gzip":
-        import gzip
-
-        return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
-    if compression == "lz4":
-        import lz4.frame
-
-        return bytes(lz4.frame.compress(data))
-    if compression == "none":
-        return data
-    from storage.layout import compression_suffix
-
-    compression_suffix(compression)  # raises ConfigError naming the valid choices
-    raise AssertionError("unreachable")
-
-
-def encryption_of(args: argparse.Namespace) -> Encryption:
+def encryption_of(args: WalPushSettings) -> Encryption:
     from coordinator.settings import read_passphrase
     from storage.errors import ConfigError
 

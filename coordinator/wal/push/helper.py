@@ -30,7 +30,6 @@ file is never recycled before it is stored. Its log is ``pusher.log`` in the spo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -40,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coordinator.background import HelperLock, read_settings
+from coordinator.background import HelperLock, read_payload
+from coordinator.settings import WalPushSettings, settings_from_json
+from coordinator.wait import Backoff
 from coordinator.wal.push.encode import (
     Encryption,
     archive_for,
@@ -95,12 +96,15 @@ class InFlight:
 
 
 class Pusher:
-    def __init__(self, args: argparse.Namespace, spool: Spool, runner: CeleryWalRunner) -> None:
+    def __init__(
+        self, args: WalPushSettings, spool: Spool, runner: CeleryWalRunner, *, wal_dir: Path,
+        location: str,
+    ) -> None:
         self._args = args
         self._spool = spool
         self._runner = runner
-        self._location: str = args.location
-        self._wal_dir = Path(args.wal_dir)
+        self._location = location
+        self._wal_dir = wal_dir
         self._window = max(1, int(args.look_ahead))
         prefix = args.wal_prefix or DEFAULT_WAL_PREFIX
         self._layout = Layout(cluster=args.cluster, wal_prefix=prefix)
@@ -125,6 +129,11 @@ class Pusher:
         self._encryption = encryption_of(self._args)
         idle_since = time.monotonic()
         last_scan = 0.0
+        # A loop, not a wait: each round does the work. LOOP_PAUSE_S (5 ms, fixed) between
+        # rounds: a waiting call's request is picked up, and a worker's answer turned into its
+        # marker, within 5 ms (the call's own latency); the broker is read at most every
+        # REFRESH_EVERY_S anyway (coordinator.broker.flights).
+        pause = Backoff(LOOP_PAUSE_S)
         with ThreadPoolExecutor(PREPARE_THREADS, "wal-prepare") as pool:
             while True:
                 now = time.monotonic()
@@ -138,7 +147,7 @@ class Pusher:
                     idle_since = now
                 elif now - idle_since > IDLE_EXIT_S and not self._candidates():
                     break
-                time.sleep(LOOP_PAUSE_S)
+                pause.pause()
         prune_markers(self._spool, self._wal_dir)
 
     def fail_everything(self, error: BaseException) -> None:
@@ -269,8 +278,9 @@ class Pusher:
 
 
 def main() -> int:
-    args = read_settings()
-    spool = Spool(Path(args.spool_dir))
+    payload = read_payload()
+    args = settings_from_json(WalPushSettings, payload["settings"])  # type: ignore[arg-type]
+    spool = Spool(Path(str(payload["spool_dir"])))
     lock = HelperLock(spool.directory / PUSHER_LOCK)
     if not lock.try_acquire():
         return 0  # another pusher serves this spool
@@ -280,7 +290,8 @@ def main() -> int:
     try:
         runner = open_runner(args)
         assert isinstance(runner, CeleryWalRunner), "the pusher runs only with a broker"
-        pusher = Pusher(args, spool, runner)
+        pusher = Pusher(args, spool, runner, wal_dir=Path(str(payload["wal_dir"])),
+                        location=str(payload["location"]))
         try:
             pusher.run()
         finally:

@@ -18,9 +18,8 @@ answers must not hold PostgreSQL's archiver for the client library's own timeout
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -28,11 +27,13 @@ from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator.broker.flights import Flight
+from coordinator.wait import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from coordinator.broker.client import Broker
+    from coordinator.settings import WalPushSettings
     from storage.base import Storage
     from workers.location import StorageBound
     from workers.staging import MemoryStage
@@ -54,17 +55,15 @@ RETRY_ENV = "CLOUD_DUMP_WAL_RETRY_S"
 # Safety net only: staged payloads are deleted once their push is answered.
 STAGE_TTL_S = 3600
 EMBEDDED_THREADS = 4
-DEFAULT_RETRY_S = 15.0
 BROKER_GRACE_MAX_S = 60.0
+_PUSH_POLL_FIRST_S = 0.005
+_PUSH_POLL_MAX_S = 0.05
 
 
-def open_runner(args: argparse.Namespace) -> WalRunner:
-    from storage.errors import ConfigError
+def open_runner(args: WalPushSettings) -> WalRunner:
+    from options.declared import number_from_env
 
-    try:
-        retry_s = float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
-    except ValueError:
-        raise ConfigError(f"environment variable {RETRY_ENV} is not a number") from None
+    retry_s = float(number_from_env(RETRY_ENV))
     timeout_s = float(args.timeout)
     if args.broker:
         from storage.urls import storage_url
@@ -242,20 +241,25 @@ class CeleryWalRunner(WalRunner):
     ) -> dict[str, Outcome]:
         flights = {r.file_name: self.start(r, deadline) for r in requests}
         outcomes: dict[str, Outcome] = {}
-        pause_s = 0.005
+
+        def all_answered() -> bool:
+            for name, flight in flights.items():
+                if name in outcomes or (outcome := self.check(flight)) is None:
+                    continue
+                outcomes[name] = outcome
+                if name == own_name:
+                    # Look-ahead pushes get one more retry period, not the whole timeout.
+                    for other in flights.values():
+                        limit = time.monotonic() - other.first_sent_at + self._retry_s
+                        other.timeout_s = min(other.timeout_s or limit, limit)
+            return len(outcomes) == len(flights)
+
         try:
-            while len(outcomes) < len(flights):
-                for name, flight in flights.items():
-                    if name in outcomes or (outcome := self.check(flight)) is None:
-                        continue
-                    outcomes[name] = outcome
-                    if name == own_name:
-                        # Look-ahead pushes get one more retry period, not the whole timeout.
-                        for other in flights.values():
-                            limit = time.monotonic() - other.first_sent_at + self._retry_s
-                            other.timeout_s = min(other.timeout_s or limit, limit)
-                time.sleep(pause_s)
-                pause_s = min(pause_s * 2, 0.05)
+            # No bound here: every flight has its own timeout (``deadline``), past which
+            # ``check`` answers it with NoWorkerAvailable. From 5 ms, doubling up to 50 ms: a
+            # push takes a few ms on an idle worker, seconds on a slow store.
+            wait_until(all_answered, timeout_s=math.inf, first_s=_PUSH_POLL_FIRST_S,
+                       max_s=_PUSH_POLL_MAX_S, factor=2.0)  # fmt: skip
         finally:
             self._flights.finish(*flights.values())
         return outcomes

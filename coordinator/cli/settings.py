@@ -1,0 +1,53 @@
+"""The parsed command line into the command's typed settings: the one place below ``main``
+that reads an ``argparse.Namespace``, and the last that reads a declared variable from the
+environment (the ones with no flag: ``CLOUD_DUMP_PASSPHRASE``, and ``CLOUD_DUMP_WAL_PREFIX`` for
+``backup`` and ``list``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, fields
+
+from coordinator.settings import (
+    BackupSettings,
+    CheckSettings,
+    CommonSettings,
+    ListSettings,
+    RestoreSettings,
+    WalFetchSettings,
+    WalPushSettings,
+)
+
+SETTINGS: dict[str, type[CommonSettings]] = {
+    "backup": BackupSettings,
+    "restore": RestoreSettings,
+    "list": ListSettings,
+    "check": CheckSettings,
+    "wal-push": WalPushSettings,
+    "wal-fetch": WalFetchSettings,
+}
+
+
+def settings_of(args: argparse.Namespace) -> CommonSettings:
+    """``args`` (flags merged with the config file and environment by the parser) as the
+    settings of ``args.command``."""
+    cls = SETTINGS[args.command]
+    values: dict[str, object] = {}
+    for f in fields(cls):
+        value = getattr(args, f.name, MISSING)
+        if value is MISSING:
+            continue  # not a flag of this command: the class's default, or set below
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    names = {f.name for f in fields(cls)}
+    if "passphrase" in names:
+        # Read here rather than as the flag's default, so that only a passphrase typed on the
+        # command line (visible in ps) gets the warning.
+        values["passphrase_from_flag"] = args.passphrase is not None
+        values["passphrase"] = args.passphrase or os.environ.get("CLOUD_DUMP_PASSPHRASE") or None
+    if "wal_prefix" in names and "wal_prefix" not in values:
+        values["wal_prefix"] = os.environ.get("CLOUD_DUMP_WAL_PREFIX") or None
+    for key in ("recipient_key", "identity_key", "tablespace_mapping"):
+        if key in names and values.get(key) is None:
+            values[key] = ()
+    return cls(**values)  # type: ignore[arg-type]
