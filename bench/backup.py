@@ -46,6 +46,7 @@ import boto3
 from bench.common import (
     MB,
     VENV_BIN,
+    BenchError,
     Timed,
     directory_bytes,
     load_average,
@@ -58,7 +59,9 @@ from bench.common import (
     tree_cpu_seconds,
     verdict,
     vm_hwm_bytes,
+    walsenders_reaped,
 )
+from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
@@ -231,7 +234,12 @@ class Bench:
         os.sync()
         before = self.component_cpu()
         timed = run()
-        time.sleep(0.2)  # let the postmaster reap the walsender, so its CPU is counted
+        # The walsender's CPU is counted once the postmaster has reaped it.
+        postmaster = self.cluster.postmaster_pid if self.cluster is not None else None
+        if postmaster is not None and not wait_until(
+            lambda: walsenders_reaped(postmaster), timeout_s=30, first_s=0.005
+        ):
+            raise BenchError(f"{case}: the walsender was not reaped within 30 s")
         after = self.component_cpu()
         sample = Sample(
             timed.wall_s,

@@ -282,6 +282,24 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
+def walsenders_reaped(postmaster_pid: int) -> bool:
+    """Whether the postmaster has no walsender left, running or exited and not yet reaped.
+
+    A child's CPU shows in its parent's (cutime, cstime) only once the parent has reaped it.
+    An exited child (a zombie) has no command line left to tell what it was: any counts.
+    """
+    for child in _children_map().get(postmaster_pid, []):
+        fields = _stat_fields(child)
+        if fields is None:
+            continue  # reaped meanwhile
+        if fields[0] == "Z":
+            return False
+        with contextlib.suppress(OSError):
+            if b"walsender" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return False
+    return True
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its live descendants, parents first."""
     children = _children_map()

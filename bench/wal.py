@@ -81,6 +81,7 @@ from bench.common import (
     tree_cpu_seconds,
     verdict,
 )
+from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
@@ -529,11 +530,26 @@ class Bench:
         return self.moto_log.stat().st_size
 
     def s3_requests_since(self, offset: int) -> Counter[str]:
-        """Requests moto logged since ``offset``, by method ("GET", "PUT", "HEAD", ...)."""
-        with self.moto_log.open("rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        return Counter(m.group(1) for m in _REQUEST.finditer(text))
+        """Requests moto logged since ``offset``, by method ("GET", "PUT", "HEAD", ...).
+
+        moto logs a request after its response: the count waits until the log shows a marker
+        request sent after every measured one (a listing of a prefix nothing has), and counts
+        what comes before it.
+        """
+        marker = f"bench-log-marker-{uuid.uuid4().hex}"
+        self.s3.list_objects_v2(Bucket=self.bucket, Prefix=marker)
+
+        def logged_before_marker() -> tuple[str] | None:
+            with self.moto_log.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            at = text.find(marker)
+            return (text[: text.rfind("\n", 0, at) + 1],) if at >= 0 else None
+
+        logged = wait_until(logged_before_marker, timeout_s=30, first_s=0.005)
+        if logged is None:
+            raise BenchError(f"moto's log did not show the request for '{marker}' within 30 s")
+        return Counter(m.group(1) for m in _REQUEST.finditer(logged[0]))
 
     @contextlib.contextmanager
     def measured(self, label: str, kind: str, target: float | None) -> Iterator[list[Call]]:
@@ -544,11 +560,11 @@ class Bench:
         yield calls
         loop_s = time.perf_counter() - started
         helpers_s = reap_helpers(HELPER_MODULES)  # e.g. the WAL pusher's idle exit
-        time.sleep(0.3)  # moto's request log is written after the response
+        requests = self.s3_requests_since(offset)
         after = self.server_cpu()
         cpu = {"calls": sum(c.cpu_s for c in calls), "helpers": helpers_s}
         cpu.update({name: after[name] - before[name] for name in after})
-        row = Row(label, kind, calls, loop_s, cpu, self.s3_requests_since(offset), target)
+        row = Row(label, kind, calls, loop_s, cpu, requests, target)
         self.rows.append(row)
         rate = f"{row.rate:6.1f} segments/s" if kind != "repeat" else f"{row.mean_ms:6.0f} ms mean"
         print(f"  {label:46} {rate}  (mean call {row.mean_ms:4.0f} ms, median "

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coordinator.wait import wait_until  # noqa: E402
 from devrig import sample  # noqa: E402
 from devrig.postgres import PgCluster, make_postgres_dir, start_cluster  # noqa: E402
 from devrig.procs import ServerProcess, free_port, port_open  # noqa: E402
@@ -92,16 +93,17 @@ def start_fleet(work: Path, env: dict[str, str], processes: list[ServerProcess])
                            work / "flower.log", env=shell_env, cwd=ROOT)
     processes.append(flower)
     flower.wait_until(lambda: port_open(flower_port), timeout_s=60)
-    # `check` waits for both workers to answer and proves their path to storage.
-    for _ in range(60):
-        check = subprocess.run([str(BIN / "cloud-dump"), "check", "--broker",
-                                env["CLOUD_DUMP_BROKER_URL"]], env=env, text=True,
-                               capture_output=True, check=False)
-        if check.returncode == 0 and check.stdout.count("worker demo-w") == 2:
-            break
-        time.sleep(1)
-    else:
-        raise SystemExit(f"demo: the workers did not come up: {check.stderr.strip()}")
+    # Until `check` sees both workers answer and proves their path to storage.
+    checks: list[subprocess.CompletedProcess[str]] = []
+
+    def both_workers_checked() -> bool:
+        checks.append(subprocess.run([str(BIN / "cloud-dump"), "check", "--broker",
+                                      env["CLOUD_DUMP_BROKER_URL"]], env=env, text=True,
+                                     capture_output=True, check=False))  # fmt: skip
+        return checks[-1].returncode == 0 and checks[-1].stdout.count("worker demo-w") == 2
+
+    if not wait_until(both_workers_checked, timeout_s=120, first_s=0.5):
+        raise SystemExit(f"demo: the workers did not come up: {checks[-1].stderr.strip()}")
     return flower_port
 
 

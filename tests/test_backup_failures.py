@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
+from coordinator.wait import wait_until
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 from devrig.procs import free_port
@@ -21,6 +22,7 @@ from devrig.sample import BigSource, make_big_source
 from devrig.services import PART_RECEIVED, RedisServer, WorkerPool, error_line, run_cli
 from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 from storage.manifest import BackupManifest
+from tasks.config import PARTS_QUEUE, make_app
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +208,16 @@ def _wait_for_line(path: Path, needle: str, timeout_s: float) -> bool:
     return False
 
 
+def broker_drained(broker_url: str) -> bool:
+    """Every task sent is done: nothing waits in the ``parts`` queue, and no message is out
+    unacknowledged (tasks are acknowledged late: after they ran, whatever their outcome)."""
+    with make_app(broker_url).connection_for_read() as conn:
+        channel = conn.default_channel
+        queued = int(channel.queue_declare(queue=PARTS_QUEUE).message_count)
+        unacked = int(channel.client.hlen(channel.unacked_key))
+    return queued == 0 and unacked == 0
+
+
 def test_worker_killed_mid_backup_does_not_fail_it(
     big_source: BigSource,
     storage_target: StorageTarget,
@@ -243,7 +255,10 @@ def test_coordinator_killed_mid_backup_leaves_no_listed_backup(
     coordinator.send_signal(sig)
     coordinator.communicate(timeout=120)
     assert coordinator.returncode != 0
-    time.sleep(1)  # let the last in-flight parts land
+    # The last in-flight parts (and a stopped coordinator's abort) land before the checks.
+    assert wait_until(lambda: broker_drained(redis_server.url), timeout_s=120, first_s=0.05), (
+        "the workers never finished the parts they were sent"
+    )
     assert listed(storage_target) == []
     pgdata = fresh_pgdata()
     result = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=storage_target.env)

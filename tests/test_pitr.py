@@ -8,13 +8,14 @@ cloud-dump that user can run: ``launcher`` provides one where the venv's own can
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from coordinator.restore.recovery import default_restore_config
+from coordinator.restore.restoreconfig import default_restore_config
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import MotoServer, StorageTarget, s3_target
 from devrig.postgres import PgCluster, PgFactory, majors, make_postgres_dir
@@ -66,6 +67,24 @@ def restore_and_count(
         return restored.sql("SELECT phase, count(*) FROM pitr GROUP BY phase ORDER BY phase")
 
 
+def server_clock(cluster: PgCluster) -> datetime:
+    value = cluster.sql("SELECT clock_timestamp()")[0][0]
+    assert isinstance(value, datetime)
+    return value
+
+
+def server_clock_after(cluster: PgCluster, instant: datetime) -> datetime:
+    """The server's clock, once it reads later than ``instant``."""
+
+    def moved() -> datetime | None:
+        now = server_clock(cluster)
+        return now if now > instant else None
+
+    later = wait_until(moved, timeout_s=10, first_s=0.001)
+    assert later, f"the server's clock did not move past {instant}"
+    return later
+
+
 @pytest.fixture
 def pitr_cluster(pg_factory: PgFactory, archive_target: StorageTarget,
                  request: pytest.FixtureRequest) -> Iterator[PgCluster]:
@@ -83,9 +102,12 @@ def test_point_in_time_recovery_through_wal_push_and_wal_fetch(
     backup_cli(cluster, archive_target, "base")
     cluster.sql("CREATE TABLE pitr (id int, phase text)")
     cluster.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 100) g")
-    time.sleep(1.1)  # commit timestamps of A and B must be told apart
-    target_time = str(cluster.sql("SELECT clock_timestamp()")[0][0])
-    time.sleep(1.1)
+    # A target strictly between the commits of A and B: read after A committed, the server's
+    # clock is at or past A's commit timestamp; B commits once it has moved past the target.
+    committed_a = server_clock(cluster)
+    target = server_clock_after(cluster, committed_a)
+    server_clock_after(cluster, target)
+    target_time = str(target)
     cluster.sql("INSERT INTO pitr SELECT g, 'b' FROM generate_series(1, 50) g")
     after_b = str(cluster.sql("SELECT pg_current_wal_lsn()")[0][0])
     cluster.sql("INSERT INTO pitr SELECT g, 'c' FROM generate_series(1, 25) g")

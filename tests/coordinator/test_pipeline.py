@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import random
 import subprocess
+import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import pytest
 from coordinator.backup.parts import PartSizer
 from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter
 from coordinator.crypto import generate_identity
+from coordinator.wait import wait_until
 from storage.base import Capabilities, MiB
 from storage.errors import PermanentStorageError
 
@@ -239,6 +240,19 @@ def test_abort_mid_stream_stops_threads_and_discards_the_rest(
         writer.close()
 
 
+def waiting_in_write(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked inside ``ArchiveWriter.write``: waiting on a condition
+    (a full queue) with ``write`` on its stack."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    stack = []
+    while frame is not None:
+        stack.append(frame.f_code)
+        frame = frame.f_back
+    if not stack or stack[0].co_name != "wait" or not stack[0].co_filename.endswith("threading.py"):
+        return False
+    return any(c.co_name == "write" and c.co_filename.endswith("pipeline.py") for c in stack)
+
+
 def test_slow_sink_blocks_writes_within_a_few_parts(sample: bytes) -> None:
     # Backpressure: memory stays at a few parts however much the caller pushes.
     release = threading.Event()
@@ -263,7 +277,10 @@ def test_slow_sink_blocks_writes_within_a_few_parts(sample: bytes) -> None:
     pusher = threading.Thread(target=push, args=(writer,), daemon=True)
     pusher.start()
     try:
-        time.sleep(0.5)
+        # Until the pusher waits inside write(): from then on ``pushed`` cannot move.
+        assert wait_until(lambda: waiting_in_write(pusher), timeout_s=30, first_s=0.001), (
+            "write() never blocked"
+        )
         blocked_at = pushed
     finally:
         release.set()

@@ -1,0 +1,10 @@
+"""Shared by the wal-push test modules (``tests/test_wal_push_*.py``)."""
+
+from __future__ import annotations
+
+from storage.base import Storage
+
+
+def stored(storage: Storage, prefix: str = "wal_archive/") -> dict[str, str]:
+    """Every object under ``prefix`` with its etag: equal before and after means unchanged."""
+    return {info.key: info.etag for info in storage.list(prefix)}
