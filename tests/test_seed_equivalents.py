@@ -1,7 +1,8 @@
 """The seed's TestBackup_* and TestRestore_* cases, against real servers, on both backends.
 
 These run the coordinator without a broker (the same worker functions, in-process); the round
-trips through Celery workers are in test_backup_restore.py. Names follow the seed's tests.
+trips through Celery workers are in coordinator/backup/test_backup_restore.py. Names follow the
+seed's tests.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Safe tar extraction and backup_manifest verification.
 
 Hostile archives are built with ``tarfile``; checksums are checked against a real
-``pg_basebackup`` manifest (the ``raw_backup`` fixture of test_restore_unit).
+``pg_basebackup`` manifest (the ``raw_backup`` fixture of this package's conftest.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from coordinator.restore.extract import (
     verify_against_manifest,
 )
 from storage.errors import IntegrityError
-from tests.coordinator.test_restore_unit import RawBackup, raw_backup  # noqa: F401
+from tests.coordinator.restore.rawbackup import RawBackup
 
 
 def tar_of(*members: tuple[tarfile.TarInfo, bytes | None]) -> BinaryIO:
@@ -142,7 +142,7 @@ def extract_raw(raw: RawBackup, root: Path) -> dict[str, FileFacts]:
 
 
 def test_crc32c_matches_postgres_notation_on_a_real_backup(
-    raw_backup: RawBackup,  # noqa: F811
+    raw_backup: RawBackup,
     tmp_path: Path,
 ) -> None:
     observed = extract_raw(raw_backup, tmp_path)
@@ -157,7 +157,7 @@ def test_crc32c_matches_postgres_notation_on_a_real_backup(
 
 @pytest.mark.parametrize("damage", ["flip", "missing", "extra", "size"])
 def test_verify_against_manifest_names_the_bad_file(
-    raw_backup: RawBackup,  # noqa: F811
+    raw_backup: RawBackup,
     tmp_path: Path,
     damage: str,
 ) -> None:
@@ -179,7 +179,7 @@ def test_verify_against_manifest_names_the_bad_file(
 
 
 def test_backup_manifest_with_broken_own_checksum_is_refused(
-    raw_backup: RawBackup,  # noqa: F811
+    raw_backup: RawBackup,
 ) -> None:
     manifest = (raw_backup.directory / "backup_manifest").read_bytes()
     with pytest.raises(IntegrityError, match="Manifest-Checksum"):

@@ -15,7 +15,7 @@ from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import decrypt_bytes, generate_identity, unwrap_identity
 from devrig.moto import StorageTarget
 from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
-from tests.wal_push_helpers import stored
+from tests.coordinator.wal.push.helpers import stored
 from workers.wal import ARCHIVE_INFO_NAME, ARCHIVE_KEY_NAME, RAW_SHA256, WalArchiveInfo
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

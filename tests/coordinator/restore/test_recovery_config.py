@@ -3,7 +3,7 @@ that keeps secrets out of postgresql.auto.conf, target validation, the WAL archi
 anything is written, and ``list``'s WAL ranges.
 
 Backups are real (``cloud-dump backup`` of a PostgreSQL 15 cluster); WAL is archived here in
-wal-push's format (``tests.test_wal_fetch.archive_wal``), or only the archive's identity object
+wal-push's format (``devrig.walarchive.archive_wal``), or only the archive's identity object
 is written where a test needs an archive to exist. Full PITR cycles are in test_pitr.py.
 """
 

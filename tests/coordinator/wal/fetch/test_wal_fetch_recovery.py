@@ -9,7 +9,7 @@
   prefetches through the spool in the data directory's ``pg_wal`` (derived from ``%p``).
 
 The source cluster archives with ``cp`` into a plain directory, and its WAL is then stored in
-wal-push's format (``tests.test_wal_fetch.archive_wal``): these tests do not depend on wal-push.
+wal-push's format (``devrig.walarchive.archive_wal``): these tests do not depend on wal-push.
 """
 
 from __future__ import annotations

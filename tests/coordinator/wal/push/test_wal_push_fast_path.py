@@ -22,7 +22,7 @@ from coordinator.walheader import segment_system_identifier
 from devrig.moto import local_target
 from devrig.postgres import PgCluster
 from devrig.walfiles import SEG1, SEG2, SEG3, SEG4, SYSID_A, WalDir, make_segment
-from tests.wal_push_helpers import stored
+from tests.coordinator.wal.push.helpers import stored
 
 
 def test_look_ahead_takes_the_next_ready_segments_only() -> None:

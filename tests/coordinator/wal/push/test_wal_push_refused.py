@@ -13,7 +13,7 @@ from coordinator.cli.exitcodes import ExitCode
 from devrig.moto import StorageTarget, local_target
 from devrig.services import error_line, run_cli
 from devrig.walfiles import SEG1, SEG2, SYSID_A, SYSID_B, WalDir, make_segment
-from tests.wal_push_helpers import stored
+from tests.coordinator.wal.push.helpers import stored
 from workers.wal import ARCHIVE_INFO_NAME
 
 

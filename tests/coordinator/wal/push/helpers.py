@@ -1,4 +1,4 @@
-"""Shared by the wal-push test modules (``tests/test_wal_push_*.py``)."""
+"""Shared by the wal-push test modules of this package."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from devrig import pgbin
 from devrig.postgres import PgCluster, PgFactory, majors
 from devrig.procs import free_port
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
-from tests.coordinator.replication_helpers import (
+from tests.coordinator.backup.replication_helpers import (
     GZIP_MAGIC,
     LZ4_MAGIC,
     SECOND_DATABASE,

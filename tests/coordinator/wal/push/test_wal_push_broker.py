@@ -22,7 +22,7 @@ from devrig.postgres import OS_USER, PgFactory, make_postgres_dir
 from devrig.procs import free_port
 from devrig.services import WorkerPool
 from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
-from tests.wal_push_helpers import stored
+from tests.coordinator.wal.push.helpers import stored
 from workers.wal import ARCHIVE_INFO_NAME, WalArchiveInfo
 
 

@@ -19,12 +19,7 @@ from devrig.restored import started
 from devrig.roundtrip import backup_cli
 from devrig.services import VENV_BIN, run_cli
 from storage.errors import IntegrityError
-from tests.coordinator.test_restore_unit import (  # noqa: F401 - raw_backup is a fixture
-    LAYOUT,
-    RawBackup,
-    raw_backup,
-    stage_backup,
-)
+from tests.coordinator.restore.rawbackup import LAYOUT, RawBackup, stage_backup
 
 IN_PLACE_ROWS = 1_500
 SENDS_IN_PLACE = [16, 17, pytest.param(18, marks=pytest.mark.matrix)]
@@ -113,7 +108,7 @@ def test_backup_refuses_in_place_tablespace_where_postgres_sends_none_of_it(
     "location", ["ts1", "../ts1", "./pg_tblspc/99999", "pg_tblspc/{oid}/../../ts1"]
 )
 def test_restore_refuses_other_relative_tablespace_locations_and_writes_nothing_in_cwd(
-    raw_backup: RawBackup,  # noqa: F811
+    raw_backup: RawBackup,
     location: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
