@@ -130,7 +130,7 @@ PUSH_WRAPS = [
     "coordinator.wal.push.command:run_wal_push",
     "coordinator.wal.push.command:_push",
     "coordinator.wal.push.command:_push_through_pusher",
-    "coordinator.wal.push.encode:encryption_of",
+    "coordinator.settings:encryption_of",
     "coordinator.wal.push.encode:read_wal",
     "coordinator.wal.push.runner:open_runner",
     "coordinator.wal.push.encode:archive_for",
@@ -611,6 +611,7 @@ class Bench:
             for _ in range(REPEATS_MARKED):
                 calls.append(self.call(expanded, root, log))
         label = f"already archived, empty spool ({REPEATS_UNMARKED}x)"
+        (self.workdir / "spools").mkdir(exist_ok=True)  # --spool-dir's parent must exist
         with self.measured(label, "repeat", None) as calls:
             for i in range(REPEATS_UNMARKED):
                 spool = self.workdir / "spools" / f"{cluster}-{i}"
@@ -706,6 +707,7 @@ class Bench:
             out.extend(_phase_lines(samples, fetch_phases))
 
         # Imports (-X importtime, one call each).
+        (self.workdir / "spools").mkdir(exist_ok=True)  # --spool-dir's parent must exist
         cases = [
             ("wal-push fast path", root, push(segs[0])),
             # An empty spool: no marker, so the whole push runs (the worker then finds the
