@@ -38,9 +38,15 @@ def make_spool_dir(root: Path, directory: Path | None = None) -> None:
     A spool lives in pg_wal (or ``--spool-dir``). A detached helper can outlive its data
     directory (the server stopped, PGDATA removed): it must not bring pg_wal back, which would
     leave the operator a directory that is "not empty" for the next restore. The missing
-    parent raises ``FileNotFoundError`` instead, which ends the helper.
+    parent raises ``FileNotFoundError`` naming it instead (exit 16), which ends the helper.
     """
-    root.mkdir(mode=0o700, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            exc.errno, f"cannot create spool directory '{root}': its parent does not exist",
+            str(root.parent),
+        ) from None
     if directory is not None and directory != root:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
