@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import pyrage
 
-from storage.errors import ConfigError, DecryptionFailed
+from storage.errors import ConfigError, DecryptionFailed, IntegrityError
 
 _QUEUE_DEPTH = 16  # chunks in flight between the caller and the age thread
 _EOF = b""
@@ -86,6 +86,37 @@ def unwrap_identity(wrapped: bytes, passphrase: str, key: str | None = None) -> 
         what = f"the key '{key}'" if key else "the wrapped key"
         raise DecryptionFailed(f"wrong passphrase: it does not decrypt {what}") from exc
     return bytes(plain).decode().strip()
+
+
+def passphrase_identity(
+    subject: str,
+    mode: str | None,
+    wrapped_key: str | None,
+    passphrase: Callable[[], str | None],
+    read_wrapped: Callable[[str], bytes],
+) -> str:
+    """The identity that decrypts ``subject`` ("backup 'b1'", "the WAL archive") for an
+    operator who gave no identity file: its wrapped key, unwrapped with the passphrase.
+
+    ``mode`` and ``wrapped_key``: what ``subject`` records of its encryption (a backup's
+    manifest, the WAL archive's description). ``passphrase`` is called only in passphrase
+    mode, so that a passphrase file is not read for nothing; ``read_wrapped(key)`` fetches the
+    wrapped key. ``ConfigError`` when the identity files or the passphrase it needs were not
+    given, ``IntegrityError`` when it records no wrapped key, ``DecryptionFailed`` for a wrong
+    passphrase.
+    """
+    if mode != "passphrase":
+        raise ConfigError(
+            f"{subject} is encrypted to age recipients: give --identity-key FILE "
+            "(env CLOUD_DUMP_IDENTITY_KEY) with an identity that matches one of them"
+        )
+    given = passphrase()
+    if given is None:
+        raise ConfigError(f"{subject} is encrypted with a passphrase: none given "
+                          "(--passphrase-file or CLOUD_DUMP_PASSPHRASE)")  # fmt: skip
+    if not wrapped_key:
+        raise IntegrityError(f"{subject} records no wrapped key for its passphrase")
+    return unwrap_identity(read_wrapped(wrapped_key), given, wrapped_key)
 
 
 def encrypt_bytes(data: bytes, recipients: Sequence[str]) -> bytes:

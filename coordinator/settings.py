@@ -1,4 +1,4 @@
-"""Settings shared by the commands: storage, key layout, passphrase and decryption keys.
+"""Settings shared by the commands: storage, key layout, passphrase, encryption and decryption keys.
 
 Each function reads the parsed command line (flags already merged with environment and config
 file by ``coordinator.cli.main``) and returns the object a command works with.
@@ -155,16 +155,6 @@ def settings_from_json(cls: type[_S], data: dict[str, object]) -> _S:
     return cls(**values)  # type: ignore[arg-type]
 
 
-def storage_options(args: CommonSettings) -> StorageOptions:
-    return StorageOptions(
-        s3_endpoint=args.s3_endpoint,
-        s3_region=args.s3_region,
-        s3_path_style=args.s3_path_style,
-        max_part_count=args.s3_max_parts,
-        max_attempts=args.storage_max_attempts,
-    )
-
-
 def storage_url_of(args: CommonSettings) -> str:
     """The storage URL; ``ConfigError`` when none was given."""
     if not args.storage:
@@ -174,7 +164,7 @@ def storage_url_of(args: CommonSettings) -> str:
 
 def open_store(args: CommonSettings) -> Storage:
     """The store ``args`` names, opened; ``ConfigError`` when none was given."""
-    return open_storage(storage_url_of(args), storage_options(args))
+    return open_storage(storage_url_of(args), StorageOptions.from_settings(args))
 
 
 def layout_of(args: BackupSettings | RestoreSettings | ListSettings) -> Layout:
@@ -204,6 +194,33 @@ def read_passphrase(args: KeyedSettings) -> str | None:
         raise ConfigError("the passphrase is empty")
     return str(passphrase)
 
+
+@dataclass(frozen=True)
+class Encryption:
+    """What the operator chose to encrypt to: age public keys read from ``--recipient-key``
+    files, or a passphrase. Each command turns it into keys its own way: a backup encrypts to a
+    fresh identity of its own, wrapped with the passphrase (``coordinator.backup.run``); WAL to
+    the archive's identity, set up once per archive (``coordinator.wal.push.encode``)."""
+
+    recipients: list[str] | None = None
+    passphrase: str | None = field(default=None, repr=False)
+
+
+def encryption_of(args: BackupSettings | WalPushSettings) -> Encryption | None:
+    """The encryption ``args`` ask for, None for none; ``ConfigError`` for both a recipient key
+    and a passphrase, or ``--encrypt`` with neither."""
+    passphrase = read_passphrase(args)
+    if args.recipient_key and passphrase:
+        raise ConfigError("give either --recipient-key or a passphrase, not both")
+    if args.recipient_key:
+        from coordinator.crypto import read_recipients  # pyrage: only when keys are given
+
+        return Encryption(recipients=read_recipients([Path(p) for p in args.recipient_key]))
+    if passphrase:
+        return Encryption(passphrase=passphrase)
+    if args.encrypt:
+        raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
+    return None
 
 
 def wal_layout(args: RestoreSettings | WalPushSettings | WalFetchSettings) -> Layout:

@@ -127,18 +127,22 @@ def retry(
     factor: float = 1.0,
     max_s: float | None = None,
     before_retry: Callable[[BaseException, float, int], None] | None = None,
+    pause_first: bool = False,
     sleep: Sleep | None = None,
 ) -> _T:
     """``action()``, called up to ``attempts`` times while it raises one of ``retry_on``.
 
     Between attempts it pauses as ``Backoff(first_s, max_s=max_s, factor=factor)`` says, after
     calling ``before_retry(error, pause_s, attempt)`` (attempt counts from 1: the one that
-    failed), e.g. to log it. The last attempt's error propagates, as does any other error at
-    once. Raises ``ValueError`` for ``attempts`` below 1.
+    failed), e.g. to log it. ``pause_first``: pause before the first attempt too (the caller
+    has just made one of its own). The last attempt's error propagates, as does any other error
+    at once. Raises ``ValueError`` for ``attempts`` below 1.
     """
     if attempts < 1:
         raise ValueError(f"{attempts} attempts: at least one is needed")
     backoff = Backoff(first_s, max_s=max_s, factor=factor, sleep=sleep)
+    if pause_first:
+        backoff.pause()
     for attempt in range(1, attempts):
         try:
             return action()

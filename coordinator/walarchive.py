@@ -271,24 +271,21 @@ class Keys:
             return self._identities
 
     def _load(self, archive: WalArchive, refresh: bool) -> list[str]:
-        from coordinator.crypto import read_identities, unwrap_identity
+        from coordinator.crypto import passphrase_identity, read_identities
 
         if self.identity_paths:
             return read_identities(self.identity_paths)
         cached = None if refresh else self._cached()
         if cached is not None:
             return [cached]
-        info = archive.read_info()
-        encryption = info.get("encryption")
-        if not isinstance(encryption, dict) or encryption.get("mode") != "passphrase":
-            raise ConfigError("the WAL archive is encrypted to age recipients: give "
-                              "--identity-key FILE (env CLOUD_DUMP_IDENTITY_KEY)")
-        passphrase = self.passphrase()
-        if passphrase is None:
-            raise ConfigError("the WAL archive is encrypted with a passphrase: none given "
-                              "(--passphrase-file or CLOUD_DUMP_PASSPHRASE)")
-        key = str(encryption["wrapped_identity_key"])
-        identity = unwrap_identity(archive.get(key), passphrase, key)
+        encryption = archive.read_info().get("encryption")
+        if not isinstance(encryption, dict):
+            encryption = {}  # encrypted WAL in an archive that records no passphrase
+        key = encryption.get("wrapped_identity_key")
+        identity = passphrase_identity(
+            "the WAL archive", encryption.get("mode"), key if isinstance(key, str) else None,
+            self.passphrase, archive.get,
+        )  # fmt: skip
         if self.spool is not None:
             self.spool.cache_identity(identity)
         return [identity]

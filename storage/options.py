@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from storage.base import MIN_CONFIGURABLE_PART_COUNT, S3_MAX_PART_COUNT
 from storage.errors import ConfigError
+
+
+class StorageSettings(Protocol):
+    """The storage settings of a command (``coordinator.settings.CommonSettings``) or a worker
+    (``tasks.settings.WorkerSettings``), named as ``options.declared`` names them."""
+
+    @property
+    def s3_endpoint(self) -> str | None: ...
+
+    @property
+    def s3_region(self) -> str | None: ...
+
+    @property
+    def s3_path_style(self) -> bool | None: ...
+
+    @property
+    def s3_max_parts(self) -> int: ...
+
+    @property
+    def storage_max_attempts(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -30,3 +51,15 @@ class StorageOptions:
             )
         if self.max_attempts < 1:
             raise ConfigError("storage max attempts must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: StorageSettings) -> StorageOptions:
+        """The options a command's or a worker's settings give (the one place their names,
+        ``--s3-max-parts`` and ``--storage-max-attempts``, meet this class's fields)."""
+        return cls(
+            s3_endpoint=settings.s3_endpoint,
+            s3_region=settings.s3_region,
+            s3_path_style=settings.s3_path_style,
+            max_part_count=settings.s3_max_parts,
+            max_attempts=settings.storage_max_attempts,
+        )

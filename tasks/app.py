@@ -14,6 +14,7 @@ import socket
 from storage.base import Storage
 from storage.errors import ConfigError
 from storage.factory import open_storage
+from storage.options import StorageOptions
 from storage.redact import redact_url
 from tasks.config import make_app
 from tasks.settings import WorkerSettings
@@ -49,7 +50,7 @@ class WorkerStorage:
                 raise ConfigError(
                     "worker has no storage: set CLOUD_DUMP_STORAGE (s3://... or file:///...)"
                 )
-            self._storage = open_storage(url, self._settings.storage_options())
+            self._storage = open_storage(url, StorageOptions.from_settings(self._settings))
             self._pid = os.getpid()
             log.info("worker process %d uses storage %s", self._pid, self._storage.url)
         return self._storage

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from storage.base import S3_MAX_PART_COUNT
-from storage.options import StorageOptions
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
@@ -32,12 +31,3 @@ class WorkerSettings(BaseSettings):
     s3_path_style: bool | None = None
     s3_max_parts: int = S3_MAX_PART_COUNT
     storage_max_attempts: int = 5
-
-    def storage_options(self) -> StorageOptions:
-        return StorageOptions(
-            s3_endpoint=self.s3_endpoint,
-            s3_region=self.s3_region,
-            s3_path_style=self.s3_path_style,
-            max_part_count=self.s3_max_parts,
-            max_attempts=self.storage_max_attempts,
-        )

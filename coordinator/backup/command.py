@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from coordinator.settings import BackupSettings, Report, layout_of, open_store, read_passphrase
+from coordinator.settings import BackupSettings, Report, encryption_of, layout_of, open_store
 from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
 from storage.errors import ConfigError
 from storage.layout import validate_name
 from storage.urls import storage_url
 
 if TYPE_CHECKING:
-    from coordinator.backup.run import Encryption
     from coordinator.backup.runner import Runner
 
 log = logging.getLogger(__name__)
 
 
 def run_backup(args: BackupSettings, report: Report) -> None:
-    from coordinator.backup.run import BackupPlan, run_backup
+    from coordinator.backup.run import BackupKeys, BackupPlan, run_backup
 
     name = validate_name("backup", args.name or "")
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
@@ -32,13 +30,14 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     if args.db_url != os.environ.get("CLOUD_DUMP_DB_URL") and _has_password(args.db_url):
         log.warning("the password in --db-url is visible to every user in 'ps': prefer "
                     "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
+    chosen = encryption_of(args)  # may read a passphrase file: a ConfigError before any work
     plan = BackupPlan(
         name=name,
         cluster=args.cluster,
         dsn=args.db_url,
         compression=args.compression,
         compression_level=args.compression_level,
-        encryption=_backup_encryption(args),
+        encryption=None if chosen is None else BackupKeys.of(chosen),
         # `backup` has no --wal-prefix flag: the environment sets it for the flat layout.
         wal_prefix=getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX"),
         max_in_flight=max(2, args.parallel * 2),
@@ -63,23 +62,6 @@ def _has_password(dsn: str) -> bool:
         except ValueError:
             return False
     return "password=" in dsn
-
-
-def _backup_encryption(args: BackupSettings) -> Encryption | None:
-    from coordinator.backup.run import Encryption
-    from coordinator.crypto import read_recipients
-
-    passphrase = read_passphrase(args)
-    keys = [Path(p) for p in args.recipient_key or []]
-    if keys and passphrase:
-        raise ConfigError("give either --recipient-key or a passphrase, not both")
-    if keys:
-        return Encryption(read_recipients(keys))
-    if passphrase:
-        return Encryption.with_passphrase(passphrase)
-    if args.encrypt:
-        raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
-    return None
 
 
 def _runner(args: BackupSettings) -> tuple[Runner, Capabilities]:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter, PartSizer
 from coordinator.backup.progress import Progress
@@ -48,20 +49,33 @@ from workers.backup import (
 )
 from workers.wal import ARCHIVE_INFO_NAME, OpenWalArchiveRequest
 
+if TYPE_CHECKING:
+    from coordinator.settings import Encryption
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Encryption:
-    """What to encrypt to; ``wrapped_identity`` and ``passphrase`` are set in passphrase mode
-    (the passphrase only to check it against the WAL archive's key: it is never sent)."""
+class BackupKeys:
+    """What one backup encrypts to; ``wrapped_identity`` and ``passphrase`` are set in
+    passphrase mode (the passphrase only to check it against the WAL archive's key: it is never
+    sent)."""
 
     recipients: list[str]
     wrapped_identity: bytes | None = None
     passphrase: str | None = field(default=None, repr=False)
 
     @classmethod
-    def with_passphrase(cls, passphrase: str) -> Encryption:
+    def of(cls, chosen: Encryption) -> BackupKeys:
+        """The operator's recipients, or with a passphrase a fresh identity of this backup's
+        own, wrapped with it (one scrypt, ~1.7 s)."""
+        if chosen.recipients:
+            return cls(chosen.recipients)
+        assert chosen.passphrase, "an Encryption has recipients or a passphrase"
+        return cls.with_passphrase(chosen.passphrase)
+
+    @classmethod
+    def with_passphrase(cls, passphrase: str) -> BackupKeys:
         secret, public = generate_identity()
         return cls([public], wrap_identity(secret, passphrase), passphrase)
 
@@ -73,7 +87,7 @@ class BackupPlan:
     dsn: str
     compression: str = DEFAULT_COMPRESSION
     compression_level: int | None = None
-    encryption: Encryption | None = None
+    encryption: BackupKeys | None = None
     # Where the cluster's WAL is archived (its passphrase is checked against the backup's).
     wal_prefix: str | None = None
     max_in_flight: int = 8

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from storage.base import Storage
 from workers import backup, wal
-from workers.location import StorageBound
 from workers.staging import MemoryStage
 
 if TYPE_CHECKING:
     from coordinator.broker.client import Broker
     from coordinator.broker.flights import Flight, Flights
+    from workers.location import StorageBound
 
 # How long a failed backup tries to undo what it stored, at most: the broker may be the
 # reason it failed.
@@ -173,48 +173,49 @@ class CeleryRunner:
         part_timeout_s: float,
         storage_url: str | None = None,
     ) -> None:
-        from coordinator.broker.flights import Flights
+        from coordinator.broker.flights import Sender
+        from tasks.config import PARTS_QUEUE
 
-        self._broker = broker
-        self._storage_url = storage_url
-        self._flights = Flights(
-            broker, grace_s=part_timeout_s, payload_ttl_s=max(3600, int(part_timeout_s * 10))
-        )
+        # A staged payload nobody deleted expires after ten part timeouts, an hour at least.
+        self._sender = Sender(
+            broker, PARTS_QUEUE, storage_url=storage_url, grace_s=part_timeout_s,
+            payload_ttl_s=max(3600, int(part_timeout_s * 10)), resend_after_s=part_timeout_s,
+        )  # fmt: skip
+        self._flights = self._sender.flights
         self._task_timeout_s = task_timeout_s
-        self._part_timeout_s = part_timeout_s
 
     @property
     def resent(self) -> int:
         return self._flights.resent
 
     def claim(self, request: backup.ClaimRequest) -> str:
-        return str(self._call("cloud_dump.claim_backup", self._bound(request)))
+        return str(self._call("cloud_dump.claim_backup", request))
 
     def open_wal_archive(self, request: wal.OpenWalArchiveRequest) -> wal.OpenWalArchiveResult:
         # On the parts queue: the backup's workers may not consume the wal queue.
-        answer = self._call("cloud_dump.open_wal_archive", self._bound(request))
+        answer = self._call("cloud_dump.open_wal_archive", request)
         return wal.OpenWalArchiveResult.model_validate(answer)
 
     def open_archive(self, key: str) -> str:
         request = backup.OpenArchiveRequest(key=key)
-        return str(self._call("cloud_dump.open_archive", self._bound(request)))
+        return str(self._call("cloud_dump.open_archive", request))
 
     def upload_part(self, request: backup.UploadPartRequest, data: bytes) -> PartHandle:
-        flight = self._flight(
+        flight = self._sender.flight(
             "cloud_dump.upload_part",
-            self._bound(request),
+            request,
             f"part {request.part_number} of '{request.key}'",
             payloads={request.ref: data},
         )
         return _FlightHandle(self._flights, self._flights.start(flight))
 
     def finalize(self, request: backup.FinalizeRequest, payloads: dict[str, bytes]) -> None:
-        self._call("cloud_dump.finalize_backup", self._bound(request), payloads)
+        self._call("cloud_dump.finalize_backup", request, payloads)
 
     def abort(self, request: backup.AbortRequest) -> None:
         self._flights.revive(ABORT_GRACE_S)
         self._task_timeout_s = min(self._task_timeout_s, ABORT_TIMEOUT_S)
-        self._call("cloud_dump.abort_backup", self._bound(request))
+        self._call("cloud_dump.abort_backup", request)
 
     def release(self, handles: list[PartHandle]) -> None:
         self._flights.interrupt()  # a thread waiting for the broker gives up now
@@ -222,25 +223,10 @@ class CeleryRunner:
         self._flights.finish(*flights)
 
     def close(self) -> None:
-        self._broker.close()
+        self._sender.close()
 
-    def _bound(self, request: StorageBound) -> dict[str, Any]:
-        """The request as sent: with the storage location this command was told, if any."""
-        if self._storage_url is not None:
-            request = request.model_copy(update={"storage_url": self._storage_url})
-        return request.model_dump()
-
-    def _call(self, task: str, argument: Any, payloads: dict[str, bytes] | None = None) -> Any:
-        flight = self._flight(task, argument, f"'{task}'", payloads=payloads or {})
-        flight.timeout_s = self._task_timeout_s
-        return self._flights.run(flight)
-
-    def _flight(
-        self, task: str, argument: Any, what: str, payloads: dict[str, bytes]
-    ) -> Flight:
-        from coordinator.broker.flights import Flight
-        from tasks.config import PARTS_QUEUE
-
-        return Flight(
-            task, argument, PARTS_QUEUE, what, payloads, resend_after_s=self._part_timeout_s
-        )
+    def _call(
+        self, task: str, request: StorageBound, payloads: dict[str, bytes] | None = None
+    ) -> Any:
+        return self._sender.run(task, request, f"'{task}'", payloads,
+                                timeout_s=self._task_timeout_s)  # fmt: skip

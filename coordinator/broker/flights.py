@@ -56,10 +56,7 @@ from workers.staging import StagedPayloadMissing
 
 if TYPE_CHECKING:
     from coordinator.broker.client import Broker, TaskState
-
-
-if TYPE_CHECKING:
-    from coordinator.broker.client import Broker, TaskState
+    from workers.location import StorageBound
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -365,6 +362,69 @@ class Flights:
     def _after(self, task: str, floor_s: float, factor: float) -> float:
         durations = self._durations.get(task)
         return max(floor_s, factor * statistics.median(durations)) if durations else floor_s
+
+
+class Sender:
+    """How a runner sends its work: ``Flights`` over ``broker``, each flight to ``queue``, sent
+    again after ``resend_after_s`` unanswered, its request stamped with the storage location
+    the command was told (``storage_url``, ``storage.urls.storage_url`` form; None: the
+    workers' own), so that a worker storing elsewhere refuses it (``workers.location``).
+
+    What the backup's and wal-push's Celery runners share; each says why its ``grace_s``,
+    ``payload_ttl_s`` and ``resend_after_s`` are what they are.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str,
+        *,
+        storage_url: str | None,
+        grace_s: float,
+        payload_ttl_s: int,
+        resend_after_s: float,
+    ) -> None:
+        self.broker = broker
+        self.flights = Flights(broker, grace_s=grace_s, payload_ttl_s=payload_ttl_s)
+        self.queue = queue
+        self.storage_url = storage_url
+        self.resend_after_s = resend_after_s
+
+    def flight(
+        self,
+        task: str,
+        request: StorageBound,
+        what: str,
+        payloads: dict[str, bytes] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Flight:
+        """A flight of ``task`` with ``request`` (not sent yet: ``flights.start`` sends it)."""
+        return Flight(
+            task, self.bound(request), self.queue, what, payloads or {},
+            resend_after_s=self.resend_after_s, timeout_s=timeout_s,
+        )  # fmt: skip
+
+    def run(
+        self,
+        task: str,
+        request: StorageBound,
+        what: str,
+        payloads: dict[str, bytes] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Send ``task`` with ``request``, wait for its answer and clean up; raises its error."""
+        return self.flights.run(self.flight(task, request, what, payloads, timeout_s=timeout_s))
+
+    def bound(self, request: StorageBound) -> dict[str, Any]:
+        """The request as sent: with the storage location this command was told, if any."""
+        if self.storage_url is not None:
+            request = request.model_copy(update={"storage_url": self.storage_url})
+        return request.model_dump()
+
+    def close(self) -> None:
+        self.broker.close()
 
 
 def _error_of(state: TaskState, what: str) -> BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from coordinator.envfile import assignments, decode, is_malformed
 from options.declared import ENV_PREFIX, env_names
 
 # What the last load_config_file set: variable -> (file, line, value). The value is kept so
@@ -38,12 +39,13 @@ def load_config_file(argv: Sequence[str]) -> list[str]:
     """Load ``--config FILE`` (or ``CLOUD_DUMP_CONFIG``) into the environment; return the
     warnings about it (a key set twice), for the caller to show where it can.
 
-    KEY=VALUE lines, as a systemd EnvironmentFile: ``#`` comments, optional ``export`` and
-    quotes, a UTF-8 byte order mark ignored, the last of a key's lines winning. The file's
-    values replace variables inherited from the environment; flags win over both (their
-    defaults are read from the environment afterwards). This is how archive_command and
-    restore_command get their settings and credentials without a secret on the command line
-    (``ps``) or in postgresql.auto.conf. Nothing is set when the file is refused.
+    KEY=VALUE lines, as a systemd EnvironmentFile (``coordinator.envfile``): ``#`` comments,
+    optional ``export`` and quotes, a UTF-8 byte order mark ignored, the last of a key's lines
+    winning; the first malformed line refuses the file. The file's values replace variables
+    inherited from the environment; flags win over both (their defaults are read from the
+    environment afterwards). This is how archive_command and restore_command get their
+    settings and credentials without a secret on the command line (``ps``) or in
+    postgresql.auto.conf. Nothing is set when the file is refused.
     """
     _ORIGINS.clear()
     path = os.environ.get("CLOUD_DUMP_CONFIG")
@@ -62,8 +64,7 @@ def load_config_file(argv: Sequence[str]) -> list[str]:
 
         raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from exc
     try:
-        # utf-8-sig: an editor's byte order mark is not part of the first key.
-        text = data.decode("utf-8-sig")
+        text = decode(data)
     except UnicodeDecodeError as exc:
         from storage.errors import ConfigError
 
@@ -71,19 +72,12 @@ def load_config_file(argv: Sequence[str]) -> list[str]:
         raise ConfigError(f"config file '{path}' line {number}: not UTF-8 text") from None
     values: dict[str, tuple[int, str]] = {}
     lines: dict[str, list[int]] = {}
-    for number, line in enumerate(text.split("\n"), 1):  # "\n" alone: as editors number lines
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key.replace("_", "").isalnum():
+    for number, key, sep, value in assignments(text):
+        if is_malformed(key, sep):
             from storage.errors import ConfigError
 
             problem = _malformed(key, sep)
             raise ConfigError(f"config file '{path}' line {number}: expected KEY=VALUE{problem}")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
         values[key] = (number, value)
         lines.setdefault(key, []).append(number)
     for key, (number, value) in values.items():

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from coordinator.cli.configfile import describe, load_config_file
 from coordinator.cli.exitcodes import ExitCode, exit_code_for, help_epilog
 from coordinator.cli.limits import env_only_problems, flag_problem
+from coordinator.logs import setup_cli_logging
 from options.declared import (
     BACKUP,
     BOOL,
@@ -291,24 +292,6 @@ def _run(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter("cloud-dump: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    if level != "debug":
-        # Library chatter (botocore retries, kombu reconnects) is noise unless debugging.
-        for noisy in ("botocore", "boto3", "urllib3", "kombu", "celery", "amqp"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-class _LowerLevelFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        record.levelname = record.levelname.lower()
-        return super().format(record)
-
-
 def _install_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so that a stopped backup cleans up after itself."""
 
@@ -338,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code:
             _warn_before_failing(warnings)
         return failed if (failed and code) else code
-    _setup_logging(args.log_level)
+    setup_cli_logging(args.log_level)
     for warning in warnings:
         log.warning("%s", warning)
     code = _run_and_map_errors(args, failed)
@@ -350,7 +333,7 @@ def _warn_before_failing(warnings: list[str]) -> None:
     known: shown all the same, as the cause may be in them (the value of a key set twice that
     the operator did not edit)."""
     if warnings:
-        _setup_logging("warning")
+        setup_cli_logging("warning")
         for warning in warnings:
             log.warning("%s", warning)
 

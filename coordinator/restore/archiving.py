@@ -22,6 +22,7 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
+from coordinator.envfile import decode, values
 from coordinator.restore.pgconf import Setting
 from coordinator.restore.recoveryconf import SettingsOutcome, SettingsRequest
 from storage.errors import ConfigError
@@ -160,17 +161,12 @@ def _flags(words: list[str]) -> dict[str, str]:
 
 
 def _read_kv(path: Path) -> Mapping[str, str]:
-    """KEY=VALUE lines as ``cloud-dump --config`` reads them; empty when unreadable."""
+    """The KEY=VALUE lines of a ``--config`` file (``coordinator.envfile``); empty when it
+    cannot be read or is not UTF-8. Unlike ``cloud-dump --config``, a malformed line is skipped,
+    not an error: the file belongs to the copy's archive_command, and what is read here only
+    names the archive in a line and a warning, which must not fail the restore (the keys that
+    are readable still name the archive the copy may push into once the file is fixed)."""
     try:
-        text = path.read_text()
-    except OSError:
+        return values(decode(path.read_bytes()))
+    except (OSError, UnicodeDecodeError):
         return {}
-    values = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if sep and not key.startswith("#"):
-            values[key.strip()] = value
-    return values

@@ -27,11 +27,11 @@ import hashlib
 import io
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from coordinator.wait import wait_until
 from storage.base import Storage
 from storage.errors import IntegrityError, ObjectNotFound, TransientStorageError
 
@@ -165,21 +165,28 @@ class RangedReader(io.RawIOBase):
 
     def _get_range(self, start: int, length: int) -> bytes:
         """One range, read again after transient failures (see the module docstring)."""
-        deadline: float | None = None
-        delay_s = _FIRST_BACKOFF_S
-        while True:
+        try:
+            return self._storage.get_range(self._key, start, length)
+        except TransientStorageError as exc:
+            error = exc
+        log.warning("reading '%s' at offset %d failed (%s): retrying for up to %.0f s",
+                    self._key, start, error, self._retry_budget_s)  # fmt: skip
+
+        def read() -> list[bytes]:  # a list: an empty range is an answer too
+            nonlocal error
             try:
-                return self._storage.get_range(self._key, start, length)
+                return [self._storage.get_range(self._key, start, length)]
             except TransientStorageError as exc:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._retry_budget_s
-                    log.warning("reading '%s' at offset %d failed (%s): retrying for up to %.0f s",
-                                self._key, start, exc, self._retry_budget_s)
-                remaining_s = deadline - now
-                if remaining_s <= 0 or self._closing.wait(min(delay_s, remaining_s)):
-                    raise
-                delay_s = min(delay_s * 2, _MAX_BACKOFF_S)
+                error = exc
+                return []
+
+        # Paused first: the read has just failed. Until the budget is spent or close() is called.
+        data = wait_until(read, timeout_s=self._retry_budget_s, first_s=_FIRST_BACKOFF_S,
+                          max_s=_MAX_BACKOFF_S, factor=2.0, pause_first=True,
+                          interrupt=self._closing)  # fmt: skip
+        if data is None:
+            raise error
+        return data[0]
 
     def _ensure_buffer(self) -> bool:
         """Make the buffer non-empty; False at end of the object (after verifying it)."""

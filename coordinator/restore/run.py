@@ -50,7 +50,7 @@ from typing import BinaryIO, cast
 
 from coordinator.catalog import read_manifest
 from coordinator.codecs import open_plaintext
-from coordinator.crypto import decrypt_bytes, read_identities, unwrap_identity
+from coordinator.crypto import decrypt_bytes, passphrase_identity, read_identities
 from coordinator.restore.extract import (
     ExtractResult,
     FileFacts,
@@ -78,7 +78,6 @@ from coordinator.restore.targetdirs import TargetPlan as TargetPlan
 from coordinator.restore.targetdirs import plan_targets as plan_targets
 from storage.base import Storage, sha256_hex
 from storage.errors import (
-    ConfigError,
     IntegrityError,
     ObjectNotFound,
 )
@@ -191,17 +190,11 @@ def resolve_identities(
     if identity_paths:
         # Also right for passphrase mode: the unwrapped key may have been saved to a file.
         return read_identities(identity_paths)
-    if encryption.mode == "recipients":
-        raise ConfigError(
-            f"backup '{manifest.name}' is encrypted to age recipients: "
-            "an identity file that matches one of them is needed"
-        )
-    if passphrase is None:
-        raise ConfigError(f"backup '{manifest.name}' is encrypted with a passphrase: none given")
-    if encryption.wrapped_identity_key is None:
-        raise IntegrityError(f"backup '{manifest.name}' records no wrapped key for its passphrase")
-    wrapped = _get_object(storage, manifest.name, encryption.wrapped_identity_key)
-    return [unwrap_identity(wrapped, passphrase, encryption.wrapped_identity_key)]
+    identity = passphrase_identity(
+        f"backup '{manifest.name}'", encryption.mode, encryption.wrapped_identity_key,
+        lambda: passphrase, lambda key: _get_object(storage, manifest.name, key),
+    )  # fmt: skip
+    return [identity]
 
 
 def fetch_backup_manifest(

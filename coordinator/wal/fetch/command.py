@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -209,14 +208,25 @@ def _unless_a_gap(
     beside ``%p``'s pg_wal) is answered 1 with a warning: it keeps asking, and can stream the
     segment from its primary; stopping it would take the standby down.
     """
+    from coordinator.wait import retry  # not on the served path
+
     later = _with_retries(lambda: archive.later_segment(name), attempts)
     if later is None:
         return None
-    for attempt in range(1, attempts):
-        time.sleep(RETRY_BASE_DELAY_S * 3 ** (attempt - 1))
+
+    def stored_by_now() -> StoredWal:
         stored = _with_retries(lambda: archive.find(name), attempts)
-        if stored is not None:
-            return stored
+        if stored is None:
+            raise _StillMissing
+        return stored
+
+    # The caller has just looked: attempts - 1 looks more, 2 s, 6 s, ... apart.
+    try:
+        if attempts > 1:
+            return retry(stored_by_now, attempts=attempts - 1, retry_on=_StillMissing,
+                         first_s=RETRY_BASE_DELAY_S, factor=3.0, pause_first=True)  # fmt: skip
+    except _StillMissing:
+        pass
     gap = (
         f"'{name}' is missing from the archive at '{archive.location}', which holds later WAL "
         f"of its timeline ('{later}'): a gap in the archive"
@@ -230,6 +240,10 @@ def _unless_a_gap(
         f"{gap}; recovery stops here rather than end early without the WAL after it (put the "
         "segment back from the source's pg_wal, or restore with a target before it)"
     )
+
+
+class _StillMissing(Exception):
+    """The segment ``_unless_a_gap`` looks for again is not stored yet."""
 
 
 def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:

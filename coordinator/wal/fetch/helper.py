@@ -45,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from coordinator.background import HelperLock, read_payload
+from coordinator.logs import setup_helper_logging
 from coordinator.settings import WalFetchSettings, keys_from, settings_from_json, wal_layout
 from coordinator.wait import Backoff
 from coordinator.wal.fetch.spool import Spool, following_segments
@@ -71,7 +72,7 @@ def main() -> int:
     if not lock.try_acquire():
         return 0  # another prefetcher serves this spool
     try:
-        _setup_logging(str(args.log_level))
+        setup_helper_logging(str(args.log_level))
         _exit_at_deadline(spool)
         names = payload.get("names")
         segment_bytes = payload.get("segment_bytes")
@@ -237,16 +238,6 @@ def _exit_at_deadline(spool: Spool) -> None:
     timer = threading.Timer(HARD_DEADLINE_S, abandon)
     timer.daemon = True
     timer.start()
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)  # prefetch.log in the spool
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def _push_through_pusher(args: WalPushSettings, spool: Spool, location: str) -> 
 
 
 def _push(args: WalPushSettings, spool: Spool, location: str) -> None:
-    from coordinator.wal.push.encode import archive_for, encryption_of, read_wal, recipients_for
+    from coordinator.settings import encryption_of
+    from coordinator.wal.push.encode import archive_for, read_wal, recipients_for
     from coordinator.wal.push.runner import open_runner
     from storage.layout import DEFAULT_WAL_PREFIX, Layout
 

@@ -5,10 +5,11 @@ Shared by the foreground ``wal-push`` (``coordinator.wal.push.command``) and the
 cluster's WAL the archive holds (a segment of another cluster is refused before anything is sent),
 and in passphrase mode the public key WAL is encrypted to.
 
-Encryption: ``--recipient-key`` encrypts to those public keys. With a passphrase, the archive
-gets its own X25519 identity, stored passphrase-wrapped beside the WAL by the first encrypted
-push (``workers.wal``); every later push encrypts to its public key, read from the spool's
-cached archive identity, so the ~1.7 s scrypt cost is paid once per spool, not per segment.
+Encryption, as ``coordinator.settings.encryption_of`` resolves it: ``--recipient-key`` encrypts
+to those public keys. With a passphrase, the archive gets its own X25519 identity, stored
+passphrase-wrapped beside the WAL by the first encrypted push (``workers.wal``); every later push
+encrypts to its public key, read from the spool's cached archive identity, so the ~1.7 s scrypt
+cost is paid once per spool, not per segment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from coordinator.settings import WalPushSettings
+    from coordinator.settings import Encryption
     from coordinator.wal.push.runner import WalRunner
     from coordinator.wal.push.spool import Spool
     from storage.layout import Layout
@@ -38,11 +39,6 @@ class RawWal(NamedTuple):
     # Of the open file these bytes were read from (``coordinator.wal.push.marker.file_identity``):
     # what its confirmation marker records.
     identity: str
-
-
-class Encryption(NamedTuple):
-    recipients: list[str] | None
-    passphrase: str | None
 
 
 def read_wal(path: Path, file_name: str) -> RawWal:
@@ -129,25 +125,13 @@ def encode_wal(
     return request
 
 
-def encryption_of(args: WalPushSettings) -> Encryption:
-    from coordinator.settings import read_passphrase
-    from storage.errors import ConfigError
-
-    passphrase = read_passphrase(args)
-    if args.recipient_key and passphrase:
-        raise ConfigError("give either --recipient-key or a passphrase, not both")
-    if args.recipient_key:
-        from coordinator.crypto import read_recipients
-
-        return Encryption(read_recipients([Path(p) for p in args.recipient_key]), None)
-    if passphrase:
-        return Encryption(None, passphrase)
-    if args.encrypt:
-        raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
-    return Encryption(None, None)
-
-
-def recipients_for(encryption: Encryption, archive: WalArchiveInfo | None) -> list[str] | None:
+def recipients_for(
+    encryption: Encryption | None, archive: WalArchiveInfo | None
+) -> list[str] | None:
+    """What to encrypt WAL to: the operator's recipients, or in passphrase mode the archive's
+    own public key (``archive_for`` set it up); None for no encryption."""
+    if encryption is None:
+        return None
     if encryption.recipients:
         return encryption.recipients
     if encryption.passphrase:
@@ -162,7 +146,7 @@ def archive_for(
     location: str,
     layout: Layout,
     own: RawWal,
-    encryption: Encryption,
+    encryption: Encryption | None,
 ) -> WalArchiveInfo | None:
     """The archive's identity: from the spool's cache, else (passphrase mode) from storage."""
     from storage.errors import WalConflict
@@ -176,8 +160,9 @@ def archive_for(
             f"WAL of system {sysid} cannot go into the archive of system "
             f"{archive.system_identifier} at '{layout.wal_root}'"
         )
-    if encryption.passphrase and (archive is None or archive.encryption is None):
-        archive = open_passphrase_archive(runner, layout, sysid, encryption.passphrase)
+    passphrase = encryption.passphrase if encryption is not None else None
+    if passphrase and (archive is None or archive.encryption is None):
+        archive = open_passphrase_archive(runner, layout, sysid, passphrase)
         spool.write_archive_cache(location, archive.model_dump_json())
     return archive
 

@@ -40,16 +40,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.background import HelperLock, read_payload
-from coordinator.settings import WalPushSettings, settings_from_json
+from coordinator.logs import setup_helper_logging
+from coordinator.settings import Encryption, WalPushSettings, encryption_of, settings_from_json
 from coordinator.wait import Backoff
-from coordinator.wal.push.encode import (
-    Encryption,
-    archive_for,
-    encode_wal,
-    encryption_of,
-    read_wal,
-    recipients_for,
-)
+from coordinator.wal.push.encode import archive_for, encode_wal, read_wal, recipients_for
 from coordinator.wal.push.runner import CeleryWalRunner, Flight, open_runner
 from coordinator.wal.push.spool import (
     PUSHER_LOCK,
@@ -108,7 +102,7 @@ class Pusher:
         self._window = max(1, int(args.look_ahead))
         prefix = args.wal_prefix or DEFAULT_WAL_PREFIX
         self._layout = Layout(cluster=args.cluster, wal_prefix=prefix)
-        self._encryption: Encryption | None = None
+        self._encryption: Encryption | None = None  # resolved by run(); None: not encrypted
         self._archive_lock = threading.Lock()  # one archive_for at a time: it may run scrypt
         self._preparing: dict[str, Future[Prepared]] = {}
         self._in_flight: dict[str, InFlight] = {}
@@ -194,7 +188,6 @@ class Pusher:
 
     def _prepare(self, name: str, path: Path) -> Prepared:
         """Read, check, compress, encrypt and stage one file (in a worker thread)."""
-        assert self._encryption is not None
         raw = read_wal(path, name)
         with self._archive_lock:
             archive = archive_for(
@@ -284,7 +277,7 @@ def main() -> int:
     lock = HelperLock(spool.directory / PUSHER_LOCK)
     if not lock.try_acquire():
         return 0  # another pusher serves this spool
-    _setup_logging(str(args.log_level))
+    setup_helper_logging(str(args.log_level))
     log.info("WAL pusher started (look-ahead %s)", args.look_ahead)
     pusher: Pusher | None = None
     try:
@@ -311,16 +304,6 @@ def main() -> int:
         lock.release()
     log.info("WAL pusher done")
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "kombu", "celery", "amqp"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

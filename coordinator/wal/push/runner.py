@@ -191,11 +191,14 @@ class CeleryWalRunner(WalRunner):
     def __init__(
         self, broker: Broker, retry_s: float, grace_s: float, storage_url: str | None = None
     ) -> None:
-        from coordinator.broker.flights import Flights
+        from coordinator.broker.flights import Sender
+        from tasks.config import WAL_QUEUE
 
-        self._broker = broker
-        self._storage_url = storage_url
-        self._flights = Flights(broker, grace_s=grace_s, payload_ttl_s=STAGE_TTL_S)
+        self._sender = Sender(
+            broker, WAL_QUEUE, storage_url=storage_url, grace_s=grace_s,
+            payload_ttl_s=STAGE_TTL_S, resend_after_s=retry_s,
+        )  # fmt: skip
+        self._flights = self._sender.flights
         self._retry_s = retry_s
         self._held: dict[str, bytes] = {}
         self._held_lock = threading.Lock()
@@ -231,7 +234,7 @@ class CeleryWalRunner(WalRunner):
 
         refs = [request.wrapped_identity_ref] if request.wrapped_identity_ref else []
         flight = self._flight(
-            "cloud_dump.open_wal_archive", self._bound(request), "the WAL archive", refs,
+            "cloud_dump.open_wal_archive", request, "the WAL archive", refs,
             timeout_s=self._retry_s * 4,
         )  # fmt: skip
         return OpenWalArchiveResult.model_validate(self._flights.run(flight))
@@ -267,7 +270,7 @@ class CeleryWalRunner(WalRunner):
     def start(self, request: PushWalRequest, deadline: float) -> Flight:
         """Send one push; ``check`` follows it up."""
         flight = self._flight(
-            "cloud_dump.push_wal", self._bound(request), f"WAL file '{request.file_name}'",
+            "cloud_dump.push_wal", request, f"WAL file '{request.file_name}'",
             [request.ref], timeout_s=max(0.0, deadline - time.monotonic()),
         )  # fmt: skip
         return self._flights.start(flight)
@@ -289,22 +292,12 @@ class CeleryWalRunner(WalRunner):
         self._flights.finish(flight)
 
     def close(self) -> None:
-        self._broker.close()
-
-    def _bound(self, request: StorageBound) -> dict[str, Any]:
-        """The request as sent: with the storage location wal-push was told, if any."""
-        if self._storage_url is not None:
-            request = request.model_copy(update={"storage_url": self._storage_url})
-        return request.model_dump()
+        self._sender.close()
 
     def _flight(
-        self, task: str, argument: Any, what: str, refs: list[str], *, timeout_s: float
+        self, task: str, request: StorageBound, what: str, refs: list[str], *, timeout_s: float
     ) -> Flight:
-        from tasks.config import WAL_QUEUE
-
+        """A flight with the payloads held under ``refs``, staged again with every copy."""
         with self._held_lock:
             payloads = {ref: self._held[ref] for ref in refs if ref in self._held}
-        return Flight(
-            task, argument, WAL_QUEUE, what, payloads,
-            resend_after_s=self._retry_s, timeout_s=timeout_s,
-        )  # fmt: skip
+        return self._sender.flight(task, request, what, payloads, timeout_s=timeout_s)
