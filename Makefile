@@ -14,6 +14,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(PYTEST) -q -p no:cacheprovider tests/test_architecture.py
 
 # Default suite: PostgreSQL 13, 15 and 17; other majors run in `make test-matrix`.
 test: lint

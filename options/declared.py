@@ -257,8 +257,8 @@ OPTIONS: tuple[Option, ...] = (
            "name>.cloud-dump-restore.conf beside PGDATA, mode 0600; never one serving another "
            "PGDATA)", metavar="FILE", group=RECOVERY),
     Option("--archive-mode", None, {RESTORE},
-           "off: write archive_mode = 'off' so the copy never archives; preserve (default): "
-           "archive as its configuration says", kind=CHOICE, default="preserve",
+           "off: write archive_mode = 'off' so the copy never archives; preserve: archive as "
+           "its configuration says", kind=CHOICE, default="preserve",
            choices=("preserve", "off")),
     # What restore_command runs (restore writes it into the restore config); default: the
     # cloud-dump that runs the restore.

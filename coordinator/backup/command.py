@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 def run_backup(args: BackupSettings, report: Report) -> None:
     from coordinator.backup.run import BackupKeys, BackupPlan, run_backup
 
-    name = validate_name("backup", args.name or "")
+    if not args.name:
+        raise ConfigError("no backup name given: use --name or CLOUD_DUMP_BACKUP_NAME")
+    name = validate_name("backup", args.name)
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
     if not args.db_url:
         raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")

@@ -137,7 +137,9 @@ _COMMANDS: dict[str, dict[str, str]] = {
     RESTORE: {"help": "restore a backup into an empty PGDATA",
               "description": "Download, decrypt, decompress and verify a backup into an empty "
                              "or absent directory."},
-    LIST: {"help": "list the backups in storage"},
+    LIST: {"help": "list the backups in storage",
+           "description": "The complete backups in a store, newest first, with the WAL "
+                          "archived after each."},
     WAL_PUSH: {"help": "archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
                "description": "Archive one WAL file; exit 0 only once it is stored. Settings "
                               "come from the environment or --config, never inline secrets."},
@@ -159,6 +161,23 @@ _POSITIONALS: dict[str, list[tuple[str, str, str]]] = {
 }
 
 
+# A variable's value an option cannot take, by command: reported only when that command runs
+# (a backup's CLOUD_DUMP_COMPRESSION left in a server's environment must not stop wal-fetch).
+_ENV_PROBLEMS: dict[str, list[str]] = {}
+
+
+def _env_bool_for(command: str, option: Option) -> bool | None:
+    """The variable of a true/false ``option``, None when unset or (noted for ``command``)
+    when it is neither."""
+    if not option.env:
+        return None
+    try:
+        return _env_bool(option.env)
+    except ConfigError as exc:
+        _ENV_PROBLEMS.setdefault(command, []).append(f"{exc} ({command} {option.flag})")
+        return None
+
+
 def _add_option(command: str, target: _Group, option: Option) -> None:
     """Add ``option``'s flag to ``target``: its default from its variable (checked here, so a
     bad value is named before anything runs), --help naming the variable."""
@@ -174,11 +193,11 @@ def _add_option(command: str, target: _Group, option: Option) -> None:
         kw = {"type": _number(option), "metavar": option.metavar,
               "default": option.default if from_env is None else from_env}
     elif option.kind == SWITCH:
-        from_env_bool = _env_bool(env) if env else None
+        from_env_bool = _env_bool_for(command, option)
         kw = {"action": "store_true",
               "default": option.default if from_env_bool is None else from_env_bool}
     elif option.kind == BOOL:
-        from_env_bool = _env_bool(env) if env else None
+        from_env_bool = _env_bool_for(command, option)
         kw = {"action": argparse.BooleanOptionalAction,
               "default": option.default if from_env_bool is None else from_env_bool}
     elif option.kind == LIST:
@@ -194,8 +213,10 @@ def _add_option(command: str, target: _Group, option: Option) -> None:
             assert option.choices is not None
             if raw is not None and raw not in option.choices:
                 assert env is not None
-                raise ConfigError(f"{describe(env, raw)} is not one of "
-                                  f"{', '.join(option.choices)} ({option.flag})")
+                _ENV_PROBLEMS.setdefault(command, []).append(
+                    f"{describe(env, raw)} is not one of {', '.join(option.choices)} "
+                    f"({command} {option.flag})")
+                raw = None
             kw = {"choices": list(option.choices)}
             if option.metavar:
                 kw["metavar"] = option.metavar
@@ -235,8 +256,10 @@ def _add_command(commands: _Subparsers, command: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full CLI's parser, every option from ``options.declared``.
 
-    Raises ``ConfigError`` for a variable whose value its option cannot take.
+    A variable whose value its option cannot take is noted for its command, and reported
+    (exit 3) only when that command runs (``_check_numbers``).
     """
+    _ENV_PROBLEMS.clear()
     parser = _Parser(
         prog="cloud-dump",
         description="Physical PostgreSQL backups to object storage, WAL archiving and "
@@ -341,7 +364,7 @@ def _warn_before_failing(warnings: list[str]) -> None:
 def _check_numbers(args: argparse.Namespace) -> None:
     """What parsing cannot check alone: the command's environment-only numbers, and a
     compression level against its algorithm."""
-    problems = env_only_problems(args.command)
+    problems = _ENV_PROBLEMS.get(args.command, []) + env_only_problems(args.command)
     if problems:
         raise ConfigError(problems[0])
     level = getattr(args, "compression_level", None)

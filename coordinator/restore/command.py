@@ -52,7 +52,9 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
     from coordinator.restore.recoveryconf import RecoveryConf, SettingsRequest
     from coordinator.restore.run import restore_backup
 
-    name = validate_name("backup", args.name or "")
+    if not args.name:
+        raise ConfigError("no backup name given: use --name or CLOUD_DUMP_BACKUP_NAME")
+    name = validate_name("backup", args.name)
     if not args.pgdata:
         raise ConfigError("no target directory given: use --pgdata or PGDATA")
     storage_url_of(args)  # no storage: refused before anything is decided

@@ -50,7 +50,7 @@ BAD_VALUES = [
     ("restore", "CLOUD_DUMP_PARALLEL=999", "CLOUD_DUMP_PARALLEL='999'",
      "is out of range: expected a whole number from 1 to 64 (--parallel)"),
     ("restore", "CLOUD_DUMP_S3_PATH_STYLE=maybe", "CLOUD_DUMP_S3_PATH_STYLE='maybe'",
-     "is not true or false"),
+     "is not true or false (restore --s3-path-style)"),
     ("wal-fetch", "CLOUD_DUMP_WAL_FETCH_RETRIES=0", "CLOUD_DUMP_WAL_FETCH_RETRIES='0'",
      "is out of range: expected a whole number from 1 to 20"),
 ]  # fmt: skip
@@ -215,3 +215,27 @@ def test_the_wal_fast_path_hands_an_unknown_key_to_the_full_cli_to_warn(
     done = wal_dir.push(SEG1, "--config", str(config), env=CLEAN)
     assert done.returncode == 0, done.stderr
     assert "CLOUD_DUMP_CLUSTR is not a cloud-dump setting" in done.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "owner"), [
+    ("CLOUD_DUMP_COMPRESSION", "bogus", "backup --compression"),
+    ("CLOUD_DUMP_WAL_COMPRESSION", "bogus", "wal-push --compression"),
+    ("CLOUD_DUMP_ENCRYPT", "perhaps", "backup --encrypt"),
+])  # fmt: skip
+def test_a_bad_variable_stops_only_the_command_that_reads_it(
+    tmp_path: Path, name: str, value: str, owner: str
+) -> None:
+    """A backup's variable left in a server's environment must not stop wal-fetch (200 would
+    stop recovery) nor list; the command that reads it refuses it, naming which flag it is."""
+    store = local_target(tmp_path / "store")
+    env = {**CLEAN, name: value}
+    assert run_cli("list", "--storage", store.url, env=env).returncode == 0
+    fetched = run_cli(*command_line("wal-fetch", tmp_path), env=env)
+    assert "no WAL archive" in error_line(fetched.stderr), fetched.stderr  # not the variable
+    command = owner.split()[0]
+    argv = {"backup": ["backup", "--name", "b", "--db-url", "postgres://x", "--storage", store.url],
+            "wal-push": ["wal-push", str(tmp_path / "pg_wal" / SEG1), SEG1, "--storage",
+                         store.url]}[command]  # fmt: skip
+    done = run_cli(*argv, env=env)
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert error_line(done.stderr).endswith(f"({owner})"), done.stderr
