@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +32,7 @@ import pytest
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
+from coordinator.wait import wait_until
 from devrig import pgbin
 from devrig.procs import free_port, log_tail
 
@@ -412,13 +412,16 @@ class PgCluster:
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Until ``pid`` is gone, or silently after ``timeout_s`` (it was sent SIGKILL already)."""
+
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.05)
+            return True
+        return False
+
+    wait_until(gone, timeout_s=timeout_s, first_s=0.05)
 
 
 def start_cluster(

@@ -14,11 +14,12 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+from coordinator import wait
 
 
 def free_port() -> int:
@@ -71,16 +72,17 @@ class ServerProcess:
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
         """Poll ``ready`` until it holds; fail the test with the log tail if it never does."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def alive_and_ready() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(
                     f"{self.name} exited with status {self.proc.returncode} before it was "
                     f"ready; log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
-            if ready():
-                return
-            time.sleep(0.1)
+            return ready()
+
+        if wait.wait_until(alive_and_ready, timeout_s=timeout_s, first_s=0.1):
+            return
         self.stop()
         pytest.fail(
             f"{self.name} was not ready after {timeout_s:.0f} s; log {self.log_path}:\n"

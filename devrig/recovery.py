@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from coordinator.restore.restoreconfig import default_restore_config
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget
 from devrig.pgbin import bin_dir
@@ -56,22 +56,21 @@ def wait_archived(cluster: PgCluster | RestoredCluster) -> None:
     # segment's start, pg_walfile_name(pg_current_wal_lsn()) names the empty segment on 17.)
     end = parse_lsn(str(cluster.sql("SELECT pg_switch_wal()")[0][0]))
     wanted = cluster.sql(f"SELECT pg_walfile_name('{format_lsn(end - 1)}')")[0][0]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        archived, failed = cluster.sql(
+    failed: list[object] = [None]
+
+    def archived() -> bool:
+        last_archived, failed[0] = cluster.sql(
             "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver")[0]
-        if archived is not None and str(archived)[:24] >= str(wanted):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"segment {wanted} not archived (last failed: {failed})")
+        return last_archived is not None and str(last_archived)[:24] >= str(wanted)
+
+    if not wait_until(archived, timeout_s=60, first_s=0.2):
+        raise AssertionError(f"segment {wanted} not archived (last failed: {failed[0]})")
 
 
 def wait_promoted(cluster: RestoredCluster) -> None:
-    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
-    while cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never promoted:\n{log_tail(cluster.log_path)}")
-        time.sleep(0.2)
+    if not wait_until(lambda: not cluster.sql("SELECT pg_is_in_recovery()")[0][0],
+                      timeout_s=PROMOTION_TIMEOUT_S, first_s=0.2):
+        raise AssertionError(f"never promoted:\n{log_tail(cluster.log_path)}")
 
 
 def restore(target: StorageTarget, name: str, *flags: str, pgdata: Path | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from coordinator.wait import wait_until
 from devrig.procs import ServerProcess, free_port, port_open
 from tasks.config import make_app
 
@@ -166,15 +167,16 @@ def start_workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callabl
 
 def wait_for_log(paths: Sequence[Path], *needles: str, timeout_s: float = 60) -> None:
     """Until one line of one of the logs holds every needle."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for path in paths:
-            if path.exists():
-                for line in path.read_text(errors="replace").splitlines():
-                    if all(n in line for n in needles):
-                        return
-        assert time.monotonic() < deadline, f"{needles} never appeared in {paths}"
-        time.sleep(0.002)
+
+    def appeared() -> bool:
+        return any(
+            all(n in line for n in needles)
+            for path in paths if path.exists()
+            for line in path.read_text(errors="replace").splitlines()
+        )
+
+    assert wait_until(appeared, timeout_s=timeout_s, first_s=0.002), (
+        f"{needles} never appeared in {paths}")
 
 
 def run_cli(

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pytest
 import zstandard
 
 from coordinator.crypto import encrypt_bytes, generate_identity, wrap_identity
+from coordinator.wait import wait_until
 from devrig.moto import StorageTarget
 from devrig.services import VENV_BIN
 from storage.base import Storage
@@ -147,12 +147,8 @@ def prefetcher_pids(pgdata: Path) -> list[int]:
 
 def wait_for_prefetcher(pgdata: Path, timeout_s: float = 60) -> bool:
     """Wait until the prefetchers started in ``pgdata`` exit; False if one is still running."""
-    deadline = time.monotonic() + timeout_s
-    while prefetcher_pids(pgdata):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return bool(wait_until(lambda: not prefetcher_pids(pgdata), timeout_s=timeout_s,
+                           first_s=0.02))
 
 
 def wal_fetch(

@@ -12,13 +12,13 @@ import os
 import signal
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from coordinator.background import helper_pid, helper_running
+from coordinator.wait import wait_until
 from coordinator.wal.push.spool import PUSHER_LOCK, PUSHER_LOG
 from devrig.services import VENV_BIN, run_cli
 from storage.walnames import Segment
@@ -90,10 +90,9 @@ class WalDir:
 
     def wait_for_pusher(self, timeout_s: float = 30.0) -> None:
         """Until the detached WAL pusher of this spool has exited (it does when idle)."""
-        deadline = time.monotonic() + timeout_s
-        while helper_running(self.spool / PUSHER_LOCK):
-            assert time.monotonic() < deadline, f"the pusher is still running: {self.pusher_log()}"
-            time.sleep(0.05)
+        assert wait_until(lambda: not helper_running(self.spool / PUSHER_LOCK),
+                          timeout_s=timeout_s, first_s=0.05), (
+            f"the pusher is still running: {self.pusher_log()}")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Majors 13, 15 and 17 run by default; 14, 16 and 18 carry the ``matrix`` marker.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from coordinator.wait import wait_until
 from devrig import pgbin
 from devrig.postgres import PgCluster, PgFactory, majors, make_postgres_dir, start_cluster
 
@@ -107,12 +107,10 @@ def wait_until_archived(cluster: PgCluster, segment: str, timeout_s: float) -> N
 
     The file alone is not proof: it appears as soon as ``cp`` opens it, before it is complete.
     """
-    deadline = time.monotonic() + timeout_s
     query = "SELECT last_archived_wal >= %s FROM pg_stat_archiver"
-    while not cluster.sql(query, (segment,))[0][0]:
-        if time.monotonic() > deadline:
-            pytest.fail(f"{segment} was not archived within {timeout_s:.0f} s")
-        time.sleep(0.1)
+    if not wait_until(lambda: cluster.sql(query, (segment,))[0][0], timeout_s=timeout_s,
+                      first_s=0.1):
+        pytest.fail(f"{segment} was not archived within {timeout_s:.0f} s")
 
 
 def test_bin_dir_prefers_debian_packages() -> None:

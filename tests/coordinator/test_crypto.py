@@ -6,12 +6,12 @@ import io
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from coordinator import crypto
+from coordinator.wait import wait_until
 from storage.errors import ConfigError, DecryptionFailed
 
 
@@ -61,9 +61,7 @@ def test_closing_a_reader_mid_stream_stops_its_thread() -> None:
     reader = crypto.decrypting_reader(io.BytesIO(sealed), [secret], "x")
     reader.read(1000)
     reader.close()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: threading.active_count() <= before, timeout_s=5, first_s=0.05)
     assert threading.active_count() == before
 
 

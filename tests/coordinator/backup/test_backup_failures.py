@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,12 +199,8 @@ def big_source(pg_factory: PgFactory) -> BigSource:
 
 
 def _wait_for_line(path: Path, needle: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.002)
-    return False
+    return bool(wait_until(lambda: needle in path.read_text(errors="replace"),
+                           timeout_s=timeout_s, first_s=0.002))
 
 
 def broker_drained(broker_url: str) -> bool:

@@ -23,6 +23,7 @@ import zstandard
 from coordinator.backup.runner import CeleryRunner
 from coordinator.broker.client import open_broker
 from coordinator.cli.exitcodes import ExitCode
+from coordinator.wait import wait_until
 from devrig.moto import StorageTarget, local_target
 from devrig.procs import ServerProcess, free_port, port_open
 from devrig.roundtrip import restore_and_compare, start_backup
@@ -279,10 +280,9 @@ def test_a_claim_lost_with_a_restarted_broker_is_sent_again(
     claiming = threading.Thread(target=lambda: answer.append(runner.claim(request)), daemon=True)
     try:
         claiming.start()
-        deadline = time.monotonic() + 30
-        while not redis.Redis.from_url(own_redis.url).llen("parts"):  # the claim is queued
-            assert time.monotonic() < deadline, "the claim never reached the queue"
-            time.sleep(0.01)
+        assert wait_until(  # the claim is queued
+            lambda: redis.Redis.from_url(own_redis.url).llen("parts"), timeout_s=30, first_s=0.01
+        ), "the claim never reached the queue"
         own_redis.kill()
         own_redis.start()
         own_workers(target.env, count=1, queues="parts")

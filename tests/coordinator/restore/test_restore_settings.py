@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.restore.restoreconfig import default_restore_config
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget, local_target
 from devrig.pgbin import bin_dir
@@ -142,16 +142,14 @@ def test_plain_copy_made_a_standby_of_the_copy_stays_a_standby_and_follows_it(
     with started(15, pgdata) as standby:
         phase = uuid.uuid4().hex[:8]
         lineage.copy.sql(f"INSERT INTO t SELECT g, '{phase}' FROM generate_series(1, 7) g")
-        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
-        while True:
+
+        def followed() -> bool:
             assert standby.sql("SELECT pg_is_in_recovery()")[0][0], (
                 "the standby promoted itself: a second primary\n" + log_tail(standby.log_path))
-            rows = standby.sql(f"SELECT count(*) FROM t WHERE phase = '{phase}'")[0][0]
-            if rows == 7:
-                break
-            assert time.monotonic() < deadline, (
-                "the standby does not follow the copy\n" + log_tail(standby.log_path))
-            time.sleep(0.2)
+            return bool(standby.sql(f"SELECT count(*) FROM t WHERE phase = '{phase}'")[0][0] == 7)
+
+        assert wait_until(followed, timeout_s=FOLLOW_TIMEOUT_S, first_s=0.2), (
+            "the standby does not follow the copy\n" + log_tail(standby.log_path))
 
 
 def test_second_pitr_restore_comments_out_the_first_restores_settings(lineage: Lineage) -> None:
@@ -324,11 +322,15 @@ def test_plain_restore_of_a_standbys_backup_says_it_starts_as_a_standby(
     assert primary.repl_password not in done.stdout + done.stderr
     with started(15, pgdata) as copy:
         primary.sql("INSERT INTO t SELECT g, 'c' FROM generate_series(1, 3) g")
-        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
-        while copy.sql("SELECT count(*) FROM t WHERE phase = 'c'")[0][0] != 3:
+
+        def streamed() -> bool:
+            if copy.sql("SELECT count(*) FROM t WHERE phase = 'c'")[0][0] == 3:
+                return True
             assert copy.sql("SELECT pg_is_in_recovery()")[0][0]
-            assert time.monotonic() < deadline, "the copy does not stream from the primary"
-            time.sleep(0.2)
+            return False
+
+        assert wait_until(streamed, timeout_s=FOLLOW_TIMEOUT_S, first_s=0.2), (
+            "the copy does not stream from the primary")
 
 
 def test_standby_without_a_source_of_wal_is_said_to_wait_forever(tmp_path: Path) -> None:

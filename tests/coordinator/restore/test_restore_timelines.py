@@ -15,7 +15,6 @@ stops, the standby is promoted (timeline 2) and writes more: a chain, followed b
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.restore.targets import format_lsn, parse_lsn
+from coordinator.wait import wait_until
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 from devrig.recovery import (
@@ -280,10 +280,10 @@ def failover(request: pytest.FixtureRequest, pg_factory: PgFactory) -> Iterator[
 
 
 def _wait_for_phase(cluster: ConfiguredCluster, phase: str) -> None:
-    deadline = time.monotonic() + FOLLOW_TIMEOUT_S
-    while cluster.sql(f"SELECT count(*) FROM t WHERE phase = '{phase}'")[0][0] == 0:
-        assert time.monotonic() < deadline, "the standby does not stream from the primary"
-        time.sleep(0.2)
+    assert wait_until(
+        lambda: cluster.sql(f"SELECT count(*) FROM t WHERE phase = '{phase}'")[0][0] != 0,
+        timeout_s=FOLLOW_TIMEOUT_S, first_s=0.2,
+    ), "the standby does not stream from the primary"
 
 
 def test_failover_chain_is_followed_with_the_default_timeline(failover: Failover) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.wait import wait_until
 from devrig.moto import StorageTarget
 from devrig.walarchive import (
     SEGMENT_BYTES,
@@ -101,10 +102,8 @@ def test_one_prefetcher_keeps_the_window_full_as_calls_take_segments(
     spool = spool_dir(pgdata) / "prefetch"
     for n, name in enumerate(names[1:], start=1):
         # Beyond the first window of two: spooled only because a segment was taken.
-        deadline = time.monotonic() + 30
-        while not (spool / f"{name}.json").exists():
-            assert time.monotonic() < deadline, f"'{name}' was never prefetched"
-            time.sleep(0.01)
+        assert wait_until((spool / f"{name}.json").exists, timeout_s=30, first_s=0.01), (
+            f"'{name}' was never prefetched")
         storage.delete(Layout().wal_key(name, "zstd", encrypted=False))
         done = wal_fetch(storage_target, pgdata, name, "--prefetch", "2", env=slow_idle)
         assert done.returncode == 0, done.stderr

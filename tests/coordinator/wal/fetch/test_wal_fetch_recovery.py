@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgFactory, majors, make_postgres_dir
@@ -177,25 +177,22 @@ def _start(cluster: RestoredCluster) -> bool:
 
 def _promoted_before_stopping(cluster: RestoredCluster, timeout_s: float) -> bool:
     """Whether the server promoted; False once it stopped (recovery failed) or at the bound."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def outcome() -> str | None:
         try:
             if not cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
-                return True
+                return "promoted"
         except psycopg.OperationalError:
             if STOPPED.search(cluster.log_path.read_text(errors="replace")):
-                return False
-        time.sleep(0.2)
-    return False
+                return "stopped"
+        return None
+
+    return wait_until(outcome, timeout_s=timeout_s, first_s=0.2) == "promoted"
 
 
 def _promoted_within(cluster: RestoredCluster, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not cluster.sql("SELECT pg_is_in_recovery()")[0][0]:
-            return True
-        time.sleep(0.2)
-    return False
+    return bool(wait_until(lambda: not cluster.sql("SELECT pg_is_in_recovery()")[0][0],
+                           timeout_s=timeout_s, first_s=0.2))
 
 
 def test_a_segment_missing_before_later_ones_stops_recovery_instead_of_promoting(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+from coordinator.wait import wait_until
 from devrig.moto import MotoServer, s3_target
 from devrig.services import VENV_BIN
 from devrig.tcpproxy import TcpProxy
@@ -24,11 +25,8 @@ from storage.layout import Layout
 WAIT_S = 60
 
 
-def _wait(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+def _wait(condition: Callable[[], object], what: str) -> None:
+    assert wait_until(condition, timeout_s=WAIT_S, first_s=0.05), what
 
 
 def test_prefetcher_does_not_recreate_a_removed_data_directory(

@@ -8,7 +8,6 @@ import json
 import os
 import pwd
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import zstandard
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import decrypt_bytes, unwrap_identity
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import OS_USER, PgFactory, make_postgres_dir
@@ -103,14 +103,17 @@ def test_archive_command_through_two_workers(
         for i in range(3):
             cluster.sql(f"INSERT INTO t SELECT generate_series(1, {1000 * (i + 1)})")
             cluster.sql("SELECT pg_switch_wal()")
-        deadline = time.monotonic() + 60
-        while (
-            archived := cluster.sql(
+        last: list[object] = []
+
+        def three_archived() -> bool:
+            archived = cluster.sql(
                 "SELECT archived_count, failed_count, last_failed_wal FROM pg_stat_archiver"
             )[0]
-        )[0] < 3:
-            assert time.monotonic() < deadline, f"archiving stalled: {archived}"
-            time.sleep(0.2)
+            last[:] = [archived]
+            return bool(archived[0] >= 3)
+
+        assert wait_until(three_archived, timeout_s=60, first_s=0.2), (
+            f"archiving stalled: {last[-1]}")
         storage = s3_store.open()
         keys = [k for k in stored(storage) if k.endswith(".zst")]
         assert len(keys) >= 3

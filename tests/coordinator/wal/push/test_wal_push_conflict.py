@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import zstandard
 
 from coordinator.cli.exitcodes import ExitCode
+from coordinator.wait import wait_until
 from devrig.launcher import postgres_cloud_dump
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
@@ -137,12 +137,16 @@ def archiver(cluster: PgCluster | RestoredCluster) -> tuple[int, str | None, int
 
 
 def wait_archived(cluster: PgCluster, name: str) -> None:
-    deadline = time.monotonic() + ARCHIVE_TIMEOUT_S
-    while (state := archiver(cluster))[1] is None or str(state[1])[:24] < name:
-        assert time.monotonic() < deadline, (
-            f"'{name}' not archived: {state}\n{log_tail(cluster.log_path)}"
-        )
-        time.sleep(0.1)
+    last: list[tuple[int, str | None, int, str | None]] = []
+
+    def archived() -> bool:
+        state = archiver(cluster)
+        last[:] = [state]
+        return state[1] is not None and str(state[1])[:24] >= name
+
+    assert wait_until(archived, timeout_s=ARCHIVE_TIMEOUT_S, first_s=0.1), (
+        f"'{name}' not archived: {last[-1]}\n{log_tail(cluster.log_path)}"
+    )
 
 
 def assert_stored_from(storage: Storage, cluster: PgCluster, names: list[str]) -> None:
@@ -193,10 +197,16 @@ def test_a_restored_copy_archiving_into_its_source_archive_does_not_block_the_so
         failed_after = archiver(copy)[2]
         # Its first push is refused; wait for two more refusals, made with every one of the
         # copy's segments ready (so a look-ahead would have taken them).
-        deadline = time.monotonic() + ARCHIVE_TIMEOUT_S
-        while (state := archiver(copy))[2] < failed_after + 2:
-            assert time.monotonic() < deadline, f"the copy's archiver did not retry: {state}"
-            time.sleep(0.1)
+        last: list[tuple[int, str | None, int, str | None]] = []
+
+        def refused_twice() -> bool:
+            state = archiver(copy)
+            last[:] = [state]
+            return state[2] >= failed_after + 2
+
+        assert wait_until(refused_twice, timeout_s=ARCHIVE_TIMEOUT_S, first_s=0.1), (
+            f"the copy's archiver did not retry: {last[-1]}")
+        state = last[-1]
         assert state[0] == 0 and state[3] == copy_names[0], state
         ahead = [name for name in copy_names if name > source_before[-1]]
         assert ahead and not archived_names(storage) & set(ahead), (
