@@ -167,10 +167,11 @@ def open_store(args: CommonSettings) -> Storage:
     return open_storage(storage_url_of(args), StorageOptions.from_settings(args))
 
 
-def layout_of(args: BackupSettings | RestoreSettings | ListSettings) -> Layout:
+def layout_of(
+    args: BackupSettings | RestoreSettings | ListSettings | WalPushSettings | WalFetchSettings,
+) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
-    prefix = args.wal_prefix
-    return Layout(cluster=args.cluster, wal_prefix=prefix or DEFAULT_WAL_PREFIX)
+    return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
 def read_passphrase(args: KeyedSettings) -> str | None:
@@ -221,10 +222,6 @@ def encryption_of(args: BackupSettings | WalPushSettings) -> Encryption | None:
     if args.encrypt:
         raise ConfigError("--encrypt needs --recipient-key FILE or --passphrase-file FILE")
     return None
-
-
-def wal_layout(args: RestoreSettings | WalPushSettings | WalFetchSettings) -> Layout:
-    return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
 def keys_from(args: RestoreSettings | WalFetchSettings, spool: IdentityCache | None) -> Keys:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from coordinator.catalog import human_size
-from coordinator.settings import ListSettings, Report, open_store
-from storage.layout import DEFAULT_WAL_PREFIX, Layout
+from coordinator.settings import ListSettings, Report, layout_of, open_store
+from storage.layout import Layout
 from storage.manifest import BackupManifest
 
 if TYPE_CHECKING:
@@ -95,9 +94,7 @@ def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
 def run_list(args: ListSettings, report: Report) -> None:
     from coordinator.catalog import archived_segment_names, find_backups, wal_range
 
-    # `list` has no --wal-prefix flag of its own: the environment sets it for the flat layout.
-    wal_prefix = getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX")
-    layout = Layout(cluster=args.cluster, wal_prefix=wal_prefix or DEFAULT_WAL_PREFIX)
+    layout = layout_of(args)  # `list` has no --wal-prefix: CLOUD_DUMP_WAL_PREFIX sets it
     storage = open_store(args)
     try:
         manifests = find_backups(storage, layout)

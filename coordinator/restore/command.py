@@ -36,7 +36,7 @@ from coordinator.settings import (
 )
 from storage.base import Storage
 from storage.errors import ConfigError
-from storage.layout import DEFAULT_WAL_PREFIX, Layout, validate_name
+from storage.layout import validate_name
 
 if TYPE_CHECKING:
     from coordinator.restore.recoveryconf import RecoveryConf
@@ -110,7 +110,7 @@ def _check_before_download(
         _refuse_config_inside_targets(Path(args.restore_config), manifest, args)
     if target is not None:
         check_reachable(target, manifest, lambda: find_backups(storage, layout_of(args)))
-        require_wal_archive(storage, _wal_layout(args),
+        require_wal_archive(storage, layout_of(args),
                             immediate=args.recovery_target == "immediate")
         target = _follow_timeline(storage, args, manifest, target)
     return manifest, target
@@ -147,15 +147,11 @@ def _follow_timeline(
     from coordinator.settings import keys_from
     from coordinator.walarchive import WalArchive
 
-    archive = WalArchive(storage, _wal_layout(args), keys_from(args, None))
+    archive = WalArchive(storage, layout_of(args), keys_from(args, None))
     where = archive_url(storage_url_of(args), args.cluster, args.wal_prefix)
     choice = choose_timeline(
         manifest, target, ArchivedTimelines(archive, segment_size_of(manifest), where))
     return replace(target, timeline=choice.setting, followed=choice.describe())
-
-
-def _wal_layout(args: RestoreSettings) -> Layout:
-    return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
 
 
 def _report_restore(

@@ -162,12 +162,12 @@ def _fetch_directly(
     args: WalFetchSettings, spool: Spool | None, file_name: str, destination: Path,
     *, serve: bool = True,
 ) -> int:
-    from coordinator.settings import keys_from, open_store, wal_layout
+    from coordinator.settings import keys_from, layout_of, open_store
     from coordinator.walarchive import WalArchive
 
     storage = open_store(args)
     try:
-        return _fetch(WalArchive(storage, wal_layout(args), keys_from(args, spool)), file_name,
+        return _fetch(WalArchive(storage, layout_of(args), keys_from(args, spool)), file_name,
                       destination, serve=serve)  # fmt: skip
     finally:
         storage.close()

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from coordinator.background import HelperLock, read_payload
 from coordinator.logs import setup_helper_logging
-from coordinator.settings import WalFetchSettings, keys_from, settings_from_json, wal_layout
+from coordinator.settings import WalFetchSettings, keys_from, layout_of, settings_from_json
 from coordinator.wait import Backoff
 from coordinator.wal.fetch.spool import Spool, following_segments
 from coordinator.walarchive import StoredWal, WalArchive
@@ -103,7 +103,7 @@ def prefetch(
 
     storage = open_store(args)
     try:
-        archive = WalArchive(storage, wal_layout(args), keys_from(args, spool))
+        archive = WalArchive(storage, layout_of(args), keys_from(args, spool))
         window = max(1, int(args.prefetch))
         Prefetcher(archive, spool, plan, window, segment_bytes).run()
     finally:

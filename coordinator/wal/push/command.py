@@ -157,12 +157,11 @@ def _push_through_pusher(args: WalPushSettings, spool: Spool, location: str) -> 
 
 
 def _push(args: WalPushSettings, spool: Spool, location: str) -> None:
-    from coordinator.settings import encryption_of
+    from coordinator.settings import encryption_of, layout_of
     from coordinator.wal.push.encode import archive_for, read_wal, recipients_for
     from coordinator.wal.push.runner import open_runner
-    from storage.layout import DEFAULT_WAL_PREFIX, Layout
 
-    layout = Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
+    layout = layout_of(args)
     encryption = encryption_of(args)
     deadline = time.monotonic() + args.timeout
     path = Path(args.path)

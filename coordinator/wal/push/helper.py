@@ -41,7 +41,13 @@ from typing import TYPE_CHECKING
 
 from coordinator.background import HelperLock, read_payload
 from coordinator.logs import setup_helper_logging
-from coordinator.settings import Encryption, WalPushSettings, encryption_of, settings_from_json
+from coordinator.settings import (
+    Encryption,
+    WalPushSettings,
+    encryption_of,
+    layout_of,
+    settings_from_json,
+)
 from coordinator.wait import Backoff
 from coordinator.wal.push.encode import archive_for, encode_wal, read_wal, recipients_for
 from coordinator.wal.push.runner import CeleryWalRunner, Flight, open_runner
@@ -54,7 +60,6 @@ from coordinator.wal.push.spool import (
     ready_names,
 )
 from storage.errors import BrokerUnreachable, CloudDumpError
-from storage.layout import DEFAULT_WAL_PREFIX, Layout
 from storage.walnames import kind_of
 
 if TYPE_CHECKING:
@@ -100,8 +105,7 @@ class Pusher:
         self._location = location
         self._wal_dir = wal_dir
         self._window = max(1, int(args.look_ahead))
-        prefix = args.wal_prefix or DEFAULT_WAL_PREFIX
-        self._layout = Layout(cluster=args.cluster, wal_prefix=prefix)
+        self._layout = layout_of(args)
         self._encryption: Encryption | None = None  # resolved by run(); None: not encrypted
         self._archive_lock = threading.Lock()  # one archive_for at a time: it may run scrypt
         self._preparing: dict[str, Future[Prepared]] = {}
