@@ -132,14 +132,12 @@ PUSH_WRAPS = [
     "coordinator.wal.push.command:_push_through_pusher",
     "coordinator.settings:encryption_of",
     "coordinator.wal.push.encode:read_wal",
-    "coordinator.wal.push.runner:open_runner",
+    "coordinator.wal.push.work:open_work",
     "coordinator.wal.push.encode:archive_for",
     "coordinator.wal.push.encode:encode_wal",
     "coordinator.wal.push.encode:compress",
-    "coordinator.wal.push.runner:CeleryWalRunner.stage_payload",
-    "coordinator.wal.push.runner:CeleryWalRunner.push",
-    "coordinator.wal.push.runner:CeleryWalRunner.delete_staged",
-    "coordinator.wal.push.runner:CeleryWalRunner.close",
+    "coordinator.wal.push.work:WalWork.push",
+    "coordinator.wal.push.work:WalWork.close",
     "coordinator.wal.push.command:_record",
     "coordinator.wal.push.command:prune_markers",
 ]
@@ -223,20 +221,17 @@ def marker_phases(s: Spans) -> list[tuple[str, float]]:
 def push_phases(s: Spans) -> list[tuple[str, float]]:
     """The phases of one wal-push call, in order, adding up to its wall time."""
     g = s.get
-    encode_other = g("encode_wal", 0) - g("compress", 0) - g("CeleryWalRunner.stage_payload", 0)
+    encode_other = g("encode_wal", 0) - g("compress", 0)
     named = [
         ("credentials/passphrase settings", g("encryption_of", 0)),
         ("read segment(s) + sha256", g("read_wal", 0)),
-        ("import celery/kombu/redis + connect to broker", g("open_runner", 0)),
+        ("import celery/kombu/redis + connect to broker", g("open_work", 0)),
         ("archive identity (spool cache)", g("archive_for", 0)),
         ("zstd level 3 (the first call imports zstandard)", g("compress", 0)),
-        # The payload is held here until its task is sent; the Redis SET is part of push.
-        ("hold payload(s) for sending", g("CeleryWalRunner.stage_payload", 0)),
         ("encode_wal other (import workers.wal/pydantic)", encode_other),
-        ("stage in Redis (SET), send task(s), wait for the answers",
-         g("CeleryWalRunner.push", 0)),
-        ("delete staged payload(s), close", g("CeleryWalRunner.delete_staged", 0)
-         + g("CeleryWalRunner.close", 0)),
+        ("stage in Redis (SET), send task(s), wait, delete staged payload(s)",
+         g("WalWork.push", 0)),
+        ("close the broker connection", g("WalWork.close", 0)),
         ("write spool marker(s), prune", g("_record", 0) + g("prune_markers", 0)),
     ]  # fmt: skip
     inside = sum(v for _, v in named)

@@ -42,7 +42,7 @@ from storage.layout import (
 )
 from storage.layout import WAL_ARCHIVE_INFO_NAME as ARCHIVE_INFO_NAME
 from storage.layout import WAL_RAW_SHA256 as RAW_SHA256
-from storage.walnames import is_segment, kind_of
+from storage.walnames import is_segment, kind_of, log_prefix, next_log_prefix
 
 if TYPE_CHECKING:
     from storage.base import Storage
@@ -131,8 +131,7 @@ class WalArchive:
         Segment names sort in WAL order within a timeline, and a log (the middle 8 hex digits)
         holds every segment size's whole run, so two prefixes cover the next 4 GiB of WAL.
         """
-        timeline, log = name[:8], int(name[8:16], 16)
-        for prefix in (name[:16], f"{timeline}{log + 1:08X}"):
+        for prefix in (log_prefix(name), next_log_prefix(name)):
             later = sorted(n for n in self.list_segments(prefix) if n > name)
             if later:
                 return later[0]

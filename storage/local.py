@@ -17,8 +17,9 @@ reads included (``PermanentStorageError``, exit 5), never an empty store: a typo
 lies under the root is created. The check costs one ``stat`` before a write or a listing, and
 nothing on a read that finds its object.
 
-Every write goes to a temp file in the target's directory, is fsynced, renamed (or hard-linked,
-for create-if-absent) onto its name, and the directory is fsynced: a reader sees the old object,
+Every write goes through ``storage.fsutil.write_atomically``: to a temp file in the target's
+directory, fsynced, renamed (or hard-linked, for create-if-absent) onto its name, and the
+directory fsynced: a reader sees the old object,
 the new one, or none, never a part of one. All multipart state lives on disk, so parts may come
 from any process on any host that mounts the same directory.
 
@@ -47,7 +48,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -72,13 +73,14 @@ from storage.errors import (
     StorageUnreachable,
     UploadNotFound,
 )
+from storage.fsutil import TEMP_PREFIX, fsync_dir, write_atomically
 from storage.urls import local_url
 
 if TYPE_CHECKING:
     # Only for annotations: storage/__init__ imports this module lazily, at run time.
     from storage.options import StorageOptions
 
-TMP_PREFIX = ".cloud-dump-tmp-"
+TMP_PREFIX = TEMP_PREFIX  # every temporary name under the root starts so
 UPLOADS_DIR = ".cloud-dump-uploads"
 _META_NAME = "meta.json"
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -150,7 +152,9 @@ class LocalStorage:
 
         with self._translated("write", path):
             self._require_root()
-            if not _write_atomically(path, write, exclusive=if_absent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # mode None: the umask operators set for a shared store decides, as for any file.
+            if not write_atomically(path, write, mode=None, exclusive=if_absent):
                 raise ObjectExists(key)
             return _object_info(key, path, sha256_hex(data), meta)
 
@@ -200,7 +204,7 @@ class LocalStorage:
             except (FileNotFoundError, NotADirectoryError):
                 self._require_root()
                 return
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     # -- protocol: multipart --------------------------------------------------------------------
 
@@ -214,9 +218,9 @@ class LocalStorage:
             self._require_root()
             staging.mkdir(parents=True)
             # Built aside and renamed into place, so that an upload is never seen without meta.
-            _write_atomically(staging / _META_NAME, lambda f: f.write(json.dumps(meta).encode()))
+            write_atomically(staging / _META_NAME, json.dumps(meta).encode(), mode=None)
             staging.rename(uploads / upload_id)
-            _fsync_dir(uploads)
+            fsync_dir(uploads)
         return upload_id
 
     def upload_part(
@@ -234,7 +238,7 @@ class LocalStorage:
         with self._translated("write", path):
             try:
                 # No mkdir here: a missing directory means the upload was aborted meanwhile.
-                _write_atomically(path, lambda f: f.write(data), make_parents=False)
+                write_atomically(path, data, mode=None)
             except FileNotFoundError:
                 raise _upload_not_found(key, upload_id) from None
         return UploadedPart(part_number, actual, len(data), actual)
@@ -252,7 +256,8 @@ class LocalStorage:
                 _copy_part(path, out, digest, part, upload_id)
 
         with self._translated("write", target):
-            _write_atomically(target, assemble)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, assemble, mode=None)
             self._discard_upload_dir(upload_dir)
             return _object_info(key, target, digest.hexdigest())
 
@@ -384,52 +389,6 @@ class LocalStorage:
         doomed = upload_dir.with_name(f"{TMP_PREFIX}{upload_dir.name}")
         upload_dir.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _write_atomically(
-    path: Path,
-    write: Callable[[IO[bytes]], object],
-    *,
-    exclusive: bool = False,
-    make_parents: bool = True,
-) -> bool:
-    """Write a file so that ``path`` shows the old content, or all of the new, never a part.
-
-    With ``exclusive`` the file is hard-linked into place, which fails if ``path`` exists: an
-    atomic create-if-absent, unlike a check followed by a rename. Returns False when ``path``
-    was taken (only with ``exclusive``), True when the file was written.
-    """
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
-    # Not mkstemp: its 0600 mode would ignore the umask that operators set for shared stores.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                path.hardlink_to(tmp)
-            except FileExistsError:
-                return False
-        else:
-            tmp.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_part(

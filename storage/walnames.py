@@ -240,6 +240,12 @@ def log_prefix(name: str) -> str:
     return name[:16]
 
 
+def next_log_prefix(name: str) -> str:
+    """``log_prefix`` of the log after the one segment ``name`` is in, on the same timeline (the
+    next 4 GiB of WAL, whatever the segment size). Not validated, as ``log_prefix``."""
+    return f"{name[:8]}{int(name[8:16], 16) + 1:08X}"
+
+
 def _check_lsn(lsn: int) -> None:
     if not 0 <= lsn <= MAX_LSN:
         raise ConfigError(f"lsn {lsn} is out of range")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -247,3 +249,14 @@ def _read_claim(storage: Storage, key: str) -> dict[str, str]:
     except (ObjectNotFound, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# The backup's units of work by Celery task name (``tasks/backup.py`` registers each under it),
+# for a coordinator that runs them in its own threads (``coordinator.runner.EmbeddedRunner``).
+UNITS: dict[str, Callable[[Storage, Stage, Any], Any]] = {
+    "cloud_dump.claim_backup": lambda storage, _stage, request: claim_backup(storage, request),
+    "cloud_dump.open_archive": lambda storage, _stage, request: open_archive(storage, request.key),
+    "cloud_dump.upload_part": upload_part,
+    "cloud_dump.finalize_backup": finalize_backup,
+    "cloud_dump.abort_backup": lambda storage, _stage, request: abort_backup(storage, request),
+}

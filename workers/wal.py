@@ -28,7 +28,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -253,3 +254,11 @@ def _check_archived(storage: Storage, root: str, file_name: str, raw_sha256: str
             f"'{candidates[0]}': not overwritten"
         )
     return None
+
+
+# The WAL archive's units of work by Celery task name (``tasks/wal.py`` registers each under
+# it), for a coordinator that runs them in its own threads (``coordinator.runner``).
+UNITS: dict[str, Callable[[Storage, Stage, Any], Any]] = {
+    "cloud_dump.push_wal": push_wal,
+    "cloud_dump.open_wal_archive": open_wal_archive,
+}

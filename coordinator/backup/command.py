@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from coordinator.settings import BackupSettings, Report, encryption_of, layout_of, open_store
-from storage.base import S3_MAX_PART_SIZE_BYTES, S3_MIN_PART_SIZE_BYTES, Capabilities
+from coordinator.settings import BackupSettings, Report, encryption_of, layout_of
 from storage.errors import ConfigError
 from storage.layout import validate_name
-from storage.urls import storage_url
-
-if TYPE_CHECKING:
-    from coordinator.backup.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +41,13 @@ def run_backup(args: BackupSettings, report: Report) -> None:
         target_part_bytes=args.part_size_mib * 1024 * 1024,
         show_progress=args.progress,
     )
-    runner, capabilities = _runner(args)
+    from coordinator.backup.work import open_work
+
+    work, capabilities = open_work(args)
     try:
-        manifest = run_backup(plan, runner, capabilities)
+        manifest = run_backup(plan, work, capabilities)
     finally:
-        runner.close()
+        work.close()
     report(f"backup '{manifest.name}' complete: {len(manifest.archives)} archive(s), "
            f"{manifest.stored_size} bytes stored, WAL {manifest.start_wal_file} .. "
            f"{manifest.end_wal_file}")
@@ -64,28 +60,3 @@ def _has_password(dsn: str) -> bool:
         except ValueError:
             return False
     return "password=" in dsn
-
-
-def _runner(args: BackupSettings) -> tuple[Runner, Capabilities]:
-    """Celery workers when a broker is given, else threads of this process."""
-    if args.broker:
-        from coordinator.backup.runner import CeleryRunner
-        from coordinator.broker.client import open_broker
-
-        # The workers hold the storage; told one, this backup must land there (every task
-        # carries it, and a worker storing elsewhere refuses: exit 3).
-        location = storage_url(args.storage) if args.storage else None
-        broker = open_broker(args.broker, args.result_backend, args.staging_url)
-        # The store's limits come from the flags.
-        capabilities = Capabilities(
-            S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
-        )
-        runner = CeleryRunner(
-            broker, task_timeout_s=args.task_timeout, part_timeout_s=args.part_timeout,
-            storage_url=location,
-        )  # fmt: skip
-        return runner, capabilities
-    from coordinator.backup.runner import EmbeddedRunner
-
-    storage = open_store(args)
-    return EmbeddedRunner(storage, args.parallel), storage.capabilities

@@ -29,8 +29,8 @@ from coordinator.backup.replication import (
     ReplicationConnection,
     SystemInfo,
 )
-from coordinator.backup.runner import Runner
 from coordinator.backup.window import PartWindow
+from coordinator.backup.work import BackupWork
 from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from storage.base import Capabilities, sha256_hex
@@ -110,7 +110,7 @@ class _Run:
     """State of one run, written by the stream callbacks (``BackupSink``)."""
 
     plan: BackupPlan
-    runner: Runner
+    work: BackupWork
     capabilities: Capabilities
     window: PartWindow
     progress: Progress
@@ -130,7 +130,7 @@ class _Run:
         key = self.layout.archive_key(
             plan.name, archive.name, plan.compression, encrypted=encrypted
         )
-        upload_id = self.runner.open_archive(key)
+        upload_id = self.work.open_archive(key)
         # Known before anything else can fail, so that an abort finds the upload.
         self.uploads.append(ArchiveUpload(key=key, upload_id=upload_id, parts=[]))
         client_compression = plan.compression if archive.compression == "none" else "none"
@@ -185,18 +185,18 @@ class _StreamSink:
         self.progress = run.set_progress
 
 
-def run_backup(plan: BackupPlan, runner: Runner, capabilities: Capabilities) -> BackupManifest:
+def run_backup(plan: BackupPlan, work: BackupWork, capabilities: Capabilities) -> BackupManifest:
     """Take the backup described by ``plan``; return its manifest once it is stored."""
-    check_wal_archive_passphrase(plan, runner)
+    check_wal_archive_passphrase(plan, work)
     backup = BackupRef(name=plan.name, cluster=plan.cluster)
     run_id = uuid.uuid4().hex
-    claim = runner.claim(
+    claim = work.claim(
         ClaimRequest(
             backup=backup, run_id=run_id, host=socket.gethostname(), started_at=_now().isoformat()
         )
     )
-    window = PartWindow(runner, plan.max_in_flight, run_id=run_id)
-    run = _Run(plan, runner, capabilities, window, Progress(plan.show_progress), claim)
+    window = PartWindow(work, plan.max_in_flight, run_id=run_id)
+    run = _Run(plan, work, capabilities, window, Progress(plan.show_progress), claim)
     try:
         return _stream_and_finalize(run, backup, run_id)
     except BaseException as exc:
@@ -206,7 +206,7 @@ def run_backup(plan: BackupPlan, runner: Runner, capabilities: Capabilities) -> 
         raise
 
 
-def check_wal_archive_passphrase(plan: BackupPlan, runner: Runner) -> None:
+def check_wal_archive_passphrase(plan: BackupPlan, work: BackupWork) -> None:
     """Refuse a passphrase that does not open the WAL archive's key (``DecryptionFailed``).
 
     A point-in-time restore of this backup reads the archive's WAL with the backup's
@@ -217,7 +217,7 @@ def check_wal_archive_passphrase(plan: BackupPlan, runner: Runner) -> None:
     if passphrase is None:
         return
     layout = Layout(cluster=plan.cluster, wal_prefix=plan.wal_prefix or DEFAULT_WAL_PREFIX)
-    opened = runner.open_wal_archive(
+    opened = work.open_wal_archive(
         OpenWalArchiveRequest(
             archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,
             system_identifier=None,
@@ -259,7 +259,7 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
         raise CloudDumpError("the server sent no backup_manifest")
     manifest = _build_manifest(run, system, result, (started, ended), uploads)
     _finalize(run, backup, run_id, manifest, uploads)
-    run.progress.finish(manifest.stored_size, run.runner.resent)
+    run.progress.finish(manifest.stored_size, run.work.resent)
     return manifest
 
 
@@ -278,7 +278,7 @@ def _finalize(
     wrapped = run.plan.encryption.wrapped_identity if run.plan.encryption else None
     if wrapped is not None:
         payloads[refs["wrapped"]] = wrapped
-    run.runner.finalize(
+    run.work.finalize(
         FinalizeRequest(
             backup=backup,
             run_id=run_id,
@@ -396,7 +396,7 @@ def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
             except Exception:
                 log.debug("aborting the archive writer failed", exc_info=True)
     try:
-        run.runner.abort(AbortRequest(backup=backup, run_id=run_id, uploads=run.uploads))
+        run.work.abort(AbortRequest(backup=backup, run_id=run_id, uploads=run.uploads))
     except Exception as exc:
         log.warning(
             "could not clean up after the failed backup (%s): backup '%s' stays claimed "

@@ -1,11 +1,11 @@
 """The in-flight window of part uploads: bounded memory, every part confirmed.
 
-``submit`` hands a part to the runner, blocking while ``max_in_flight`` parts are outstanding,
-so staged payloads (and the coordinator's memory, which keeps each unconfirmed part to stage it
-again should the broker lose it) stay bounded whatever the backup size (DESIGN.md §3,
-invariant 4). Results are collected as they come; a part's staged payload is dropped once it is
-confirmed. Sending again what a dead worker or a restarted broker lost is the runner's job
-(``coordinator.broker.flights``): here a part is done when its handle says so.
+``submit`` hands a part to the runner (``BackupWork``), blocking while ``max_in_flight`` parts
+are outstanding, so staged payloads (and the coordinator's memory, which keeps each unconfirmed
+part to stage it again should the broker lose it) stay bounded whatever the backup size
+(DESIGN.md §3, invariant 4). Results are collected as they come; a part's staged payload is
+dropped once it is confirmed. Sending again what a dead worker or a restarted broker lost is
+the runner's job (``coordinator.broker.flights``): here a part is done when its handle says so.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from coordinator.backup.runner import PartHandle, Runner
+from coordinator.backup.work import BackupWork
+from coordinator.runner import Handle
 from coordinator.wait import wait_until
 from storage.errors import CloudDumpError
 from workers.backup import UploadPartRequest, UploadPartResult
@@ -30,12 +31,12 @@ _POLL_S = 0.01
 @dataclass
 class _Pending:
     request: UploadPartRequest
-    handle: PartHandle
+    handle: Handle
 
 
 @dataclass
 class PartWindow:
-    runner: Runner
+    work: BackupWork
     max_in_flight: int
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
@@ -57,7 +58,7 @@ class PartWindow:
                 sha256=sha256,
                 ref=f"{self.run_id}:{self._sequence}",
             )
-            handle = self.runner.upload_part(request, data)
+            handle = self.work.upload_part(request, data)
             self._pending[(key, part_number)] = _Pending(request, handle)
 
     def drain(self) -> dict[str, list[UploadPartResult]]:
@@ -75,11 +76,11 @@ class PartWindow:
         """
         self._abandoned = True
         pending = list(self._pending.values())
-        self.runner.release([p.handle for p in pending])
+        self.work.give_up([p.handle for p in pending])
 
     @property
     def redispatched(self) -> int:
-        return self.runner.resent
+        return self.work.resent
 
     @property
     def in_flight(self) -> int:
@@ -108,7 +109,9 @@ class PartWindow:
         finished = [slot for slot, pending in self._pending.items() if pending.handle.done()]
         for slot in finished:
             pending = self._pending.pop(slot)
-            result = pending.handle.result()
+            try:
+                result = self.work.part_result(pending.handle)
+            finally:
+                self.work.release([pending.handle])
             self._done.setdefault(pending.request.key, {})[result.part_number] = result
-            pending.handle.release()
         return bool(finished)

@@ -36,7 +36,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +56,7 @@ from workers.staging import StagedPayloadMissing
 
 if TYPE_CHECKING:
     from coordinator.broker.client import Broker, TaskState
+    from coordinator.runner import Handle
     from workers.location import StorageBound
 
 log = logging.getLogger(__name__)
@@ -364,14 +365,15 @@ class Flights:
         return max(floor_s, factor * statistics.median(durations)) if durations else floor_s
 
 
-class Sender:
-    """How a runner sends its work: ``Flights`` over ``broker``, each flight to ``queue``, sent
-    again after ``resend_after_s`` unanswered, its request stamped with the storage location
-    the command was told (``storage_url``, ``storage.urls.storage_url`` form; None: the
-    workers' own), so that a worker storing elsewhere refuses it (``workers.location``).
+class CeleryRunner:
+    """Runs units of work on the Celery workers (``coordinator.runner.Runner``): ``Flights``
+    over ``broker``, each unit to ``queue``, sent again after ``resend_after_s`` unanswered,
+    its request stamped with the storage location the command was told (``storage_url``,
+    ``storage.urls.storage_url`` form; None: the workers' own), so that a worker storing
+    elsewhere refuses it (``workers.location``).
 
-    What the backup's and wal-push's Celery runners share; each says why its ``grace_s``,
-    ``payload_ttl_s`` and ``resend_after_s`` are what they are.
+    A broker that goes away is waited for up to ``grace_s``; staged payloads nobody deleted
+    expire after ``payload_ttl_s``. Each command says why its values are what they are.
     """
 
     def __init__(
@@ -390,32 +392,33 @@ class Sender:
         self.storage_url = storage_url
         self.resend_after_s = resend_after_s
 
-    def flight(
+    @property
+    def resent(self) -> int:
+        return self.flights.resent
+
+    def start(
         self,
         task: str,
         request: StorageBound,
         what: str,
-        payloads: dict[str, bytes] | None = None,
+        payloads: Mapping[str, bytes] | None = None,
         *,
         timeout_s: float | None = None,
-    ) -> Flight:
-        """A flight of ``task`` with ``request`` (not sent yet: ``flights.start`` sends it)."""
-        return Flight(
-            task, self.bound(request), self.queue, what, payloads or {},
+    ) -> Handle:
+        flight = Flight(
+            task, self.bound(request), self.queue, what, dict(payloads or {}),
             resend_after_s=self.resend_after_s, timeout_s=timeout_s,
         )  # fmt: skip
+        return _FlightHandle(self.flights, self.flights.start(flight))
 
-    def run(
-        self,
-        task: str,
-        request: StorageBound,
-        what: str,
-        payloads: dict[str, bytes] | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> Any:
-        """Send ``task`` with ``request``, wait for its answer and clean up; raises its error."""
-        return self.flights.run(self.flight(task, request, what, payloads, timeout_s=timeout_s))
+    def release(self, handles: Iterable[Handle]) -> None:
+        self.flights.finish(*(h.flight for h in handles if isinstance(h, _FlightHandle)))
+
+    def interrupt(self) -> None:
+        self.flights.interrupt()
+
+    def revive(self, grace_s: float) -> None:
+        self.flights.revive(grace_s)
 
     def bound(self, request: StorageBound) -> dict[str, Any]:
         """The request as sent: with the storage location this command was told, if any."""
@@ -425,6 +428,26 @@ class Sender:
 
     def close(self) -> None:
         self.broker.close()
+
+
+class _FlightHandle:
+    """A unit sent to the workers (``coordinator.runner.Handle``)."""
+
+    def __init__(self, flights: Flights, flight: Flight) -> None:
+        self.flights = flights
+        self.flight = flight
+        self.what = flight.what
+
+    def done(self) -> bool:
+        return self.flights.poll(self.flight)
+
+    def result(self) -> Any:
+        return self.flight.result()
+
+    def shorten(self, seconds: float) -> None:
+        flight = self.flight
+        limit = time.monotonic() - flight.first_sent_at + seconds
+        flight.timeout_s = limit if flight.timeout_s is None else min(flight.timeout_s, limit)
 
 
 def _error_of(state: TaskState, what: str) -> BaseException:
@@ -437,9 +460,7 @@ def _error_of(state: TaskState, what: str) -> BaseException:
 
 
 def _shown(url: str) -> str:
-
     return redact_url(url)
-
 
 
 def run_on_worker(
@@ -447,7 +468,6 @@ def run_on_worker(
 ) -> Any:
     """Run ``task_name`` on one named worker and return its result; ``argument`` (JSON-able) is
     its one argument, None for none."""
-
     flights = Flights(_as_broker(broker), grace_s=timeout_s)
     flight = Flight(
         task_name,

@@ -37,9 +37,9 @@ from typing import BinaryIO, NoReturn
 
 import crc32c
 
-from coordinator.fsutil import naming as naming  # also run.py's and targetdirs.py's, for now
-from coordinator.fsutil import write_all
 from storage.errors import IntegrityError
+from storage.fsutil import naming as naming  # also run.py's and targetdirs.py's, for now
+from storage.fsutil import write_all
 
 PARTIAL_SUFFIX = ".cloud-dump-partial"
 _COPY_BYTES = 64 * 1024  # larger chunks made glibc map and unmap each one: 3x slower (bench/backup)

@@ -13,10 +13,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.fsutil import fsync_dir as fsync_dir  # run.py's import of it, for now
-from coordinator.fsutil import naming, write_atomically
 from coordinator.restore.extract import rewrite_tablespace_map
 from coordinator.restore.pgcontrol import control_version, invalidate_checkpoint
+from storage.fsutil import fsync_dir as fsync_dir  # run.py's import of it, for now
+from storage.fsutil import naming, write_atomically
 
 log = logging.getLogger(__name__)
 

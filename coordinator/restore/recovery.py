@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from coordinator.fsutil import write_atomically
 from coordinator.restore.targets import (
     check_restore_point_name,
     format_lsn,
@@ -49,6 +48,7 @@ from coordinator.restore.targets import (
     parse_target_time,
 )
 from storage.errors import ConfigError, TargetNotEmpty
+from storage.fsutil import write_atomically
 
 _CONFIG_HEADER = ("# cloud-dump settings for restore_command (wal-fetch); mode 0600, may hold "
                   "secrets")

@@ -30,7 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coordinator.fsutil import write_atomically
 from coordinator.restore.autoconf import (
     DisabledSetting,
     disable_earlier_settings,
@@ -40,6 +39,7 @@ from coordinator.restore.autoconf import (
 from coordinator.restore.pgconf import AUTO_CONF, ConfigView, read_config
 from coordinator.restore.recovery import RecoveryTarget, WalFetchCommand, write_restore_config
 from coordinator.restore.targets import utc_text
+from storage.fsutil import write_atomically
 
 if TYPE_CHECKING:
     from coordinator.restore.run import TargetPlan

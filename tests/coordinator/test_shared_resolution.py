@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.backup.run import BackupKeys
-from coordinator.broker.flights import Sender
+from coordinator.broker.flights import CeleryRunner
 from coordinator.crypto import generate_identity, passphrase_identity, wrap_identity
 from coordinator.restore.reader import RangedReader
 from coordinator.settings import (
@@ -147,10 +147,12 @@ class _NoBroker:
 
 @pytest.mark.parametrize("location", [None, "file:///srv/store"])
 def test_a_request_carries_the_storage_the_command_was_told(location: str | None) -> None:
-    sender = Sender(_NoBroker(), "parts", storage_url=location, grace_s=1,  # type: ignore[arg-type]
-                    payload_ttl_s=60, resend_after_s=5)  # fmt: skip
-    flight = sender.flight("cloud_dump.open_archive", OpenArchiveRequest(key="k"), "'k'",
-                           {"ref": b"x"}, timeout_s=9)  # fmt: skip
+    runner = CeleryRunner(_NoBroker(), "parts", storage_url=location,  # type: ignore[arg-type]
+                          grace_s=1, payload_ttl_s=60, resend_after_s=5)  # fmt: skip
+    runner.flights.start = lambda flight: flight  # type: ignore[method-assign]  # not sent
+    handle = runner.start("cloud_dump.open_archive", OpenArchiveRequest(key="k"), "'k'",
+                          {"ref": b"x"}, timeout_s=9)  # fmt: skip
+    flight = handle.flight  # type: ignore[attr-defined]
     assert flight.argument == {"storage_url": location, "key": "k"}
     assert (flight.queue, flight.payloads, flight.resend_after_s, flight.timeout_s) == (
         "parts", {"ref": b"x"}, 5, 9,

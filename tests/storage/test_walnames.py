@@ -22,6 +22,7 @@ from storage.walnames import (
     format_lsn,
     is_segment_size,
     log_prefix,
+    next_log_prefix,
     parse_lsn,
     prev_segment_name,
     prev_segment_number,
@@ -218,3 +219,9 @@ def test_the_timeline_and_log_parts_of_a_name() -> None:
     name = "0000000200000001000000FF"
     assert timeline_prefix(name) == "00000002" == timeline_prefix("00000002.history")
     assert log_prefix(name) == "0000000200000001"
+    assert next_log_prefix(name) == "0000000200000002"
+    # The log after the last of one timeline's logs with 8 hex digits left: 00000100.
+    assert next_log_prefix("00000003000000FF00000000") == "0000000300000100"
+    # Every segment of the next log starts with it, at any segment size.
+    first_of_next = following_names("00000001000000000000003F", 1, 64 * MIB)[0]
+    assert first_of_next.startswith(next_log_prefix("00000001000000000000003F"))

@@ -65,10 +65,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from coordinator.fsutil import write_atomically
 from coordinator.wal.fetch.spool import Spool, archive_source, following_segments, spool_root_for
 from options.declared import number_from_env
 from storage.errors import ConfigError, TransientStorageError, WalArchiveGap
+from storage.fsutil import write_atomically
 from storage.walnames import is_segment, wal_kind
 
 if TYPE_CHECKING:

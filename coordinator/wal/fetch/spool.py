@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from coordinator.background import make_spool_dir
-from coordinator.fsutil import TEMP_PREFIX, move, write_atomically
 from coordinator.wal.spooldir import wal_spool_dir
 from storage.errors import ConfigError
+from storage.fsutil import TEMP_PREFIX, move, write_atomically
 from storage.walnames import (
     DEFAULT_SEGMENT_SIZE,
     following_names,

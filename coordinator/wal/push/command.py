@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from coordinator.settings import WalPushSettings
     from coordinator.wal.push.encode import RawWal
-    from coordinator.wal.push.runner import WalRunner
+    from coordinator.wal.push.work import WalWork
     from storage.layout import Layout
     from workers.wal import PushWalResult, WalArchiveInfo
 
@@ -159,18 +159,18 @@ def _push_through_pusher(args: WalPushSettings, spool: Spool, location: str) -> 
 def _push(args: WalPushSettings, spool: Spool, location: str) -> None:
     from coordinator.settings import encryption_of, layout_of
     from coordinator.wal.push.encode import archive_for, read_wal, recipients_for
-    from coordinator.wal.push.runner import open_runner
+    from coordinator.wal.push.work import open_work
 
     layout = layout_of(args)
     encryption = encryption_of(args)
     deadline = time.monotonic() + args.timeout
     path = Path(args.path)
     own = read_wal(path, args.file_name)
-    runner = open_runner(args)
+    work = open_work(args)
     try:
         try:
-            archive = archive_for(runner, spool, location, layout, own, encryption)
-            batch = _Batch(runner, spool, location, layout, args.compression,
+            archive = archive_for(work, spool, location, layout, own, encryption)
+            batch = _Batch(work, spool, location, layout, args.compression,
                            recipients_for(encryption, archive), archive)  # fmt: skip
             outcome = batch.push([own], deadline)[own.file_name]
             if isinstance(outcome, BaseException):
@@ -194,7 +194,7 @@ def _push(args: WalPushSettings, spool: Spool, location: str) -> None:
         if not args.broker and spool.exists:  # through a broker, look-ahead is the pusher's job
             _push_ahead(batch, path.parent, own.file_name, args.look_ahead, deadline)
     finally:
-        runner.close()
+        work.close()
     prune_markers(spool, path.parent)
 
 
@@ -239,12 +239,12 @@ def _read_look_ahead(spool: Spool, wal_dir: Path, names: list[str]) -> list[RawW
 
 
 class _Batch:
-    """Files pushed together through one runner, with the settings they share; records a
+    """Files pushed together through one ``WalWork``, with the settings they share; records a
     marker for each file storage confirmed."""
 
     def __init__(
         self,
-        runner: WalRunner,
+        work: WalWork,
         spool: Spool,
         location: str,
         layout: Layout,
@@ -252,7 +252,7 @@ class _Batch:
         recipients: list[str] | None,
         archive: WalArchiveInfo | None,
     ) -> None:
-        self.runner = runner
+        self.work = work
         self.spool = spool
         self.location = location
         self._layout = layout
@@ -264,14 +264,10 @@ class _Batch:
         """Each file's outcome; never raises for one file."""
         from coordinator.wal.push.encode import encode_wal
 
-        requests = [
-            encode_wal(self.runner, raw, self._compression, self._recipients, self._layout)
-            for raw in files
+        pushes = [
+            encode_wal(raw, self._compression, self._recipients, self._layout) for raw in files
         ]
-        try:
-            outcomes = self.runner.push(requests, files[0].file_name, deadline)
-        finally:
-            self.runner.delete_staged(*(r.ref for r in requests))
+        outcomes = self.work.push(pushes, files[0].file_name, deadline)
         self._archive = _record(self.spool, self.location, files, outcomes, self._archive)
         return outcomes
 

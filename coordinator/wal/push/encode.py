@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from coordinator.settings import Encryption
-    from coordinator.wal.push.runner import WalRunner
     from coordinator.wal.push.spool import Spool
+    from coordinator.wal.push.work import WalWork
     from storage.layout import Layout
     from workers.wal import PushWalRequest, WalArchiveInfo
 
@@ -95,11 +95,12 @@ def _pg_control_system_identifier(wal_path: Path) -> str | None:
 
 
 def encode_wal(
-    runner: WalRunner, raw: RawWal, compression: str, recipients: list[str] | None, layout: Layout
-) -> PushWalRequest:
-    """Compress (``coordinator.codecs.compress_wal``: levels and why there) and encrypt ``raw``,
-    stage the result, and describe it for ``push_wal``. ``ConfigError`` naming the choices for
-    an unknown ``compression``."""
+    raw: RawWal, compression: str, recipients: list[str] | None, layout: Layout
+) -> tuple[PushWalRequest, bytes]:
+    """Compress (``coordinator.codecs.compress_wal``: levels and why there) and encrypt
+    ``raw``: the ``push_wal`` request describing the result, and the result (its payload, to be
+    staged under ``request.ref``). ``ConfigError`` naming the choices for an unknown
+    ``compression``."""
     import hashlib
     import uuid
 
@@ -121,8 +122,7 @@ def encode_wal(
         archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,
         ref=f"wal-{raw.file_name}-{uuid.uuid4().hex}",
     )
-    runner.stage_payload(request.ref, payload)
-    return request
+    return request, payload
 
 
 def recipients_for(
@@ -141,7 +141,7 @@ def recipients_for(
 
 
 def archive_for(
-    runner: WalRunner,
+    work: WalWork,
     spool: Spool,
     location: str,
     layout: Layout,
@@ -162,13 +162,13 @@ def archive_for(
         )
     passphrase = encryption.passphrase if encryption is not None else None
     if passphrase and (archive is None or archive.encryption is None):
-        archive = open_passphrase_archive(runner, layout, sysid, passphrase)
+        archive = open_passphrase_archive(work, layout, sysid, passphrase)
         spool.write_archive_cache(location, archive.model_dump_json())
     return archive
 
 
 def open_passphrase_archive(
-    runner: WalRunner, layout: Layout, sysid: str | None, passphrase: str
+    work: WalWork, layout: Layout, sysid: str | None, passphrase: str
 ) -> WalArchiveInfo:
     """The archive with passphrase encryption set up, and proof that ``passphrase`` opens it.
 
@@ -189,23 +189,20 @@ def open_passphrase_archive(
         system_identifier=sysid,
         want_wrapped_identity=True,
     )
-    result = runner.open_archive(request)
+    result = work.open_archive(request)
     if result.archive is None or result.archive.encryption is None:
         identity, recipient = generate_identity()
         ref = f"wal-key-{uuid.uuid4().hex}"
-        runner.stage_payload(ref, wrap_identity(identity, passphrase))
-        try:
-            result = runner.open_archive(
-                request.model_copy(
-                    update={
-                        "recipient": recipient,
-                        "wrapped_identity_key": layout.wal_root + ARCHIVE_KEY_NAME,
-                        "wrapped_identity_ref": ref,
-                    }
-                )
-            )
-        finally:
-            runner.delete_staged(ref)
+        result = work.open_archive(
+            request.model_copy(
+                update={
+                    "recipient": recipient,
+                    "wrapped_identity_key": layout.wal_root + ARCHIVE_KEY_NAME,
+                    "wrapped_identity_ref": ref,
+                }
+            ),
+            {ref: wrap_identity(identity, passphrase)},
+        )
         assert result.archive is not None and result.archive.encryption is not None
         if result.archive.encryption.recipient == recipient:
             return result.archive

@@ -20,7 +20,7 @@ run as ``python -m coordinator.wal.push.helper`` with the call's settings on std
   call to report; a push unanswered for ``CLOUD_DUMP_WAL_RETRY_S`` is sent again, one past
   ``--timeout`` becomes an error;
 - exits after ``IDLE_EXIT_S`` with nothing to do, or when the broker stayed away longer than
-  its grace period (``coordinator.wal.push.runner``; a broker back within it costs nothing but the
+  its grace period (``coordinator.wal.push.work``; a broker back within it costs nothing but the
   re-sends of what it lost), after recording that error for every waiting call: the next call
   starts a new pusher.
 
@@ -50,7 +50,6 @@ from coordinator.settings import (
 )
 from coordinator.wait import Backoff
 from coordinator.wal.push.encode import archive_for, encode_wal, read_wal, recipients_for
-from coordinator.wal.push.runner import CeleryWalRunner, Flight, open_runner
 from coordinator.wal.push.spool import (
     PUSHER_LOCK,
     LookAhead,
@@ -59,10 +58,12 @@ from coordinator.wal.push.spool import (
     prune_markers,
     ready_names,
 )
+from coordinator.wal.push.work import WalWork, open_work
 from storage.errors import BrokerUnreachable, CloudDumpError
 from storage.walnames import kind_of
 
 if TYPE_CHECKING:
+    from coordinator.runner import Handle
     from workers.wal import PushWalRequest, PushWalResult, WalArchiveInfo
 
 log = logging.getLogger("cloud-dump.pusher")
@@ -81,13 +82,14 @@ class Prepared:
     raw_sha256: str
     identity: str  # of the open file that was read (the marker records it)
     request: PushWalRequest
+    payload: bytes  # what is staged under request.ref
     archive: WalArchiveInfo | None
 
 
 @dataclass
 class InFlight:
     prepared: Prepared
-    flight: Flight
+    handle: Handle
     # Sent while look-ahead was closed (so: a file a call asked for), after failure number
     # ``failures``: its confirmation opens look-ahead if no failure came since.
     sent_closed: bool = False
@@ -96,12 +98,12 @@ class InFlight:
 
 class Pusher:
     def __init__(
-        self, args: WalPushSettings, spool: Spool, runner: CeleryWalRunner, *, wal_dir: Path,
+        self, args: WalPushSettings, spool: Spool, work: WalWork, *, wal_dir: Path,
         location: str,
     ) -> None:
         self._args = args
         self._spool = spool
-        self._runner = runner
+        self._work = work
         self._location = location
         self._wal_dir = wal_dir
         self._window = max(1, int(args.look_ahead))
@@ -195,11 +197,11 @@ class Pusher:
         raw = read_wal(path, name)
         with self._archive_lock:
             archive = archive_for(
-                self._runner, self._spool, self._location, self._layout, raw, self._encryption
+                self._work, self._spool, self._location, self._layout, raw, self._encryption
             )
         recipients = recipients_for(self._encryption, archive)
-        request = encode_wal(self._runner, raw, self._args.compression, recipients, self._layout)
-        return Prepared(raw.raw_sha256, raw.identity, request, archive)
+        request, payload = encode_wal(raw, self._args.compression, recipients, self._layout)
+        return Prepared(raw.raw_sha256, raw.identity, request, payload, archive)
 
     def _collect_prepared(self) -> None:
         for name, future in list(self._preparing.items()):
@@ -212,23 +214,20 @@ class Pusher:
                 continue
             prepared = future.result()
             if not self._look_ahead.allows(name) and name not in self._spool.requested():
-                # Prepared as look-ahead, which a failure has closed since: not sent.
-                self._runner.delete_staged(prepared.request.ref)
-                continue
+                continue  # prepared as look-ahead, which a failure has closed since: not sent
             deadline = time.monotonic() + float(self._args.timeout)
-            flight = self._runner.start(prepared.request, deadline)
+            handle = self._work.start(prepared.request, prepared.payload, deadline)
             self._in_flight[name] = InFlight(
-                prepared, flight, not self._look_ahead.open, self._failures
+                prepared, handle, not self._look_ahead.open, self._failures
             )
 
     def _collect_answers(self) -> None:
         for name, sent in list(self._in_flight.items()):
-            outcome = self._runner.check(sent.flight)
+            outcome = self._work.check(sent.handle)
             if outcome is None:
                 continue
             del self._in_flight[name]
-            self._runner.finish(sent.flight)
-            self._runner.delete_staged(sent.prepared.request.ref)
+            self._work.release(sent.handle)
             if isinstance(outcome, BaseException):
                 self._failed(name, outcome)
             else:
@@ -285,14 +284,14 @@ def main() -> int:
     log.info("WAL pusher started (look-ahead %s)", args.look_ahead)
     pusher: Pusher | None = None
     try:
-        runner = open_runner(args)
-        assert isinstance(runner, CeleryWalRunner), "the pusher runs only with a broker"
-        pusher = Pusher(args, spool, runner, wal_dir=Path(str(payload["wal_dir"])),
+        assert args.broker, "the pusher runs only with a broker"
+        work = open_work(args)
+        pusher = Pusher(args, spool, work, wal_dir=Path(str(payload["wal_dir"])),
                         location=str(payload["location"]))
         try:
             pusher.run()
         finally:
-            runner.close()
+            work.close()
     except CloudDumpError as exc:
         log.error("WAL pusher stopped: %s", exc)
         if pusher is not None:

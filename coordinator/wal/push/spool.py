@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from coordinator.background import make_spool_dir
-from coordinator.fsutil import write_atomically
 from coordinator.wal.push.marker import (
     MARKER_DIR,
     archive_location,
@@ -57,6 +56,7 @@ from coordinator.wal.push.marker import (
     marker_text,
 )
 from coordinator.wal.spooldir import wal_spool_dir
+from storage.fsutil import write_atomically
 
 if TYPE_CHECKING:
 

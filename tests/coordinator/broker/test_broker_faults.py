@@ -20,8 +20,9 @@ import pytest
 import redis
 import zstandard
 
-from coordinator.backup.runner import CeleryRunner
+from coordinator.backup.work import BackupWork
 from coordinator.broker.client import open_broker
+from coordinator.broker.flights import CeleryRunner
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.wait import wait_until
 from devrig.moto import StorageTarget, local_target
@@ -274,7 +275,10 @@ def test_a_claim_lost_with_a_restarted_broker_is_sent_again(
     """No worker yet: the claim waits in the queue, and the restart takes it away. Without a
     re-send it would be waited for until the task timeout."""
     target = local_target(tmp_path / "store")
-    runner = CeleryRunner(open_broker(own_redis.url), task_timeout_s=600, part_timeout_s=600)
+    runner = BackupWork(CeleryRunner(
+        open_broker(own_redis.url), "parts", storage_url=None, grace_s=600, payload_ttl_s=6000,
+        resend_after_s=600,
+    ), task_timeout_s=600)  # fmt: skip
     request = ClaimRequest(backup=BackupRef(name="b1"), run_id="r1", host="h", started_at="t")
     answer: list[object] = []
     claiming = threading.Thread(target=lambda: answer.append(runner.claim(request)), daemon=True)

@@ -1,17 +1,17 @@
-"""coordinator.fsutil: the one atomic write, the directory fsync, and errors naming the file."""
+"""storage.fsutil: the one atomic write, the directory fsync, and errors naming the file."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from coordinator import fsutil
+from storage import fsutil
 
 
 @pytest.fixture
@@ -41,8 +41,12 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+FIXED_RANDOM = b"\x01" * 8
+
+
 def temp_name(path: Path, prefix: str = fsutil.TEMP_PREFIX) -> Path:
-    return path.with_name(f"{prefix}{path.name}-{os.getpid()}-{threading.get_ident()}")
+    """The temporary name ``write_atomically`` picks once ``os.urandom`` gives FIXED_RANDOM."""
+    return path.with_name(f"{prefix}{path.name}-{FIXED_RANDOM.hex()}")
 
 
 def test_replaces_the_file_and_leaves_nothing_else(tmp_path: Path) -> None:
@@ -146,16 +150,74 @@ def test_a_failed_rename_names_the_target_and_removes_the_temporary_file(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["a-directory"]
 
 
-def test_never_writes_through_a_link_at_the_temporary_name(tmp_path: Path) -> None:
+def test_never_writes_through_a_link_at_the_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "urandom", lambda n: FIXED_RANDOM[:n])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.write_bytes(b"untouched")
     target = tmp_path / "f"
     temp_name(target).symlink_to(elsewhere)
     with pytest.raises(OSError) as caught:
         fsutil.write_atomically(target, b"x")
-    assert caught.value.errno == errno.ELOOP and caught.value.filename == str(target)
+    # O_EXCL refuses any existing name, a link included (O_NOFOLLOW would say ELOOP).
+    assert caught.value.errno in (errno.EEXIST, errno.ELOOP)
+    assert caught.value.filename == str(target)
     assert elsewhere.read_bytes() == b"untouched"
     assert not target.exists()
+
+
+def test_exclusive_creates_only_an_absent_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    assert fsutil.write_atomically(target, b"first", exclusive=True) is True
+    assert fsutil.write_atomically(target, b"second", exclusive=True) is False
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_function_writes_the_content_in_pieces(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+
+    def pieces(f: IO[bytes]) -> None:
+        for n in range(3):
+            f.write(bytes([n]) * 1000)
+
+    fsutil.write_atomically(target, pieces, mode=None)
+    assert target.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_function_that_fails_leaves_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    def broken(f: IO[bytes]) -> None:
+        f.write(b"half")
+        raise RuntimeError("source went away")
+
+    with pytest.raises(RuntimeError):
+        fsutil.write_atomically(target, broken)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path: Path) -> None:
+    target = tmp_path / ("n" * 255)
+    fsutil.write_atomically(target, b"x")
+    assert target.read_bytes() == b"x"
+
+
+def test_concurrent_writers_of_one_name_never_mix(tmp_path: Path) -> None:
+    """Each writer has its own temporary file (a random part, O_EXCL): the target is always one
+    writer's whole content, as for two hosts writing one object on a shared mount."""
+    import concurrent.futures
+
+    target = tmp_path / "f"
+    contents = [bytes([n]) * 200_000 for n in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda c: fsutil.write_atomically(target, c, sync=False), contents * 4))
+    assert target.read_bytes() in contents
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_move_copies_across_file_systems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

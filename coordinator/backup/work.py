@@ -1,0 +1,153 @@
+"""The backup's units of work, typed: what the backup code calls instead of naming tasks.
+
+``BackupWork`` turns each step (claim, open an archive, upload a part, finalize, abort) into one
+unit sent through a ``coordinator.runner.Runner``, and validates the answer into its model, so
+that the backup never knows whether its work runs on the Celery workers or in this process.
+``open_work`` picks the runner: the workers when a broker is given, else threads here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from coordinator.runner import Handle, Runner, run
+from workers.backup import (
+    AbortRequest,
+    ClaimRequest,
+    FinalizeRequest,
+    OpenArchiveRequest,
+    UploadPartRequest,
+    UploadPartResult,
+)
+from workers.wal import OpenWalArchiveRequest, OpenWalArchiveResult
+
+if TYPE_CHECKING:
+    from coordinator.settings import BackupSettings
+    from storage.base import Capabilities
+
+# How long a failed backup tries to undo what it stored, at most: the broker may be the
+# reason it failed.
+ABORT_GRACE_S = 30.0
+ABORT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class BackupWork:
+    """The backup's steps over ``runner``; claim, open and finalize are waited for at most
+    ``task_timeout_s`` (``--task-timeout``)."""
+
+    runner: Runner
+    task_timeout_s: float
+
+    @property
+    def resent(self) -> int:
+        """Units sent again because they looked lost."""
+        return self.runner.resent
+
+    def claim(self, request: ClaimRequest) -> str:
+        """Take the name; return where the claim is stored (for messages)."""
+        return str(self._run("cloud_dump.claim_backup", request))
+
+    def open_wal_archive(self, request: OpenWalArchiveRequest) -> OpenWalArchiveResult:
+        # On the parts queue: the backup's workers may not consume the wal queue.
+        answer = self._run("cloud_dump.open_wal_archive", request)
+        return OpenWalArchiveResult.model_validate(answer)
+
+    def open_archive(self, key: str) -> str:
+        """Start the multipart upload of ``key``; its upload ID."""
+        return str(self._run("cloud_dump.open_archive", OpenArchiveRequest(key=key)))
+
+    def upload_part(self, request: UploadPartRequest, data: bytes) -> Handle:
+        """Start uploading one part; ``part_result`` reads the handle's answer."""
+        what = f"part {request.part_number} of '{request.key}'"
+        return self.runner.start("cloud_dump.upload_part", request, what, {request.ref: data})
+
+    @staticmethod
+    def part_result(handle: Handle) -> UploadPartResult:
+        """The uploaded part; raises the unit's error if it failed."""
+        return UploadPartResult.model_validate(handle.result())
+
+    def finalize(self, request: FinalizeRequest, payloads: dict[str, bytes]) -> None:
+        """Finalize with ``payloads`` staged under the refs ``request`` names."""
+        self._run("cloud_dump.finalize_backup", request, payloads)
+
+    def abort(self, request: AbortRequest) -> None:
+        """Undo a failed run; gives up after a bounded time (``ABORT_*``)."""
+        self.runner.revive(ABORT_GRACE_S)
+        self.task_timeout_s = min(self.task_timeout_s, ABORT_TIMEOUT_S)
+        self._run("cloud_dump.abort_backup", request)
+
+    def release(self, handles: list[Handle]) -> None:
+        """Drop the staged payloads and results of these parts: answered."""
+        self.runner.release(handles)
+
+    def give_up(self, handles: list[Handle]) -> None:
+        """Drop the parts given up on (best effort); a wait for the broker stops now."""
+        self.runner.interrupt()
+        self.runner.release(handles)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def _run(
+        self,
+        task: str,
+        request: ClaimRequest
+        | OpenArchiveRequest
+        | OpenWalArchiveRequest
+        | FinalizeRequest
+        | AbortRequest,
+        payloads: dict[str, bytes] | None = None,
+    ) -> object:
+        return run(self.runner, task, request, f"'{task}'", payloads,
+                   timeout_s=self.task_timeout_s)  # fmt: skip
+
+
+def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:
+    """The backup's runner with the limits of the store it writes to: the Celery workers when
+    a broker is given, else ``--parallel`` threads of this process."""
+    if args.broker:
+        from coordinator.broker.client import open_broker
+        from coordinator.broker.flights import CeleryRunner
+        from storage.base import (
+            S3_MAX_PART_SIZE_BYTES,
+            S3_MIN_PART_SIZE_BYTES,
+            Capabilities,
+        )
+        from storage.urls import storage_url
+        from tasks.config import PARTS_QUEUE
+
+        # The workers hold the storage; told one, this backup must land there (every task
+        # carries it, and a worker storing elsewhere refuses: exit 3).
+        location = storage_url(args.storage) if args.storage else None
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
+        # A broker that goes away is waited for as long as a part may stay unconfirmed; a
+        # staged payload nobody deleted expires after ten part timeouts, an hour at least.
+        runner: Runner = CeleryRunner(
+            broker, PARTS_QUEUE, storage_url=location, grace_s=args.part_timeout,
+            payload_ttl_s=max(3600, int(args.part_timeout * 10)),
+            resend_after_s=args.part_timeout,
+        )  # fmt: skip
+        # The store's limits come from the flags.
+        capabilities = Capabilities(
+            S3_MIN_PART_SIZE_BYTES, S3_MAX_PART_SIZE_BYTES, args.s3_max_parts
+        )
+        return BackupWork(runner, args.task_timeout), capabilities
+    from coordinator.runner import EmbeddedRunner
+    from coordinator.settings import open_store
+    from storage.errors import StorageUnreachable
+    from workers.backup import UNITS as BACKUP_UNITS
+    from workers.wal import UNITS as WAL_UNITS
+
+    storage = open_store(args)
+
+    def overdue(what: str) -> BaseException:
+        return StorageUnreachable(
+            f"storage {storage.url} did not answer {what} within {args.task_timeout:.0f} s "
+            "(--task-timeout)"
+        )
+
+    runner = EmbeddedRunner(storage, BACKUP_UNITS | WAL_UNITS, threads=args.parallel,
+                            overdue=overdue)  # fmt: skip
+    return BackupWork(runner, args.task_timeout), storage.capabilities
