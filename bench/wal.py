@@ -135,7 +135,7 @@ PUSH_WRAPS = [
     "coordinator.wal.push.work:open_work",
     "coordinator.wal.push.encode:archive_for",
     "coordinator.wal.push.encode:encode_wal",
-    "coordinator.wal.push.encode:compress",
+    "coordinator.codecs:compress_wal",
     "coordinator.wal.push.work:WalWork.push",
     "coordinator.wal.push.work:WalWork.close",
     "coordinator.wal.push.command:_record",
@@ -164,7 +164,7 @@ sys.argv = ["cloud-dump", *sys.argv[2:]]
 wraps = json.loads(os.environ["BENCH_WRAP"])
 spans = {}
 t = time.perf_counter()
-import coordinator.fastpath as entry
+import coordinator.cli.fastpath as entry
 modules = {m: importlib.import_module(m) for m in {w.split(":")[0] for w in wraps}}
 spans["import"] = time.perf_counter() - t
 
@@ -221,13 +221,13 @@ def marker_phases(s: Spans) -> list[tuple[str, float]]:
 def push_phases(s: Spans) -> list[tuple[str, float]]:
     """The phases of one wal-push call, in order, adding up to its wall time."""
     g = s.get
-    encode_other = g("encode_wal", 0) - g("compress", 0)
+    encode_other = g("encode_wal", 0) - g("compress_wal", 0)
     named = [
         ("credentials/passphrase settings", g("encryption_of", 0)),
         ("read segment(s) + sha256", g("read_wal", 0)),
         ("import celery/kombu/redis + connect to broker", g("open_work", 0)),
         ("archive identity (spool cache)", g("archive_for", 0)),
-        ("zstd level 3 (the first call imports zstandard)", g("compress", 0)),
+        ("zstd level 3 (the first call imports zstandard)", g("compress_wal", 0)),
         ("encode_wal other (import workers.wal/pydantic)", encode_other),
         ("stage in Redis (SET), send task(s), wait, delete staged payload(s)",
          g("WalWork.push", 0)),

@@ -147,7 +147,6 @@ def human_size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-
 # --- step 1: everything checked before the disk is touched ---------------------------------------
 
 

@@ -170,7 +170,9 @@ OPTIONS: tuple[Option, ...] = (
     # --- backup and restore ----------------------------------------------------------------
     Option("--name", "CLOUD_DUMP_BACKUP_NAME", {BACKUP}, "name of the backup (unique)",
            metavar="NAME"),
-    Option("--name", "CLOUD_DUMP_BACKUP_NAME", {RESTORE}, "name of the backup", metavar="NAME"),
+    Option("--name", "CLOUD_DUMP_BACKUP_NAME", {RESTORE},
+           "name of the backup; none or 'latest': the newest that can reach the target",
+           metavar="NAME"),
     # A password in the URL is a secret; libpq's PGPASSWORD or .pgpass keep it out of ps.
     Option("--db-url", "CLOUD_DUMP_DB_URL", {BACKUP},
            "replication connection, postgres://user@host/postgres?replication=yes",

@@ -51,6 +51,8 @@ DEFAULT_WAL_PREFIX = "wal_archive"
 # each WAL object holding the SHA-256 of the original file (wal-push writes it, wal-fetch checks).
 WAL_ARCHIVE_INFO_NAME = "cloud-dump-archive.json"
 WAL_RAW_SHA256 = "raw-sha256"
+# What ``restore --name`` takes for "the newest backup", so no backup may be called so.
+LATEST_NAME = "latest"
 MANIFEST_NAME = "manifest.json"
 BACKUP_MANIFEST_NAME = "backup_manifest"
 

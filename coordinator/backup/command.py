@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from coordinator.settings import BackupSettings, Report, encryption_of, layout_of
 from storage.errors import ConfigError
-from storage.layout import validate_name
+from storage.layout import LATEST_NAME, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,9 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     if not args.name:
         raise ConfigError("no backup name given: use --name or CLOUD_DUMP_BACKUP_NAME")
     name = validate_name("backup", args.name)
+    if name == LATEST_NAME:
+        raise ConfigError(f"backup name '{name}' is reserved: 'restore --name {name}' means the "
+                          "newest backup")
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
     if not args.db_url:
         raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")

@@ -46,7 +46,6 @@ _Group = Any
 _Subparsers = Any
 
 
-
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None

@@ -77,7 +77,6 @@ def check_workers(
         broker.close()
 
 
-
 def run_check(args: CheckSettings, report: Report) -> None:
 
     if not args.storage and not args.broker:

@@ -18,16 +18,11 @@ from storage.layout import Layout
 from storage.manifest import BackupManifest
 
 if TYPE_CHECKING:
-    from storage.manifest import BackupManifest
-
-if TYPE_CHECKING:
     from coordinator.catalog import WalRange
 
 WalRanges = Mapping[str, "WalRange | None"]
 
 log = logging.getLogger(__name__)
-
-
 
 
 def print_table(
@@ -88,7 +83,6 @@ def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
     if wal is None:
         return None
     return {"first": wal.first, "last": wal.last, "segments": wal.segments}
-
 
 
 def run_list(args: ListSettings, report: Report) -> None:

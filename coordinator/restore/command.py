@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator.restore.choose import LATEST
 from coordinator.restore.recovery import (
     AWS_VARIABLES,
     RecoveryTarget,
@@ -52,9 +53,9 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
     from coordinator.restore.recoveryconf import RecoveryConf, SettingsRequest
     from coordinator.restore.run import restore_backup
 
-    if not args.name:
-        raise ConfigError("no backup name given: use --name or CLOUD_DUMP_BACKUP_NAME")
-    name = validate_name("backup", args.name)
+    # No name, or "latest": chosen from the store's manifests once it is open (restore.choose).
+    chosen = not args.name or args.name == LATEST
+    name = "" if chosen else validate_name("backup", str(args.name))
     if not args.pgdata:
         raise ConfigError("no target directory given: use --pgdata or PGDATA")
     storage_url_of(args)  # no storage: refused before anything is decided
@@ -68,6 +69,8 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
     storage = open_store(args)
     settings: RecoveryConf | None = None
     try:
+        if chosen:
+            name = _choose(storage, args, target)
         manifest, target = _check_before_download(storage, args, name, target)
         # Applied once every file is verified, before pg_control makes PGDATA startable.
         settings = RecoveryConf(SettingsRequest(
@@ -93,6 +96,22 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
         storage.close()
     assert settings is not None  # made before restore_backup, which returned
     _report_restore(args, summary, manifest, settings, report)
+
+
+def _choose(storage: Storage, args: RestoreSettings, target: RecoveryTarget | None) -> str:
+    """The name of the backup ``coordinator.restore.choose`` picks for ``target``; logged with
+    the reason, as the operator named none."""
+    from coordinator.catalog import find_backups
+    from coordinator.restore.choose import choose_backup
+
+    layout = layout_of(args)
+    backups = find_backups(storage, layout)
+    manifest, why = choose_backup(target, backups, layout.describe_backups_root(storage.url))
+    log.info("restoring backup '%s' (%s; ended %s, LSN %s, timeline %s): %s of %d",
+             manifest.name, "--name latest" if args.name else "no --name given",
+             manifest.end_time.isoformat(), manifest.end_lsn, manifest.timeline, why,
+             len(backups))  # fmt: skip
+    return manifest.name
 
 
 def _check_before_download(
@@ -183,7 +202,6 @@ def _mapping(pairs: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"invalid --tablespace-mapping '{pair}': expected /OLD=/NEW")
         mapping[old.rstrip("/")] = new.rstrip("/")
     return mapping
-
 
 
 def target_from_args(args: RestoreSettings) -> RecoveryTarget | None:

@@ -74,7 +74,7 @@ def _units(gate: threading.Event, ran: list[str]) -> dict[str, Any]:
 
 
 def test_a_unit_unanswered_in_its_time_is_overdue(store: Storage) -> None:
-    gate, ran = threading.Event(), []
+    gate, ran = threading.Event(), list[str]()
     runner = EmbeddedRunner(store, _units(gate, ran), threads=1, overdue=overdue)
     try:
         handle = runner.start("slow", OpenArchiveRequest(key="a"), "unit a", timeout_s=0.05)
@@ -86,7 +86,7 @@ def test_a_unit_unanswered_in_its_time_is_overdue(store: Storage) -> None:
 
 
 def test_shorten_brings_the_deadline_forward_never_back(store: Storage) -> None:
-    gate, ran = threading.Event(), []
+    gate, ran = threading.Event(), list[str]()
     runner = EmbeddedRunner(store, _units(gate, ran), threads=1, overdue=overdue)
     try:
         handle = runner.start("slow", OpenArchiveRequest(key="a"), "unit a", timeout_s=0.05)
@@ -102,7 +102,7 @@ def test_shorten_brings_the_deadline_forward_never_back(store: Storage) -> None:
 def test_the_runners_deadline_bounds_every_unit(store: Storage) -> None:
     import time
 
-    gate, ran = threading.Event(), []
+    gate, ran = threading.Event(), list[str]()
     runner = EmbeddedRunner(store, _units(gate, ran), threads=1, overdue=overdue,
                             deadline=time.monotonic() + 0.05)  # fmt: skip
     try:
@@ -115,7 +115,7 @@ def test_the_runners_deadline_bounds_every_unit(store: Storage) -> None:
 
 
 def test_a_released_unit_that_waits_for_a_thread_never_runs(store: Storage) -> None:
-    gate, ran = threading.Event(), []
+    gate, ran = threading.Event(), list[str]()
     runner = EmbeddedRunner(store, _units(gate, ran), threads=1, overdue=overdue)
     first = runner.start("slow", OpenArchiveRequest(key="first"), "first")
     assert wait_until(lambda: ran == ["first"], timeout_s=10, first_s=0.01)

@@ -340,7 +340,6 @@ def select_look_ahead(
     return chosen
 
 
-
 def prune_markers(spool: Spool, wal_dir: Path) -> None:
     """Drop markers of files no longer in pg_wal: PostgreSQL will not ask for them again."""
     try:

@@ -122,3 +122,32 @@ def test_segment_header_system_identifier_matches_pg_control(pg15: PgCluster) ->
     name = pg15.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
     data = (pg15.datadir / "pg_wal" / name).read_bytes()
     assert segment_system_identifier(data, name) == pg15.system_identifier()
+
+
+# Loaded by nothing PostgreSQL's archiver needs for a file already archived: each costs the
+# call 1-10 ms, and archive_command runs once per segment.
+EXPENSIVE_MODULES = {
+    "collections", "typing", "dataclasses", "argparse", "logging", "json", "re", "pathlib",
+    "pydantic", "celery", "kombu", "redis", "boto3", "zstandard", "pyrage", "psycopg",
+}  # fmt: skip
+
+
+def test_an_already_archived_file_is_answered_without_expensive_imports(
+    wal_dir: WalDir, tmp_path: Path
+) -> None:
+    target = local_target(tmp_path / "store")
+    wal_dir.add(SEG1, make_segment(SYSID_A, 40, SEG1), ready=True)
+    first = wal_dir.push(SEG1, "--compression", "none", env=target.env)
+    assert first.returncode == 0, first.stderr
+    # PYTHONPROFILEIMPORTTIME: every module the call imports, one stderr line each.
+    again = wal_dir.push(SEG1, "--compression", "none",
+                         env={**target.env, "PYTHONPROFILEIMPORTTIME": "1"})  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in again.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "coordinator.cli.fastpath" in imported  # answered by the fast path
+    assert "coordinator.cli.main" not in imported
+    assert not imported & EXPENSIVE_MODULES, sorted(imported & EXPENSIVE_MODULES)
