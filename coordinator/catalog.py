@@ -35,12 +35,14 @@ from storage.walnames import (
     SEGMENT_SIZES,
     Segment,
     is_segment,
+    kind_of,
     parse_lsn,
     prev_segment_number,
     segment_number,
 )
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class WalRange:
@@ -166,3 +168,82 @@ def read_manifest(storage: Storage, layout: Layout, name: str) -> BackupManifest
     if manifest.name != name:
         raise IntegrityError(f"manifest '{key}' describes backup '{manifest.name}', not '{name}'")
     return manifest
+
+
+# --- the WAL archive as a whole: what verify (and later info, expire) read -----------------------
+
+
+@dataclass(frozen=True)
+class WalInventory:
+    """What one LIST of the WAL archive shows, by timeline (``segment_size``-byte segments).
+
+    ``segments``: numbers (``Segment.number``) of whole segments; ``partials``: of ``.partial``
+    files (the last, unfinished segment of a timeline that was switched away from);
+    ``histories``: timelines with a ``.history`` file.
+    """
+
+    segment_size: int
+    segments: dict[int, set[int]]
+    partials: dict[int, set[int]]
+    histories: set[int]
+
+    def name(self, timeline: int, number: int) -> str:
+        return Segment(timeline, number).name(self.segment_size)
+
+    def newest(self, timeline: int) -> int | None:
+        """The highest segment number stored on ``timeline``, whole or partial."""
+        numbers = self.segments.get(timeline, set()) | self.partials.get(timeline, set())
+        return max(numbers) if numbers else None
+
+
+def read_wal_inventory(storage: Storage, layout: Layout, segment_size: int) -> WalInventory:
+    """The WAL archive under ``layout`` by timeline (one LIST). Objects that are not WAL files
+    as wal-push stores them (``<name>[compression suffix][.age]``) are left out."""
+    root = layout.wal_root
+    segments: dict[int, set[int]] = {}
+    partials: dict[int, set[int]] = {}
+    histories: set[int] = set()
+    for info in storage.list(root):
+        name = _wal_file_name(info.key[len(root):])
+        kind = kind_of(name) if name else None
+        if name is None or kind is None:
+            continue
+        if kind == "history":
+            histories.add(int(name[:8], 16))
+            continue
+        if kind not in ("segment", "partial"):
+            continue
+        try:
+            segment = Segment.parse(name, segment_size)
+        except ConfigError:
+            continue  # not a segment name at this size: not this cluster's WAL
+        found = segments if kind == "segment" else partials
+        found.setdefault(segment.timeline, set()).add(segment.number)
+    return WalInventory(segment_size, segments, partials, histories)
+
+
+def _wal_file_name(rest: str) -> str | None:
+    """The WAL file name of a stored object's key below the WAL root, or None."""
+    for suffix in sorted(WAL_OBJECT_SUFFIXES, key=len, reverse=True):
+        if rest.endswith(suffix):
+            name = rest[: len(rest) - len(suffix)]
+            if kind_of(name) is not None:
+                return name
+    return None
+
+
+def missing_runs(present: set[int], first: int, last: int) -> list[tuple[int, int]]:
+    """The runs of numbers from ``first`` to ``last`` (inclusive) not in ``present``, as
+    ``(first missing, last missing)`` pairs, in order."""
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for number in range(first, last + 1):
+        if number in present:
+            if start is not None:
+                runs.append((start, number - 1))
+                start = None
+        elif start is None:
+            start = number
+    if start is not None:
+        runs.append((start, last))
+    return runs

@@ -70,6 +70,7 @@ class KeyedSettings(CommonSettings):
 class BackupSettings(KeyedSettings):
     name: str | None = None
     db_url: str | None = field(default=None, repr=False)
+    db_url_from_environment: bool = False
     compression: str = "zstd"
     compression_level: int | None = None
     encrypt: bool = False
@@ -107,6 +108,15 @@ class RestoreSettings(KeyedSettings):
 class ListSettings(CommonSettings):
     json: bool = False
     wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: list has no flag for it
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifySettings(CommonSettings):
+    name: str | None = None  # None: every backup
+    all: bool = False
+    json: bool = False
+    parallel: int = 4
+    wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: verify has no flag for it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,7 +178,8 @@ def open_store(args: CommonSettings) -> Storage:
 
 
 def layout_of(
-    args: BackupSettings | RestoreSettings | ListSettings | WalPushSettings | WalFetchSettings,
+    args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | WalPushSettings
+    | WalFetchSettings,
 ) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)

@@ -22,9 +22,9 @@ DAY_S = 86_400.0
 HOUR_S = 3_600.0
 ENV_PREFIX = "CLOUD_DUMP_"
 
-BACKUP, RESTORE, LIST, CHECK = "backup", "restore", "list", "check"
+BACKUP, RESTORE, LIST, CHECK, VERIFY = "backup", "restore", "list", "check", "verify"
 WAL_PUSH, WAL_FETCH, WORKER = "wal-push", "wal-fetch", "worker"
-COMMANDS = (BACKUP, RESTORE, LIST, WAL_PUSH, WAL_FETCH, CHECK)
+COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, WAL_PUSH, WAL_FETCH, CHECK)
 ALL = frozenset(COMMANDS)
 KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
@@ -42,7 +42,7 @@ FLOAT = "float"  # a number in ``limit``
 CHOICE = "choice"  # one of ``choices``
 SWITCH = "switch"  # a flag without a value; its variable is true/false
 BOOL = "bool"  # --flag / --no-flag; its variable is true/false; None: not given
-LIST = "list"  # a repeatable flag; its variable is comma-separated
+REPEATED = "repeated"  # a repeatable flag; its variable is comma-separated
 CONST = "const"  # a flag that stores ``const`` into another option's ``dest``
 
 # --help groups.
@@ -187,9 +187,9 @@ OPTIONS: tuple[Option, ...] = (
            "encrypt with age; implied by a key or passphrase", kind=SWITCH, default=False,
            group=ENCRYPTION),
     Option("--recipient-key", "CLOUD_DUMP_RECIPIENT_KEY", {BACKUP, WAL_PUSH},
-           "age public key file", kind=LIST, metavar="FILE", group=ENCRYPTION),
+           "age public key file", kind=REPEATED, metavar="FILE", group=ENCRYPTION),
     Option("--identity-key", "CLOUD_DUMP_IDENTITY_KEY", {RESTORE, WAL_FETCH},
-           "age identity (private key) file", kind=LIST, metavar="FILE",
+           "age identity (private key) file", kind=REPEATED, metavar="FILE",
            group=ENCRYPTION),
     Option("--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE", KEYED,
            "read the passphrase from the first line of FILE", metavar="FILE", group=ENCRYPTION),
@@ -220,14 +220,14 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", limit=_seconds()),
     Option("--progress", None, {BACKUP}, "live progress line on a terminal (default on)",
            kind=BOOL, default=True),
-    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST},
-           "WAL archive prefix in the flat layout, for the WAL a backup or list names "
+    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY},
+           "WAL archive prefix in the flat layout, for the WAL a backup, list or verify names "
            "(default wal_archive)"),
     # --- restore ---------------------------------------------------------------------------
     Option("--pgdata", "PGDATA", {RESTORE}, "target directory (absent or empty)",
            metavar="DIR"),
     Option("--tablespace-mapping", None, {RESTORE},
-           "restore the tablespace recorded at OLD into NEW", kind=LIST,
+           "restore the tablespace recorded at OLD into NEW", kind=REPEATED,
            metavar="OLD=NEW"),
     Option("--owner", None, {RESTORE},
            "when run as root, give everything restored to USER (default: the owner of PGDATA "
@@ -267,7 +267,16 @@ OPTIONS: tuple[Option, ...] = (
     Option(None, "CLOUD_DUMP_EXECUTABLE", {RESTORE},
            "the cloud-dump restore_command runs (default: the one that restores)"),
     # --- list ------------------------------------------------------------------------------
-    Option("--json", None, {LIST}, "machine-readable output", kind=SWITCH, default=False),
+    Option("--json", None, {LIST, VERIFY}, "machine-readable output", kind=SWITCH,
+           default=False),
+    # --- verify ----------------------------------------------------------------------------
+    # Flag only: a CLOUD_DUMP_BACKUP_NAME set for backups must not narrow what verify checks.
+    Option("--name", None, {VERIFY}, "verify this backup only (default: every backup)",
+           metavar="NAME", exclusive="which"),
+    Option("--all", None, {VERIFY}, "verify every backup (the default)", kind=SWITCH,
+           default=False, exclusive="which"),
+    Option("--parallel", "CLOUD_DUMP_PARALLEL", {VERIFY}, "ranged reads in flight", kind=INT,
+           default=4, metavar="N", limit=Limit(int, 1, 64)),
     # --- WAL -------------------------------------------------------------------------------
     Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE,
            "WAL archive prefix in the flat layout (default wal_archive; refused with --cluster)",

@@ -48,7 +48,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -152,9 +152,7 @@ class LocalStorage:
 
         with self._translated("write", path):
             self._require_root()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # mode None: the umask operators set for a shared store decides, as for any file.
-            if not write_atomically(path, write, mode=None, exclusive=if_absent):
+            if not _write(path, write, exclusive=if_absent):
                 raise ObjectExists(key)
             return _object_info(key, path, sha256_hex(data), meta)
 
@@ -205,6 +203,19 @@ class LocalStorage:
                 self._require_root()
                 return
             fsync_dir(path.parent)
+            self._prune_empty(path.parent)
+
+    def _prune_empty(self, directory: Path) -> None:
+        """Remove ``directory`` and its parents below the root while they are empty: a store has
+        no directories of its own (S3 has none), so a prefix whose last object is deleted leaves
+        nothing behind. A writer that made one of them meanwhile finds it gone when it creates
+        its temporary file and makes it again (``_write``)."""
+        while directory != self._root and self._root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty, or already gone
+                return
+            directory = directory.parent
 
     # -- protocol: multipart --------------------------------------------------------------------
 
@@ -256,8 +267,7 @@ class LocalStorage:
                 _copy_part(path, out, digest, part, upload_id)
 
         with self._translated("write", target):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(target, assemble, mode=None)
+            _write(target, assemble)
             self._discard_upload_dir(upload_dir)
             return _object_info(key, target, digest.hexdigest())
 
@@ -389,6 +399,20 @@ class LocalStorage:
         doomed = upload_dir.with_name(f"{TMP_PREFIX}{upload_dir.name}")
         upload_dir.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write(path: Path, data: Callable[[IO[bytes]], object], *, exclusive: bool = False) -> bool:
+    """``write_atomically`` into ``path``'s directory, made first; made again once if a delete
+    pruned it in between (``_prune_empty``). mode None: the umask operators set for a shared
+    store decides, as for any file."""
+    for attempt in (1, 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return write_atomically(path, data, mode=None, exclusive=exclusive)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _copy_part(

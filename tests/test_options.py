@@ -87,7 +87,7 @@ def test_each_commands_typed_settings_are_its_declared_options() -> None:
 
     from coordinator.cli.settings import SETTINGS
 
-    extra = {"command", "passphrase_from_flag", "path", "file_name"}
+    extra = {"command", "passphrase_from_flag", "db_url_from_environment", "path", "file_name"}
     for command, cls in SETTINGS.items():
         declared = {o.dest for o in options_of(command) if o.dest}
         env_only = {o.env.removeprefix("CLOUD_DUMP_").lower() for o in options_of(command)

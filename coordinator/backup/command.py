@@ -4,7 +4,6 @@ runner (embedded or Celery workers) chosen and checked before anything is claime
 from __future__ import annotations
 
 import logging
-import os
 from urllib.parse import urlsplit
 
 from coordinator.settings import BackupSettings, Report, encryption_of, layout_of
@@ -20,13 +19,13 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     if not args.name:
         raise ConfigError("no backup name given: use --name or CLOUD_DUMP_BACKUP_NAME")
     name = validate_name("backup", args.name)
-    if name == LATEST_NAME:
+    if name.lower() == LATEST_NAME:  # any case: LATEST next to latest invites a mix-up
         raise ConfigError(f"backup name '{name}' is reserved: 'restore --name {name}' means the "
                           "newest backup")
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
     if not args.db_url:
         raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")
-    if args.db_url != os.environ.get("CLOUD_DUMP_DB_URL") and _has_password(args.db_url):
+    if not args.db_url_from_environment and _has_password(args.db_url):
         log.warning("the password in --db-url is visible to every user in 'ps': prefer "
                     "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
     chosen = encryption_of(args)  # may read a passphrase file: a ConfigError before any work
@@ -37,8 +36,8 @@ def run_backup(args: BackupSettings, report: Report) -> None:
         compression=args.compression,
         compression_level=args.compression_level,
         encryption=None if chosen is None else BackupKeys.of(chosen),
-        # `backup` has no --wal-prefix flag: the environment sets it for the flat layout.
-        wal_prefix=getattr(args, "wal_prefix", None) or os.environ.get("CLOUD_DUMP_WAL_PREFIX"),
+        # `backup` has no --wal-prefix flag: CLOUD_DUMP_WAL_PREFIX sets it (cli.settings).
+        wal_prefix=args.wal_prefix,
         max_in_flight=max(2, args.parallel * 2),
         part_timeout_s=args.part_timeout,
         target_part_bytes=args.part_size_mib * 1024 * 1024,

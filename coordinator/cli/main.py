@@ -30,8 +30,10 @@ from options.declared import (
     FLOAT,
     INT,
     LIST,
+    REPEATED,
     RESTORE,
     SWITCH,
+    VERIFY,
     WAL_FETCH,
     WAL_PUSH,
     Option,
@@ -139,6 +141,11 @@ _COMMANDS: dict[str, dict[str, str]] = {
     LIST: {"help": "list the backups in storage",
            "description": "The complete backups in a store, newest first, with the WAL "
                           "archived after each."},
+    VERIFY: {"help": "check that stored backups and their WAL are whole",
+             "description": "Read every object of each backup back from storage and check its "
+                            "size and SHA-256, and check that the WAL each backup needs, and "
+                            "the WAL after it, is archived without a gap. Exit 0 only when "
+                            "everything checks out."},
     WAL_PUSH: {"help": "archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
                "description": "Archive one WAL file; exit 0 only once it is stored. Settings "
                               "come from the environment or --config, never inline secrets."},
@@ -199,7 +206,7 @@ def _add_option(command: str, target: _Group, option: Option) -> None:
         from_env_bool = _env_bool_for(command, option)
         kw = {"action": argparse.BooleanOptionalAction,
               "default": option.default if from_env_bool is None else from_env_bool}
-    elif option.kind == LIST:
+    elif option.kind == REPEATED:
         kw = {"action": "append", "metavar": option.metavar,
               "default": _env_list(env) if env else None}
         notes.append("repeatable" + (f"; env {env}, comma-separated" if env else ""))
@@ -279,6 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         CheckSettings,
         ListSettings,
         RestoreSettings,
+        VerifySettings,
         WalFetchSettings,
         WalPushSettings,
     )
@@ -306,6 +314,10 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.ops.list import run_list
 
         run_list(settings, print)
+    elif isinstance(settings, VerifySettings):
+        from coordinator.ops.verify import run_verify
+
+        run_verify(settings, print)
     else:
         from coordinator.ops.check import run_check
 

@@ -15,6 +15,7 @@ from coordinator.settings import (
     CommonSettings,
     ListSettings,
     RestoreSettings,
+    VerifySettings,
     WalFetchSettings,
     WalPushSettings,
 )
@@ -23,6 +24,7 @@ SETTINGS: dict[str, type[CommonSettings]] = {
     "backup": BackupSettings,
     "restore": RestoreSettings,
     "list": ListSettings,
+    "verify": VerifySettings,
     "check": CheckSettings,
     "wal-push": WalPushSettings,
     "wal-fetch": WalFetchSettings,
@@ -45,6 +47,11 @@ def settings_of(args: argparse.Namespace) -> CommonSettings:
         # command line (visible in ps) gets the warning.
         values["passphrase_from_flag"] = args.passphrase is not None
         values["passphrase"] = args.passphrase or os.environ.get("CLOUD_DUMP_PASSPHRASE") or None
+    if "db_url_from_environment" in names:
+        # Whether the database URL is CLOUD_DUMP_DB_URL's (or the config file's, which sets
+        # it): only one typed on the command line shows in ps, and gets the warning.
+        values["db_url_from_environment"] = (
+            args.db_url is not None and args.db_url == os.environ.get("CLOUD_DUMP_DB_URL"))
     if "wal_prefix" in names and "wal_prefix" not in values:
         values["wal_prefix"] = os.environ.get("CLOUD_DUMP_WAL_PREFIX") or None
     for key in ("recipient_key", "identity_key", "tablespace_mapping"):

@@ -38,7 +38,7 @@ def choose_backup(
     target: RecoveryTarget | None, backups: Sequence[BackupManifest], where: str
 ) -> tuple[BackupManifest, str]:
     """The backup to restore for ``target`` among ``backups`` (any order), and why, as a
-    phrase for the log ("the newest backup that ends before ..."). ``where``: the backups root
+    phrase for the log ("the newest backup that ends at or before ..."). ``where``: the backups root
     as messages name it.
 
     Raises ``BackupNotFound`` (exit 11) when there is no backup at all, ``ConfigError`` (exit 3)
@@ -75,7 +75,7 @@ def choose_backup(
         return ordered[0], "the newest backup"
     reaching = [m for m in ordered if _reaches(m, target)]
     if reaching:
-        return reaching[0], f"the newest backup that ends before {_target_text(target)}"
+        return reaching[0], f"the newest backup that ends at or before {_target_text(target)}"
     raise ConfigError(
         f"no backup can reach {_target_text(target)}: PostgreSQL cannot stop before a backup is "
         f"consistent, and the oldest backup in {where} ends later "

@@ -51,6 +51,7 @@ from typing import BinaryIO, cast
 from coordinator.catalog import read_manifest
 from coordinator.codecs import open_plaintext
 from coordinator.crypto import decrypt_bytes, passphrase_identity, read_identities
+from coordinator.rangedread import RangedReader, range_size_for
 from coordinator.restore.extract import (
     ExtractResult,
     FileFacts,
@@ -72,7 +73,6 @@ from coordinator.restore.pgdata import (
     write_file,
 )
 from coordinator.restore.pgmanifest import replace_entries
-from coordinator.restore.reader import RangedReader, range_size_for
 from coordinator.restore.targetdirs import DIR_MODE, CreatedPaths
 from coordinator.restore.targetdirs import TargetPlan as TargetPlan
 from coordinator.restore.targetdirs import plan_targets as plan_targets

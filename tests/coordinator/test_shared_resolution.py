@@ -12,7 +12,7 @@ import pytest
 from coordinator.backup.run import BackupKeys
 from coordinator.broker.flights import CeleryRunner
 from coordinator.crypto import generate_identity, passphrase_identity, wrap_identity
-from coordinator.restore.reader import RangedReader
+from coordinator.rangedread import RangedReader
 from coordinator.settings import (
     BackupSettings,
     CommonSettings,

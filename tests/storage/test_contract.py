@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from storage.errors import (
 )
 from storage.factory import open_storage
 from storage.options import StorageOptions
+from storage.urls import local_url
 
 PART_BYTES = 5 * MiB  # the smallest part both backends accept (S3's minimum)
 
@@ -418,3 +420,47 @@ def test_refused_conditional_create_keeps_the_first_metadata(storage: Storage) -
     info = storage.head("meta/a")
     assert info.metadata == {"raw-sha256": "1" * 64}
     assert storage.get("meta/a") == b"first"
+
+
+def test_local_delete_leaves_no_empty_directory_behind(tmp_path: Path) -> None:
+    """A store has no directories of its own: a failed backup's deleted claim, or check's ping
+    object, must not leave '<name>/' in the store."""
+    root = tmp_path / "store"
+    root.mkdir()
+    storage = open_storage(local_url(str(root)))
+    storage.put("b9/backup.claim", b"x")
+    storage.put("keep/a/one", b"1")
+    storage.put("keep/a/two", b"2")
+    storage.delete("b9/backup.claim")
+    storage.delete("keep/a/one")
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "keep", "keep/a", "keep/a/two",
+    ]  # fmt: skip
+    storage.delete("keep/a/two")
+    assert root.is_dir() and not any(root.iterdir())  # the root itself stays
+    storage.put("b9/backup.claim", b"y")  # and the prefix can be written again
+    assert storage.get("b9/backup.claim") == b"y"
+
+
+def test_a_local_write_survives_its_directory_being_pruned_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stands in for a delete of the prefix's last other object between the writer's mkdir and
+    its temporary file (a race no real server can be made to lose on demand)."""
+    from storage import fsutil
+
+    root = tmp_path / "store"
+    root.mkdir()
+    storage = open_storage(local_url(str(root)))
+    real = fsutil.write_atomically
+    pruned: list[Path] = []
+
+    def pruned_first(path: Path, *args: Any, **kwargs: Any) -> bool:
+        if not pruned:
+            pruned.append(path.parent)
+            path.parent.rmdir()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("storage.local.write_atomically", pruned_first)
+    storage.put("b1/manifest.json", b"{}")
+    assert pruned == [root / "b1"] and storage.get("b1/manifest.json") == b"{}"

@@ -177,9 +177,10 @@ def test_restore_without_a_name_takes_the_backup_that_reaches_the_target(
     assert not pgdata.exists() or not any(pgdata.iterdir())
 
 
-def test_backup_refuses_the_reserved_name_latest(pg_factory: PgFactory) -> None:
+@pytest.mark.parametrize("name", ["latest", "LATEST"])
+def test_backup_refuses_the_reserved_name_latest(pg_factory: PgFactory, name: str) -> None:
     target = archive_store()
     cluster = pg_factory(15)
-    done = run_cli("backup", "--name", "latest", "--db-url", cluster.replication_url(),
+    done = run_cli("backup", "--name", name, "--db-url", cluster.replication_url(),
                    "--no-progress", env=target.env)  # fmt: skip
     assert done.returncode == 3 and "reserved" in done.stderr, done.stderr

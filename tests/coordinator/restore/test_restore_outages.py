@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.exitcodes import ExitCode
-from coordinator.restore.reader import RangedReader
+from coordinator.rangedread import RangedReader
 from devrig import sample
 from devrig.moto import MotoServer, s3_target
 from devrig.postgres import PgFactory, make_postgres_dir

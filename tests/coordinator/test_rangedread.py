@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from coordinator.restore.reader import RangedReader
+from coordinator.rangedread import RangedReader
 from storage.base import Storage, sha256_hex
 from storage.errors import IntegrityError
 
