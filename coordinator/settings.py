@@ -120,6 +120,13 @@ class VerifySettings(CommonSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CleanupSettings(CommonSettings):
+    older_than: str = "24h"
+    dry_run: bool = False
+    wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: skipped in the flat layout
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckSettings(CommonSettings):
     timeout: float = 30.0
 
@@ -178,8 +185,8 @@ def open_store(args: CommonSettings) -> Storage:
 
 
 def layout_of(
-    args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | WalPushSettings
-    | WalFetchSettings,
+    args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | CleanupSettings
+    | WalPushSettings | WalFetchSettings,
 ) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)

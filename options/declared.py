@@ -22,9 +22,10 @@ DAY_S = 86_400.0
 HOUR_S = 3_600.0
 ENV_PREFIX = "CLOUD_DUMP_"
 
-BACKUP, RESTORE, LIST, CHECK, VERIFY = "backup", "restore", "list", "check", "verify"
+BACKUP, RESTORE, LIST, CHECK = "backup", "restore", "list", "check"
+VERIFY, CLEANUP = "verify", "cleanup"
 WAL_PUSH, WAL_FETCH, WORKER = "wal-push", "wal-fetch", "worker"
-COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, WAL_PUSH, WAL_FETCH, CHECK)
+COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK)
 ALL = frozenset(COMMANDS)
 KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
@@ -220,7 +221,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", limit=_seconds()),
     Option("--progress", None, {BACKUP}, "live progress line on a terminal (default on)",
            kind=BOOL, default=True),
-    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY},
+    Option(None, "CLOUD_DUMP_HEARTBEAT_S", {BACKUP},
+           "seconds between a running backup's heartbeats in its claim (cleanup leaves a "
+           "backup alone until three are missed)", kind=FLOAT, default=60.0,
+           limit=Limit(float, 0.1, HOUR_S)),
+    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY, CLEANUP},
            "WAL archive prefix in the flat layout, for the WAL a backup, list or verify names "
            "(default wal_archive)"),
     # --- restore ---------------------------------------------------------------------------
@@ -277,6 +282,12 @@ OPTIONS: tuple[Option, ...] = (
            default=False, exclusive="which"),
     Option("--parallel", "CLOUD_DUMP_PARALLEL", {VERIFY}, "ranged reads in flight", kind=INT,
            default=4, metavar="N", limit=Limit(int, 1, 64)),
+    # --- cleanup ---------------------------------------------------------------------------
+    Option("--older-than", None, {CLEANUP},
+           "leave alone what showed a sign of life more recently (30m, 24h, 7d; default 24h)",
+           metavar="AGE", default="24h"),
+    Option("--dry-run", None, {CLEANUP}, "print what would be removed, remove nothing",
+           kind=SWITCH, default=False),
     # --- WAL -------------------------------------------------------------------------------
     Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE,
            "WAL archive prefix in the flat layout (default wal_archive; refused with --cluster)",

@@ -55,3 +55,9 @@ def finalize_backup_task(request: dict[str, Any]) -> None:
 def abort_backup_task(request: dict[str, Any]) -> None:
     parsed = backup.AbortRequest.model_validate(request)
     backup.abort_backup(worker_storage.get(parsed.storage_url), parsed)
+
+
+@app.task(name="cloud_dump.heartbeat_backup", **_RETRY)  # type: ignore[untyped-decorator]
+def heartbeat_backup_task(request: dict[str, Any]) -> bool:
+    parsed = backup.HeartbeatRequest.model_validate(request)
+    return backup.heartbeat_backup(worker_storage.get(parsed.storage_url), parsed)

@@ -60,6 +60,16 @@ class ClaimRequest(StorageBound):
     run_id: str
     host: str
     started_at: str
+    # The run rewrites ``heartbeat_at`` every ``heartbeat_every_s`` while it is alive, so that
+    # ``cloud-dump cleanup`` tells a running backup from a dead one however long it runs.
+    heartbeat_every_s: float | None = None
+    heartbeat_at: str | None = None
+
+
+class HeartbeatRequest(StorageBound):
+    backup: BackupRef
+    run_id: str
+    at: str  # the coordinator's clock, ISO 8601
 
 
 class OpenArchiveRequest(StorageBound):
@@ -126,11 +136,30 @@ def claim_backup(storage: Storage, request: ClaimRequest) -> str:
             raise BackupExists(
                 f"backup '{backup.name}' is claimed by run {holder.get('run_id', '?')} started "
                 f"{holder.get('started_at', '?')} on {holder.get('host', '?')}: it is running, "
-                f"or it was killed (then delete '{location_of(storage, claim_key)}' or use "
-                "another name)"
+                f"or it was killed (then 'cloud-dump cleanup' frees the name once its heartbeats "
+                f"have stopped, or delete '{location_of(storage, claim_key)}'; or use another "
+                "name)"
             ) from None
         # else: our own claim, written by an earlier attempt of this very task
     return location_of(storage, claim_key)
+
+
+def heartbeat_backup(storage: Storage, request: HeartbeatRequest) -> bool:
+    """Record in the run's claim that it is alive (``heartbeat_at``). False, writing nothing,
+    when the claim is gone or another run's, or the backup is complete: a late heartbeat must
+    not bring back a claim that finalize or cleanup removed (the window between reading and
+    rewriting it is closed by the coordinator, which stops its heartbeats before finalize or
+    abort)."""
+    backup = request.backup
+    claim_key = backup.key(CLAIM_NAME)
+    claim = _read_claim(storage, claim_key)
+    if claim.get("run_id") != request.run_id:
+        return False
+    if _exists(storage, backup.layout.manifest_key(backup.name)):
+        return False
+    claim["heartbeat_at"] = request.at
+    storage.put(claim_key, json.dumps(claim).encode())
+    return True
 
 
 def location_of(storage: Storage, key: str) -> str:
@@ -259,4 +288,7 @@ UNITS: dict[str, Callable[[Storage, Stage, Any], Any]] = {
     "cloud_dump.upload_part": upload_part,
     "cloud_dump.finalize_backup": finalize_backup,
     "cloud_dump.abort_backup": lambda storage, _stage, request: abort_backup(storage, request),
+    "cloud_dump.heartbeat_backup": lambda storage, _stage, request: heartbeat_backup(
+        storage, request
+    ),
 }

@@ -7,6 +7,7 @@ import logging
 from urllib.parse import urlsplit
 
 from coordinator.settings import BackupSettings, Report, encryption_of, layout_of
+from options.declared import number_from_env
 from storage.errors import ConfigError
 from storage.layout import LATEST_NAME, validate_name
 
@@ -42,6 +43,7 @@ def run_backup(args: BackupSettings, report: Report) -> None:
         part_timeout_s=args.part_timeout,
         target_part_bytes=args.part_size_mib * 1024 * 1024,
         show_progress=args.progress,
+        heartbeat_every_s=float(number_from_env("CLOUD_DUMP_HEARTBEAT_S")),
     )
     from coordinator.backup.work import open_work
 

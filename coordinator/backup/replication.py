@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -345,7 +346,7 @@ class ReplicationConnection:
         pgconn.send_query(command)
         failure: psycopg.Error | None = None
         try:
-            while (result := pgconn.get_result()) is not None:
+            while (result := next_result(pgconn)) is not None:
                 if result.status == pq.ExecStatus.TUPLES_OK:
                     stream.add_result_set(result)
                 elif result.status == pq.ExecStatus.COPY_OUT:
@@ -455,6 +456,9 @@ class BackupStream:
             lsn, timeline = rows[0][0], rows[0][1]
             self.lsns.append((lsn or "", int(timeline or 0)))
 
+    def wait_for_input(self) -> None:
+        wait_for_input(self.pgconn)
+
     def read_copy(self, legacy: bool) -> None:
         self.started = True
         if legacy:
@@ -465,12 +469,16 @@ class BackupStream:
 
     def _read_typed_copy(self) -> None:
         """The PG 15+ CopyOut. The hot loop: one get_copy_data and one call per message."""
-        get_copy_data = self.pgconn.get_copy_data
+        pgconn = self.pgconn
+        get_copy_data = pgconn.get_copy_data
         write: Callable[[memoryview], object] = self.sink.write
         manifest: bytearray | None = None
         while True:
-            nbytes, data = get_copy_data(0)  # blocking; -1 at the end, -2 raises
-            if nbytes < 0:
+            nbytes, data = get_copy_data(1)  # 0: nothing buffered; -1 at the end; -2 raises
+            if nbytes <= 0:
+                if nbytes == 0:
+                    wait_for_input(pgconn)
+                    continue
                 break
             kind = data[0]
             if kind == 0x64:  # 'd'
@@ -588,3 +596,23 @@ def _text(value: bytes | None) -> str:
 
 def _optional_text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
+
+
+def wait_for_input(pgconn: pq.abc.PGconn) -> None:
+    """Wait until the server sends more, then take it in: without holding the GIL.
+
+    psycopg's C implementation calls PQgetResult and PQgetCopyData holding the GIL, so a
+    blocking call would stop every other thread of the coordinator (part uploads, heartbeats,
+    following tasks on the broker) for as long as the server is silent: its start-of-backup
+    checkpoint, or the wait for the last WAL segment to be archived. ``select`` releases it.
+    Raises ``psycopg.OperationalError`` when the connection broke.
+    """
+    select.select([pgconn.socket], [], [])
+    pgconn.consume_input()
+
+
+def next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """``pgconn.get_result()``, waited for without holding the GIL (``wait_for_input``)."""
+    while pgconn.is_busy():
+        wait_for_input(pgconn)
+    return pgconn.get_result()

@@ -54,6 +54,9 @@ class BackupStream(Protocol):
     def begin_archive(self, server_name: str, location: str | None) -> None: ...
     def end_archive(self) -> None: ...
     def report_progress(self, done_bytes: int) -> None: ...
+    def wait_for_input(self) -> None:
+        """Wait for the server without holding the GIL (``replication.wait_for_input``)."""
+        ...
 
 # pg_basebackup appends the same: without it `tar` warns and a concatenation would misread.
 TAR_END_OF_ARCHIVE = memoryview(bytes(1024))
@@ -95,8 +98,11 @@ def _read_archive(stream: BackupStream) -> None:
     done = stream.done_bytes
     next_report = done + PROGRESS_STEP_BYTES
     while True:
-        nbytes, data = get_copy_data(0)  # blocking; -1 at the end, -2 raises
-        if nbytes < 0:
+        nbytes, data = get_copy_data(1)  # 0: nothing buffered; -1 at the end; -2 raises
+        if nbytes <= 0:
+            if nbytes == 0:
+                stream.wait_for_input()
+                continue
             break
         write(data)
         done += nbytes
@@ -110,7 +116,10 @@ def _read_archive(stream: BackupStream) -> None:
 def _read_all(stream: BackupStream) -> bytes:
     manifest = bytearray()
     while True:
-        nbytes, data = stream.pgconn.get_copy_data(0)
+        nbytes, data = stream.pgconn.get_copy_data(1)
+        if nbytes == 0:
+            stream.wait_for_input()
+            continue
         if nbytes < 0:
             return bytes(manifest)
         manifest += data

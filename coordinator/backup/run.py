@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from coordinator.backup.heartbeat import Heartbeat
 from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter, PartSizer
 from coordinator.backup.progress import Progress
 from coordinator.backup.replication import (
@@ -94,6 +95,7 @@ class BackupPlan:
     part_timeout_s: float = 300.0
     target_part_bytes: int = 16 * 1024 * 1024
     show_progress: bool = False
+    heartbeat_every_s: float = 60.0  # CLOUD_DUMP_HEARTBEAT_S
 
 
 @dataclass
@@ -115,6 +117,7 @@ class _Run:
     window: PartWindow
     progress: Progress
     claim: str  # where the claim is stored, storage URL included
+    stop_heartbeat: Callable[[], None] = lambda: None
     archives: list[_Archive] = field(default_factory=list)
     uploads: list[ArchiveUpload] = field(default_factory=list)
     backup_manifest: bytes | None = None
@@ -190,20 +193,28 @@ def run_backup(plan: BackupPlan, work: BackupWork, capabilities: Capabilities) -
     check_wal_archive_passphrase(plan, work)
     backup = BackupRef(name=plan.name, cluster=plan.cluster)
     run_id = uuid.uuid4().hex
+    started = _now().isoformat()
     claim = work.claim(
         ClaimRequest(
-            backup=backup, run_id=run_id, host=socket.gethostname(), started_at=_now().isoformat()
+            backup=backup, run_id=run_id, host=socket.gethostname(), started_at=started,
+            heartbeat_every_s=plan.heartbeat_every_s, heartbeat_at=started,
         )
-    )
+    )  # fmt: skip
+    heartbeat = Heartbeat(work, backup, run_id, plan.heartbeat_every_s)
+    heartbeat.start()
     window = PartWindow(work, plan.max_in_flight, run_id=run_id)
-    run = _Run(plan, work, capabilities, window, Progress(plan.show_progress), claim)
+    run = _Run(plan, work, capabilities, window, Progress(plan.show_progress), claim,
+               heartbeat.stop)  # fmt: skip
     try:
         return _stream_and_finalize(run, backup, run_id)
     except BaseException as exc:
         # Includes KeyboardInterrupt and the SIGTERM the CLI turns into one.
         log.debug("backup failed, aborting: %r", exc)
+        heartbeat.stop()
         _abort(run, backup, run_id)
         raise
+    finally:
+        heartbeat.stop()
 
 
 def check_wal_archive_passphrase(plan: BackupPlan, work: BackupWork) -> None:
@@ -258,6 +269,7 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
     if run.backup_manifest is None:
         raise CloudDumpError("the server sent no backup_manifest")
     manifest = _build_manifest(run, system, result, (started, ended), uploads)
+    run.stop_heartbeat()  # none may land after finalize removed the claim
     _finalize(run, backup, run_id, manifest, uploads)
     run.progress.finish(manifest.stored_size, run.work.resent)
     return manifest

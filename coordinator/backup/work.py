@@ -16,6 +16,7 @@ from workers.backup import (
     AbortRequest,
     ClaimRequest,
     FinalizeRequest,
+    HeartbeatRequest,
     OpenArchiveRequest,
     UploadPartRequest,
     UploadPartResult,
@@ -48,6 +49,11 @@ class BackupWork:
     def claim(self, request: ClaimRequest) -> str:
         """Take the name; return where the claim is stored (for messages)."""
         return str(self._run("cloud_dump.claim_backup", request))
+
+    def heartbeat(self, request: HeartbeatRequest, *, timeout_s: float) -> bool:
+        """Record that the run is alive in its claim; False once the claim is not its own."""
+        return bool(run(self.runner, "cloud_dump.heartbeat_backup", request, "a heartbeat",
+                        timeout_s=timeout_s))  # fmt: skip
 
     def open_wal_archive(self, request: OpenWalArchiveRequest) -> OpenWalArchiveResult:
         # On the parts queue: the backup's workers may not consume the wal queue.

@@ -25,6 +25,7 @@ from options.declared import (
     BOOL,
     CHECK,
     CHOICE,
+    CLEANUP,
     COMMANDS,
     CONST,
     FLOAT,
@@ -141,6 +142,11 @@ _COMMANDS: dict[str, dict[str, str]] = {
     LIST: {"help": "list the backups in storage",
            "description": "The complete backups in a store, newest first, with the WAL "
                           "archived after each."},
+    CLEANUP: {"help": "remove what killed backups left: claims, uploads, partial objects",
+              "description": "Abort the multipart uploads and remove the claims and objects of "
+                             "backups whose coordinator is gone (no heartbeat in their claim "
+                             "for --older-than), and stray uploads and claims beside complete "
+                             "backups. A running backup is never touched."},
     VERIFY: {"help": "check that stored backups and their WAL are whole",
              "description": "Read every object of each backup back from storage and check its "
                             "size and SHA-256, and check that the WAL each backup needs, and "
@@ -284,6 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     from coordinator.settings import (
         BackupSettings,
         CheckSettings,
+        CleanupSettings,
         ListSettings,
         RestoreSettings,
         VerifySettings,
@@ -314,6 +321,10 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.ops.list import run_list
 
         run_list(settings, print)
+    elif isinstance(settings, CleanupSettings):
+        from coordinator.ops.cleanup import run_cleanup
+
+        run_cleanup(settings, print)
     elif isinstance(settings, VerifySettings):
         from coordinator.ops.verify import run_verify
 

@@ -12,6 +12,7 @@ from dataclasses import MISSING, fields
 from coordinator.settings import (
     BackupSettings,
     CheckSettings,
+    CleanupSettings,
     CommonSettings,
     ListSettings,
     RestoreSettings,
@@ -25,6 +26,7 @@ SETTINGS: dict[str, type[CommonSettings]] = {
     "restore": RestoreSettings,
     "list": ListSettings,
     "verify": VerifySettings,
+    "cleanup": CleanupSettings,
     "check": CheckSettings,
     "wal-push": WalPushSettings,
     "wal-fetch": WalFetchSettings,

@@ -32,11 +32,13 @@ from workers.backup import (
     BackupRef,
     ClaimRequest,
     FinalizeRequest,
+    HeartbeatRequest,
     UploadPartRequest,
     UploadPartResult,
     abort_backup,
     claim_backup,
     finalize_backup,
+    heartbeat_backup,
     location_of,
     open_archive,
     upload_part,
@@ -152,6 +154,8 @@ def test_claim_takes_a_free_name_and_a_rerun_of_the_same_run_keeps_it(storage: S
         "run_id": "run-a",
         "host": "host-run-a",
         "started_at": "start-run-a",
+        "heartbeat_every_s": None,  # a run that beats sets both (coordinator.backup.heartbeat)
+        "heartbeat_at": None,
     }
     # acks_late: the same task may run again; it finds its own claim and carries on.
     assert run.claim() == where
@@ -382,3 +386,30 @@ def test_abort_never_touches_a_complete_backup(storage: Storage) -> None:
 
     assert {key: storage.get(key) for key in keys(storage)} == before
     assert MANIFEST_KEY in before
+
+
+# --- heartbeat -------------------------------------------------------------------------------
+
+
+def beat(storage: Storage, run_id: str, at: str) -> bool:
+    return heartbeat_backup(storage, HeartbeatRequest(backup=BACKUP, run_id=run_id, at=at))
+
+
+def test_a_heartbeat_rewrites_its_own_claim_only(storage: Storage) -> None:
+    claim_backup(storage, claim_request("run-a"))
+    assert beat(storage, "run-a", "t1") is True
+    assert json.loads(storage.get(CLAIM_KEY))["heartbeat_at"] == "t1"
+    before = storage.get(CLAIM_KEY)
+    assert beat(storage, "run-b", "t2") is False  # another run's claim: untouched
+    assert storage.get(CLAIM_KEY) == before
+
+
+def test_a_late_heartbeat_never_brings_a_claim_back(storage: Storage) -> None:
+    assert beat(storage, "run-a", "t1") is False  # no claim (removed by finalize or cleanup)
+    with pytest.raises(ObjectNotFound):
+        storage.get(CLAIM_KEY)
+    claim_backup(storage, claim_request("run-a"))
+    storage.put(BACKUP.layout.manifest_key(BACKUP.name), b"{}")
+    before = storage.get(CLAIM_KEY)
+    assert beat(storage, "run-a", "t2") is False  # complete: the claim is not refreshed
+    assert storage.get(CLAIM_KEY) == before
