@@ -204,7 +204,7 @@ def read_wal_inventory(storage: Storage, layout: Layout, segment_size: int) -> W
     partials: dict[int, set[int]] = {}
     histories: set[int] = set()
     for info in storage.list(root):
-        name = _wal_file_name(info.key[len(root):])
+        name = wal_file_name(info.key[len(root):])
         kind = kind_of(name) if name else None
         if name is None or kind is None:
             continue
@@ -222,7 +222,7 @@ def read_wal_inventory(storage: Storage, layout: Layout, segment_size: int) -> W
     return WalInventory(segment_size, segments, partials, histories)
 
 
-def _wal_file_name(rest: str) -> str | None:
+def wal_file_name(rest: str) -> str | None:
     """The WAL file name of a stored object's key below the WAL root, or None."""
     for suffix in sorted(WAL_OBJECT_SUFFIXES, key=len, reverse=True):
         if rest.endswith(suffix):

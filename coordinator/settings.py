@@ -127,6 +127,21 @@ class CleanupSettings(CommonSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExpireSettings(CommonSettings):
+    retain: int | None = None
+    recovery_window: str | None = None
+    dry_run: bool = False
+    wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: expire has no flag for it
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteSettings(CommonSettings):
+    name: str | None = None
+    dry_run: bool = False
+    wal_prefix: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckSettings(CommonSettings):
     timeout: float = 30.0
 
@@ -186,7 +201,7 @@ def open_store(args: CommonSettings) -> Storage:
 
 def layout_of(
     args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | CleanupSettings
-    | WalPushSettings | WalFetchSettings,
+    | ExpireSettings | DeleteSettings | WalPushSettings | WalFetchSettings,
 ) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)

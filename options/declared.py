@@ -23,9 +23,9 @@ HOUR_S = 3_600.0
 ENV_PREFIX = "CLOUD_DUMP_"
 
 BACKUP, RESTORE, LIST, CHECK = "backup", "restore", "list", "check"
-VERIFY, CLEANUP = "verify", "cleanup"
+VERIFY, CLEANUP, EXPIRE, DELETE = "verify", "cleanup", "expire", "delete"
 WAL_PUSH, WAL_FETCH, WORKER = "wal-push", "wal-fetch", "worker"
-COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK)
+COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, EXPIRE, DELETE, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK)
 ALL = frozenset(COMMANDS)
 KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
@@ -225,7 +225,7 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between a running backup's heartbeats in its claim (cleanup leaves a "
            "backup alone until three are missed)", kind=FLOAT, default=60.0,
            limit=Limit(float, 0.1, HOUR_S)),
-    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY, CLEANUP},
+    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY, CLEANUP, EXPIRE, DELETE},
            "WAL archive prefix in the flat layout, for the WAL a backup, list or verify names "
            "(default wal_archive)"),
     # --- restore ---------------------------------------------------------------------------
@@ -286,8 +286,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("--older-than", None, {CLEANUP},
            "leave alone what showed a sign of life more recently (30m, 24h, 7d; default 24h)",
            metavar="AGE", default="24h"),
-    Option("--dry-run", None, {CLEANUP}, "print what would be removed, remove nothing",
-           kind=SWITCH, default=False),
+    Option("--dry-run", None, {CLEANUP, EXPIRE, DELETE},
+           "print what would be removed, remove nothing", kind=SWITCH, default=False),
+    # --- expire and delete -----------------------------------------------------------------
+    Option("--retain", None, {EXPIRE}, "keep the newest N backups", kind=INT, metavar="N",
+           limit=Limit(int, 1, 100_000), exclusive="policy"),
+    Option("--recovery-window", None, {EXPIRE},
+           "keep every point of the last AGE restorable (14d, 36h)", metavar="AGE",
+           exclusive="policy"),
+    Option("--name", None, {DELETE}, "the backup to delete", metavar="NAME"),
     # --- WAL -------------------------------------------------------------------------------
     Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE,
            "WAL archive prefix in the flat layout (default wal_archive; refused with --cluster)",

@@ -28,6 +28,8 @@ from options.declared import (
     CLEANUP,
     COMMANDS,
     CONST,
+    DELETE,
+    EXPIRE,
     FLOAT,
     INT,
     LIST,
@@ -142,6 +144,15 @@ _COMMANDS: dict[str, dict[str, str]] = {
     LIST: {"help": "list the backups in storage",
            "description": "The complete backups in a store, newest first, with the WAL "
                           "archived after each."},
+    EXPIRE: {"help": "remove backups and WAL a retention policy no longer keeps",
+             "description": "Keep the newest --retain N backups, or every point of the last "
+                            "--recovery-window restorable; remove the other backups, then the "
+                            "WAL before the oldest kept backup's start. Never the newest "
+                            "backup, never WAL a kept backup needs."},
+    DELETE: {"help": "delete one backup",
+             "description": "Remove one backup (manifest.json first, so that a half-deleted "
+                            "backup is never taken for a whole one). Its WAL stays: expire "
+                            "removes WAL no kept backup needs."},
     CLEANUP: {"help": "remove what killed backups left: claims, uploads, partial objects",
               "description": "Abort the multipart uploads and remove the claims and objects of "
                              "backups whose coordinator is gone (no heartbeat in their claim "
@@ -291,6 +302,8 @@ def _run(args: argparse.Namespace) -> int:
         BackupSettings,
         CheckSettings,
         CleanupSettings,
+        DeleteSettings,
+        ExpireSettings,
         ListSettings,
         RestoreSettings,
         VerifySettings,
@@ -321,6 +334,14 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.ops.list import run_list
 
         run_list(settings, print)
+    elif isinstance(settings, ExpireSettings):
+        from coordinator.ops.expire import run_expire
+
+        run_expire(settings, print)
+    elif isinstance(settings, DeleteSettings):
+        from coordinator.ops.expire import run_delete
+
+        run_delete(settings, print)
     elif isinstance(settings, CleanupSettings):
         from coordinator.ops.cleanup import run_cleanup
 
