@@ -142,6 +142,15 @@ class DeleteSettings(CommonSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeepSettings(CommonSettings):
+    name: str
+    until: str | None = None
+    forever: bool = False
+    release: bool = False
+    wal_prefix: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckSettings(CommonSettings):
     timeout: float = 30.0
 
@@ -201,7 +210,7 @@ def open_store(args: CommonSettings) -> Storage:
 
 def layout_of(
     args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | CleanupSettings
-    | ExpireSettings | DeleteSettings | WalPushSettings | WalFetchSettings,
+    | ExpireSettings | DeleteSettings | KeepSettings | WalPushSettings | WalFetchSettings,
 ) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)

@@ -23,9 +23,11 @@ HOUR_S = 3_600.0
 ENV_PREFIX = "CLOUD_DUMP_"
 
 BACKUP, RESTORE, LIST, CHECK = "backup", "restore", "list", "check"
-VERIFY, CLEANUP, EXPIRE, DELETE = "verify", "cleanup", "expire", "delete"
+VERIFY, CLEANUP, EXPIRE, DELETE, KEEP = "verify", "cleanup", "expire", "delete", "keep"
 WAL_PUSH, WAL_FETCH, WORKER = "wal-push", "wal-fetch", "worker"
-COMMANDS = (BACKUP, RESTORE, LIST, VERIFY, EXPIRE, DELETE, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK)
+COMMANDS = (
+    BACKUP, RESTORE, LIST, VERIFY, EXPIRE, DELETE, KEEP, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK
+)
 ALL = frozenset(COMMANDS)
 KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
@@ -225,7 +227,7 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between a running backup's heartbeats in its claim (cleanup leaves a "
            "backup alone until three are missed)", kind=FLOAT, default=60.0,
            limit=Limit(float, 0.1, HOUR_S)),
-    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY, CLEANUP, EXPIRE, DELETE},
+    Option(None, "CLOUD_DUMP_WAL_PREFIX", {BACKUP, LIST, VERIFY, CLEANUP, EXPIRE, DELETE, KEEP},
            "WAL archive prefix in the flat layout, for the WAL a backup, list or verify names "
            "(default wal_archive)"),
     # --- restore ---------------------------------------------------------------------------
@@ -295,6 +297,12 @@ OPTIONS: tuple[Option, ...] = (
            "keep every point of the last AGE restorable (14d, 36h)", metavar="AGE",
            exclusive="policy"),
     Option("--name", None, {DELETE}, "the backup to delete", metavar="NAME"),
+    Option("--until", None, {KEEP}, "keep it until this date (2027-01-31, or a time with a zone)",
+           metavar="DATE", exclusive="keep"),
+    Option("--forever", None, {KEEP}, "keep it until released (the default)", kind=SWITCH,
+           default=False, exclusive="keep"),
+    Option("--release", None, {KEEP}, "let expire remove it again", kind=SWITCH,
+           default=False, exclusive="keep"),
     # --- WAL -------------------------------------------------------------------------------
     Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE,
            "WAL archive prefix in the flat layout (default wal_archive; refused with --cluster)",

@@ -54,6 +54,8 @@ WAL_RAW_SHA256 = "raw-sha256"
 # What ``restore --name`` takes for "the newest backup", so no backup may be called so.
 LATEST_NAME = "latest"
 MANIFEST_NAME = "manifest.json"
+# A pinned backup's pin (``cloud-dump keep``): {"until": ISO time or null, "pinned_at": ...}.
+KEEP_NAME = "keep.json"
 BACKUP_MANIFEST_NAME = "backup_manifest"
 
 # Backup and cluster names become key segments: keep them to a portable, unambiguous set.

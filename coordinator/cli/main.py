@@ -32,6 +32,7 @@ from options.declared import (
     EXPIRE,
     FLOAT,
     INT,
+    KEEP,
     LIST,
     REPEATED,
     RESTORE,
@@ -153,6 +154,9 @@ _COMMANDS: dict[str, dict[str, str]] = {
              "description": "Remove one backup (manifest.json first, so that a half-deleted "
                             "backup is never taken for a whole one). Its WAL stays: expire "
                             "removes WAL no kept backup needs."},
+    KEEP: {"help": "pin a backup (and the WAL that makes it consistent) against expire",
+           "description": "Pin backup NAME: expire keeps it, and the WAL from its first to its "
+                          "last segment, until --until or until released; delete refuses it."},
     CLEANUP: {"help": "remove what killed backups left: claims, uploads, partial objects",
               "description": "Abort the multipart uploads and remove the claims and objects of "
                              "backups whose coordinator is gone (no heartbeat in their claim "
@@ -181,6 +185,7 @@ _POSITIONALS: dict[str, list[tuple[str, str, str]]] = {
                ("file_name", "NAME", "%%f: its WAL file name")],
     WAL_FETCH: [("file_name", "NAME", "%%f: the WAL file name wanted"),
                 ("path", "PATH", "%%p: where to write it")],
+    KEEP: [("name", "NAME", "the backup to pin")],
 }
 
 
@@ -304,6 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         CleanupSettings,
         DeleteSettings,
         ExpireSettings,
+        KeepSettings,
         ListSettings,
         RestoreSettings,
         VerifySettings,
@@ -342,6 +348,10 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.ops.expire import run_delete
 
         run_delete(settings, print)
+    elif isinstance(settings, KeepSettings):
+        from coordinator.ops.expire import run_keep
+
+        run_keep(settings, print)
     elif isinstance(settings, CleanupSettings):
         from coordinator.ops.cleanup import run_cleanup
 

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from coordinator.settings import CleanupSettings, Report, layout_of, open_store
 from storage.base import MultipartUpload, Storage
 from storage.errors import ConfigError, ObjectNotFound, UploadNotFound
-from storage.layout import BACKUP_MANIFEST_NAME, MANIFEST_NAME, Layout
+from storage.layout import BACKUP_MANIFEST_NAME, KEEP_NAME, MANIFEST_NAME, Layout
 from workers.backup import CLAIM_NAME, WRAPPED_KEY_NAME, AbortRequest, BackupRef, abort_backup
 from workers.diagnostics import PING_PREFIX
 
@@ -50,6 +50,7 @@ _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # What a backup stores under its prefix (storage.layout, workers.backup).
 _BACKUP_FILE = re.compile(
     rf"({re.escape(MANIFEST_NAME)}|{re.escape(CLAIM_NAME)}|{re.escape(WRAPPED_KEY_NAME)}"
+    rf"|{re.escape(KEEP_NAME)}"
     rf"|{re.escape(BACKUP_MANIFEST_NAME)}(\.age)?|[0-9A-Za-z_]+\.tar(\.(zst|gz|lz4))?(\.age)?)"
 )
 

@@ -9,18 +9,19 @@ Retention policies, as operators know them from pgBackRest and barman:
 "Newest" is by the end recorded in ``manifest.json`` (time, then LSN), the order ``list``
 shows. The newest backup is always kept, whatever the policy says.
 
-A backup is removed ``manifest.json`` first: from that moment it is no longer a backup for
-``list`` or ``restore``, and if the removal is interrupted, ``cloud-dump cleanup`` removes the
-rest as an incomplete prefix. Then the WAL: every archived WAL file (segment, ``.partial``,
-``.backup``) whose segment lies before the first segment of the oldest kept backup is removed.
-Segment numbers are positions in the WAL (LSN / segment size) whatever the timeline, so a file
-before every kept backup's start is needed by none of them, on any timeline; files from there on
-stay, on every timeline. History files and the archive's identity always stay (they are tiny,
-and recovery reads every history file of the timelines it follows).
+``cloud-dump keep NAME [--until DATE | --forever | --release]`` pins a backup (``keep.json``
+in its prefix): expire keeps it outside the policy's count until the date passes or it is
+released, and ``delete`` refuses it. A backup carries the WAL that makes it consistent (the
+server includes it in the base backup), so a pinned backup restores on its own, without a
+recovery target; expire also keeps its archived WAL from its first segment to the one after its
+end. A point-in-time restore from it needs the archived WAL after that, which expire removes
+once no kept backup needs it: wal-fetch then stops recovery at the gap (exit 200), it does not
+promote.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,15 +31,16 @@ from coordinator.ops.cleanup import parse_age
 from coordinator.settings import (
     DeleteSettings,
     ExpireSettings,
+    KeepSettings,
     Report,
     layout_of,
     open_store,
 )
 from storage.base import Storage
-from storage.errors import ConfigError
-from storage.layout import MANIFEST_NAME, Layout, validate_name
+from storage.errors import ConfigError, ObjectNotFound
+from storage.layout import KEEP_NAME, MANIFEST_NAME, Layout, validate_name
 from storage.manifest import BackupManifest
-from storage.walnames import Segment, kind_of, parse_lsn
+from storage.walnames import Segment, kind_of, parse_lsn, segment_number
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +54,29 @@ def run_expire(args: ExpireSettings, report: Report) -> None:
     layout = layout_of(args)
     storage = open_store(args)
     try:
+        now = datetime.now(UTC)
         backups = find_backups(storage, layout)  # newest first
-        if not backups:
-            report(f"nothing to expire: no backups in "
+        pinned = {m.name: until for m in backups
+                  if (until := pinned_until(storage, layout, m.name, now)) is not None}  # fmt: skip
+        unpinned = [m for m in backups if m.name not in pinned]
+        if not unpinned:
+            report(f"nothing to expire: no unpinned backups in "
                    f"{layout.describe_backups_root(storage.url)}")  # fmt: skip
             return
-        kept, expired = plan_expiry(backups, args.retain, window, datetime.now(UTC))
+        kept, expired = plan_expiry(unpinned, args.retain, window, now)
         out = _prefixed(report, args.dry_run)
         for manifest in expired:
             count = delete_backup(storage, layout, manifest, dry_run=args.dry_run)
             out(f"removed backup '{manifest.name}' (ended {manifest.end_time.isoformat()}, "
                 f"{count} objects)")  # fmt: skip
-        removed = expire_wal(storage, layout, kept, dry_run=args.dry_run)
+        held = [m for m in backups if m.name in pinned]
+        removed = expire_wal(storage, layout, kept, held, dry_run=args.dry_run)
         oldest = kept[-1]
         out(f"removed {removed} WAL file(s) before {oldest.start_wal_file}, the first segment "
-            f"of the oldest kept backup '{oldest.name}'")  # fmt: skip
+            f"of the oldest kept backup '{oldest.name}' (pinned ones keep their own)")  # fmt: skip
         report(f"kept {len(kept)} backup(s): {', '.join(m.name for m in kept)}")
+        for manifest in held:
+            report(f"kept backup '{manifest.name}': pinned {pinned[manifest.name]}")
     finally:
         storage.close()
 
@@ -81,6 +90,10 @@ def run_delete(args: DeleteSettings, report: Report) -> None:
     storage = open_store(args)
     try:
         manifest = read_manifest(storage, layout, name)
+        until = pinned_until(storage, layout, name, datetime.now(UTC))
+        if until is not None:
+            raise ConfigError(f"backup '{name}' is pinned {until}: release it first with "
+                              f"'cloud-dump keep {name} --release'")  # fmt: skip
         count = delete_backup(storage, layout, manifest, dry_run=args.dry_run)
     finally:
         storage.close()
@@ -119,11 +132,24 @@ def delete_backup(
 
 
 def expire_wal(
-    storage: Storage, layout: Layout, kept: list[BackupManifest], *, dry_run: bool
+    storage: Storage,
+    layout: Layout,
+    kept: list[BackupManifest],
+    pinned: list[BackupManifest],
+    *,
+    dry_run: bool,
 ) -> int:
-    """Remove the WAL files before the first segment of every kept backup; how many."""
+    """Remove the WAL files before the first segment of every kept backup, except those from
+    the first to the last segment of a pinned backup; how many."""
     size = segment_size_of(kept[0])
     first_needed = min(Segment.parse(m.start_wal_file, size).number for m in kept)
+    # Through the segment after the one holding the end LSN (the record after the end is read
+    # before recovery stops there). Not a promise that a recovery target works: PostgreSQL 15
+    # reads ahead (recovery_prefetch) and may ask for later segments, which wal-fetch then
+    # reports as a gap; the pinned backup itself restores without any (see the docstring).
+    held = [(Segment.parse(m.start_wal_file, size).number,
+             max(Segment.parse(m.end_wal_file, size).number,
+                 segment_number(parse_lsn(m.end_lsn), size)) + 1) for m in pinned]  # fmt: skip
     root = layout.wal_root
     removed = 0
     for info in list(storage.list(root)):
@@ -134,11 +160,66 @@ def expire_wal(
             number = Segment.parse(name[:24], size).number
         except ConfigError:
             continue
-        if number < first_needed:
+        if number < first_needed and not any(lo <= number <= hi for lo, hi in held):
             if not dry_run:
                 storage.delete(info.key)
             removed += 1
     return removed
+
+
+def run_keep(args: KeepSettings, report: Report) -> None:
+    """Pin (or with ``--release`` unpin) the backup ``args.name`` names."""
+    name = validate_name("backup", args.name)
+    until = None if args.until is None else parse_until(args.until)
+    layout = layout_of(args)
+    storage = open_store(args)
+    try:
+        read_manifest(storage, layout, name)  # BackupNotFound (exit 11) for no such backup
+        key = layout.backup_prefix(name) + KEEP_NAME
+        if args.release:
+            storage.delete(key)
+            report(f"backup '{name}' is no longer pinned: expire may remove it")
+            return
+        pin = {"until": until.isoformat() if until else None,
+               "pinned_at": datetime.now(UTC).isoformat()}  # fmt: skip
+        storage.put(key, json.dumps(pin).encode())
+    finally:
+        storage.close()
+    report(f"backup '{name}' is pinned "
+           f"{'until ' + until.isoformat() if until else 'until released'}")  # fmt: skip
+
+
+def pinned_until(storage: Storage, layout: Layout, name: str, now: datetime) -> str | None:
+    """How long the backup is pinned ("until 2027-01-31T00:00:00+00:00", "until released"), or
+    None when it is not (no ``keep.json``, or its date has passed)."""
+    try:
+        pin = json.loads(storage.get(layout.backup_prefix(name) + KEEP_NAME))
+    except ObjectNotFound:
+        return None
+    except ValueError:
+        return "(its keep.json is unreadable: kept to be safe)"
+    until = pin.get("until") if isinstance(pin, dict) else None
+    if until is None:
+        return "until released"
+    try:
+        when = datetime.fromisoformat(str(until))
+    except ValueError:
+        return "(its keep.json is unreadable: kept to be safe)"
+    return f"until {when.isoformat()}" if when > now else None
+
+
+def parse_until(text: str) -> datetime:
+    """A date (midnight UTC) or a time with its zone; ``ConfigError`` otherwise."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"--until '{text}' is not a date: expected 2027-01-31 or "
+                          "2027-01-31T12:00:00+00:00") from None  # fmt: skip
+    if when.tzinfo is None:
+        if (when.hour, when.minute, when.second, when.microsecond) != (0, 0, 0, 0):
+            raise ConfigError(f"--until '{text}' has no time zone: add one (+00:00)")
+        when = when.replace(tzinfo=UTC)
+    return when
 
 
 def _prefixed(report: Report, dry_run: bool) -> Callable[[str], None]:

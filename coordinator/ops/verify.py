@@ -10,8 +10,9 @@ For each backup (``--name``, or every backup):
 - the WAL from the backup's first segment to its last, which recovery needs before the copy is
   consistent, is archived on the backup's timeline.
 
-For the WAL archive, from one LIST: on each timeline, from the oldest checked backup's first
-segment (or the timeline's first archived segment) to its newest, no segment is missing (a
+For the WAL archive, from one LIST: on each timeline, from the first segment of the oldest
+checked backup that is not pinned (``cloud-dump keep``: expire keeps only a pinned backup's own
+WAL) (or the timeline's first archived segment) to its newest, no segment is missing (a
 ``.partial`` counts: it is where a timeline was switched away from); and every timeline after
 the first that has WAL has its ``.history`` file, without which recovery cannot follow it.
 
@@ -26,6 +27,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 from coordinator.catalog import (
     WalInventory,
@@ -36,6 +38,7 @@ from coordinator.catalog import (
     read_wal_inventory,
     segment_size_of,
 )
+from coordinator.ops.expire import pinned_until
 from coordinator.rangedread import RangedReader, range_size_for
 from coordinator.settings import Report, VerifySettings, layout_of, open_store
 from storage.base import Storage
@@ -74,7 +77,9 @@ def run_verify(args: VerifySettings, report: Report) -> None:
     try:
         manifests = _selected(storage, layout, args.name)
         backups = [_check_backup(storage, m, args.parallel) for m in manifests]
-        wal = _check_wal(storage, layout, manifests)
+        now = datetime.now(UTC)
+        pinned = {m.name for m in manifests if pinned_until(storage, layout, m.name, now)}
+        wal = _check_wal(storage, layout, manifests, pinned)
     finally:
         storage.close()
     (_print_json if args.json else _print_text)(backups, wal, report)
@@ -137,7 +142,9 @@ def _read_back(
     return size
 
 
-def _check_wal(storage: Storage, layout: Layout, manifests: list[BackupManifest]) -> WalCheck:
+def _check_wal(
+    storage: Storage, layout: Layout, manifests: list[BackupManifest], pinned: set[str]
+) -> WalCheck:
     segment_size = segment_size_of(manifests[0]) if manifests else DEFAULT_SEGMENT_SIZE
     wal = WalCheck(f"{storage.url.rstrip('/')}/{layout.wal_root}")
     try:
@@ -148,6 +155,8 @@ def _check_wal(storage: Storage, layout: Layout, manifests: list[BackupManifest]
     starts: dict[int, int] = {}  # timeline -> the oldest checked backup's first segment
     for manifest in manifests:
         _check_consistency_wal(manifest, inventory, wal)
+        if manifest.name in pinned:
+            continue  # expire keeps only its own WAL: what follows it may rightly be gone
         start = Segment.parse(manifest.start_wal_file, segment_size)
         starts[start.timeline] = min(starts.get(start.timeline, start.number), start.number)
     timelines = sorted(set(inventory.segments) | set(inventory.partials))

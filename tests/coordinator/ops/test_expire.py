@@ -127,3 +127,42 @@ def test_expire_needs_one_policy(tmp_path: Path) -> None:
     assert both.returncode == int(ExitCode.USAGE)
     zero = run_cli("expire", "--retain", "0", env=env)
     assert zero.returncode == int(ExitCode.CONFIG), zero.stderr
+
+
+def test_a_pinned_backup_and_its_own_wal_survive_expire_until_released(
+    pg_factory: PgFactory,
+) -> None:
+    target = archive_store()
+    store = Path(target.url.removeprefix("file://"))
+    cluster = archiving_cluster(pg_factory, 15, target)
+    cluster.sql("CREATE TABLE t (phase text)")
+    for phase in ("b1", "b2", "b3"):
+        done = run_cli("backup", "--name", phase, "--db-url", cluster.replication_url(),
+                       "--no-progress", env=target.env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        cluster.sql(f"INSERT INTO t SELECT '{phase}' FROM generate_series(1, 10)")
+        cluster.sql("SELECT pg_switch_wal()")
+    wait_archived(cluster)
+
+    pinned = run_cli("keep", "b1", env=target.env)
+    assert pinned.returncode == 0 and "pinned until released" in pinned.stdout, pinned.stderr
+    refused = run_cli("delete", "--name", "b1", env=target.env)
+    assert refused.returncode == int(ExitCode.CONFIG) and "--release" in refused.stderr
+
+    done = run_cli("expire", "--retain", "1", env=target.env)
+    assert done.returncode == 0, done.stderr
+    assert "removed backup 'b2'" in done.stdout and "kept backup 'b1': pinned" in done.stdout
+    assert (store / "b1" / "manifest.json").exists() and not (store / "b2").exists()
+    # A backup carries the WAL that makes it consistent: the pinned one restores on its own,
+    # as it was when it was taken (before any row was written).
+    pgdata = make_postgres_dir("cloud-dump-expire-") / "data"
+    restored = run_cli("restore", "--name", "b1", "--pgdata", str(pgdata), env=target.env)
+    assert restored.returncode == 0, restored.stderr
+    with started(15, pgdata) as copy:
+        assert copy.sql("SELECT count(*) FROM t") == [(0,)]
+
+    released = run_cli("keep", "b1", "--release", env=target.env)
+    assert released.returncode == 0, released.stderr
+    again = run_cli("expire", "--retain", "1", env=target.env)
+    assert again.returncode == 0 and "removed backup 'b1'" in again.stdout, again.stderr
+    assert restored_rows(target.env, "b3") == [("b1", 10), ("b2", 10), ("b3", 10)]
