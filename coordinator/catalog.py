@@ -51,7 +51,8 @@ class WalRange:
     segments: int
 
     def describe(self) -> str:
-        return f"WAL {self.first} .. {self.last} ({self.segments} segments)"
+        plural = "" if self.segments == 1 else "s"
+        return f"WAL {self.first} .. {self.last} ({self.segments} segment{plural})"
 
 
 def archived_segment_names(storage: Storage, layout: Layout) -> set[str]:

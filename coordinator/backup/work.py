@@ -150,8 +150,8 @@ def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:
 
     def overdue(what: str) -> BaseException:
         return StorageUnreachable(
-            f"storage {storage.url} did not answer {what} within {args.task_timeout:.0f} s "
-            "(--task-timeout)"
+            f"storage {storage.url} did not answer {what} in time (claim and finalize wait "
+            f"--task-timeout, {args.task_timeout:.0f} s; a heartbeat one heartbeat period)"
         )
 
     runner = EmbeddedRunner(storage, BACKUP_UNITS | WAL_UNITS, threads=args.parallel,

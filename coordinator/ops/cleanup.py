@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MISSED_HEARTBEATS = 3
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_AGE_S = 36500 * 86400.0  # a hundred years: beyond it, dates overflow
 # What a backup stores under its prefix (storage.layout, workers.backup).
 _BACKUP_FILE = re.compile(
     rf"({re.escape(MANIFEST_NAME)}|{re.escape(CLAIM_NAME)}|{re.escape(WRAPPED_KEY_NAME)}"
@@ -55,15 +56,20 @@ _BACKUP_FILE = re.compile(
 )
 
 
-def parse_age(text: str) -> timedelta:
-    """``30m``, ``24h``, ``7d``, ``90`` (seconds) as a duration; ``ConfigError`` otherwise."""
+def parse_age(text: str, flag: str = "--older-than") -> timedelta:
+    """``30m``, ``24h``, ``7d``, ``90s`` as a duration; ``0`` alone may go without a unit.
+    ``ConfigError`` naming ``flag`` otherwise: a bare number is refused, as it would be read
+    as seconds where an operator may well mean days (``--recovery-window 14``)."""
     match = _DURATION.fullmatch(text.strip())
-    if match is None:
+    if match is None or (not match[2] and float(match[1]) != 0):
         raise ConfigError(
-            f"--older-than '{text}' is not an age: expected a number with s, m, h or d "
-            "(30m, 24h, 7d)"
+            f"{flag} '{text}' is not an age: expected a number with its unit, s, m, h or d "
+            "(90s, 30m, 24h, 7d)"
         )
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds > MAX_AGE_S:
+        raise ConfigError(f"{flag} '{text}' is out of range: at most 36500d")
+    return timedelta(seconds=seconds)
 
 
 @dataclass
@@ -86,13 +92,13 @@ def run_cleanup(args: CleanupSettings, report: Report) -> None:
         actions = cleanup(storage, layout, older_than, datetime.now(UTC), dry_run=args.dry_run)
     finally:
         storage.close()
-    verb = "would remove" if args.dry_run else "removed"
     for line in actions:
-        report(line if not args.dry_run else f"(dry run) {line}")
+        if args.dry_run:
+            line = "(dry run) would " + line.replace("removed", "remove", 1).replace(
+                "aborted", "abort", 1)
+        report(line)
     if not actions:
         report(f"nothing to clean up in {layout.describe_backups_root(storage.url)}")
-    else:
-        log.debug("%s %d item(s)", verb, len(actions))
 
 
 def cleanup(
@@ -100,7 +106,7 @@ def cleanup(
 ) -> list[str]:
     """What was (``dry_run``: would be) removed, one phrase each."""
     actions: list[str] = []
-    for prefix in _prefixes(storage, layout).values():
+    for prefix in backup_prefixes(storage, layout).values():
         if prefix.has_manifest:
             actions += _strays(storage, layout, prefix, dry_run)
         elif prefix.has_claim:
@@ -110,7 +116,7 @@ def cleanup(
     return actions
 
 
-def _prefixes(storage: Storage, layout: Layout) -> dict[str, Prefix]:
+def backup_prefixes(storage: Storage, layout: Layout) -> dict[str, Prefix]:
     root = layout.backups_root
     skipped = (layout.wal_root, PING_PREFIX)
     found: dict[str, Prefix] = {}
@@ -176,8 +182,10 @@ def _dead_run(
     if every is not None:
         limit = max(limit, timedelta(seconds=every * MISSED_HEARTBEATS))
     if silent <= limit:
-        log.info("backup '%s' (run %s) is alive: last heartbeat %.0f s ago", prefix.name,
-                 claim.get("run_id", "?"), silent.total_seconds())  # fmt: skip
+        log.info("backup '%s' (run %s) left alone: its last sign of life was %.0f s ago, "
+                 "within %.0f s (--older-than, or three heartbeat periods)", prefix.name,
+                 claim.get("run_id", "?"), silent.total_seconds(),
+                 limit.total_seconds())  # fmt: skip
         return []
     what = (f"the claim, {len(prefix.keys) - 1} object(s) and {len(prefix.uploads)} upload(s) "
             f"of backup '{prefix.name}' (run {claim.get('run_id', '?')} on "
@@ -190,9 +198,15 @@ def _dead_run(
     return [f"removed {what}"]
 
 
+def foreign_objects(layout: Layout, prefix: Prefix) -> list[str]:
+    """The keys under ``prefix`` that are not files a backup stores."""
+    base = layout.backup_prefix(prefix.name)
+    return [k for k in prefix.keys if not _BACKUP_FILE.fullmatch(k[len(base):])]
+
+
 def _leftovers(storage: Storage, layout: Layout, prefix: Prefix, dry_run: bool) -> list[str]:
     base = layout.backup_prefix(prefix.name)
-    foreign = [k for k in prefix.keys if not _BACKUP_FILE.fullmatch(k[len(base):])]
+    foreign = foreign_objects(layout, prefix)
     if foreign:
         log.warning("'%s' holds objects that are not a backup's (%s): left alone", base,
                     ", ".join(foreign[:3]))  # fmt: skip

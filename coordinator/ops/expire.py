@@ -50,7 +50,8 @@ def run_expire(args: ExpireSettings, report: Report) -> None:
     would be made)."""
     if args.retain is None and args.recovery_window is None:
         raise ConfigError("expire needs a policy: --retain N or --recovery-window AGE")
-    window = parse_age(args.recovery_window) if args.recovery_window is not None else None
+    window = (None if args.recovery_window is None
+              else parse_age(args.recovery_window, "--recovery-window"))  # fmt: skip
     layout = layout_of(args)
     storage = open_store(args)
     try:
@@ -171,6 +172,9 @@ def run_keep(args: KeepSettings, report: Report) -> None:
     """Pin (or with ``--release`` unpin) the backup ``args.name`` names."""
     name = validate_name("backup", args.name)
     until = None if args.until is None else parse_until(args.until)
+    if until is not None and until <= datetime.now(UTC):
+        raise ConfigError(f"--until '{args.until}' is in the past: the pin would protect "
+                          "nothing (use --release to unpin)")  # fmt: skip
     layout = layout_of(args)
     storage = open_store(args)
     try:
@@ -212,7 +216,7 @@ def parse_until(text: str) -> datetime:
     """A date (midnight UTC) or a time with its zone; ``ConfigError`` otherwise."""
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(f"--until '{text}' is not a date: expected 2027-01-31 or "
                           "2027-01-31T12:00:00+00:00") from None  # fmt: skip
     if when.tzinfo is None:

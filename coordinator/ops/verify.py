@@ -38,11 +38,12 @@ from coordinator.catalog import (
     read_wal_inventory,
     segment_size_of,
 )
+from coordinator.ops.cleanup import backup_prefixes, foreign_objects
 from coordinator.ops.expire import pinned_until
 from coordinator.rangedread import RangedReader, range_size_for
 from coordinator.settings import Report, VerifySettings, layout_of, open_store
 from storage.base import Storage
-from storage.errors import CloudDumpError, IntegrityError
+from storage.errors import BackupNotFound, CloudDumpError, IntegrityError
 from storage.layout import Layout
 from storage.manifest import BackupManifest
 from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment
@@ -77,6 +78,12 @@ def run_verify(args: VerifySettings, report: Report) -> None:
     try:
         manifests = _selected(storage, layout, args.name)
         backups = [_check_backup(storage, m, args.parallel) for m in manifests]
+        if args.name is None:
+            backups += _unreadable(storage, layout, {m.name for m in manifests})
+        if not backups:
+            raise BackupNotFound(
+                f"nothing to verify: no backups in {layout.describe_backups_root(storage.url)}"
+            )
         now = datetime.now(UTC)
         pinned = {m.name for m in manifests if pinned_until(storage, layout, m.name, now)}
         wal = _check_wal(storage, layout, manifests, pinned)
@@ -94,6 +101,32 @@ def _selected(storage: Storage, layout: Layout, name: str | None) -> list[Backup
     if name is not None:
         return [read_manifest(storage, layout, name)]
     return list(reversed(find_backups(storage, layout)))  # oldest first, as WAL runs
+
+
+def _unreadable(storage: Storage, layout: Layout, read: set[str]) -> list[BackupCheck]:
+    """Prefixes that look like backups but cannot be restored: a ``manifest.json`` that does
+    not parse (``list`` and ``restore`` skip it), or objects with neither a manifest nor a claim
+    (an interrupted delete or abort). A claimed prefix is a running backup's, or ``cleanup``'s
+    to judge: not named here."""
+    found = []
+    for prefix in backup_prefixes(storage, layout).values():
+        if prefix.name in read or prefix.has_claim:
+            continue
+        check = BackupCheck(prefix.name, objects=len(prefix.keys))
+        if prefix.has_manifest:
+            try:
+                read_manifest(storage, layout, prefix.name)
+            except CloudDumpError as exc:
+                check.problems.append(f"backup '{prefix.name}': {exc}")
+        elif prefix.keys and not foreign_objects(layout, prefix):
+            check.problems.append(
+                f"'{layout.backup_prefix(prefix.name)}' holds {len(prefix.keys)} object(s) but "
+                "no manifest.json: not a backup that restores (an interrupted delete or abort: "
+                "'cloud-dump cleanup' removes it)"
+            )
+        if check.problems:
+            found.append(check)
+    return found
 
 
 def _check_backup(storage: Storage, manifest: BackupManifest, parallel: int) -> BackupCheck:
@@ -220,7 +253,7 @@ def _print_text(backups: list[BackupCheck], wal: WalCheck, out: Callable[[str], 
     out(f"WAL archive '{wal.location}': {verdict}")
     for timeline, facts in sorted(wal.timelines.items()):
         out(f"  timeline {timeline}: {facts['first']} .. {facts['newest']} "
-            f"({facts['segments']} segments)")  # fmt: skip
+            f"({facts['segments']} segment{'' if facts['segments'] == 1 else 's'})")  # fmt: skip
     for problem in wal.problems:
         out(f"  {problem}")
     if not backups:

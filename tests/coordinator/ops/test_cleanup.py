@@ -26,17 +26,23 @@ HEARTBEAT_S = "0.2"  # cleanup calls a claim dead after three missed: 0.6 s
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("90", 90), ("30s", 30), ("30m", 1800), ("24h", 86400), ("7d", 604800),
+    ("text", "seconds"), [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800),
                           ("0", 0), ("1.5h", 5400)],
 )  # fmt: skip
 def test_ages(text: str, seconds: float) -> None:
     assert parse_age(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "h", "24 hours", "-1h", "1w"])
+@pytest.mark.parametrize("text", ["", "h", "24 hours", "-1h", "1w", "14", "90"])
 def test_a_bad_age_is_refused(text: str) -> None:
-    with pytest.raises(ConfigError, match="not an age"):
-        parse_age(text)
+    """A bare number too: '--recovery-window 14' read as seconds would expire nearly all."""
+    with pytest.raises(ConfigError, match=r"--recovery-window '.*' is not an age"):
+        parse_age(text, "--recovery-window")
+
+
+def test_an_age_beyond_a_century_is_refused() -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_age("99999999999d")
 
 
 def uploads(store: Path) -> list[str]:

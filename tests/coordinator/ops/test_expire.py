@@ -166,3 +166,12 @@ def test_a_pinned_backup_and_its_own_wal_survive_expire_until_released(
     again = run_cli("expire", "--retain", "1", env=target.env)
     assert again.returncode == 0 and "removed backup 'b1'" in again.stdout, again.stderr
     assert restored_rows(target.env, "b3") == [("b1", 10), ("b2", 10), ("b3", 10)]
+
+
+def test_a_pin_in_the_past_and_a_window_without_a_unit_are_refused(tmp_path: Path) -> None:
+    env = {"CLOUD_DUMP_STORAGE": f"file://{tmp_path}"}
+    past = run_cli("keep", "b1", "--until", "2017-01-31", env=env)
+    assert past.returncode == int(ExitCode.CONFIG) and "in the past" in past.stderr, past.stderr
+    bare = run_cli("expire", "--recovery-window", "14", env=env)
+    assert bare.returncode == int(ExitCode.CONFIG), bare.stderr
+    assert "--recovery-window '14' is not an age" in bare.stderr

@@ -181,3 +181,22 @@ def test_an_archive_missing_its_last_part_is_named_by_its_size(
     assert code == INTEGRITY, out
     assert (f"object '{archive.key}' is {archive.stored_size - archive.parts[-1].size} bytes, "
             f"manifest.json records {archive.stored_size}") in out  # fmt: skip
+
+
+def test_an_unreadable_manifest_and_a_prefix_without_one_are_named(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """list and restore skip a manifest.json that does not parse: verify must not."""
+    store = archived.copy(tmp_path)
+    (store / "b-gzip" / "manifest.json").write_text("{garbage")
+    (store / "b-lz4" / "manifest.json").unlink()
+    code, out, _ = verify(store)
+    assert code == INTEGRITY, out
+    assert "backup 'b-gzip': manifest 'b-gzip/manifest.json' is not a valid" in out
+    assert "'b-lz4/' holds" in out and "no manifest.json" in out
+
+
+def test_nothing_to_verify_is_not_success(tmp_path: Path) -> None:
+    """A mistyped location or --cluster must not look like a healthy store."""
+    code, _, err = verify(tmp_path)
+    assert code == int(ExitCode.BACKUP_NOT_FOUND) and "nothing to verify" in err, err
