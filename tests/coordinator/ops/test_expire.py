@@ -13,6 +13,7 @@ from coordinator.cli.exitcodes import ExitCode
 from coordinator.ops.expire import plan_expiry
 from coordinator.restore.restoreconfig import default_restore_config
 from devrig.launcher import postgres_cloud_dump
+from devrig.moto import StorageTarget
 from devrig.postgres import PgFactory, make_postgres_dir
 from devrig.recovery import archive_store, archiving_cluster, wait_archived, wait_promoted
 from devrig.restored import chown_postgres, started
@@ -72,11 +73,11 @@ def restored_rows(env: dict[str, str], name: str) -> list[tuple[object, ...]]:
         return copy.sql("SELECT phase, count(*) FROM t GROUP BY phase ORDER BY phase")
 
 
-def test_expire_keeps_what_the_policy_says_and_kept_backups_still_restore(
-    pg_factory: PgFactory,
-) -> None:
+def three_backups(pg_factory: PgFactory) -> tuple[StorageTarget, Path]:
+    """An archiving PG 15 with backups b1, b2, b3, ten rows of table t written after each
+    (phase = the backup before them), every segment archived; its store, and the store's
+    directory."""
     target = archive_store()
-    store = Path(target.url.removeprefix("file://"))
     cluster = archiving_cluster(pg_factory, 15, target)
     cluster.sql("CREATE TABLE t (phase text)")
     for phase in ("b1", "b2", "b3"):
@@ -86,6 +87,13 @@ def test_expire_keeps_what_the_policy_says_and_kept_backups_still_restore(
         cluster.sql(f"INSERT INTO t SELECT '{phase}' FROM generate_series(1, 10)")
         cluster.sql("SELECT pg_switch_wal()")
     wait_archived(cluster)
+    return target, Path(target.url.removeprefix("file://"))
+
+
+def test_expire_keeps_what_the_policy_says_and_kept_backups_still_restore(
+    pg_factory: PgFactory,
+) -> None:
+    target, store = three_backups(pg_factory)
     wal = store / "wal_archive"
     before = sorted(p.name for p in wal.iterdir())
 
@@ -132,17 +140,7 @@ def test_expire_needs_one_policy(tmp_path: Path) -> None:
 def test_a_pinned_backup_and_its_own_wal_survive_expire_until_released(
     pg_factory: PgFactory,
 ) -> None:
-    target = archive_store()
-    store = Path(target.url.removeprefix("file://"))
-    cluster = archiving_cluster(pg_factory, 15, target)
-    cluster.sql("CREATE TABLE t (phase text)")
-    for phase in ("b1", "b2", "b3"):
-        done = run_cli("backup", "--name", phase, "--db-url", cluster.replication_url(),
-                       "--no-progress", env=target.env)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        cluster.sql(f"INSERT INTO t SELECT '{phase}' FROM generate_series(1, 10)")
-        cluster.sql("SELECT pg_switch_wal()")
-    wait_archived(cluster)
+    target, store = three_backups(pg_factory)
 
     pinned = run_cli("keep", "b1", env=target.env)
     assert pinned.returncode == 0 and "pinned until released" in pinned.stdout, pinned.stderr
