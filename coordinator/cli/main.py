@@ -331,41 +331,62 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(settings, BackupSettings):
         from coordinator.backup.command import run_backup
 
-        run_backup(settings, print)
+        run_backup(settings, _report)
     elif isinstance(settings, RestoreSettings):
         from coordinator.restore.command import run_restore
 
-        run_restore(settings, print)
+        run_restore(settings, _report)
     elif isinstance(settings, ListSettings):
         from coordinator.ops.list import run_list
 
-        run_list(settings, print)
+        run_list(settings, _report)
     elif isinstance(settings, ExpireSettings):
         from coordinator.ops.expire import run_expire
 
-        run_expire(settings, print)
+        run_expire(settings, _report)
     elif isinstance(settings, DeleteSettings):
         from coordinator.ops.expire import run_delete
 
-        run_delete(settings, print)
+        run_delete(settings, _report)
     elif isinstance(settings, KeepSettings):
         from coordinator.ops.expire import run_keep
 
-        run_keep(settings, print)
+        run_keep(settings, _report)
     elif isinstance(settings, CleanupSettings):
         from coordinator.ops.cleanup import run_cleanup
 
-        run_cleanup(settings, print)
+        run_cleanup(settings, _report)
     elif isinstance(settings, VerifySettings):
         from coordinator.ops.verify import run_verify
 
-        run_verify(settings, print)
+        run_verify(settings, _report)
     else:
         from coordinator.ops.check import run_check
 
         assert isinstance(settings, CheckSettings)
-        run_check(settings, print)
+        run_check(settings, _report)
     return ExitCode.OK
+
+
+def _report(line: str) -> None:
+    """One line of a command's report on stdout. A reader that went away (``| head``) is not an
+    error: the rest of the report is dropped and the command goes on to its own outcome (a
+    backup stays complete, verify still exits 15 for a problem). stdout then points at
+    /dev/null, so that the interpreter's flush at exit has nowhere to fail."""
+    global _stdout_gone
+    if _stdout_gone:
+        return
+    try:
+        print(line)
+        sys.stdout.flush()  # a pipe is block-buffered: the failure shows here, not at exit
+    except BrokenPipeError:
+        _stdout_gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+_stdout_gone = False
 
 
 def _install_sigterm() -> None:
