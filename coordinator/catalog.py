@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from storage.base import Storage
 from storage.errors import (
@@ -122,6 +123,18 @@ def _number_at(name: str, size: int) -> int | None:
         return Segment.parse(name, size).number
     except ConfigError:
         return None
+
+
+def backup_end(manifest: BackupManifest) -> datetime:
+    """When the backup ended, as its manifest records it, with a zone (UTC when the manifest
+    records none)."""
+    end = manifest.end_time
+    return end if end.tzinfo is not None else end.replace(tzinfo=UTC)
+
+
+def end_order(manifest: BackupManifest) -> tuple[datetime, int]:
+    """Sort key of backups by their end: time, then LSN (the later sorts last)."""
+    return backup_end(manifest), parse_lsn(manifest.end_lsn)
 
 
 def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:

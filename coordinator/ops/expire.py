@@ -26,7 +26,14 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from coordinator.catalog import find_backups, read_manifest, segment_size_of, wal_file_name
+from coordinator.catalog import (
+    backup_end,
+    end_order,
+    find_backups,
+    read_manifest,
+    segment_size_of,
+    wal_file_name,
+)
 from coordinator.ops.cleanup import parse_age
 from coordinator.settings import (
     DeleteSettings,
@@ -107,14 +114,14 @@ def plan_expiry(
     backups: list[BackupManifest], retain: int | None, window: timedelta | None, now: datetime
 ) -> tuple[list[BackupManifest], list[BackupManifest]]:
     """``(kept, expired)``, each newest first, for backups given in any order."""
-    ordered = sorted(backups, key=_end_order, reverse=True)
+    ordered = sorted(backups, key=end_order, reverse=True)
     if retain is not None:
         count = max(1, retain)
     else:
         assert window is not None
         start = now - window
         # The newest backup that ended at or before the window's start reaches all of it.
-        count = next((i + 1 for i, m in enumerate(ordered) if _end(m) <= start), len(ordered))
+        count = next((i + 1 for i, m in enumerate(ordered) if backup_end(m) <= start), len(ordered))
     return ordered[:count], ordered[count:]
 
 
@@ -230,12 +237,3 @@ def _prefixed(report: Report, dry_run: bool) -> Callable[[str], None]:
     if not dry_run:
         return report
     return lambda line: report("(dry run) " + line.replace("removed", "would remove", 1))
-
-
-def _end(manifest: BackupManifest) -> datetime:
-    end = manifest.end_time
-    return end if end.tzinfo is not None else end.replace(tzinfo=UTC)
-
-
-def _end_order(manifest: BackupManifest) -> tuple[datetime, int]:
-    return _end(manifest), parse_lsn(manifest.end_lsn)

@@ -23,8 +23,8 @@ tells them apart.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
+from coordinator.catalog import backup_end, end_order
 from coordinator.restore.recovery import RecoveryTarget
 from coordinator.restore.targets import format_lsn, parse_lsn, timeline_number, utc_text
 from storage.errors import BackupNotFound, ConfigError
@@ -53,7 +53,7 @@ def choose_backup(
             f"the backups in {where} are of {len(clusters)} different clusters (system "
             f"identifiers {', '.join(clusters)}): name the backup to restore with --name"
         )
-    ordered = sorted(backups, key=_end_order, reverse=True)
+    ordered = sorted(backups, key=end_order, reverse=True)
     setting = target.setting if target is not None else None
     if setting in ("recovery_target_xid", "recovery_target_name"):
         assert target is not None
@@ -85,7 +85,7 @@ def choose_backup(
 
 def _reaches(manifest: BackupManifest, target: RecoveryTarget) -> bool:
     """Whether the backup ended at or before the target (as ``reachability`` judges it)."""
-    if target.instant is not None and target.instant < _end_time(manifest):
+    if target.instant is not None and target.instant < backup_end(manifest):
         return False
     return target.lsn is None or parse_lsn(manifest.end_lsn) <= target.lsn
 
@@ -105,13 +105,4 @@ def _nearest(manifests: Sequence[BackupManifest]) -> str:
 
 
 def _oldest(backups: Sequence[BackupManifest]) -> BackupManifest:
-    return min(backups, key=_end_order)
-
-
-def _end_order(manifest: BackupManifest) -> tuple[datetime, int]:
-    return _end_time(manifest), parse_lsn(manifest.end_lsn)
-
-
-def _end_time(manifest: BackupManifest) -> datetime:
-    end = manifest.end_time
-    return end if end.tzinfo is not None else end.replace(tzinfo=UTC)
+    return min(backups, key=end_order)

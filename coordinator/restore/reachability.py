@@ -23,8 +23,8 @@ ended before configured recovery target was reached" and does not promote.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
+from coordinator.catalog import backup_end
 from coordinator.restore.recovery import RecoveryTarget
 from coordinator.restore.targets import format_lsn, parse_lsn, timeline_number, utc_text
 from storage.errors import ConfigError
@@ -39,12 +39,12 @@ def check_reachable(target: RecoveryTarget, manifest: BackupManifest, backups: B
     ``backups`` lists the store's backups (newest first); called only to name an alternative.
     """
     instant = target.instant
-    if instant is not None and instant < _end(manifest):
+    if instant is not None and instant < backup_end(manifest):
         raise ConfigError(
             f"recovery target time '{target.value}' is before the end of backup "
             f"'{manifest.name}' ({utc_text(manifest.end_time)}, the backup host's clock when "
             "its stream ended): PostgreSQL cannot stop before a backup is consistent; "
-            + _alternative(manifest, backups, lambda m: _end(m) <= instant)
+            + _alternative(manifest, backups, lambda m: backup_end(m) <= instant)
         )
     if target.lsn is not None and target.lsn < parse_lsn(manifest.end_lsn):
         lsn = target.lsn
@@ -70,14 +70,9 @@ def _alternative(
         if (
             other.name != manifest.name
             and other.system_identifier == manifest.system_identifier
-            and _end(other) <= _end(manifest)
+            and backup_end(other) <= backup_end(manifest)
             and reaches(other)
         ):
             return (f"backup '{other.name}' (ended {utc_text(other.end_time)}, LSN "
                     f"{other.end_lsn}, timeline {other.timeline}) can reach it")
     return "no earlier backup of this cluster in the store can reach it"
-
-
-def _end(manifest: BackupManifest) -> datetime:
-    end = manifest.end_time
-    return end if end.tzinfo is not None else end.replace(tzinfo=UTC)
