@@ -131,7 +131,7 @@ def claim_backup(storage: Storage, request: ClaimRequest) -> str:
     try:
         storage.put(claim_key, claim, if_absent=True)
     except ObjectExists:
-        holder = _read_claim(storage, claim_key)
+        holder = read_claim(storage, claim_key) or {}
         if holder.get("run_id") != request.run_id:
             raise BackupExists(
                 f"backup '{backup.name}' is claimed by run {holder.get('run_id', '?')} started "
@@ -152,7 +152,7 @@ def heartbeat_backup(storage: Storage, request: HeartbeatRequest) -> bool:
     abort)."""
     backup = request.backup
     claim_key = backup.key(CLAIM_NAME)
-    claim = _read_claim(storage, claim_key)
+    claim = read_claim(storage, claim_key) or {}
     if claim.get("run_id") != request.run_id:
         return False
     if _exists(storage, backup.layout.manifest_key(backup.name)):
@@ -244,7 +244,7 @@ def abort_backup(storage: Storage, request: AbortRequest) -> None:
     for info in list(storage.list(prefix)):
         if info.key != claim_key:
             storage.delete(info.key)
-    holder = _read_claim(storage, claim_key)
+    holder = read_claim(storage, claim_key) or {}
     if holder.get("run_id") == request.run_id:
         storage.delete(claim_key)
 
@@ -272,10 +272,13 @@ def _size(storage: Storage, key: str) -> int:
         return -1
 
 
-def _read_claim(storage: Storage, key: str) -> dict[str, str]:
+def read_claim(storage: Storage, key: str) -> dict[str, object] | None:
+    """The claim at ``key``: None when there is none, {} when it is not a JSON object."""
     try:
         data = json.loads(storage.get(key))
-    except (ObjectNotFound, ValueError):
+    except ObjectNotFound:
+        return None
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 

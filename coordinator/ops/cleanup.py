@@ -28,7 +28,6 @@ differ by more than a heartbeat period should keep ``--older-than`` well above i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,9 +35,16 @@ from datetime import UTC, datetime, timedelta
 
 from coordinator.settings import CleanupSettings, Report, layout_of, open_store
 from storage.base import MultipartUpload, Storage
-from storage.errors import ConfigError, ObjectNotFound, UploadNotFound
+from storage.errors import ConfigError, UploadNotFound
 from storage.layout import BACKUP_MANIFEST_NAME, KEEP_NAME, MANIFEST_NAME, Layout
-from workers.backup import CLAIM_NAME, WRAPPED_KEY_NAME, AbortRequest, BackupRef, abort_backup
+from workers.backup import (
+    CLAIM_NAME,
+    WRAPPED_KEY_NAME,
+    AbortRequest,
+    BackupRef,
+    abort_backup,
+    read_claim,
+)
 from workers.diagnostics import PING_PREFIX
 
 log = logging.getLogger(__name__)
@@ -170,7 +176,7 @@ def _dead_run(
     dry_run: bool,
 ) -> list[str]:
     claim_key = layout.backup_prefix(prefix.name) + CLAIM_NAME
-    claim = _read_claim(storage, claim_key)
+    claim = read_claim(storage, claim_key)
     if claim is None:
         return []  # finalized or removed since the LIST
     last, every = _last_sign_of_life(claim)
@@ -212,7 +218,7 @@ def _leftovers(storage: Storage, layout: Layout, prefix: Prefix, dry_run: bool) 
                     ", ".join(foreign[:3]))  # fmt: skip
         return []
     if not dry_run:
-        if _read_claim(storage, base + CLAIM_NAME) is not None:
+        if read_claim(storage, base + CLAIM_NAME) is not None:
             return []  # a new run claimed the name since the LIST: it owns the prefix now
         for upload in prefix.uploads:
             with contextlib.suppress(UploadNotFound):
@@ -221,16 +227,6 @@ def _leftovers(storage: Storage, layout: Layout, prefix: Prefix, dry_run: bool) 
             storage.delete(key)
     return [f"removed {len(prefix.keys)} object(s) and {len(prefix.uploads)} upload(s) of the "
             f"unclaimed, incomplete backup '{prefix.name}'"]  # fmt: skip
-
-
-def _read_claim(storage: Storage, key: str) -> dict[str, object] | None:
-    try:
-        data = json.loads(storage.get(key))
-    except ObjectNotFound:
-        return None
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _last_sign_of_life(claim: dict[str, object]) -> tuple[datetime | None, float | None]:
