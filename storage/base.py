@@ -6,6 +6,10 @@ Contract (checked for every backend by ``tests/storage/test_contract.py``):
   a backend's URL prefix is applied inside the backend, callers never see it.
 - ``get``/``get_range``/``head`` of a missing key raise ``ObjectNotFound``; ``delete`` of a missing
   key succeeds (deletes are idempotent, as on S3).
+- ``delete_many(keys)`` deletes each key as ``delete`` would, a missing one included, in as few
+  requests as the store allows; it returns only when every key is gone, and otherwise raises a
+  ``StorageError`` naming a key that is not (a partial failure is never success). The keys of
+  one call go in no particular order: what must go first is deleted before, on its own.
 - ``get_range(key, start, length)`` returns ``min(length, size - start)`` bytes, ``b""`` when
   ``start >= size``; it never raises for a range past the end.
 - ``put(..., if_absent=True)`` creates the object only if the key is free and raises
@@ -60,7 +64,8 @@ class ObjectInfo:
 
     ``checksum_sha256`` is the hex SHA-256 of the whole object when the store knows it (objects
     written with ``put``), ``None`` otherwise (S3 keeps only a checksum of checksums for
-    multipart objects).
+    multipart objects). ``modified_s``: when the object was last written, seconds since the
+    Unix epoch, as the store says (S3's LastModified, a local file's mtime); filled by ``list``.
     """
 
     key: str
@@ -68,6 +73,7 @@ class ObjectInfo:
     etag: str
     checksum_sha256: str | None = None
     metadata: Mapping[str, str] | None = None
+    modified_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,15 @@ class Storage(Protocol):
         ...
 
     def delete(self, key: str) -> None: ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete every key of ``keys`` (any number; a missing key counts as deleted, as S3's
+        DeleteObjects reports it), in no particular order. Every key is checked before anything
+        is deleted (``ValueError`` for a malformed one). A key that could not be deleted raises
+        ``PermanentStorageError`` or, when every failure may pass, ``StorageUnreachable``,
+        naming it and how many failed; the other keys may or may not be gone then.
+        """
+        ...
 
     def create_multipart(self, key: str) -> str:
         """Start a multipart upload of ``key`` and return its upload id."""

@@ -196,3 +196,11 @@ class WalArchiveNotFound(CloudDumpError):
     """
 
     exit_code: int = 18
+
+
+class WalNotArchived(CloudDumpError):
+    """``check --db-url``: the segment the check switched to did not reach the archive in time,
+    or PostgreSQL reported ``archive_command`` failing for it. Archiving does not work as
+    configured: nothing a backup relies on would be recoverable past its end."""
+
+    exit_code: int = 19

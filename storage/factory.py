@@ -22,3 +22,11 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     from storage.local import LocalStorage
 
     return LocalStorage(where, options)
+
+
+def s3_credentials_found() -> bool:
+    """Whether S3 credentials are configured for this process, instance and container roles
+    aside (``storage.s3.static_credentials_found``)."""
+    from storage.s3 import static_credentials_found
+
+    return static_credentials_found()

@@ -57,6 +57,9 @@ MANIFEST_NAME = "manifest.json"
 # A pinned backup's pin (``cloud-dump keep``): {"until": ISO time or null, "pinned_at": ...}.
 KEEP_NAME = "keep.json"
 BACKUP_MANIFEST_NAME = "backup_manifest"
+# The last outcome of ``cloud-dump verify`` (storage.verifyresult), a file directly in the
+# backups root: never under a backup's prefix, so no listing takes it for a backup.
+VERIFY_RESULT_NAME = "cloud-dump-verify.json"
 
 # Backup and cluster names become key segments: keep them to a portable, unambiguous set.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -142,7 +145,14 @@ class Layout:
         # In the flat layout a backup named like the WAL prefix would share its directory.
         if self.cluster is None and name == self.wal_root.split("/")[0]:
             raise ConfigError(f"backup name '{name}' is reserved for the WAL archive")
+        if name == VERIFY_RESULT_NAME:  # a local store cannot hold a file and a directory so named
+            raise ConfigError(f"backup name '{name}' is reserved for verify's result")
         return f"{self.backups_root}{name}/"
+
+    def verify_result_key(self) -> str:
+        """Where ``cloud-dump verify`` records its last outcome: beside the backups, in their
+        root (``cloud-dump-verify.json``, or ``<cluster>/backup/cloud-dump-verify.json``)."""
+        return self.backups_root + VERIFY_RESULT_NAME
 
     def manifest_key(self, name: str) -> str:
         return self.backup_prefix(name) + MANIFEST_NAME

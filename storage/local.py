@@ -205,6 +205,29 @@ class LocalStorage:
             fsync_dir(path.parent)
             self._prune_empty(path.parent)
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        paths = [self._path(key) for key in keys]  # every key checked before any is deleted
+        if not paths:
+            return
+        with self._translated("delete", self._root):
+            self._require_root()
+        # Each directory is synced once, after its files are gone, and pruned as ``delete``
+        # prunes (one fsync per directory, not per file: 1,000 WAL files share one).
+        directories: dict[Path, None] = {}
+        for path in paths:
+            with self._translated("delete", path):
+                try:
+                    path.unlink()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+            directories[path.parent] = None
+        for directory in directories:
+            # Gone already: pruned by another delete, with nothing left in it to sync.
+            with self._translated("delete", directory), contextlib.suppress(FileNotFoundError):
+                fsync_dir(directory)
+        for directory in directories:
+            self._prune_empty(directory)
+
     def _prune_empty(self, directory: Path) -> None:
         """Remove ``directory`` and its parents below the root while they are empty: a store has
         no directories of its own (S3 has none), so a prefix whose last object is deleted leaves
@@ -437,7 +460,7 @@ def _object_info(
 ) -> ObjectInfo:
     st = path.stat()
     etag = f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
-    return ObjectInfo(key, st.st_size, etag, sha256, metadata)
+    return ObjectInfo(key, st.st_size, etag, sha256, metadata, st.st_mtime)
 
 
 def _read_metadata(fd: int) -> dict[str, str]:

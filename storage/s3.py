@@ -34,9 +34,11 @@ import random
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -82,6 +84,9 @@ if TYPE_CHECKING:
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
 _SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _MAX_BACKOFF_S = 20.0  # botocore's own cap for its standard retry mode
+# Keys in one DeleteObjects request, at most
+# (https://docs.aws.amazon.com/AmazonS3/latest/API/API_DeleteObjects.html).
+DELETE_BATCH_KEYS = 1000
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _CHECKSUM_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
@@ -231,6 +236,7 @@ class S3Storage:
             etag,
             _whole_object_sha256(response, etag),
             {str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()},
+            _timestamp(response.get("LastModified")),
         )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -239,11 +245,64 @@ class S3Storage:
             for page in paginator.paginate(Bucket=self._bucket, Prefix=self._full_prefix(prefix)):
                 for item in page.get("Contents", []):
                     key = self._relative_key(item["Key"])
-                    yield ObjectInfo(key, int(item["Size"]), _strip_etag(item["ETag"]))
+                    yield ObjectInfo(key, int(item["Size"]), _strip_etag(item["ETag"]),
+                                     modified_s=_timestamp(item.get("LastModified")))
 
     def delete(self, key: str) -> None:
         with self._translated(key):
             self._client().delete_object(Bucket=self._bucket, Key=self._full_key(key))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        # Every key is checked before the first request; dict: duplicates once, order kept.
+        full_keys = list(dict.fromkeys(self._full_key(key) for key in keys))
+        failed: dict[str, str] = {}
+        for start in range(0, len(full_keys), DELETE_BATCH_KEYS):
+            failed.update(self._delete_batch(full_keys[start : start + DELETE_BATCH_KEYS]))
+        if failed:
+            raise self._delete_failure(failed, len(full_keys))
+
+    def _delete_batch(self, full_keys: builtins.list[str]) -> dict[str, str]:
+        """One DeleteObjects request (Quiet: the answer lists only the keys it could not
+        delete); keys that failed with a code that may pass are sent again, with backoff, within
+        the request budget. The error code of each key still not deleted, by full key.
+
+        botocore retries a request that failed as a whole, but not the keys a successful (200)
+        answer lists as failed: that is done here.
+        """
+        failed: dict[str, str] = {}
+        pending = full_keys
+        attempts = self._options.max_attempts
+        for attempt in range(1, attempts + 1):
+            with self._translated(None):
+                response = self._client().delete_objects(
+                    Bucket=self._bucket,
+                    Delete={"Objects": [{"Key": key} for key in pending], "Quiet": True},
+                )
+            errors = {
+                str(error.get("Key")): str(error.get("Code", "unknown"))
+                for error in response.get("Errors", [])
+                # A store that reports a missing key: deleted already, as the contract says.
+                if str(error.get("Code")) not in _NOT_FOUND_CODES
+            }
+            for key in pending:
+                failed.pop(key, None)
+            failed.update(errors)
+            pending = [key for key, code in errors.items() if _may_pass(code)]
+            if not pending or attempt == attempts:
+                break
+            time.sleep(random.uniform(0, min(_MAX_BACKOFF_S, 2.0 ** (attempt - 1))))  # noqa: S311
+        return failed
+
+    def _delete_failure(self, failed: dict[str, str], total: int) -> StorageError:
+        """The error naming the first key not deleted (a permanent failure first, if any)."""
+        permanent = {key: code for key, code in failed.items() if not _may_pass(code)}
+        key, code = next(iter((permanent or failed).items()))
+        what = (f"could not delete {len(failed)} of {total} object(s), the first "
+                f"'{self._relative_key(key)}': {code}")  # fmt: skip
+        if not permanent:
+            return StorageUnreachable(f"storage at '{self._endpoint()}' kept failing: {what}")
+        reason = _ACCESS_CODES.get(code)
+        return PermanentStorageError(f"{what} ({reason})" if reason else what)
 
     # -- protocol: multipart --------------------------------------------------------------------
 
@@ -453,6 +512,11 @@ def _translate_client_error(
     return PermanentStorageError(f"storage request for {what} failed: {code} (http {status})")
 
 
+def _may_pass(code: str) -> bool:
+    """Whether a failure with this S3 error code may succeed when sent again."""
+    return code in _THROTTLING_CODES or code in _TRANSIENT_CODES
+
+
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", "unknown"))
 
@@ -472,8 +536,30 @@ def _connection_reason(exc: BotoCoreError) -> str:
     return "connection failed"
 
 
+def _timestamp(modified: object) -> float | None:
+    """An S3 ``LastModified`` (botocore gives a ``datetime``) as seconds since the epoch."""
+    return modified.timestamp() if isinstance(modified, datetime) else None
+
+
 def _strip_etag(etag: str) -> str:
     return etag.strip('"')
+
+
+def static_credentials_found() -> bool:
+    """Whether boto3's standard chain finds credentials without asking a container or
+    instance metadata service: the environment, profiles, config and credential files, SSO,
+    credential processes. For gateways that take only keys they issued (Storj's), where a role
+    would not do and a host off the cloud would wait on the metadata service's timeouts.
+    Incomplete credentials count as none.
+    """
+    session = botocore.session.Session()
+    resolver = session.get_component("credential_provider")
+    for role in ("container-role", "iam-role"):
+        resolver.remove(role)
+    try:
+        return session.get_credentials() is not None
+    except BotoCoreError:
+        return False
 
 
 def _sha256_b64(sha256_hex: str) -> str:

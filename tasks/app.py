@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import replace
 
+from options.seed import storj_location
 from storage.base import Storage
 from storage.errors import ConfigError
 from storage.factory import open_storage
@@ -45,12 +47,17 @@ class WorkerStorage:
 
     def _open(self) -> Storage:
         if self._storage is None or self._pid != os.getpid():
-            url = self._settings.storage
+            settings = self._settings
+            url, endpoint, problem = storj_location(
+                settings.storage, settings.storj_bucket, settings.s3_endpoint)
+            if problem is not None:
+                raise ConfigError(f"worker: {problem}")
             if not url:
                 raise ConfigError(
                     "worker has no storage: set CLOUD_DUMP_STORAGE (s3://... or file:///...)"
                 )
-            self._storage = open_storage(url, StorageOptions.from_settings(self._settings))
+            options = StorageOptions.from_settings(settings)
+            self._storage = open_storage(url, replace(options, s3_endpoint=endpoint))
             self._pid = os.getpid()
             log.info("worker process %d uses storage %s", self._pid, self._storage.url)
         return self._storage

@@ -46,9 +46,10 @@ def upload_part_task(request: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="cloud_dump.finalize_backup", **_RETRY)  # type: ignore[untyped-decorator]
-def finalize_backup_task(request: dict[str, Any]) -> None:
+def finalize_backup_task(request: dict[str, Any]) -> dict[str, Any]:
     parsed = backup.FinalizeRequest.model_validate(request)
-    backup.finalize_backup(worker_storage.get(parsed.storage_url), worker_stage.get(), parsed)
+    storage = worker_storage.get(parsed.storage_url)
+    return backup.finalize_backup(storage, worker_stage.get(), parsed).model_dump()
 
 
 @app.task(name="cloud_dump.abort_backup", **_RETRY)  # type: ignore[untyped-decorator]

@@ -17,7 +17,7 @@ from kombu.entity import Queue
 
 PARTS_QUEUE = "parts"
 WAL_QUEUE = "wal"
-TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal"]
+TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal", "tasks.verify"]
 
 
 def make_app(broker_url: str, result_backend: str | None = None) -> Celery:

@@ -8,6 +8,7 @@ never pass through cloud-dump's own configuration, logs or task messages.
 
 from __future__ import annotations
 
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from storage.base import S3_MAX_PART_COUNT
@@ -31,3 +32,11 @@ class WorkerSettings(BaseSettings):
     s3_path_style: bool | None = None
     s3_max_parts: int = S3_MAX_PART_COUNT
     storage_max_attempts: int = 5
+    # verify --deep only: the keys that decrypt backups and WAL, from this worker's own
+    # environment (a task never carries one). Comma-separated identity files, as the CLI's.
+    identity_key: str | None = None
+    passphrase_file: str | None = None
+    passphrase: SecretStr | None = None
+    # The seed's STORJ_BUCKET, under its own name: with CLOUD_DUMP_STORAGE=storj (or none), the
+    # bucket at Storj's gateway (options.seed), as the CLI resolves it.
+    storj_bucket: str | None = Field(default=None, validation_alias="STORJ_BUCKET")

@@ -90,7 +90,8 @@ def test_each_commands_typed_settings_are_its_declared_options() -> None:
 
     for command, cls in SETTINGS.items():
         positional = {dest for dest, _, _ in _POSITIONALS.get(command, [])}
-        extra = {"command", "passphrase_from_flag", "db_url_from_environment"} | positional
+        extra = {"command", "passphrase_from_flag", "wal_passphrase_from_flag",
+                 "db_url_from_environment"} | positional
         declared = {o.dest for o in options_of(command) if o.dest}
         env_only = {o.env.removeprefix("CLOUD_DUMP_").lower() for o in options_of(command)
                     if o.flag is None and o.env}  # fmt: skip

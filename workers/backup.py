@@ -53,6 +53,12 @@ class BackupRef(BaseModel):
     def key(self, file_name: str) -> str:
         return self.layout.backup_prefix(self.name) + file_name
 
+    def facts(self) -> dict[str, object]:
+        facts: dict[str, object] = {"backup": self.name}
+        if self.cluster:
+            facts["cluster"] = self.cluster
+        return facts
+
 
 class ClaimRequest(StorageBound):
     backup: BackupRef
@@ -65,15 +71,24 @@ class ClaimRequest(StorageBound):
     heartbeat_every_s: float | None = None
     heartbeat_at: str | None = None
 
+    def facts(self) -> dict[str, object]:
+        return self.backup.facts() | {"run": self.run_id, "host": self.host}
+
 
 class HeartbeatRequest(StorageBound):
     backup: BackupRef
     run_id: str
     at: str  # the coordinator's clock, ISO 8601
 
+    def facts(self) -> dict[str, object]:
+        return self.backup.facts() | {"run": self.run_id}
+
 
 class OpenArchiveRequest(StorageBound):
     key: str
+
+    def facts(self) -> dict[str, object]:
+        return archive_facts(self.key)
 
 
 class UploadPartRequest(StorageBound):
@@ -83,6 +98,9 @@ class UploadPartRequest(StorageBound):
     size: int
     sha256: str
     ref: str
+
+    def facts(self) -> dict[str, object]:
+        return archive_facts(self.key) | {"part": self.part_number, "bytes": self.size}
 
 
 class UploadPartResult(BaseModel):
@@ -107,11 +125,37 @@ class FinalizeRequest(StorageBound):
     wrapped_key_ref: str | None = None
     manifest_ref: str
 
+    def facts(self) -> dict[str, object]:
+        return self.backup.facts() | _upload_totals(self.archives)
+
+
+class FinalizeResult(BaseModel):
+    """What a finalized backup holds: its archives, their parts and bytes (stored size)."""
+
+    backup: str
+    archives: int
+    parts: int
+    bytes: int
+
 
 class AbortRequest(StorageBound):
     backup: BackupRef
     run_id: str
     uploads: list[ArchiveUpload]
+
+    def facts(self) -> dict[str, object]:
+        return self.backup.facts() | {"run": self.run_id, "uploads": len(self.uploads)}
+
+
+def archive_facts(key: str) -> dict[str, object]:
+    """The backup and archive an archive key names (``[<cluster>/backup/]<name>/<archive>``)."""
+    *_, backup, archive = ["", *key.split("/")]
+    return {"backup": backup, "archive": archive}
+
+
+def _upload_totals(archives: list[ArchiveUpload]) -> dict[str, int]:
+    parts = [part for archive in archives for part in archive.parts]
+    return {"archives": len(archives), "parts": len(parts), "bytes": sum(p.size for p in parts)}
 
 
 def claim_backup(storage: Storage, request: ClaimRequest) -> str:
@@ -187,8 +231,9 @@ def upload_part(storage: Storage, stage: Stage, request: UploadPartRequest) -> U
     )
 
 
-def finalize_backup(storage: Storage, stage: Stage, request: FinalizeRequest) -> None:
-    """Complete every archive, store the manifests (``manifest.json`` last), drop the claim."""
+def finalize_backup(storage: Storage, stage: Stage, request: FinalizeRequest) -> FinalizeResult:
+    """Complete every archive, store the manifests (``manifest.json`` last), drop the claim;
+    return what the backup holds."""
     for archive in request.archives:
         _complete_archive(storage, archive)
     storage.put(request.backup_manifest_key, stage.get(request.backup_manifest_ref))
@@ -207,6 +252,7 @@ def finalize_backup(storage: Storage, stage: Stage, request: FinalizeRequest) ->
             ) from None
     _abort_strays(storage, request)
     storage.delete(request.backup.key(CLAIM_NAME))
+    return FinalizeResult(backup=request.backup.name, **_upload_totals(request.archives))
 
 
 def _abort_strays(storage: Storage, request: FinalizeRequest) -> None:
@@ -241,9 +287,7 @@ def abort_backup(storage: Storage, request: AbortRequest) -> None:
         with contextlib.suppress(UploadNotFound):
             storage.abort_multipart(key, upload_id)
     claim_key = backup.key(CLAIM_NAME)
-    for info in list(storage.list(prefix)):
-        if info.key != claim_key:
-            storage.delete(info.key)
+    storage.delete_many([info.key for info in storage.list(prefix) if info.key != claim_key])
     holder = read_claim(storage, claim_key) or {}
     if holder.get("run_id") == request.run_id:
         storage.delete(claim_key)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from storage.base import Storage
 from storage.errors import StorageMismatch
+from storage.redact import redact_url
 from storage.urls import storage_url
 
 
@@ -26,6 +27,20 @@ class StorageBound(BaseModel):
     None: wherever the worker's storage is (the sender was told no storage)."""
 
     storage_url: str | None = None
+
+    def facts(self) -> dict[str, object]:
+        """The facts naming this unit of work, for people: backup, archive, part, WAL file,
+        sizes. Each request says its own; never a secret (none is in a request)."""
+        return {}
+
+    def summary(self) -> str:
+        """``key=value`` words of ``facts()`` and the storage location, e.g. ``backup=nightly
+        archive=base.tar.zst part=12 bytes=16777216``: what Flower shows as the task's
+        arguments (Celery's ``argsrepr``) instead of the raw request."""
+        facts = self.facts()
+        if self.storage_url is not None:
+            facts["storage"] = redact_url(self.storage_url)
+        return " ".join(f"{name}={value}" for name, value in facts.items())
 
 
 def require_location(storage: Storage, expected: str | None, worker: str) -> None:

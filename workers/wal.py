@@ -79,6 +79,9 @@ class PushWalRequest(StorageBound):
     archive_info_key: str
     ref: str
 
+    def facts(self) -> dict[str, object]:
+        return {"wal": self.file_name, "bytes": self.stored_size}
+
 
 class PushWalResult(BaseModel):
     key: str
@@ -98,6 +101,12 @@ class OpenWalArchiveRequest(StorageBound):
     # The wrapped identity (age-scrypt ciphertext, as stored) comes back so that the caller
     # can check that its passphrase opens it before encrypting anything to its recipient.
     want_wrapped_identity: bool = False
+
+    def facts(self) -> dict[str, object]:
+        facts: dict[str, object] = {"wal_archive": self.archive_info_key.rpartition("/")[0]}
+        if self.recipient is not None:
+            facts["encryption"] = "passphrase"
+        return facts
 
 
 class OpenWalArchiveResult(BaseModel):

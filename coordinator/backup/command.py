@@ -4,8 +4,8 @@ runner (embedded or Celery workers) chosen and checked before anything is claime
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
 
+from coordinator import pgconn
 from coordinator.settings import BackupSettings, Report, encryption_of, layout_of
 from options.declared import number_from_env
 from storage.errors import ConfigError
@@ -26,7 +26,7 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     layout_of(args).backup_prefix(name)  # rejects names reserved by the layout
     if not args.db_url:
         raise ConfigError("no database given: use --db-url or CLOUD_DUMP_DB_URL")
-    if not args.db_url_from_environment and _has_password(args.db_url):
+    if not args.db_url_from_environment and pgconn.has_password(args.db_url):
         log.warning("the password in --db-url is visible to every user in 'ps': prefer "
                     "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
     chosen = encryption_of(args)  # may read a passphrase file: a ConfigError before any work
@@ -55,12 +55,3 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     report(f"backup '{manifest.name}' complete: {len(manifest.archives)} archive(s), "
            f"{manifest.stored_size} bytes stored, WAL {manifest.start_wal_file} .. "
            f"{manifest.end_wal_file}")
-
-
-def _has_password(dsn: str) -> bool:
-    if "://" in dsn:
-        try:
-            return urlsplit(dsn).password is not None
-        except ValueError:
-            return False
-    return "password=" in dsn

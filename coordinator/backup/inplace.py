@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from coordinator.pgconn import message, ordinary_params, redact
+
 SENT_SINCE = 160000  # PostgreSQL 16 backs in-place tablespaces up
 # 1663 and 1664 are pg_default and pg_global, whose location is '' (PGDATA itself).
 _QUERY = (
@@ -40,15 +42,9 @@ def find_in_place_tablespaces(
     params: Mapping[str, str],
 ) -> tuple[list[InPlaceTablespace], None] | tuple[None, str]:
     """(the in-place tablespaces, None), or (None, why they could not be listed)."""
-    ordinary = {k: v for k, v in params.items() if k != "replication"}
-    if ordinary.get("dbname") in (None, "", "replication"):
-        ordinary["dbname"] = "postgres"  # a physical replication login names no real database
     try:
-        with psycopg.connect(make_conninfo("", **ordinary), autocommit=True) as conn:
+        with psycopg.connect(make_conninfo("", **ordinary_params(params)), autocommit=True) as conn:
             rows = conn.execute(_QUERY).fetchall()
     except psycopg.Error as exc:
-        first = (exc.diag.message_primary or str(exc)).strip().splitlines()
-        reason = first[0] if first else type(exc).__name__
-        password = params.get("password")
-        return None, reason.replace(password, "***") if password else reason
+        return None, redact(message(exc), params.get("password"))
     return [InPlaceTablespace(str(name), str(location)) for name, location in rows], None

@@ -32,8 +32,9 @@ from typing import NoReturn, Protocol
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
+from coordinator import pgconn
 from coordinator.backup import inplace, replication_legacy
 from coordinator.codecs import DEFAULT_COMPRESSION, codec
 from storage.errors import ConfigError, DatabaseError, DatabaseUnreachable
@@ -48,7 +49,6 @@ MAX_RATE_RANGE_KBPS = range(32, 1048577)  # the server's own limits for MAX_RATE
 MAX_LABEL_BYTES = 1023  # MAXPGPATH - 1
 OLDEST_SERVER = 130000  # backup manifests start with 13
 NEW_FRAMING = 150000
-CONNECT_TIMEOUT_S = 15
 # The server rejects a compression specification (unknown algorithm, not built in, bad detail)
 # with syntax_error; zstd rejecting a worker count while setting up reports internal_error.
 SQLSTATE_SYNTAX_ERROR = "42601"
@@ -160,40 +160,6 @@ def wal_file_name(timeline: int, lsn: str, wal_segment_size: int) -> str:
 
 # --- errors ------------------------------------------------------------------------------------
 
-CONNECT_HINTS = {
-    "max_wal_senders": "raise max_wal_senders on the server: each backup needs a free walsender",
-    "pg_hba.conf": "allow it with a 'host replication <user> <address> scram-sha-256' line",
-    "replication role": "grant it with ALTER ROLE <user> REPLICATION",
-}
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "no error message"
-    return line.removeprefix("FATAL:").removeprefix("ERROR:").strip()
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
-
-
-def _connect_reason(message: str) -> str:
-    """The reason out of libpq's ``connection to server at "h", port p failed: <reason>``."""
-    first = message.strip().splitlines()[0] if message.strip() else "no error message"
-    reason = first.rsplit(" failed: ", 1)[-1].removeprefix("connection failed: ")
-    reason = _lower_first(_first_line(reason))
-    hints = [hint for key, hint in CONNECT_HINTS.items() if key in reason]
-    return "; ".join([reason, *hints])
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
-def _message(exc: psycopg.Error) -> str:
-    """The server's message (first line), or psycopg's when the server sent none."""
-    return _first_line(exc.diag.message_primary or str(exc))
-
-
 class _CompressionRefused(Exception):
     """The server rejected the compression we asked for, before doing any work."""
 
@@ -219,11 +185,11 @@ class ReplicationConnection:
     def connect(cls, dsn: str) -> ReplicationConnection:
         """Connect with a URL or key=value conninfo; physical replication is forced on."""
         params = _parse_dsn(dsn)
-        target = _describe_target(params)
+        target = pgconn.describe_target(params)
         try:
             conn = psycopg.connect(make_conninfo("", **params), autocommit=True)
         except psycopg.Error as exc:
-            reason = _redact(_connect_reason(str(exc)), params.get("password"))
+            reason = pgconn.redact(pgconn.connect_reason(str(exc)), params.get("password"))
             raise DatabaseUnreachable(f"cannot connect to postgres at {target}: {reason}") from exc
         return cls(conn, target, params)
 
@@ -256,7 +222,7 @@ class ReplicationConnection:
         if result.status != pq.ExecStatus.TUPLES_OK:
             failure = psycopg.errors.error_from_result(result)
             raise DatabaseError(
-                f"'{command.decode()}' failed on {self._target}: {_message(failure)}"
+                f"'{command.decode()}' failed on {self._target}: {pgconn.message(failure)}"
             ) from failure
         if result.ntuples < 1:
             raise DatabaseError(f"'{command.decode()}' returned no row on {self._target}")
@@ -368,9 +334,9 @@ class ReplicationConnection:
         if b"workers=" in command:
             refusals.add(SQLSTATE_INTERNAL_ERROR)
         if compression != "none" and not stream.started and failure.sqlstate in refusals:
-            raise _CompressionRefused(_message(failure)) from failure
+            raise _CompressionRefused(pgconn.message(failure)) from failure
         raise DatabaseError(
-            f"base backup on {self._target} failed: {_message(failure)}"
+            f"base backup on {self._target} failed: {pgconn.message(failure)}"
         ) from failure
 
 
@@ -550,31 +516,16 @@ def _tablespace_row(row: list[str | None]) -> TablespaceRow:
 
 
 def _parse_dsn(dsn: str) -> dict[str, str]:
-    """Conninfo as a dict, with replication=true unless it asks for it already.
-
-    libpq quotes fragments of a malformed conninfo in its message, and a fragment may be the
-    password: the message is not passed on.
-    """
-    try:
-        params = {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
-    except psycopg.Error as exc:
-        raise ConfigError(
-            "invalid database url or conninfo (details hidden: may hold a password)"
-        ) from exc
+    """Conninfo as a dict (``coordinator.pgconn``), with replication=true unless it asks for it
+    already; another replication mode is refused (``ConfigError``)."""
+    params = pgconn.parse_conninfo(dsn)
     replication = params.setdefault("replication", "true").lower()
     if replication not in ("true", "on", "yes", "1"):
         raise ConfigError(
             f"the database url asks for replication={replication}; a physical backup needs "
             "replication=true"
         )
-    params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
-    params.setdefault("application_name", "cloud-dump")
     return params
-
-
-def _describe_target(params: dict[str, str]) -> str:
-    host = params.get("host") or params.get("hostaddr") or "the default socket"
-    return f"{host}:{params.get('port') or '5432'}"
 
 
 SIZE_UNITS = {"": 1, "B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3}

@@ -90,6 +90,8 @@ class Flight:
     queue: Any  # a queue name, or a kombu Queue (a worker's direct queue)
     what: str  # for messages: "part 3 of 'b1/base.tar.zst'"
     payloads: dict[str, bytes] = field(default_factory=dict)  # staged under these refs
+    # What Flower shows as the task's arguments, e.g. "backup=b1 archive=base.tar.zst part=3".
+    label: str = ""
     resend_after_s: float = math.inf
     timeout_s: float | None = None  # unanswered this long in all: NoWorkerAvailable
     expires_s: float | None = None  # a copy no worker took this long is dropped by Celery
@@ -288,8 +290,9 @@ class Flights:
             for ref, data in flight.payloads.items():
                 self.broker.stage.put(ref, data, self._ttl_s)
         task_id = self.broker.send(
-            flight.task, flight.argument, flight.queue, expires_s=flight.expires_s
-        )
+            flight.task, flight.argument, flight.queue, label=flight.label,
+            expires_s=flight.expires_s,
+        )  # fmt: skip
         now = time.monotonic()
         flight.task_ids.append(task_id)
         flight.sent_at = now
@@ -405,9 +408,10 @@ class CeleryRunner:
         *,
         timeout_s: float | None = None,
     ) -> Handle:
+        bound = self.bound(request)
         flight = Flight(
-            task, self.bound(request), self.queue, what, dict(payloads or {}),
-            resend_after_s=self.resend_after_s, timeout_s=timeout_s,
+            task, bound.model_dump(), self.queue, what, dict(payloads or {}),
+            label=bound.summary(), resend_after_s=self.resend_after_s, timeout_s=timeout_s,
         )  # fmt: skip
         return _FlightHandle(self.flights, self.flights.start(flight))
 
@@ -420,11 +424,11 @@ class CeleryRunner:
     def revive(self, grace_s: float) -> None:
         self.flights.revive(grace_s)
 
-    def bound(self, request: StorageBound) -> dict[str, Any]:
+    def bound(self, request: StorageBound) -> StorageBound:
         """The request as sent: with the storage location this command was told, if any."""
         if self.storage_url is not None:
             request = request.model_copy(update={"storage_url": self.storage_url})
-        return request.model_dump()
+        return request
 
     def close(self) -> None:
         self.broker.close()
@@ -474,6 +478,7 @@ def run_on_worker(
         argument,
         worker_direct(worker),
         f"'{task_name}' on '{worker}'",
+        label=f"worker={worker}",
         timeout_s=timeout_s,
         expires_s=timeout_s,
     )

@@ -144,3 +144,9 @@ def describe(name: str, text: str) -> str:
     if origin is not None and origin[2] == text:
         return f"{name}='{text}' (config file '{origin[0]}' line {origin[1]})"
     return f"environment variable {name}='{text}'"
+
+
+def from_config_file(name: str) -> bool:
+    """Whether variable ``name`` holds the value the config file gave it."""
+    origin = _ORIGINS.get(name)
+    return origin is not None and os.environ.get(name) == origin[2]

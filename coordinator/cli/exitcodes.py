@@ -26,6 +26,7 @@ from storage.errors import (
     TargetNotEmpty,
     WalArchiveNotFound,
     WalConflict,
+    WalNotArchived,
 )
 
 
@@ -55,6 +56,7 @@ class ExitCode(IntEnum):
     LOCAL_IO = 16
     WAL_CONFLICT = WalConflict.exit_code
     WAL_ARCHIVE_NOT_FOUND = WalArchiveNotFound.exit_code
+    WAL_NOT_ARCHIVED = WalNotArchived.exit_code
     # Ctrl-C or SIGTERM, after the command cleaned up (128 + SIGINT, as shells report it).
     INTERRUPTED = 130
     # wal-fetch only: any failure other than "not in the archive", a missing archive (18)
@@ -90,6 +92,7 @@ SUMMARY: dict[ExitCode, str] = {
     ExitCode.LOCAL_IO: "local i/o error",
     ExitCode.WAL_CONFLICT: "WAL conflict",
     ExitCode.WAL_ARCHIVE_NOT_FOUND: "no WAL archive there",
+    ExitCode.WAL_NOT_ARCHIVED: "check: WAL did not reach the archive",
     ExitCode.INTERRUPTED: "interrupted",
     ExitCode.WAL_FETCH_FAILED: "wal-fetch: any failure (1: not in the archive)",
 }

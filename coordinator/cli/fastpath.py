@@ -31,6 +31,7 @@ from coordinator.cli.limits import DEFAULT_PREFETCH
 from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
 from coordinator.wal.spooldir import wal_spool_dir
 from options.declared import WAL_FETCH, WAL_PUSH, switches, value_flags
+from options.seed import storj_location
 
 # The options of wal-push and wal-fetch, from their declarations: which take a value, which
 # do not.
@@ -45,6 +46,7 @@ _ENV = {
     "--wal-prefix": "CLOUD_DUMP_WAL_PREFIX",
     "--spool-dir": "CLOUD_DUMP_SPOOL_DIR",
     "--prefetch": "CLOUD_DUMP_WAL_PREFETCH",
+    "--storj-bucket": "STORJ_BUCKET",
 }
 
 
@@ -169,6 +171,11 @@ def _parse(
     if load_config_file(args):
         return None
     settings = {flag: flags.get(flag) or os.environ.get(env) or None for flag, env in _ENV.items()}
+    # The seed's --storage storj: its bucket's s3:// URL, as the full CLI records it.
+    storage, _, problem = storj_location(settings["--storage"], settings["--storj-bucket"], None)
+    if problem is not None:
+        return None
+    settings["--storage"] = storage
     prefix = settings["--wal-prefix"]
     if settings["--cluster"] and prefix and prefix.strip("/") != "wal_archive":
         return None  # refused by the full CLI (storage.layout.Layout)

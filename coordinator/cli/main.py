@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from coordinator.cli.configfile import describe, load_config_file
 from coordinator.cli.exitcodes import ExitCode, exit_code_for, help_epilog
 from coordinator.cli.limits import env_only_problems, flag_problem
+from coordinator.cli.seed import apply_seed_variables
 from coordinator.logs import setup_cli_logging
 from options.declared import (
     BACKUP,
@@ -31,6 +32,7 @@ from options.declared import (
     DELETE,
     EXPIRE,
     FLOAT,
+    INFO,
     INT,
     KEEP,
     LIST,
@@ -165,8 +167,17 @@ _COMMANDS: dict[str, dict[str, str]] = {
     VERIFY: {"help": "check that stored backups and their WAL are whole",
              "description": "Read every object of each backup back from storage and check its "
                             "size and SHA-256, and check that the WAL each backup needs, and "
-                            "the WAL after it, is archived without a gap. Exit 0 only when "
-                            "everything checks out."},
+                            "the WAL after it, is archived without a gap, following the "
+                            "newest timeline's history. --deep also decrypts, decompresses "
+                            "and reads every archive and that WAL back to their contents, "
+                            "checking each file against backup_manifest and each segment's "
+                            "header. Exit 0 only when everything checks out."},
+    INFO: {"help": "what a store holds, and how far a restore from it reaches",
+           "description": "The backups, the restorable window of each timeline (from the "
+                          "newest archived WAL, read record by record), WAL gaps and the age "
+                          "of the newest segment, stored bytes and verify's last result; as "
+                          "text, --json or --prometheus (for node_exporter's textfile "
+                          "collector)."},
     WAL_PUSH: {"help": "archive one WAL file (archive_command = 'cloud-dump wal-push %%p %%f')",
                "description": "Archive one WAL file; exit 0 only once it is stored. Settings "
                               "come from the environment or --config, never inline secrets."},
@@ -175,9 +186,11 @@ _COMMANDS: dict[str, dict[str, str]] = {
                                "archive (which exists), "
                                f"{int(ExitCode.WAL_FETCH_FAILED)} any other failure, no archive "
                                "at the location included (PostgreSQL then stops recovery)."},
-    CHECK: {"help": "prove the storage and worker paths work (write, read back, delete)",
-            "description": "Check storage directly (with --storage) and every worker's path to "
-                           "its storage through the broker (with --broker)."},
+    CHECK: {"help": "prove the storage, worker and WAL archiving paths work",
+            "description": "Check storage directly (with --storage: write, read back, delete), "
+                           "that archive_command gets WAL into it (with --db-url: a forced WAL "
+                           "switch, and the wait for its segment in the archive), and every "
+                           "worker's path to its storage through the broker (with --broker)."},
 }
 # The positional arguments: PostgreSQL's %p and %f, in the order each command takes them.
 _POSITIONALS: dict[str, list[tuple[str, str, str]]] = {
@@ -309,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
         CleanupSettings,
         DeleteSettings,
         ExpireSettings,
+        InfoSettings,
         KeepSettings,
         ListSettings,
         RestoreSettings,
@@ -356,6 +370,10 @@ def _run(args: argparse.Namespace) -> int:
         from coordinator.ops.cleanup import run_cleanup
 
         run_cleanup(settings, _report)
+    elif isinstance(settings, InfoSettings):
+        from coordinator.ops.info import run_info
+
+        run_info(settings, _report)
     elif isinstance(settings, VerifySettings):
         from coordinator.ops.verify import run_verify
 
@@ -406,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings: list[str] = []
     try:
         warnings = load_config_file(argv)
+        apply_seed_variables(argv)  # the seed's WAL_* variables, before flags are read
         # Parsing checks every number, given or from the environment (coordinator.cli.limits).
         args = build_parser().parse_args(argv)
         _check_numbers(args)

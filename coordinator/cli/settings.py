@@ -1,7 +1,7 @@
 """The parsed command line into the command's typed settings: the one place below ``main``
 that reads an ``argparse.Namespace``, and the last that reads a declared variable from the
-environment (the ones with no flag: ``CLOUD_DUMP_PASSPHRASE``, and ``CLOUD_DUMP_WAL_PREFIX`` for
-``backup`` and ``list``)."""
+environment (the ones with no flag: ``CLOUD_DUMP_PASSPHRASE``, ``CLOUD_DUMP_WAL_PASSPHRASE``, and
+``CLOUD_DUMP_WAL_PREFIX`` for ``backup`` and ``list``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
+from coordinator.cli.seed import resolve_storj
 from coordinator.settings import (
     BackupSettings,
     CheckSettings,
@@ -16,6 +17,7 @@ from coordinator.settings import (
     CommonSettings,
     DeleteSettings,
     ExpireSettings,
+    InfoSettings,
     KeepSettings,
     ListSettings,
     RestoreSettings,
@@ -29,6 +31,7 @@ SETTINGS: dict[str, type[CommonSettings]] = {
     "restore": RestoreSettings,
     "list": ListSettings,
     "verify": VerifySettings,
+    "info": InfoSettings,
     "cleanup": CleanupSettings,
     "expire": ExpireSettings,
     "delete": DeleteSettings,
@@ -55,6 +58,10 @@ def settings_of(args: argparse.Namespace) -> CommonSettings:
         # command line (visible in ps) gets the warning.
         values["passphrase_from_flag"] = args.passphrase is not None
         values["passphrase"] = args.passphrase or os.environ.get("CLOUD_DUMP_PASSPHRASE") or None
+    if "wal_passphrase" in names:  # restore's, for the WAL archive: as the passphrase
+        values["wal_passphrase_from_flag"] = args.wal_passphrase is not None
+        values["wal_passphrase"] = (args.wal_passphrase
+                                    or os.environ.get("CLOUD_DUMP_WAL_PASSPHRASE") or None)
     if "db_url_from_environment" in names:
         # Whether the database URL is CLOUD_DUMP_DB_URL's (or the config file's, which sets
         # it): only one typed on the command line shows in ps, and gets the warning.
@@ -62,7 +69,8 @@ def settings_of(args: argparse.Namespace) -> CommonSettings:
             args.db_url is not None and args.db_url == os.environ.get("CLOUD_DUMP_DB_URL"))
     if "wal_prefix" in names and "wal_prefix" not in values:
         values["wal_prefix"] = os.environ.get("CLOUD_DUMP_WAL_PREFIX") or None
-    for key in ("recipient_key", "identity_key", "tablespace_mapping"):
+    for key in ("recipient_key", "identity_key", "wal_identity_key", "tablespace_mapping"):
         if key in names and values.get(key) is None:
             values[key] = ()
+    resolve_storj(values, args.command)  # --storage storj: the gateway's s3:// location
     return cls(**values)  # type: ignore[arg-type]

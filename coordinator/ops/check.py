@@ -1,5 +1,8 @@
 """``cloud-dump check``: prove the paths a backup will use, before a backup needs them.
 
+With ``--db-url``, also that ``archive_command`` gets WAL into the archive
+(``coordinator.ops.archivecheck``): a forced WAL switch, and the wait for its segment.
+
 Directly: write, read back and delete a small object in the store. Through the broker: find the
 workers, make sure someone consumes each queue, and have every worker do the same storage round
 trip, so a worker with wrong credentials shows up now rather than in the middle of the night.
@@ -10,14 +13,19 @@ the check fails (exit 3) naming both locations.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
-from coordinator.settings import CheckSettings, Report, open_store
+from coordinator import pgconn
+from coordinator.ops.archivecheck import check_archiving
+from coordinator.settings import CheckSettings, Report, layout_of, open_store
 from storage.base import Storage
 from storage.errors import ConfigError, RemoteTaskFailed, StorageError, StorageMismatch
 from storage.redact import redact_url
 from storage.urls import storage_url
 from workers.diagnostics import PingRequest, PingResult, ping_storage
+
+log = logging.getLogger(__name__)
 
 
 def check_storage(storage: Storage, report: Callable[[str], None]) -> PingResult:
@@ -78,13 +86,27 @@ def check_workers(
 
 
 def run_check(args: CheckSettings, report: Report) -> None:
-
-    if not args.storage and not args.broker:
-        raise ConfigError("nothing to check: give --storage, --broker or both")
+    """The storage round trip, the workers' (with a broker), then archiving (with a
+    database): each reported as it passes; the first failure raised."""
+    if not args.storage and not args.broker and not args.db_url:
+        raise ConfigError("nothing to check: give --storage, --broker, --db-url or several")
+    if args.db_url and not args.storage:
+        raise ConfigError(
+            "check --db-url needs --storage (and --cluster or --wal-prefix if archive_command "
+            "uses them): where to look for the WAL it archives"
+        )
+    layout = layout_of(args)  # a WAL prefix with a cluster is refused before connecting
+    if args.db_url and not args.db_url_from_environment and pgconn.has_password(args.db_url):
+        log.warning("the password in --db-url is visible to every user in 'ps': prefer "
+                    "PGPASSWORD, a .pgpass file or CLOUD_DUMP_DB_URL")
     if args.storage:
         storage = open_store(args)
         try:
             check_storage(storage, report)
+            if args.db_url:
+                # Before the workers: a broken archive_command is what an operator is most
+                # likely running check for.
+                check_archiving(args.db_url, storage, layout, args.timeout, report)
         finally:
             storage.close()
     if args.broker:

@@ -223,8 +223,7 @@ def _leftovers(storage: Storage, layout: Layout, prefix: Prefix, dry_run: bool) 
         for upload in prefix.uploads:
             with contextlib.suppress(UploadNotFound):
                 storage.abort_multipart(upload.key, upload.upload_id)
-        for key in prefix.keys:
-            storage.delete(key)
+        storage.delete_many(prefix.keys)
     return [f"removed {len(prefix.keys)} object(s) and {len(prefix.uploads)} upload(s) of the "
             f"unclaimed, incomplete backup '{prefix.name}'"]  # fmt: skip
 

@@ -9,6 +9,11 @@ Retention policies, as operators know them from pgBackRest and barman:
 "Newest" is by the end recorded in ``manifest.json`` (time, then LSN), the order ``list``
 shows. The newest backup is always kept, whatever the policy says.
 
+Order of removal: each expired backup's ``manifest.json`` alone first, so that an interrupted
+expire never leaves a backup that looks complete but is not; then its other objects; then, once
+every expired backup is gone, the WAL no kept backup reads (``expire_wal``). All but the
+manifests go through ``Storage.delete_many``: on S3 one request per 1,000 keys, not one per key.
+
 ``cloud-dump keep NAME [--until DATE | --forever | --release]`` pins a backup (``keep.json``
 in its prefix): expire keeps it outside the policy's count until the date passes or it is
 released, and ``delete`` refuses it. A backup carries the WAL that makes it consistent (the
@@ -80,8 +85,10 @@ def run_expire(args: ExpireSettings, report: Report) -> None:
         held = [m for m in backups if m.name in pinned]
         removed = expire_wal(storage, layout, kept, held, dry_run=args.dry_run)
         oldest = kept[-1]
-        out(f"removed {removed} WAL file(s) before {oldest.start_wal_file}, the first segment "
-            f"of the oldest kept backup '{oldest.name}' (pinned ones keep their own)")  # fmt: skip
+        out(f"removed {removed} WAL file(s) no kept backup reads: before "
+            f"{oldest.start_wal_file}, the first segment of the oldest kept backup "
+            f"'{oldest.name}', or on a timeline older than every kept backup's (pinned ones "
+            "keep their own)")  # fmt: skip
         report(f"kept {len(kept)} backup(s): {', '.join(m.name for m in kept)}")
         for manifest in held:
             report(f"kept backup '{manifest.name}': pinned {pinned[manifest.name]}")
@@ -128,15 +135,18 @@ def plan_expiry(
 def delete_backup(
     storage: Storage, layout: Layout, manifest: BackupManifest, *, dry_run: bool
 ) -> int:
-    """Remove every object under the backup's prefix, ``manifest.json`` first; how many."""
+    """Remove every object under the backup's prefix, ``manifest.json`` first and on its own
+    (from then on the backup is no longer one for ``list`` and ``restore``, and what an
+    interrupted removal leaves is ``cleanup``'s), the rest in batches; how many."""
     prefix = layout.backup_prefix(manifest.name)
     keys = [info.key for info in storage.list(prefix)]
     first = prefix + MANIFEST_NAME
-    ordered = [first] + [k for k in keys if k != first] if first in keys else keys
+    rest = [k for k in keys if k != first]
     if not dry_run:
-        for key in ordered:
-            storage.delete(key)
-    return len(ordered)
+        if first in keys:
+            storage.delete(first)
+        storage.delete_many(rest)
+    return len(keys)
 
 
 def expire_wal(
@@ -147,32 +157,47 @@ def expire_wal(
     *,
     dry_run: bool,
 ) -> int:
-    """Remove the WAL files before the first segment of every kept backup, except those from
-    the first to the last segment of a pinned backup; how many."""
+    """Remove the WAL files (segments, ``.partial``, ``.backup``) no kept backup reads, except
+    those from the first to the last segment of a pinned backup; how many. History files stay.
+
+    A backup's recovery reads WAL from its first segment on, on its own timeline and on the
+    timelines that descend from it, whose numbers are always higher (PostgreSQL gives a new
+    timeline the highest number in the archive plus one, ``findNewestTimeLine``). So a file is
+    kept when some kept backup started on its timeline or a lower one, at or before it. This
+    needs names only: history files, which may be encrypted, are not read, and a sibling
+    timeline's WAL after a kept backup stays.
+    """
     size = segment_size_of(kept[0])
-    first_needed = min(Segment.parse(m.start_wal_file, size).number for m in kept)
+    starts = [Segment.parse(m.start_wal_file, size) for m in kept]
     # Through the segment after the one holding the end LSN (the record after the end is read
     # before recovery stops there). Not a promise that a recovery target works: PostgreSQL 15
     # reads ahead (recovery_prefetch) and may ask for later segments, which wal-fetch then
     # reports as a gap; the pinned backup itself restores without any (see the docstring).
-    held = [(Segment.parse(m.start_wal_file, size).number,
+    held = [(Segment.parse(m.start_wal_file, size),
              max(Segment.parse(m.end_wal_file, size).number,
                  segment_number(parse_lsn(m.end_lsn), size)) + 1) for m in pinned]  # fmt: skip
+
+    def needed(segment: Segment) -> bool:
+        read = any(segment.timeline >= s.timeline and segment.number >= s.number for s in starts)
+        pinned_own = any(segment.timeline >= lo.timeline and lo.number <= segment.number <= hi
+                         for lo, hi in held)  # fmt: skip
+        return read or pinned_own
+
     root = layout.wal_root
-    removed = 0
-    for info in list(storage.list(root)):
+    doomed = []
+    for info in storage.list(root):
         name = wal_file_name(info.key[len(root):])
         if name is None or kind_of(name) not in ("segment", "partial", "backup"):
             continue  # history files, the archive's identity, anything else: kept
         try:
-            number = Segment.parse(name[:24], size).number
+            segment = Segment.parse(name[:24], size)
         except ConfigError:
             continue
-        if number < first_needed and not any(lo <= number <= hi for lo, hi in held):
-            if not dry_run:
-                storage.delete(info.key)
-            removed += 1
-    return removed
+        if not needed(segment):
+            doomed.append(info.key)
+    if not dry_run:
+        storage.delete_many(doomed)
+    return len(doomed)
 
 
 def run_keep(args: KeepSettings, report: Report) -> None:

@@ -2,7 +2,8 @@
 
 Only backups with a ``manifest.json`` exist (it is written last); prefixes of running or
 abandoned runs are not shown. Under each backup, the WAL archived after it
-(``coordinator.catalog``): how far point-in-time recovery from it can go.
+(``coordinator.catalog``): how far point-in-time recovery from it can go, and whether
+``cloud-dump keep`` pins it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from coordinator.catalog import human_size
@@ -31,8 +33,10 @@ def print_table(
     out: Callable[[str], None],
     wal_ranges: WalRanges | None = None,
     storage_url: str | None = None,
+    pins: Mapping[str, str | None] | None = None,
 ) -> None:
-    """The table; with no backup, a line naming where none was found (``storage_url``)."""
+    """The table; with no backup, a line naming where none was found (``storage_url``).
+    ``pins``: how long each pinned backup is kept (``cloud-dump keep``)."""
     if layout.cluster:
         out(f"Cluster: {layout.cluster}  (WAL archive: {layout.wal_root})")
         out("")
@@ -46,6 +50,9 @@ def print_table(
         if wal_ranges is not None:
             wal = wal_ranges.get(m.name)
             out(f"  {wal.describe() if wal else 'no WAL archived'}")
+        pinned = (pins or {}).get(m.name)
+        if pinned:
+            out(f"  kept {pinned} (cloud-dump keep: expire leaves it)")
     if not manifests:
         where = f" in {layout.describe_backups_root(storage_url)}" if storage_url else ""
         out(f"(no backups{where})")
@@ -55,6 +62,7 @@ def print_json(
     manifests: list[BackupManifest],
     out: Callable[[str], None],
     wal_ranges: WalRanges | None = None,
+    pins: Mapping[str, str | None] | None = None,
 ) -> None:
     rows = [
         {
@@ -73,6 +81,7 @@ def print_json(
             "compression": m.compression,
             "stored_bytes": m.stored_size,
             "wal": _wal_json((wal_ranges or {}).get(m.name)),
+            "kept": (pins or {}).get(m.name),
         }
         for m in manifests
     ]
@@ -87,16 +96,21 @@ def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
 
 def run_list(args: ListSettings, report: Report) -> None:
     from coordinator.catalog import archived_segment_names, find_backups, wal_range
+    from coordinator.ops.expire import pinned_until
 
     layout = layout_of(args)  # `list` has no --wal-prefix: CLOUD_DUMP_WAL_PREFIX sets it
     storage = open_store(args)
     try:
         manifests = find_backups(storage, layout)
         archived = archived_segment_names(storage, layout) if manifests else set()
+        now = datetime.now(UTC)
+        # One small GET per backup: pins are rare, and a LIST of the flat layout's root would
+        # walk the whole WAL archive.
+        pins = {m.name: pinned_until(storage, layout, m.name, now) for m in manifests}
     finally:
         storage.close()
     ranges = {m.name: wal_range(m, archived) for m in manifests}
     if args.json:
-        print_json(manifests, report, ranges)
+        print_json(manifests, report, ranges, pins)
     else:
-        print_table(manifests, layout, report, ranges, storage.url)
+        print_table(manifests, layout, report, ranges, storage.url, pins)

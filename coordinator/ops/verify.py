@@ -10,15 +10,21 @@ For each backup (``--name``, or every backup):
 - the WAL from the backup's first segment to its last, which recovery needs before the copy is
   consistent, is archived on the backup's timeline.
 
-For the WAL archive, from one LIST: on each timeline, from the first segment of the oldest
-checked backup that is not pinned (``cloud-dump keep``: expire keeps only a pinned backup's own
-WAL) (or the timeline's first archived segment) to its newest, no segment is missing (a
-``.partial`` counts: it is where a timeline was switched away from); and every timeline after
-the first that has WAL has its ``.history`` file, without which recovery cannot follow it.
+For the WAL archive, from one LIST and its history files: the WAL each backup that is not pinned
+(``cloud-dump keep``: expire keeps only a pinned backup's own WAL) needs to replay to the newest
+archived segment, along the newest timeline's history (``coordinator.ops.walpath``), is archived
+(a ``.partial`` counts), and every timeline on that path has its ``.history`` file.
+
+``--deep`` (``coordinator.ops.deep``) reads it all back to its contents instead of its stored
+bytes alone: every archive decrypted, decompressed and walked as tar, each file checked against
+PostgreSQL's ``backup_manifest`` (itself checked against its ``Manifest-Checksum``); every needed
+WAL segment decrypted, decompressed, checked against its recorded SHA-256, its first page header
+against its name and the backup's system identifier.
 
 The report names each missing or damaged object and each gap (first and last missing segment).
 Exit 0 only when everything checks out; otherwise the report, then one line on stderr and exit
-15 (``IntegrityError``). Nothing is written or deleted.
+15 (``IntegrityError``). Nothing is deleted; a run over every backup records its outcome
+(``storage.verifyresult``) for ``info``, and nothing else is written.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ from coordinator.catalog import (
     segment_size_of,
 )
 from coordinator.ops.cleanup import backup_prefixes, foreign_objects
+from coordinator.ops.deep import DeepFindings, check_deep, wal_to_read
 from coordinator.ops.expire import pinned_until
+from coordinator.ops.walpath import NeededWal, needed_wal
 from coordinator.rangedread import RangedReader, range_size_for
-from coordinator.settings import Report, VerifySettings, layout_of, open_store
+from coordinator.settings import Report, VerifySettings, keys_from, layout_of, open_store
+from coordinator.walarchive import WalArchive
 from storage.base import Storage
 from storage.errors import BackupNotFound, CloudDumpError, IntegrityError
 from storage.layout import Layout
-from storage.manifest import BackupManifest
+from storage.manifest import ArchiveRecord, BackupManifest
+from storage.verifyresult import VerifyResult
 from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,9 @@ class BackupCheck:
     objects: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
+    # --deep: files read out of the archives (and their bytes), checked against backup_manifest
+    files_checked: int | None = None
+    file_bytes_checked: int | None = None
 
 
 @dataclass
@@ -68,6 +81,13 @@ class WalCheck:
     location: str
     timelines: dict[int, dict[str, object]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # --deep: segments read back, and their original bytes
+    segments_read: int | None = None
+    bytes_read: int | None = None
+    # What the backups need, and the archive holds: for --deep to read.
+    needed: NeededWal | None = field(default=None, repr=False)
+    inventory: WalInventory | None = field(default=None, repr=False)
 
 
 def run_verify(args: VerifySettings, report: Report) -> None:
@@ -77,7 +97,9 @@ def run_verify(args: VerifySettings, report: Report) -> None:
     storage = open_store(args)
     try:
         manifests = _selected(storage, layout, args.name)
-        backups = [_check_backup(storage, m, args.parallel) for m in manifests]
+        checked = [_check_backup(storage, m, args.parallel, read=not args.deep)
+                   for m in manifests]  # fmt: skip
+        backups = [check for check, _ in checked]
         if args.name is None:
             backups += _unreadable(storage, layout, {m.name for m in manifests})
         if not backups:
@@ -86,15 +108,36 @@ def run_verify(args: VerifySettings, report: Report) -> None:
             )
         now = datetime.now(UTC)
         pinned = {m.name for m in manifests if pinned_until(storage, layout, m.name, now)}
-        wal = _check_wal(storage, layout, manifests, pinned)
+        archive = WalArchive(storage, layout, keys_from(args, None))
+        wal = _check_wal(storage, layout, archive, manifests, pinned)
     finally:
         storage.close()
+    if args.deep:
+        whole = [(m, a) for m, (_, sound) in zip(manifests, checked, strict=True) for a in sound]
+        _add_deep(backups, wal, check_deep(args, whole, _wal_to_read(wal), layout.wal_prefix))
     (_print_json if args.json else _print_text)(backups, wal, report)
     problems = [p for b in backups for p in b.problems] + wal.problems
+    if args.name is None:
+        _record(args, layout, VerifyResult(
+            finished=datetime.now(UTC), ok=not problems, deep=args.deep,
+            backups_checked=len(backups), problems=len(problems)))
     if problems:
         raise IntegrityError(
             f"verify found {len(problems)} problem(s), the first: {problems[0]}"
         )
+
+
+def _record(args: VerifySettings, layout: Layout, result: VerifyResult) -> None:
+    """Record the outcome of a run over every backup where ``info`` reads it (the
+    ``cloud_dump_verify_*`` metrics). A run over one backup says nothing of the others, so it
+    records nothing; credentials that may only read make this a warning, not a failure."""
+    storage = open_store(args)
+    try:
+        storage.put(layout.verify_result_key(), result.to_json())
+    except CloudDumpError as exc:
+        log.warning("could not record the result for `cloud-dump info`: %s", exc)
+    finally:
+        storage.close()
 
 
 def _selected(storage: Storage, layout: Layout, name: str | None) -> list[BackupManifest]:
@@ -129,8 +172,13 @@ def _unreadable(storage: Storage, layout: Layout, read: set[str]) -> list[Backup
     return found
 
 
-def _check_backup(storage: Storage, manifest: BackupManifest, parallel: int) -> BackupCheck:
+def _check_backup(
+    storage: Storage, manifest: BackupManifest, parallel: int, *, read: bool
+) -> tuple[BackupCheck, list[ArchiveRecord]]:
+    """The backup's objects against ``manifest.json``, each read back whole when ``read``
+    (``--deep`` reads the archives itself); with the archives present at their recorded size."""
     check = BackupCheck(manifest.name)
+    sound: list[ArchiveRecord] = []
     # Sizes from one LIST of the backup's prefix: a HEAD of a local object reads all of it.
     prefix = manifest.backup_manifest_key.rpartition("/")[0] + "/"
     sizes = {info.key: info.size for info in storage.list(prefix)}
@@ -149,6 +197,11 @@ def _check_backup(storage: Storage, manifest: BackupManifest, parallel: int) -> 
                 f"manifest.json records {size}"
             )
             continue
+        archive = next((a for a in manifest.archives if a.key == key), None)
+        if archive is not None:
+            sound.append(archive)
+            if not read:
+                continue
         try:
             check.bytes_read += _read_back(storage, key, size, sha256, part_size, parallel)
         except IntegrityError as exc:
@@ -160,7 +213,24 @@ def _check_backup(storage: Storage, manifest: BackupManifest, parallel: int) -> 
             check.problems.append(
                 f"backup '{manifest.name}': its passphrase-wrapped key '{wrapped}' is missing"
             )
-    return check
+    return check, sound
+
+
+def _wal_to_read(wal: WalCheck) -> dict[str, list[str]]:
+    if wal.needed is None or wal.inventory is None:
+        return {}  # the archive could not be listed: named already
+    return wal_to_read(wal.needed.segments, wal.inventory.segments, wal.inventory.segment_size)
+
+
+def _add_deep(backups: list[BackupCheck], wal: WalCheck, found: DeepFindings) -> None:
+    for check in backups:
+        check.problems += found.backup_problems.get(check.name, [])
+        check.bytes_read += found.bytes_read.get(check.name, 0)
+        check.files_checked = found.files.get(check.name, 0)
+        check.file_bytes_checked = found.file_bytes.get(check.name, 0)
+    wal.problems += found.wal_problems
+    wal.segments_read = found.wal_segments
+    wal.bytes_read = found.wal_bytes
 
 
 def _read_back(
@@ -176,7 +246,11 @@ def _read_back(
 
 
 def _check_wal(
-    storage: Storage, layout: Layout, manifests: list[BackupManifest], pinned: set[str]
+    storage: Storage,
+    layout: Layout,
+    archive: WalArchive,
+    manifests: list[BackupManifest],
+    pinned: set[str],
 ) -> WalCheck:
     segment_size = segment_size_of(manifests[0]) if manifests else DEFAULT_SEGMENT_SIZE
     wal = WalCheck(f"{storage.url.rstrip('/')}/{layout.wal_root}")
@@ -189,9 +263,11 @@ def _check_wal(
     for manifest in manifests:
         _check_consistency_wal(manifest, inventory, wal)
         if manifest.name in pinned:
-            continue  # expire keeps only its own WAL: what follows it may rightly be gone
+            continue
         start = Segment.parse(manifest.start_wal_file, segment_size)
         starts[start.timeline] = min(starts.get(start.timeline, start.number), start.number)
+    needed = needed_wal(archive, inventory, manifests, pinned)
+    wal.needed, wal.inventory, wal.notes = needed, inventory, needed.notes
     timelines = sorted(set(inventory.segments) | set(inventory.partials))
     for timeline in timelines:
         present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())
@@ -203,17 +279,13 @@ def _check_wal(
             "newest": inventory.name(timeline, newest),
             "segments": len([n for n in present if n >= first]),
         }
-        for gap_start, gap_end in missing_runs(present, first, newest):
+    for timeline in sorted(needed.segments):
+        present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())
+        missing = set(needed.segments[timeline]) - present
+        for gap_start, gap_end in _runs(missing):
             gap = _run(inventory, timeline, gap_start, gap_end)
-            wal.problems.append(
-                f"WAL gap on timeline {timeline}: {gap} "
-                "missing"
-            )
-        if timeline > 1 and timeline not in inventory.histories:
-            wal.problems.append(
-                f"timeline {timeline} has WAL but no history file '{timeline:08X}.history': "
-                "recovery cannot follow it"
-            )
+            wal.problems.append(f"WAL gap on timeline {timeline}: {gap} missing")
+    wal.problems += needed.problems
     if not timelines and manifests:
         wal.problems.append(f"no WAL is archived at '{wal.location}'")
     return wal
@@ -234,6 +306,17 @@ def _check_consistency_wal(
         )
 
 
+def _runs(numbers: set[int]) -> list[tuple[int, int]]:
+    """``numbers`` as runs of consecutive numbers, ``(first, last)``, in order."""
+    runs: list[tuple[int, int]] = []
+    for number in sorted(numbers):
+        if runs and runs[-1][1] == number - 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    return runs
+
+
 def _run(inventory: WalInventory, timeline: int, start: int, end: int) -> str:
     count = end - start + 1
     if count == 1:
@@ -245,15 +328,23 @@ def _run(inventory: WalInventory, timeline: int, start: int, end: int) -> str:
 def _print_text(backups: list[BackupCheck], wal: WalCheck, out: Callable[[str], None]) -> None:
     for check in backups:
         verdict = "OK" if not check.problems else f"{len(check.problems)} problem(s)"
+        deep = "" if check.files_checked is None else (
+            f", {check.files_checked:,} files ({human_size(check.file_bytes_checked or 0)}) "
+            "checked against backup_manifest")
         out(f"backup '{check.name}': {verdict} ({check.objects} objects, "
-            f"{human_size(check.bytes_read)} read back)")  # fmt: skip
+            f"{human_size(check.bytes_read)} read back{deep})")  # fmt: skip
         for problem in check.problems:
             out(f"  {problem}")
     verdict = "OK" if not wal.problems else f"{len(wal.problems)} problem(s)"
-    out(f"WAL archive '{wal.location}': {verdict}")
+    deep = "" if wal.segments_read is None else (
+        f" ({wal.segments_read} segment{'' if wal.segments_read == 1 else 's'}, "
+        f"{human_size(wal.bytes_read or 0)} read back)")
+    out(f"WAL archive '{wal.location}': {verdict}{deep}")
     for timeline, facts in sorted(wal.timelines.items()):
         out(f"  timeline {timeline}: {facts['first']} .. {facts['newest']} "
             f"({facts['segments']} segment{'' if facts['segments'] == 1 else 's'})")  # fmt: skip
+    for note in wal.notes:
+        out(f"  note: {note}")
     for problem in wal.problems:
         out(f"  {problem}")
     if not backups:
@@ -267,5 +358,6 @@ def _print_json(backups: list[BackupCheck], wal: WalCheck, out: Callable[[str], 
         "backups": [asdict(b) | {"ok": not b.problems} for b in backups],
         "wal": {"location": wal.location, "ok": not wal.problems,
                 "timelines": {str(t): f for t, f in sorted(wal.timelines.items())},
-                "problems": wal.problems},
+                "problems": wal.problems, "notes": wal.notes,
+                "segments_read": wal.segments_read, "bytes_read": wal.bytes_read},
     }, indent=2))  # fmt: skip

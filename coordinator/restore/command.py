@@ -59,6 +59,9 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
     if not args.pgdata:
         raise ConfigError("no target directory given: use --pgdata or PGDATA")
     storage_url_of(args)  # no storage: refused before anything is decided
+    if args.wal_passphrase_from_flag and not args.wal_passphrase_file:
+        log.warning("--wal-passphrase is visible to every user in 'ps': prefer "
+                    "--wal-passphrase-file or CLOUD_DUMP_WAL_PASSPHRASE")
     # Refuse a bad recovery target before downloading anything.
     target = target_from_args(args)
     command = wal_fetch_command(args, Path(args.pgdata), os.environ) if target else None
@@ -166,7 +169,7 @@ def _follow_timeline(
     from coordinator.settings import keys_from
     from coordinator.walarchive import WalArchive
 
-    archive = WalArchive(storage, layout_of(args), keys_from(args, None))
+    archive = WalArchive(storage, layout_of(args), keys_from(wal_keys_view(args), None))
     where = archive_url(storage_url_of(args), args.cluster, args.wal_prefix)
     choice = choose_timeline(
         manifest, target, ArchivedTimelines(archive, segment_size_of(manifest), where))
@@ -236,6 +239,17 @@ def target_from_args(args: RestoreSettings) -> RecoveryTarget | None:
     return normalized_target(target) if setting is not None and value is not None else target
 
 
+def wal_keys_view(args: RestoreSettings) -> RestoreSettings:
+    """``args`` with the WAL archive's keys in place of the backup's when any is given
+    (``--wal-identity-key``, ``--wal-passphrase-file``, the WAL passphrase: the seed's, for an
+    archive encrypted otherwise than the backup); else ``args``, whose keys open both."""
+    if not (args.wal_identity_key or args.wal_passphrase_file or args.wal_passphrase):
+        return args
+    return replace(args, identity_key=args.wal_identity_key,
+                   passphrase_file=args.wal_passphrase_file, passphrase=args.wal_passphrase,
+                   passphrase_from_flag=False)  # warned about once, by run_restore
+
+
 def wal_fetch_command(
     args: RestoreSettings, pgdata: Path, environ: Mapping[str, str]
 ) -> WalFetchCommand:
@@ -244,6 +258,7 @@ def wal_fetch_command(
     ``CLOUD_DUMP_EXECUTABLE`` overrides the path of the command the server runs, for hosts where
     the server's user reaches cloud-dump by another path than the one running restore.
     """
+    args = wal_keys_view(args)  # wal-fetch decrypts the WAL archive: its keys
     settings: dict[str, str] = {"CLOUD_DUMP_STORAGE": storage_url_of(args)}
     optional = {
         "CLOUD_DUMP_S3_ENDPOINT": args.s3_endpoint,

@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from coordinator.restore.extract import new_checksum
+from coordinator.tarwalk import new_checksum
 from storage.errors import IntegrityError
 
 _CHECKSUM_KEY = b'"Manifest-Checksum"'

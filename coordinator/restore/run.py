@@ -52,15 +52,7 @@ from coordinator.catalog import read_manifest
 from coordinator.codecs import open_plaintext
 from coordinator.crypto import decrypt_bytes, passphrase_identity, read_identities
 from coordinator.rangedread import RangedReader, range_size_for
-from coordinator.restore.extract import (
-    ExtractResult,
-    FileFacts,
-    extract_archive,
-    load_backup_manifest,
-    manifest_algorithm,
-    naming,
-    verify_against_manifest,
-)
+from coordinator.restore.extract import ExtractResult, extract_archive, naming
 from coordinator.restore.ownership import Owner, announce, give_to
 from coordinator.restore.pgdata import (
     TABLESPACE_MAP,
@@ -76,6 +68,12 @@ from coordinator.restore.pgmanifest import replace_entries
 from coordinator.restore.targetdirs import DIR_MODE, CreatedPaths
 from coordinator.restore.targetdirs import TargetPlan as TargetPlan
 from coordinator.restore.targetdirs import plan_targets as plan_targets
+from coordinator.tarwalk import (
+    FileFacts,
+    load_backup_manifest,
+    manifest_algorithm,
+    verify_against_manifest,
+)
 from storage.base import Storage, sha256_hex
 from storage.errors import (
     IntegrityError,

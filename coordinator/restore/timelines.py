@@ -43,86 +43,23 @@ checked here, even if a copy archives a new history file before this copy is sta
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from coordinator.history import NO_TARGET_REASON as NO_TARGET_REASON
+from coordinator.history import History, Switch, parse_history
 from coordinator.restore.recovery import RecoveryTarget
 from coordinator.restore.targets import timeline_number
-from storage.errors import ConfigError, IntegrityError
+from storage.errors import ConfigError
 from storage.manifest import BackupManifest
 from storage.walnames import Segment, format_lsn, parse_lsn, segment_number
 
 if TYPE_CHECKING:
     from coordinator.walarchive import WalArchive
 
-NO_TARGET_REASON = "no recovery target specified"  # PostgreSQL's, for a promotion at WAL's end
 # History files probed past the first number missing from the archive: PostgreSQL stops at a
 # gap, but a timeline beyond it still shows a branch (a history file that failed to archive).
 PROBES_PAST_GAP = 2
-_LINE_RE = re.compile(r"(\d+)\s+(\S+)(?:\s+(.*))?", re.ASCII)  # parent, LSN, reason
-
-
-@dataclass(frozen=True)
-class Switch:
-    """One line of a history file: ``timeline`` ended at ``lsn`` (the next one begins there)."""
-
-    timeline: int
-    lsn: int
-    reason: str
-
-    @property
-    def at_target(self) -> bool:
-        """Whether the recovery that made the next timeline stopped at a recovery target."""
-        return self.reason != NO_TARGET_REASON
-
-
-@dataclass(frozen=True)
-class History:
-    """A timeline and its ancestors, as its history file records them."""
-
-    timeline: int
-    switches: tuple[Switch, ...]  # oldest first; the last one is the fork from the parent
-
-    @property
-    def fork(self) -> Switch:
-        return self.switches[-1]
-
-    def switch_from(self, timeline: int) -> Switch | None:
-        return next((s for s in self.switches if s.timeline == timeline), None)
-
-    def path_from(self, timeline: int) -> tuple[Switch, ...]:
-        """The switches from ``timeline`` on, to this one."""
-        return tuple(s for s in self.switches if s.timeline >= timeline)
-
-
-def parse_history(timeline: int, text: str) -> History:
-    """A history file as PostgreSQL reads it (``readTimeLineHistory``); ``IntegrityError``."""
-    switches: list[Switch] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _LINE_RE.fullmatch(line)
-        parent = int(match[1]) if match else None
-        lsn = _lsn_or_none(match[2]) if match else None
-        if match is None or parent is None or lsn is None or parent >= timeline or (
-            switches and parent <= switches[-1].timeline
-        ):
-            raise IntegrityError(f"history file of timeline {timeline}, line {number}: "
-                                 f"{raw!r} is not 'parent<TAB>LSN<TAB>reason' with timelines "
-                                 "increasing and below its own")
-        switches.append(Switch(parent, lsn, (match[3] or "").strip()))
-    if not switches:
-        raise IntegrityError(f"history file of timeline {timeline} names no parent timeline")
-    return History(timeline, tuple(switches))
-
-
-def _lsn_or_none(text: str) -> int | None:
-    try:
-        return parse_lsn(text)
-    except ConfigError:
-        return None
 
 
 class ArchivedTimelines:

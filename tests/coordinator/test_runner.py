@@ -25,6 +25,7 @@ from workers.backup import (
     UploadPartResult,
 )
 from workers.staging import Stage
+from workers.verify import UNITS as VERIFY_UNITS
 from workers.wal import UNITS as WAL_UNITS
 
 
@@ -131,11 +132,11 @@ def test_a_released_unit_that_waits_for_a_thread_never_runs(store: Storage) -> N
 
 def test_the_units_are_the_celery_tasks_of_the_same_names() -> None:
     """A name the embedded runner knows is a task the workers run, and the other way round
-    for every task of the backup and the WAL archive."""
+    for every task of the backup, the WAL archive and verify --deep."""
     from tasks.app import app
 
     app.loader.import_default_modules()  # the task modules the workers load
     registered = {name for name in app.tasks if name.startswith("cloud_dump.")}
-    units = set(BACKUP_UNITS) | set(WAL_UNITS)
+    units = set(BACKUP_UNITS) | set(WAL_UNITS) | set(VERIFY_UNITS)
     assert units <= registered
     assert registered - units == {"cloud_dump.ping_storage"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
@@ -139,10 +140,15 @@ def test_head_reports_size_etag_and_checksum(storage: Storage) -> None:
     data = payload(1, 1000)
     put_info = storage.put("h/obj", data)
 
+    before = time.time()
     info = storage.head("h/obj")
 
-    assert info == ObjectInfo("h/obj", 1000, put_info.etag, sha256_hex(data), {})
+    assert info == ObjectInfo("h/obj", 1000, put_info.etag, sha256_hex(data), {},
+                              info.modified_s)
     assert info.etag
+    # When it was written, in the store's clock (moto's and this machine's are the same).
+    assert info.modified_s is not None and abs(info.modified_s - before) < 60
+    assert next(iter(storage.list("h/obj"))).modified_s == pytest.approx(info.modified_s, abs=1)
 
 
 def test_etag_changes_when_the_object_is_rewritten(storage: Storage) -> None:

@@ -144,6 +144,11 @@ def test_a_pinned_backup_and_its_own_wal_survive_expire_until_released(
 
     pinned = run_cli("keep", "b1", env=target.env)
     assert pinned.returncode == 0 and "pinned until released" in pinned.stdout, pinned.stderr
+    listed = run_cli("list", env=target.env)
+    assert "  kept until released" in listed.stdout.split("b1", 1)[1].split("b2")[0]
+    as_json = json.loads(run_cli("list", "--json", env=target.env).stdout)
+    assert {row["name"]: row["kept"] for row in as_json} == {
+        "b1": "until released", "b2": None, "b3": None}
     refused = run_cli("delete", "--name", "b1", env=target.env)
     assert refused.returncode == int(ExitCode.CONFIG) and "--release" in refused.stderr
 

@@ -1,11 +1,18 @@
 """``cloud-dump verify`` against real backups and a real WAL archive: intact backups of every
-compression and both encryption modes pass; a deleted or damaged object, a segment a backup
-needs, a gap in the archived WAL and a missing history file are each named, with exit 15."""
+compression and both encryption modes pass, plain and ``--deep`` (in threads and on Celery
+workers); a deleted or damaged object, a segment a backup needs, a gap in the archived WAL and a
+missing history file are each named, with exit 15; ``--deep`` also finds what only the contents
+show: an archive damaged before its checksums were recorded, a part cut out with the records
+made to match, a damaged WAL segment, a key that is missing."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +22,7 @@ from coordinator.crypto import generate_identity
 from devrig.postgres import PgCluster, PgFactory
 from devrig.recovery import archive_store, archiving_cluster, wait_archived
 from devrig.roundtrip import backup_cli
-from devrig.services import run_cli
+from devrig.services import RedisServer, WorkerPool, run_cli
 from storage.manifest import BackupManifest
 from storage.walnames import Segment
 
@@ -30,8 +37,9 @@ def archived(pg_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) ->
     cluster = archiving_cluster(pg_factory, 15, target)
     cluster.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g")
     keys = tmp_path_factory.mktemp("keys")
-    _, recipient = generate_identity()
+    identity, recipient = generate_identity()
     (keys / "key.pub").write_text(recipient + "\n")
+    (keys / "key.txt").write_text(identity + "\n")
     (keys / "passphrase").write_text("verify-test-passphrase\n")
     variants = {
         "b-zstd": ["--compression", "zstd"],
@@ -49,13 +57,19 @@ def archived(pg_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) ->
         cluster.sql("SELECT pg_switch_wal()")
     wait_archived(cluster)
     root = Path(target.url.removeprefix("file://"))
-    return Archived(cluster, root)
+    return Archived(cluster, root, keys)
 
 
 class Archived:
-    def __init__(self, cluster: PgCluster, root: Path) -> None:
+    def __init__(self, cluster: PgCluster, root: Path, keys: Path) -> None:
         self.cluster = cluster
         self.root = root
+        self.keys = keys
+
+    def key_flags(self) -> list[str]:
+        """Both keys: the identity of b-recipients, the passphrase of b-passphrase."""
+        return ["--identity-key", str(self.keys / "key.txt"),
+                "--passphrase-file", str(self.keys / "passphrase")]  # fmt: skip
 
     def copy(self, tmp_path: Path) -> Path:
         """A copy of the store to damage."""
@@ -86,6 +100,10 @@ def test_intact_backups_of_every_kind_pass(archived: Archived, tmp_path: Path) -
     assert any(
         line.startswith("WAL archive '") and line.endswith(": OK") for line in out.splitlines()
     )
+    # A run over every backup records its outcome for `info`.
+    recorded = json.loads((store / "cloud-dump-verify.json").read_text())
+    assert (recorded["ok"], recorded["deep"], recorded["backups_checked"],
+            recorded["problems"]) == (True, False, 6, 0)
     code, out, _ = verify(store, "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"] is True and len(report["backups"]) == 6
@@ -101,6 +119,8 @@ def test_a_deleted_archive_is_named(archived: Archived, tmp_path: Path) -> None:
     assert f"object '{key}' is missing" in out
     assert "backup 'b-zstd': OK" in out  # the others still check out
     assert err.count("\n") == 1 and "verify found 1 problem" in err
+    recorded = json.loads((store / "cloud-dump-verify.json").read_text())
+    assert (recorded["ok"], recorded["problems"]) == (False, 1)
 
 
 def test_a_flipped_byte_is_found_by_reading_the_object_back(
@@ -116,6 +136,7 @@ def test_a_flipped_byte_is_found_by_reading_the_object_back(
     assert code == INTEGRITY, out + err
     assert key in out and "sha256" in out
     assert "b-zstd" not in out  # --name: that backup only
+    assert not (store / "cloud-dump-verify.json").exists()  # one backup says nothing of all
 
 
 def test_a_segment_a_backup_needs_is_named(archived: Archived, tmp_path: Path) -> None:
@@ -200,3 +221,121 @@ def test_nothing_to_verify_is_not_success(tmp_path: Path) -> None:
     """A mistyped location or --cluster must not look like a healthy store."""
     code, _, err = verify(tmp_path)
     assert code == int(ExitCode.BACKUP_NOT_FOUND) and "nothing to verify" in err, err
+
+
+# --- --deep ------------------------------------------------------------------------------------
+
+
+def rewrite(store: Path, name: str, index: int, data: bytes) -> str:
+    """Replace archive ``index`` of backup ``name`` with ``data`` and make manifest.json agree
+    (size, SHA-256, parts): damage done before the checksums were recorded, which only reading
+    the contents can find. The archive's key."""
+    path = store / name / "manifest.json"
+    doc = json.loads(path.read_text())
+    record = doc["archives"][index]
+    (store / record["key"]).write_bytes(data)
+    record["stored_size"] = len(data)
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    part = 5 * 1024 * 1024
+    record["parts"] = [
+        {"number": i + 1, "size": len(data[o:o + part]),
+         "sha256": hashlib.sha256(data[o:o + part]).hexdigest()}
+        for i, o in enumerate(range(0, len(data), part))
+    ]  # fmt: skip
+    path.write_text(json.dumps(doc))
+    return str(record["key"])
+
+
+def base_archive(store: Path, archived: Archived, name: str) -> tuple[int, bytes]:
+    manifest = archived.manifest(store, name)
+    index = next(i for i, a in enumerate(manifest.archives) if a.tablespace_oid is None)
+    return index, (store / manifest.archives[index].key).read_bytes()
+
+
+def test_deep_passes_intact_backups_of_every_kind(archived: Archived, tmp_path: Path) -> None:
+    store = archived.copy(tmp_path)
+    code, out, err = verify(store, "--deep", "--json", *archived.key_flags())
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["ok"] is True and len(report["backups"]) == 6
+    for backup in report["backups"]:
+        assert backup["ok"] and backup["files_checked"] > 900, backup  # a whole PGDATA each
+        assert backup["file_bytes_checked"] > 20 * 1024 * 1024
+    assert report["wal"]["ok"] and report["wal"]["segments_read"] >= 6, report["wal"]
+    code, out, err = verify(store, "--deep", "--parallel", "2", *archived.key_flags())
+    assert code == 0 and "files (" in out and "checked against backup_manifest" in out, out + err
+
+
+def test_deep_without_the_key_fails_naming_what_to_give(archived: Archived, tmp_path: Path) -> None:
+    store = archived.copy(tmp_path)
+    code, out, err = verify(store, "--deep", "--name", "b-recipients")
+    assert code == INTEGRITY, out + err
+    assert "cannot decrypt it" in out and "--identity-key" in out, out
+    code, out, _ = verify(store, "--name", "b-recipients")  # the plain check needs no key
+    assert code == 0, out
+
+
+def test_deep_finds_a_file_damaged_before_its_checksums_were_recorded(
+    archived: Archived, tmp_path: Path
+) -> None:
+    store = archived.copy(tmp_path)
+    index, data = base_archive(store, archived, "b-none")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = next(m for m in tar if m.isfile() and m.name.startswith("base/")
+                      and m.size > 8192)  # fmt: skip
+    damaged = bytearray(data)
+    damaged[member.offset_data + 100] ^= 0x01
+    key = rewrite(store, "b-none", index, bytes(damaged))
+    code, out, _ = verify(store, "--name", "b-none")
+    assert code == 0, out  # the stored bytes match their records: only the contents tell
+    code, out, err = verify(store, "--deep", "--name", "b-none")
+    assert code == INTEGRITY, out + err
+    assert (f"backup 'b-none': archive '{key}': file '{member.name.removeprefix('./')}' does "
+            "not match its CRC32C checksum in backup_manifest") in out, out
+
+
+def test_deep_finds_a_part_cut_out_with_the_records_made_to_match(
+    archived: Archived, tmp_path: Path
+) -> None:
+    store = archived.copy(tmp_path)
+    index, data = base_archive(store, archived, "b-none")
+    part = 5 * 1024 * 1024
+    assert len(data) > 3 * part
+    rewrite(store, "b-none", index, data[:part] + data[2 * part:])
+    assert verify(store, "--name", "b-none")[0] == 0
+    code, out, err = verify(store, "--deep", "--name", "b-none")
+    assert code == INTEGRITY, out + err
+    assert "backup 'b-none': OK" not in out and "backup 'b-none': archive '" in out, out
+    assert err.startswith("cloud-dump: error: verify found"), err
+
+
+def test_deep_finds_a_damaged_wal_segment(archived: Archived, tmp_path: Path) -> None:
+    store = archived.copy(tmp_path)
+    needed = archived.manifest(store, "b-passphrase").end_wal_file
+    path = next(p for p in wal_objects(store, needed) if ".backup" not in p.name)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert verify(store)[0] == 0  # names only
+    code, out, err = verify(store, "--deep", *archived.key_flags())
+    assert code == INTEGRITY, out + err
+    assert f"archived WAL 'wal_archive/{path.name}'" in out, out
+
+
+def test_deep_runs_on_celery_workers_with_the_workers_keys(
+    archived: Archived, tmp_path: Path, start_workers: Callable[..., WorkerPool],
+    redis_server: RedisServer,
+) -> None:
+    """The workers decrypt with their own passphrase; one without the identity of a recipient
+    backup names itself and fails the check of that backup."""
+    store = archived.copy(tmp_path)
+    start_workers({"CLOUD_DUMP_STORAGE": f"file://{store}",
+                   "CLOUD_DUMP_PASSPHRASE_FILE": str(archived.keys / "passphrase")},
+                  count=2, queues="parts")  # fmt: skip
+    broker = ["--broker", redis_server.url]
+    code, out, err = verify(store, "--deep", "--name", "b-passphrase", *broker)
+    assert code == 0 and "checked against backup_manifest" in out, out + err
+    code, out, err = verify(store, "--deep", "--name", "b-recipients", *broker)
+    assert code == INTEGRITY, out + err
+    assert "worker 'w" in out and "cannot decrypt it" in out, out
+    assert "CLOUD_DUMP_IDENTITY_KEY" in out, out
