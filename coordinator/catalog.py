@@ -17,6 +17,7 @@ when PostgreSQL's default, 16 MiB, is assumed).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -138,7 +139,11 @@ def end_order(manifest: BackupManifest) -> tuple[datetime, int]:
 
 
 def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:
-    """Manifests of the complete backups under ``layout``, newest first."""
+    """Manifests of the complete backups under ``layout``, newest first.
+
+    One that does not parse is left out, with a warning naming it: once per process for each
+    stored version of it (``_warn_once``).
+    """
     root = layout.backups_root
     depth = root.count("/") + 1
     manifests = []
@@ -149,8 +154,24 @@ def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:
         try:
             manifests.append(BackupManifest.from_json(storage.get(info.key), info.key))
         except PermanentStorageError as exc:
-            log.warning("skipping %s", exc)
+            _warn_once((storage.url, info.key, info.etag),
+                       f"skipping backup '{info.key.split('/')[-2]}': {exc}")  # fmt: skip
     return sorted(manifests, key=lambda m: m.end_time, reverse=True)
+
+
+# A command calls find_backups several times (restore's choice and reachability check, info's
+# sections): its operator hears of a damaged manifest once. Keyed by the object's ETag as well,
+# so that a long-lived process warns again about a manifest damaged anew.
+_warned: set[tuple[str, str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(about: tuple[str, str, str], message: str) -> None:
+    with _warned_lock:
+        if about in _warned:
+            return
+        _warned.add(about)
+    log.warning("%s", message)
 
 
 def human_size(n: int) -> str:
@@ -261,3 +282,78 @@ def missing_runs(present: set[int], first: int, last: int) -> list[tuple[int, in
     if start is not None:
         runs.append((start, last))
     return runs
+
+
+# --- histories that diverge: one store, two lineages ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Two backups on histories that diverge: ``earlier`` (on a lower timeline) ended in a
+    segment after the one where ``later``'s timeline begins, so it holds changes the other
+    timeline never saw. ``begins``: the name of that timeline's first segment."""
+
+    earlier: BackupManifest
+    later: BackupManifest
+    begins: str
+
+    def describe(self) -> str:
+        return (
+            f"backup '{self.earlier.name}' (timeline {self.earlier.timeline}) ended after "
+            f"timeline {self.later.timeline} began in {self.begins}, so it and backup "
+            f"'{self.later.name}' (timeline {self.later.timeline}) are of diverging histories "
+            "(a restored copy archiving and backing up into its source's archive, or backups "
+            "of a timeline that a point-in-time restore abandoned)"
+        )
+
+
+def timeline_starts(
+    backups: Iterable[BackupManifest], inventory: WalInventory | None
+) -> dict[int, int]:
+    """The first segment number of each timeline the store shows: its lowest archived segment
+    (whole or ``.partial``), or the first segment of a backup on it, whichever is lower.
+
+    A timeline's first segment holds the point where it forked from its parent (a promoted
+    server starts writing the new timeline in the segment of the switch point), so it is a
+    lower bound of where it diverged from every lower timeline; no history file has to be read
+    (or decrypted) for it.
+    """
+    starts: dict[int, int] = {}
+    if inventory is not None:
+        for found in (inventory.segments, inventory.partials):
+            for timeline, numbers in found.items():
+                if numbers:
+                    starts[timeline] = min(starts.get(timeline, min(numbers)), min(numbers))
+    for manifest in backups:
+        first = _number_at(manifest.start_wal_file, segment_size_of(manifest))
+        if first is not None:
+            starts[manifest.timeline] = min(starts.get(manifest.timeline, first), first)
+    return starts
+
+
+def ends_before_timeline(manifest: BackupManifest, timeline: int, starts: dict[int, int]) -> bool:
+    """Whether ``manifest``, of a lower timeline than ``timeline``, ended no later than the
+    segment where ``timeline`` begins (so it can be on ``timeline``'s history). A backup that
+    ended in that very segment counts as before it: whether it ended before the switch point
+    only the history file could say, and a failover right after a backup is ordinary."""
+    begins = starts.get(timeline)
+    end = _number_at(manifest.end_wal_file, segment_size_of(manifest))
+    return begins is None or end is None or end <= begins
+
+
+def find_divergence(
+    backups: Iterable[BackupManifest], starts: dict[int, int]
+) -> Divergence | None:
+    """A pair of ``backups`` on diverging histories (``Divergence``), or None when every backup
+    can lie on the history of the newest timeline among them. Timelines are compared by number:
+    a child's number is always above its parent's; two children of one parent diverge too."""
+    ordered = sorted(backups, key=lambda m: (m.timeline, end_order(m)))
+    for later in reversed(ordered):
+        for earlier in ordered:
+            if earlier.timeline >= later.timeline:
+                break
+            if not ends_before_timeline(earlier, later.timeline, starts):
+                size = segment_size_of(later)
+                begins = Segment(later.timeline, starts[later.timeline]).name(size)
+                return Divergence(earlier, later, begins)
+    return None

@@ -314,11 +314,7 @@ class _ArchiveStream(io.RawIOBase):
         self._inner = inner
         self._what = what
         # EOFError for every compression, as always: how a cut stream may surface.
-        self._errors: tuple[type[BaseException], ...] = (
-            DecryptionFailed,
-            EOFError,
-            *decoder_errors,
-        )
+        self._errors: tuple[type[BaseException], ...] = (EOFError, *decoder_errors)
 
     def readable(self) -> bool:
         return True
@@ -326,6 +322,13 @@ class _ArchiveStream(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         try:
             return self._inner.read(-1 if size is None else size)
+        except DecryptionFailed as exc:
+            # The identities opened backup_manifest: a stanza of theirs that does not open
+            # here was changed after the backup encrypted it.
+            raise IntegrityError(
+                f"{self._what} is damaged: its age header does not open with the key that "
+                "opened the backup's backup_manifest"
+            ) from exc
         except self._errors as exc:
             raise IntegrityError(f"{self._what} is damaged: {exc}") from exc
 

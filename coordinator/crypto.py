@@ -13,6 +13,15 @@ pyrage's stream functions pull from a reader and push to a writer on the calling
 the GIL between callbacks; ``StreamEncryptor`` turns that into a push interface (``write``)
 and ``decrypting_reader`` into a pull interface (``read``), each with a helper thread and a
 bounded queue, so memory stays flat whatever the size of the stream.
+
+A failed decryption is one of two things, told apart by what age reports (``age_failure``):
+no identity given opens the header's stanzas ("No matching keys found": ``DecryptionFailed``,
+exit 14), or the bytes are not what was encrypted (``IntegrityError``, exit 15): a header that
+does not parse or whose MAC does not match, a stream cut short, or a payload chunk whose
+ChaCha20-Poly1305 tag fails ("decryption error", which pyrage's stream functions raise as a
+bare ``OSError``). A damaged stanza of the recipient's own reads as "No matching keys found"
+too: only the callers that proved the key on another object of the same backup can call that
+damage (``coordinator.codecs``). See https://age-encryption.org/v1 for the format.
 """
 
 from __future__ import annotations
@@ -27,10 +36,14 @@ from typing import BinaryIO
 
 import pyrage
 
-from storage.errors import ConfigError, DecryptionFailed, IntegrityError
+from storage.errors import CloudDumpError, ConfigError, DecryptionFailed, IntegrityError
 
 _QUEUE_DEPTH = 16  # chunks in flight between the caller and the age thread
 _EOF = b""
+# What pyrage (age 0.x) says when no identity opens a header: the one failure that is the key's.
+_NO_MATCHING_KEYS = "no matching keys"
+# What it says when the bytes end inside the header (``header_opens`` then needs more of them).
+_INCOMPLETE_HEADER = "incomplete header"
 
 
 def read_recipients(paths: Sequence[Path]) -> list[str]:
@@ -67,6 +80,11 @@ def read_identities(paths: Sequence[Path]) -> list[str]:
     return identities
 
 
+def public_keys(paths: Sequence[Path]) -> list[str]:
+    """The public keys (``age1...``) of the identities in ``paths`` (``read_identities``)."""
+    return [str(pyrage.x25519.Identity.from_str(k).to_public()) for k in read_identities(paths)]
+
+
 def generate_identity() -> tuple[str, str]:
     """A fresh X25519 identity: (secret key, public key)."""
     identity = pyrage.x25519.Identity.generate()
@@ -80,10 +98,12 @@ def wrap_identity(identity: str, passphrase: str) -> bytes:
 
 def unwrap_identity(wrapped: bytes, passphrase: str, key: str | None = None) -> str:
     """The identity in ``wrapped`` (the object stored at ``key``, named in the error)."""
+    what = f"the key '{key}'" if key else "the wrapped key"
     try:
         plain = pyrage.passphrase.decrypt(wrapped, passphrase)
     except pyrage.DecryptError as exc:
-        what = f"the key '{key}'" if key else "the wrapped key"
+        if str(exc).lower().startswith("decryption error"):  # the scrypt stanza opened
+            raise IntegrityError(f"{what} is damaged: {_damage(exc)}") from exc
         raise DecryptionFailed(f"wrong passphrase: it does not decrypt {what}") from exc
     return bytes(plain).decode().strip()
 
@@ -124,10 +144,43 @@ def encrypt_bytes(data: bytes, recipients: Sequence[str]) -> bytes:
 
 
 def decrypt_bytes(data: bytes, identities: Sequence[str], what: str) -> bytes:
+    """The plaintext of the age file ``data``; ``DecryptionFailed`` when no identity opens it,
+    ``IntegrityError`` when its bytes are damaged (``age_failure``), both naming ``what``."""
     try:
         return bytes(pyrage.decrypt(data, _identities(identities)))
     except pyrage.DecryptError as exc:
-        raise DecryptionFailed(f"cannot decrypt {what}: {_decrypt_reason(exc)}") from exc
+        raise age_failure(exc, what) from exc
+
+
+def header_opens(data: bytes, identities: Sequence[str], what: str) -> bool:
+    """Whether one of ``identities`` opens the age header at the start of ``data`` (the first
+    bytes of an age file, or all of them): True once the header's MAC checks, whatever follows;
+    False when ``data`` ends inside the header. ``DecryptionFailed`` when no identity opens it,
+    ``IntegrityError`` for a damaged header, naming ``what``.
+
+    Proves a key on an object's first few KiB instead of the whole object: age checks the
+    header (and with it the file key) before the first payload chunk.
+    """
+    try:
+        pyrage.decrypt_io(io.BytesIO(data), _Discard(), _identities(identities))
+    except pyrage.DecryptError as exc:
+        if str(exc).lower().startswith(_INCOMPLETE_HEADER):
+            return False
+        raise age_failure(exc, what) from exc
+    except OSError:
+        pass  # the payload, cut where ``data`` ends: the header before it opened
+    return True
+
+
+def age_failure(exc: BaseException, what: str) -> CloudDumpError:
+    """The error for age's failure ``exc`` on ``what``: ``DecryptionFailed`` when no identity
+    opened the header, ``IntegrityError`` for anything else age reports (damaged bytes)."""
+    text = str(exc).lower()
+    if _NO_MATCHING_KEYS in text:
+        return DecryptionFailed(
+            f"cannot decrypt {what}: no identity given matches its recipients (wrong key?)"
+        )
+    return IntegrityError(f"{what} is damaged: {_damage(exc)}")
 
 
 class StreamEncryptor:
@@ -191,13 +244,21 @@ class _DecryptingReader(io.RawIOBase):
         self._thread.start()
 
     def _run(self, source: BinaryIO, identities: list[object]) -> None:
+        reader = _WatchedReader(source)
         writer = _QueueWriter(self._chunks, self._cancelled)
         try:
-            pyrage.decrypt_io(source, writer, identities)
+            pyrage.decrypt_io(reader, writer, identities)
             writer.put(_EOF)
         except BaseException as exc:
+            error = exc
+            # pyrage re-raises what the reader or the writer raised as it was; anything else is
+            # age's own verdict on the bytes (a payload chunk that fails: a bare OSError).
+            passed_through = exc is reader.raised or exc is writer.raised
+            if not passed_through and isinstance(exc, (pyrage.DecryptError, OSError)):
+                error = age_failure(exc, self._what)
+                error.__cause__ = exc
             with contextlib.suppress(OSError):  # nobody is reading any more
-                writer.put(exc)
+                writer.put(error)
 
     def readable(self) -> bool:
         return True
@@ -212,10 +273,6 @@ class _DecryptingReader(io.RawIOBase):
             item = self._chunks.get()
             if isinstance(item, BaseException):
                 self._done = True
-                if isinstance(item, pyrage.DecryptError):
-                    raise DecryptionFailed(
-                        f"cannot decrypt {self._what}: {_decrypt_reason(item)}"
-                    ) from item
                 raise item
             if item == _EOF:
                 self._done = True
@@ -250,6 +307,29 @@ class _QueueReader:
             self._eof = self._chunks.get() == _EOF
 
 
+class _WatchedReader:
+    """``source`` as pyrage reads it, remembering what its ``read`` raised."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.raised: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._source.read(size)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class _CallbackWriter:
     def __init__(self, out: Callable[[bytes], None]) -> None:
         self._out = out
@@ -268,6 +348,7 @@ class _QueueWriter:
     def __init__(self, chunks: queue.Queue[bytes | BaseException], cancelled: threading.Event):
         self._chunks = chunks
         self._cancelled = cancelled
+        self.raised: OSError | None = None
 
     def write(self, data: bytes) -> int:
         if data:
@@ -281,7 +362,8 @@ class _QueueWriter:
                 return
             except queue.Full:
                 continue
-        raise OSError("decryption abandoned: the reader was closed")
+        self.raised = OSError("decryption abandoned: the reader was closed")
+        raise self.raised
 
     def flush(self) -> None:
         pass
@@ -317,8 +399,11 @@ def _identities(keys: Sequence[str]) -> list[object]:
     return [pyrage.x25519.Identity.from_str(k) for k in keys]
 
 
-def _decrypt_reason(exc: BaseException) -> str:
-    text = str(exc).lower()
-    if "no matching keys" in text:
-        return "no identity given matches its recipients (wrong key?)"
-    return text.rstrip(".") or "decryption failed"
+def _damage(exc: BaseException) -> str:
+    """What age's failure says of the bytes, for an ``IntegrityError``."""
+    text = str(exc).strip().rstrip(".")
+    if text.lower() == "decryption error":
+        return "a chunk of its age payload fails authentication (its bytes changed)"
+    if text.lower() in ("failed to fill whole buffer", _INCOMPLETE_HEADER):
+        return "it ends inside its age header"
+    return f"its age encryption does not check ({text[:1].lower() + text[1:] or 'no reason'})"

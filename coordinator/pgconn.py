@@ -32,8 +32,8 @@ def parse_conninfo(dsn: str) -> dict[str, str]:
     """A URL (``postgres://...``) or ``key=value`` conninfo as libpq's keywords, with
     ``connect_timeout`` (15 s) and ``application_name`` (cloud-dump) unless given.
 
-    Raises ``ConfigError`` (exit 3) when libpq cannot parse it; the message hides libpq's,
-    which may quote the password.
+    Raises ``ConfigError`` (exit 3) when libpq cannot parse it (the message hides libpq's,
+    which may quote the password) or a port is not a number from 1 to 65535.
     """
     try:
         params = {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
@@ -41,6 +41,11 @@ def parse_conninfo(dsn: str) -> dict[str, str]:
         raise ConfigError(
             "invalid database url or conninfo (details hidden: may hold a password)"
         ) from exc
+    # libpq takes a bad port for a connection failure; it is a typo in the URL (one port per
+    # host, comma-separated).
+    ports = params.get("port", "").split(",") if params.get("port") else []
+    if any(not p.strip().isdigit() or not 0 < int(p) < 65536 for p in ports):
+        raise ConfigError(f"invalid port '{params['port']}' in the database url or conninfo")
     params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
     params.setdefault("application_name", "cloud-dump")
     return params

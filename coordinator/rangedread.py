@@ -85,6 +85,7 @@ class RangedReader(io.RawIOBase):
         self._retry_budget_s = retry_budget_s
         self._closing = threading.Event()  # wakes retries waiting out a backoff
         self._digest = hashlib.sha256()
+        self._received = 0
         self._next_offset = 0  # start of the next range to submit
         self._pending: collections.deque[tuple[int, int, Future[bytes]]] = collections.deque()
         self._buffer = memoryview(b"")
@@ -95,8 +96,9 @@ class RangedReader(io.RawIOBase):
 
     @property
     def bytes_read(self) -> int:
-        """Bytes of the object consumed so far (handed out or buffered for the reader)."""
-        return self._next_offset - sum(length for _, length, _ in self._pending)
+        """Bytes of the object received so far, in order (handed out, buffered for the reader,
+        or in a range that failed its check): what a reader that stopped at an error read."""
+        return self._received
 
     def readable(self) -> bool:
         return True
@@ -196,6 +198,7 @@ class RangedReader(io.RawIOBase):
                 return False
             start, length, future = self._pending.popleft()
             data = self._result(start, future)
+            self._received += len(data)
             if len(data) != length:
                 raise IntegrityError(
                     f"object '{self._key}' is shorter than the backup manifest says: "

@@ -87,6 +87,7 @@ class BackupSettings(KeyedSettings):
     part_timeout: float = 300.0
     task_timeout: float = 600.0
     progress: bool = True
+    allow_unchecked_tablespaces: bool = False
     wal_prefix: str | None = None  # CLOUD_DUMP_WAL_PREFIX: backup has no flag for it
 
 

@@ -14,6 +14,10 @@ writes anything.
 An archive exists when its identity object (``cloud-dump-archive.json``, written by the first
 ``wal-push``) is there or, for archives written by the seed tool, which has no identity object,
 when any object lies under the WAL prefix.
+
+``WalArchive.check_keys`` proves, before a restore downloads anything, that ``Keys`` will
+decrypt the WAL recovery reads: a copy whose every ``wal-fetch`` fails would be found out only at
+``pg_ctl start``, after the whole restore.
 """
 
 from __future__ import annotations
@@ -174,6 +178,64 @@ class WalArchive:
     def get(self, key: str) -> bytes:
         return self._storage.get(key)
 
+    def check_keys(self, first: str, hint: Callable[[str], str]) -> None:
+        """Refuse (``DecryptionFailed``) keys that would not decrypt the WAL recovery reads
+        from segment ``first`` on (a backup's first segment), before anything is downloaded.
+
+        Passphrase mode (the archive's description says so): identity files must hold the
+        archive's own key (its public key is recorded: no object is read), else the passphrase
+        must open the wrapped key (one scrypt, ~1.7 s; remembered by ``Keys``, so the history
+        files read next cost none). Otherwise the first archived segment recovery reads (``first``
+        or the next one stored after it on its timeline) is tried: when it is encrypted, its age
+        header must open with the identity files (the first ``HEADER_PROBE_BYTES`` read). Nothing
+        to read (no such segment, or not encrypted) is nothing to refuse.
+
+        ``hint(mode)`` ("passphrase" or "recipients") says which keys to give, for the message.
+        ``ConfigError`` for a key file or passphrase file that cannot be read, ``IntegrityError``
+        for a damaged age header.
+        """
+        from coordinator.crypto import header_opens, read_identities
+
+        encryption = self._described_encryption()
+        if encryption.get("mode") == "passphrase":
+            self._keys.check_passphrase_mode(self, encryption, hint("passphrase"))
+            return
+        stored = self.find(first)
+        if stored is None:
+            later = self.later_segment(first)
+            stored = None if later is None else self.find(later)
+        if stored is None or not stored.encrypted:
+            return
+        what = f"archived WAL '{stored.key}'"
+        if not self._keys.identity_paths:
+            raise DecryptionFailed(
+                f"{what} is encrypted to age recipients and no identity was given: "
+                f"{hint('recipients')}"
+            )
+        identities = read_identities(self._keys.identity_paths)
+        try:
+            probe = self._storage.get_range(stored.key, 0, HEADER_PROBE_BYTES)
+            # A header of hundreds of stanzas: the whole object, which must hold all of it.
+            if not header_opens(probe, identities, what) and not header_opens(
+                self._storage.get(stored.key), identities, what
+            ):
+                raise IntegrityError(f"{what} is damaged: it ends inside its age header")
+        except DecryptionFailed as exc:
+            raise DecryptionFailed(f"{exc}: {hint('recipients')}") from exc
+
+    def _described_encryption(self) -> dict[str, object]:
+        """The archive's description of its encryption; empty without one (the seed's
+        archives have no description, and encrypt to recipients)."""
+        try:
+            encryption = self.read_info().get("encryption")
+        except ObjectNotFound:
+            return {}
+        return encryption if isinstance(encryption, dict) else {}
+
+
+# Enough for an age header of some hundred recipient stanzas (~90 bytes each): one small GET.
+HEADER_PROBE_BYTES = 16 * 1024
+
 
 def _stored(key: str, suffix: str) -> StoredWal | None:
     """``key`` as a stored WAL file if ``suffix`` (what follows the name) is wal-push's."""
@@ -268,6 +330,34 @@ class Keys:
                 self._failure = exc
                 raise
             return self._identities
+
+    def check_passphrase_mode(
+        self, archive: WalArchive, encryption: dict[str, object], hint: str
+    ) -> None:
+        """For ``WalArchive.check_keys``: the archive encrypts to its own key, described by
+        ``encryption`` (its ``recipient``, and where the key is stored passphrase-wrapped)."""
+        from coordinator.crypto import public_keys
+
+        key = encryption.get("wrapped_identity_key")
+        recipient = encryption.get("recipient")
+        if self.identity_paths:
+            if recipient in public_keys(self.identity_paths):
+                return
+            raise DecryptionFailed(
+                f"no identity given is the WAL archive's own key (public key {recipient}, "
+                f"stored passphrase-wrapped at '{key}'), which its WAL is encrypted to: {hint}"
+            )
+        if self.passphrase() is None:
+            raise DecryptionFailed(
+                f"the WAL archive is encrypted with a passphrase (its key '{key}') and none "
+                f"was given: {hint}"
+            )
+        try:
+            self._resolve(archive, refresh=False)
+        except DecryptionFailed as exc:
+            raise DecryptionFailed(
+                f"the passphrase given does not open the WAL archive's key '{key}': {hint}"
+            ) from exc
 
     def _load(self, archive: WalArchive, refresh: bool) -> list[str]:
         from coordinator.crypto import passphrase_identity, read_identities

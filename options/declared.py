@@ -231,6 +231,10 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", limit=_seconds()),
     Option("--progress", None, {BACKUP}, "live progress line on a terminal (default on)",
            kind=BOOL, default=True),
+    Option("--allow-unchecked-tablespaces", "CLOUD_DUMP_ALLOW_UNCHECKED_TABLESPACES", {BACKUP},
+           "PostgreSQL 13-15: back up even when the role cannot be asked whether the cluster has "
+           "in-place tablespaces (those versions leave them out of a base backup)",
+           kind=SWITCH, default=False),
     Option(None, "CLOUD_DUMP_HEARTBEAT_S", {BACKUP},
            "seconds between a running backup's heartbeats in its claim (cleanup leaves a "
            "backup alone until three are missed)", kind=FLOAT, default=60.0,

@@ -258,10 +258,13 @@ def main() -> int:
               f"to a promoted cluster; rows {'exact' if exact else 'WRONG'}")
         print("  verify       --deep: every file checked against backup_manifest, WAL read")
         print("  expire       --retain 1: the older backup and the WAL only it needed removed")
-        print(f"  flower       http://127.0.0.1:{flower_port}")
+        keep = exact and os.environ.get("DEMO_KEEP") == "1"
+        state = ("left running: see below" if keep
+                 else "stopped with the demo; DEMO_KEEP=1 leaves it running")
+        print(f"  flower       http://127.0.0.1:{flower_port} ({state})")
         print(f"  logs         {work}")
         print(f"  took         {elapsed_s:.0f} s")
-        if exact and os.environ.get("DEMO_KEEP") == "1":
+        if keep:
             keep_running(flower_port)
         return 0 if exact else 1
     finally:

@@ -22,7 +22,9 @@ Contract (checked for every backend by ``tests/storage/test_contract.py``):
   re-uploading a part number replaces it. ``complete_multipart`` takes the parts in order, and
   raises ``PartTooSmall`` if a part other than the last is under ``min_part_size_bytes``; the
   object appears only when it returns. ``abort_multipart`` discards the parts;
-  ``list_multipart_uploads`` shows uploads created and neither completed nor aborted.
+  ``list_multipart_uploads`` shows uploads created and neither completed nor aborted;
+  ``uploaded_bytes`` the bytes of the parts one of them holds (``UploadNotFound`` once it is
+  completed or aborted).
 - Every failure is a ``StorageError``: ``TransientStorageError`` when retrying may help,
   ``PermanentStorageError`` otherwise. Backends retry transient failures internally (with
   backoff) before raising.
@@ -157,6 +159,11 @@ class Storage(Protocol):
 
     # builtins.list: inside this class, ``list`` names the method above.
     def list_multipart_uploads(self, prefix: str) -> builtins.list[MultipartUpload]: ...
+
+    def uploaded_bytes(self, key: str, upload_id: str) -> int:
+        """Bytes of the parts uploaded so far to an upload in progress: what the store keeps,
+        and bills for, until the upload is completed or aborted."""
+        ...
 
     def close(self) -> None:
         """Release connections; the object must not be used afterwards."""

@@ -317,6 +317,15 @@ class LocalStorage:
                     found.append((str(meta["key"]), int(meta["initiated_ns"]), upload_id))
         return [MultipartUpload(key, upload_id) for key, _, upload_id in sorted(found)]
 
+    def uploaded_bytes(self, key: str, upload_id: str) -> int:
+        upload_dir = self._upload_dir(key, upload_id)
+        with self._translated("list", upload_dir):
+            try:
+                return sum(entry.stat().st_size for entry in upload_dir.iterdir()
+                           if entry.name.startswith("part-"))  # fmt: skip
+            except FileNotFoundError:
+                raise _upload_not_found(key, upload_id) from None
+
     def close(self) -> None:
         """Nothing to release: every operation opens and closes its own files."""
 

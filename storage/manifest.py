@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage.errors import PermanentStorageError
 from storage.layout import CompressedBy as CompressedBy
@@ -99,13 +99,28 @@ class BackupManifest(_Model):
 
     @classmethod
     def from_json(cls, data: bytes, key: str) -> BackupManifest:
+        """The manifest stored at ``key``; ``PermanentStorageError`` saying in one line what is
+        wrong with it (not JSON, not an object, another format version, the first field that
+        does not validate), never the bytes themselves."""
         try:
             return cls.model_validate_json(data)
-        except ValueError as exc:
-            raise PermanentStorageError(
-                f"manifest '{key}' is not a valid cloud-dump manifest: {_first_error(exc)}"
-            ) from exc
+        except ValidationError as exc:
+            raise PermanentStorageError(f"manifest '{key}' {_what_is_wrong(exc)}") from exc
 
 
-def _first_error(exc: ValueError) -> str:
-    return str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
+def _what_is_wrong(exc: ValidationError) -> str:
+    """``exc``'s first error as the rest of a sentence starting with the manifest's key."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    kind, where, message = first["type"], first["loc"], first["msg"]
+    if kind == "json_invalid":
+        return f"is not valid JSON ({message.removeprefix('Invalid JSON: ')})"
+    if not where:
+        return "is not a JSON object"
+    if where == ("format_version",):
+        return (f"has a format_version this cloud-dump does not read (it reads "
+                f"{FORMAT_VERSION}): written by a newer version?")  # fmt: skip
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in where)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"is not a valid cloud-dump manifest: field '{field.lstrip('.')}': "
+            f"{message[:1].lower()}{message[1:]}{more}")  # fmt: skip

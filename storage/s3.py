@@ -369,6 +369,16 @@ class S3Storage:
         # stable, so uploads of one key keep the server's (initiation) order.
         return sorted(uploads, key=lambda upload: upload.key)
 
+    def uploaded_bytes(self, key: str, upload_id: str) -> int:
+        paginator = self._client().get_paginator("list_parts")
+        total = 0
+        with self._translated(key, upload_id):
+            pages = paginator.paginate(Bucket=self._bucket, Key=self._full_key(key),
+                                       UploadId=upload_id)  # fmt: skip
+            for page in pages:
+                total += sum(int(part["Size"]) for part in page.get("Parts", []))
+        return total
+
     def close(self) -> None:
         if self._client_obj is not None and self._client_pid == os.getpid():
             self._client_obj.close()

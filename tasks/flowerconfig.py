@@ -16,6 +16,11 @@ from tornado.options import options
 from storage.errors import ConfigError
 from tasks.flowerauth import TASKS_COLUMNS, flower_access
 
+if any(arg.startswith("--basic-auth") for arg in sys.argv):
+    # Every local user can read a process's command line (ps, /proc/<pid>/cmdline).
+    sys.stderr.write("flower: warning: --basic-auth on the command line is visible to every "
+                     "user in 'ps': use FLOWER_BASIC_AUTH_FILE or FLOWER_BASIC_AUTH\n")
+
 try:
     _access = flower_access(os.environ, options.address, options.basic_auth)
 except ConfigError as exc:

@@ -172,17 +172,19 @@ def check_archive(
             backup=request.backup,
         )  # fmt: skip
         with contextlib.closing(reader):
-            plain = open_plaintext(
-                cast(BinaryIO, reader), request.compression,
-                identities=identities if request.encrypted else None, what=what,
-            )  # fmt: skip
-            walked = walk_tar(
-                cast(BinaryIO, plain), DISCARD, algorithm=manifest_algorithm(entries),
-                manifest_prefix=_prefix(request.tablespace_oid), what=what,
-            )  # fmt: skip
-            plain.drain()
-            reader.drain()  # the stored object's sha256 is checked at its end
-            result.bytes_read = reader.bytes_read
+            try:
+                plain = open_plaintext(
+                    cast(BinaryIO, reader), request.compression,
+                    identities=identities if request.encrypted else None, what=what,
+                )  # fmt: skip
+                walked = walk_tar(
+                    cast(BinaryIO, plain), DISCARD, algorithm=manifest_algorithm(entries),
+                    manifest_prefix=_prefix(request.tablespace_oid), what=what,
+                )  # fmt: skip
+                plain.drain()
+                reader.drain()  # the stored object's sha256 is checked at its end
+            finally:  # what was read, up to a failure too
+                result.bytes_read = reader.bytes_read
         result.files = len(walked.files)
         result.bytes_checked = walked.bytes
         mine = [e for e in entries if _holds(request, e.path)]

@@ -44,6 +44,7 @@ def run_backup(args: BackupSettings, report: Report) -> None:
         target_part_bytes=args.part_size_mib * 1024 * 1024,
         show_progress=args.progress,
         heartbeat_every_s=float(number_from_env("CLOUD_DUMP_HEARTBEAT_S")),
+        allow_unchecked_tablespaces=args.allow_unchecked_tablespaces,
     )
     from coordinator.backup.work import open_work
 

@@ -48,3 +48,8 @@ def find_in_place_tablespaces(
     except psycopg.Error as exc:
         return None, redact(message(exc), params.get("password"))
     return [InPlaceTablespace(str(name), str(location)) for name, location in rows], None
+
+
+def ordinary_database(params: Mapping[str, str]) -> str:
+    """The database the check connects to (the URL's, or ``postgres`` for a replication one)."""
+    return ordinary_params(params)["dbname"]

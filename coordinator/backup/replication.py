@@ -101,6 +101,8 @@ class BaseBackupOptions:
     compression_level: int | None = None
     fast_checkpoint: bool = True
     max_rate_kbps: int | None = None
+    # PG 13-15: refuse when the server cannot be asked for in-place tablespaces (False: warn).
+    require_tablespace_check: bool = True
 
     def __post_init__(self) -> None:
         if self.server_compression not in COMPRESSIONS:
@@ -256,7 +258,7 @@ class ReplicationConnection:
             )
         try:
             if version < inplace.SENT_SINCE:
-                self._refuse_in_place_tablespaces(version)
+                self._refuse_in_place_tablespaces(version, options.require_tablespace_check)
             if version < NEW_FRAMING:
                 return self._run(replication_legacy.command(options), sink, "none")
             return self._run_with_fallback(options, sink)
@@ -264,18 +266,28 @@ class ReplicationConnection:
             self.close()
             raise
 
-    def _refuse_in_place_tablespaces(self, version: int) -> None:
-        """PG 13-15 send nothing of an in-place tablespace (``coordinator.backup.inplace``)."""
+    def _refuse_in_place_tablespaces(self, version: int, required: bool) -> None:
+        """PG 13-15 send nothing of an in-place tablespace (``coordinator.backup.inplace``).
+
+        When the server cannot be asked (a role admitted for replication only, a URL naming a
+        database that does not exist), the backup is refused unless ``required`` is False
+        (``--allow-unchecked-tablespaces``): a backup that completes, verifies and restores
+        without a tablespace's data is worse than one that does not start.
+        """
         if self._params is None:
             return
         found, reason = inplace.find_in_place_tablespaces(self._params)
         if found is None:
-            log.warning(
-                "could not check postgres at %s for in-place tablespaces, which postgres %d "
-                "leaves out of a base backup (%s): allow this role an ordinary connection to "
-                "let the backup check",
-                self._target, version // 10000, reason,
-            )  # fmt: skip
+            why = (f"could not check postgres at {self._target} for in-place tablespaces, "
+                   f"which postgres {version // 10000} leaves out of a base backup ({reason})")
+            if required:
+                raise DatabaseError(
+                    f"{why}: allow this role an ordinary connection to database "
+                    f"'{inplace.ordinary_database(self._params)}' (pg_hba.conf: 'host "
+                    "<database> <role> <address> scram-sha-256'), or, if the cluster has none, "
+                    "back up with --allow-unchecked-tablespaces"
+                )
+            log.warning("%s: backing up anyway (--allow-unchecked-tablespaces)", why)
         elif found:
             named = ", ".join(f"'{t.name}' ({t.location})" for t in found)
             raise DatabaseError(

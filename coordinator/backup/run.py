@@ -96,6 +96,7 @@ class BackupPlan:
     target_part_bytes: int = 16 * 1024 * 1024
     show_progress: bool = False
     heartbeat_every_s: float = 60.0  # CLOUD_DUMP_HEARTBEAT_S
+    allow_unchecked_tablespaces: bool = False
 
 
 @dataclass
@@ -259,6 +260,7 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
                 label=f"cloud-dump {plan.name}",
                 server_compression=plan.compression,
                 compression_level=plan.compression_level,
+                require_tablespace_check=not plan.allow_unchecked_tablespaces,
             ),
             _StreamSink(run),
         )

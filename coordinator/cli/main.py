@@ -276,7 +276,8 @@ def _add_option(command: str, target: _Group, option: Option) -> None:
 
 
 def _add_command(commands: _Subparsers, command: str) -> None:
-    parser = commands.add_parser(command, **_COMMANDS[command])
+    # Every command's --help ends with the exit codes too: scripts are written against one.
+    parser = commands.add_parser(command, epilog=help_epilog(), **_COMMANDS[command])
     for dest, metavar, help_text in _POSITIONALS.get(command, []):
         parser.add_argument(dest, metavar=metavar, help=help_text)
     groups: dict[str | None, _Group] = {None: parser}

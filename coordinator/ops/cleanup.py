@@ -17,8 +17,8 @@ of its multipart uploads):
   A backup that is alive is never touched, however long it has run.
 - **no claim, no manifest**: what an interrupted abort left. Nothing running owns it (a backup
   claims its name before it stores anything, and the claim is looked for again just before),
-  so it is removed whatever its age; a prefix holding anything that is not a backup's file is
-  left alone and named.
+  so it is removed whatever its age; a prefix holding anything that is not a backup's file, or
+  a pin (``keep.json``), is left alone and named.
 
 Ages are read on this host's clock against the times the coordinators wrote: hosts whose clocks
 differ by more than a heartbeat period should keep ``--older-than`` well above it (the default,
@@ -216,6 +216,13 @@ def _leftovers(storage: Storage, layout: Layout, prefix: Prefix, dry_run: bool) 
     if foreign:
         log.warning("'%s' holds objects that are not a backup's (%s): left alone", base,
                     ", ".join(foreign[:3]))  # fmt: skip
+        return []
+    if base + KEEP_NAME in prefix.keys:
+        # A pin says someone wants this backup: without its manifest it is not restorable as
+        # it is, but what it holds may still be worth recovering by hand.
+        log.warning("'%s' is pinned (%s) but has no %s: left alone; release it with "
+                    "'cloud-dump keep %s --release' to let cleanup remove it", base, KEEP_NAME,
+                    MANIFEST_NAME, prefix.name)  # fmt: skip
         return []
     if not dry_run:
         if read_claim(storage, base + CLAIM_NAME) is not None:

@@ -35,8 +35,11 @@ from coordinator.catalog import (
     backup_end,
     end_order,
     find_backups,
+    find_divergence,
     read_manifest,
+    read_wal_inventory,
     segment_size_of,
+    timeline_starts,
     wal_file_name,
 )
 from coordinator.ops.cleanup import parse_age
@@ -49,7 +52,7 @@ from coordinator.settings import (
     open_store,
 )
 from storage.base import Storage
-from storage.errors import ConfigError, ObjectNotFound
+from storage.errors import BackupNotFound, ConfigError, ObjectNotFound
 from storage.layout import KEEP_NAME, MANIFEST_NAME, Layout, validate_name
 from storage.manifest import BackupManifest
 from storage.walnames import Segment, kind_of, parse_lsn, segment_number
@@ -76,6 +79,7 @@ def run_expire(args: ExpireSettings, report: Report) -> None:
             report(f"nothing to expire: no unpinned backups in "
                    f"{layout.describe_backups_root(storage.url)}")  # fmt: skip
             return
+        _refuse_diverging(storage, layout, unpinned)
         kept, expired = plan_expiry(unpinned, args.retain, window, now)
         out = _prefixed(report, args.dry_run)
         for manifest in expired:
@@ -115,6 +119,25 @@ def run_delete(args: DeleteSettings, report: Report) -> None:
     _prefixed(report, args.dry_run)(
         f"removed backup '{name}' ({count} objects); its WAL stays until 'cloud-dump expire'"
     )
+
+
+def _refuse_diverging(storage: Storage, layout: Layout, backups: list[BackupManifest]) -> None:
+    """``ConfigError`` when ``backups`` are of diverging histories (``catalog.find_divergence``).
+
+    A count or a window over two lineages would keep the newest of either, and remove the
+    other's backups and the WAL only they read: a restored copy backed up into its source's
+    store would expire the source's backups. Which lineage matters is the operator's call.
+    Pinned backups are left out: they are kept whatever the policy says.
+    """
+    inventory = read_wal_inventory(storage, layout, segment_size_of(backups[0]))
+    divergence = find_divergence(backups, timeline_starts(backups, inventory))
+    if divergence is not None:
+        raise ConfigError(
+            f"expire will not choose between histories: {divergence.describe()}; keep one "
+            "history per location: remove the other's backups with 'cloud-dump delete "
+            "--name' (or pin them with 'cloud-dump keep'), and back copies up under another "
+            "--cluster"
+        )
 
 
 def plan_expiry(
@@ -210,8 +233,13 @@ def run_keep(args: KeepSettings, report: Report) -> None:
     layout = layout_of(args)
     storage = open_store(args)
     try:
-        read_manifest(storage, layout, name)  # BackupNotFound (exit 11) for no such backup
         key = layout.backup_prefix(name) + KEEP_NAME
+        try:
+            read_manifest(storage, layout, name)  # BackupNotFound (exit 11) for no such backup
+        except BackupNotFound:
+            # A pin on a prefix that lost its manifest keeps cleanup away: releasing it must work.
+            if not (args.release and _exists(storage, key)):
+                raise
         if args.release:
             storage.delete(key)
             report(f"backup '{name}' is no longer pinned: expire may remove it")
@@ -223,6 +251,14 @@ def run_keep(args: KeepSettings, report: Report) -> None:
         storage.close()
     report(f"backup '{name}' is pinned "
            f"{'until ' + until.isoformat() if until else 'until released'}")  # fmt: skip
+
+
+def _exists(storage: Storage, key: str) -> bool:
+    try:
+        storage.head(key)
+    except ObjectNotFound:
+        return False
+    return True
 
 
 def pinned_until(storage: Storage, layout: Layout, name: str, now: datetime) -> str | None:
@@ -245,17 +281,20 @@ def pinned_until(storage: Storage, layout: Layout, name: str, now: datetime) -> 
 
 
 def parse_until(text: str) -> datetime:
-    """A date (midnight UTC) or a time with its zone; ``ConfigError`` otherwise."""
+    """A date (``2027-01-31``: midnight UTC) or a time with its zone, read as restore reads
+    ``--recovery-target-time`` (``coordinator.zonedtime``: a numeric offset, ``Z``/``UTC`` or a
+    full zone name such as ``Europe/Helsinki``); the instant, in UTC. ``ConfigError`` otherwise.
+    """
+    from coordinator.zonedtime import parse_zoned_time
+
     try:
-        when = datetime.fromisoformat(text.strip())
-    except (ValueError, OverflowError):
-        raise ConfigError(f"--until '{text}' is not a date: expected 2027-01-31 or "
-                          "2027-01-31T12:00:00+00:00") from None  # fmt: skip
-    if when.tzinfo is None:
-        if (when.hour, when.minute, when.second, when.microsecond) != (0, 0, 0, 0):
-            raise ConfigError(f"--until '{text}' has no time zone: add one (+00:00)")
-        when = when.replace(tzinfo=UTC)
-    return when
+        return datetime.strptime(text.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        pass  # more than a date
+    return parse_zoned_time(
+        text, "--until", without_zone="and a date alone means midnight UTC: add an offset "
+        "such as +00:00 or a zone name such as Europe/Helsinki",
+    ).instant  # fmt: skip
 
 
 def _prefixed(report: Report, dry_run: bool) -> Callable[[str], None]:

@@ -1,70 +1,71 @@
 """``cloud-dump info``: what a store holds for one cluster, and how far a restore from it reaches
-(read by ``coordinator.ops.infostore``, whose docstring defines the restorable window), printed
-as text for an operator, one JSON document (``--json``), or Prometheus' text exposition format
-0.0.4 (``--prometheus``) for node_exporter's textfile collector.
+(read by ``coordinator.ops.infostore``), printed as text for an operator, one JSON document
+(``--json``), or Prometheus' text format (``--prometheus``, ``coordinator.ops.infometrics``).
 
-Prometheus (https://prometheus.io/docs/instrumenting/exposition_formats/): a ``# HELP`` and a
-``# TYPE`` line per metric, then ``name{label="value",...} number`` lines; label values escape
-backslash, double quote and newline. Every metric is a gauge named ``cloud_dump_*`` with its
-unit as suffix (``_seconds``, ``_bytes``, ``_timestamp_seconds``: seconds since the Unix epoch),
-labelled with ``cluster`` (empty in the flat layout) and ``location`` (the backups' URL), and
-``timeline`` where it is per timeline. LSNs are WAL byte positions (``_lsn_bytes``). The
-``cloud_dump_verify_*`` metrics appear only once verify has recorded a result.
+Whatever could be read is printed, in every format, and what could not be is named (``problems``
+in the JSON document, ``cloud_dump_info_ok`` and ``cloud_dump_info_problems`` in the metrics, a
+last section of the text). The command then fails with the exit code of the first such problem
+(``Problem``, in ``infostore.PROBLEM_KINDS`` order), so that a monitoring job both gets output it
+can act on and learns that part of it is missing.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from datetime import datetime
 
 from coordinator.catalog import backup_end, human_size
-from coordinator.ops.infostore import Info, Window, read_info
+from coordinator.ops.infometrics import format_prometheus
+from coordinator.ops.inforeport import Incomplete, Info, Problem
+from coordinator.ops.infostore import read_info
+from coordinator.ops.infowindow import Gap, Window
 from coordinator.settings import InfoSettings, Report
+from storage.errors import CloudDumpError
 from storage.walnames import format_lsn
 
 
 def run_info(args: InfoSettings, report: Report) -> None:
-    """Print the report as text, ``--json`` or ``--prometheus``."""
+    """Print the report as text, ``--json`` or ``--prometheus``; then raise the first problem's
+    error (its exit code), summarised, when part of the store could not be read."""
     info = read_info(args)
     render = format_json if args.json else format_prometheus if args.prometheus else format_text
     for line in render(info):
         report(line)
+    if info.problems:
+        raise failure(info.problems)
+
+
+def failure(problems: list[Problem]) -> CloudDumpError:
+    """The first problem's error (so its class and exit code), its message saying how many
+    there were."""
+    first = problems[0]
+    error = copy.copy(first.error)
+    more = f" ({len(problems)} problems, the first)" if len(problems) > 1 else ""
+    error.args = (f"info could not read everything{more}: {first.message}",)
+    return error
 
 
 def format_text(info: Info) -> Iterator[str]:
     layout = f"cluster '{info.cluster}'" if info.cluster else "flat layout: no cluster"
     yield f"Backups in {info.location} ({layout}); WAL archive {info.wal_location}"
     yield ""
-    header = (f"{'NAME':<24}{'ENDED (UTC)':<22}{'TL':>3}  {'START LSN':<13}{'END LSN':<13}"
-              f"{'STORED':>10}  KEPT")  # fmt: skip
-    yield header
-    yield "-" * len(header)
-    for backup in info.backups:
-        m = backup.manifest
-        yield (f"{m.name:<24}{_utc(backup_end(m)):<22}{m.timeline:>3}  {m.start_lsn:<13}"
-               f"{m.end_lsn:<13}{human_size(m.stored_size):>10}  "
-               f"{backup.pinned or 'no'}")  # fmt: skip
+    yield from _backups_text(info)
     yield ""
     yield "Restorable window:"
     if not info.windows:
         yield "  none: no backup has its WAL archived"
     for window in info.windows:
         yield from _window_text(window)
+    yield from _outside_text(info)
     yield ""
-    if info.newest_segment is None:
-        yield "WAL: nothing archived"
-    else:
-        modified = info.newest_segment_modified
-        age = f", {_age_text(info, modified)}" if modified else ""
-        yield f"WAL: newest segment {info.newest_segment}{age}"
-    for gap in info.gaps:
-        count = "" if gap.segments == 1 else f" ({gap.segments} segments)"
-        yield f"  gap on timeline {gap.timeline}: {gap.first} .. {gap.last} missing{count}"
-    if not info.gaps and info.newest_segment is not None:
-        yield "  no gaps"
-    sizes = ", ".join(f"{kind} {human_size(n)}" for kind, n in info.stored_bytes.items())
-    yield f"Stored: {sizes}"
+    yield from _wal_text(info)
+    for incomplete in info.incomplete:
+        yield f"Incomplete backup '{incomplete.name}': {_incomplete_text(info, incomplete)}"
+    if info.stored_bytes is not None:
+        sizes = ", ".join(f"{kind} {human_size(n)}" for kind, n in info.stored_bytes.items())
+        yield f"Stored: {sizes}"
     verify = info.verify
     if verify is None:
         yield "Verify: no result recorded"
@@ -73,25 +74,118 @@ def format_text(info: Info) -> Iterator[str]:
         deep = ", deep" if verify.deep else ""
         yield (f"Verify: {verdict}, {verify.backups_checked} backup(s){deep}, finished "
                f"{_utc(verify.finished)}")  # fmt: skip
+    if info.problems:
+        yield ""
+        yield "Could not read:"
+        for problem in info.problems:
+            yield f"  {problem.message}"
+
+
+def _backups_text(info: Info) -> Iterator[str]:
+    header = (f"{'NAME':<24}{'ENDED (UTC)':<22}{'TL':>3}  {'START LSN':<13}{'END LSN':<13}"
+              f"{'STORED':>10}  KEPT")  # fmt: skip
+    yield header
+    yield "-" * len(header)
+    if info.backups is None:
+        yield "(could not be read)"
+    for backup in info.backups or []:
+        m = backup.manifest
+        yield (f"{m.name:<24}{_utc(backup_end(m)):<22}{m.timeline:>3}  {m.start_lsn:<13}"
+               f"{m.end_lsn:<13}{human_size(m.stored_size):>10}  "
+               f"{backup.pinned or 'no'}")  # fmt: skip
 
 
 def _window_text(window: Window) -> Iterator[str]:
-    yield (f"  timeline {window.timeline}: from {_utc(window.earliest_time, micro=True)} "
-           f"(LSN {format_lsn(window.earliest_lsn)}, end of backup '{window.earliest_backup}')")
-    yield (f"              to {_utc(window.latest_time, micro=True)} "
-           f"(LSN {format_lsn(window.latest_lsn)}, in {window.newest_segment})")
-    if window.last_transaction_time is not None:
-        yield (f"              last transaction {_utc(window.last_transaction_time, micro=True)}"
-               " (reached by the LSN or --recovery-target latest)")
+    yield (
+        f"  timeline {window.timeline}: from {_utc(window.earliest_time, micro=True)} "
+        f"(LSN {format_lsn(window.earliest_lsn)}, end of backup '{window.earliest_backup}')"
+    )
+    latest = window.latest
+    if latest is None:
+        yield f"              to: unknown ('{window.unreadable}' could not be read)"
+        return
+    yield (
+        f"              to {_utc(latest.time, micro=True)} "
+        f"(LSN {format_lsn(latest.lsn)}, in {latest.segment})"
+    )
+    if latest.last_transaction_time is not None:
+        yield (
+            f"              last transaction {_utc(latest.last_transaction_time, micro=True)}"
+            " (reached by the LSN or --recovery-target latest)"
+        )
+    if window.unreadable is not None:
+        yield (
+            f"              and no further: '{window.unreadable}' could not be read, and "
+            "recovery stops there"
+        )
+
+
+def _outside_text(info: Info) -> Iterator[str]:
+    """The backups a point-in-time restore cannot go past: their WAL runs into a gap first."""
+    for backup in info.backups or []:
+        if backup.in_window:
+            continue
+        m = backup.manifest
+        kept = f", kept {backup.pinned}" if backup.pinned else ""
+        reach = (f"; its archived WAL runs to {backup.replays_to}, then a gap"
+                 if backup.replays_to else "")  # fmt: skip
+        yield (
+            f"  outside the window: backup '{m.name}' (timeline {m.timeline}{kept}) restores "
+            f"to its own end ({_utc(backup_end(m), micro=True)}, LSN {m.end_lsn}){reach}"
+        )
+
+
+def _wal_text(info: Info) -> Iterator[str]:
+    if not info.wal:
+        yield "WAL: nothing archived" if info.gaps is not None else "WAL: could not be read"
+    for index, timeline in enumerate(info.wal):
+        lead = "WAL: " if index == 0 else "     "
+        which = f"timeline {timeline.timeline}: " if len(info.wal) > 1 else ""
+        age = ""
+        if timeline.modified is not None:
+            seconds = max(0.0, (info.now - timeline.modified).total_seconds())
+            age = f", archived {_utc(timeline.modified)} UTC, {seconds:.0f} s ago"
+        ended = " (a later timeline forked from it: no longer written)" * timeline.switched_away
+        yield f"{lead}{which}newest segment {timeline.newest_segment}{age}{ended}"
+    for gap in info.gaps or []:
+        yield f"  gap on timeline {gap.timeline}: {_gap_text(gap)}"
+    for gap in info.pinned_gaps:
+        yield (
+            f"  behind pinned backups on timeline {gap.timeline}: {_gap_text(gap)} (a "
+            "point-in-time restore from those backups stops at it)"
+        )
+    if info.gaps == [] and info.wal:
+        yield "  no gaps" + (" in the window's WAL" if info.pinned_gaps else "")
+
+
+def _gap_text(gap: Gap) -> str:
+    count = "" if gap.segments == 1 else f" ({gap.segments} segments)"
+    return f"{gap.first} .. {gap.last} missing{count}"
+
+
+def _incomplete_text(info: Info, incomplete: Incomplete) -> str:
+    what = (f"{incomplete.objects} object(s), {incomplete.uploads} open upload(s), "
+            f"{human_size(incomplete.stored_bytes)}")  # fmt: skip
+    if incomplete.state in ("running", "silent"):
+        last = incomplete.last_sign_of_life
+        ago = "?" if last is None else f"{max(0.0, (info.now - last).total_seconds()):.0f} s"
+        run = (f"run {incomplete.run_id} on {incomplete.host}, started {incomplete.started_at},"
+               f" last sign of life {ago} ago")  # fmt: skip
+        state = ("running" if incomplete.state == "running"
+                 else "silent (killed or hung: 'cloud-dump cleanup' removes it)")  # fmt: skip
+        return f"{state}, {run}: {what}"
+    state = {
+        "unclaimed": "no claim and no manifest (an interrupted removal: 'cloud-dump cleanup' "
+                     "removes it)",
+        "stray uploads": "complete, with uploads left open (a killed finalize: 'cloud-dump "
+                         "cleanup' aborts them)",
+        "unreadable manifest": "its manifest.json does not parse",
+    }.get(incomplete.state, incomplete.state)  # fmt: skip
+    return f"{state}: {what}"
 
 
 def _utc(when: datetime, *, micro: bool = False) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S" + (".%f" if micro else ""))
-
-
-def _age_text(info: Info, modified: datetime) -> str:
-    seconds = max(0.0, (info.now - modified).total_seconds())
-    return f"archived {_utc(modified)} UTC, {seconds:.0f} s ago"
 
 
 def format_json(info: Info) -> Iterator[str]:
@@ -100,112 +194,69 @@ def format_json(info: Info) -> Iterator[str]:
 
 def info_document(info: Info) -> dict[str, object]:
     """The JSON document (README, "Monitoring: info")."""
-    modified = info.newest_segment_modified
+    newest = info.newest_wal
+    modified = None if newest is None else newest.modified
     return {
         "location": info.location,
         "cluster": info.cluster,
         "wal_location": info.wal_location,
         "generated_at": info.now.isoformat(),
-        "backups": [
+        "ok": not info.problems,
+        "problems": [{"kind": p.kind, "message": p.message} for p in info.problems],
+        "backups": None if info.backups is None else [
             {"name": b.manifest.name, "start_time": b.manifest.start_time.isoformat(),
              "end_time": backup_end(b.manifest).isoformat(), "timeline": b.manifest.timeline,
              "start_lsn": b.manifest.start_lsn, "end_lsn": b.manifest.end_lsn,
              "stored_bytes": b.manifest.stored_size, "database_bytes": None,
-             "pinned": b.pinned is not None, "pinned_until": b.pinned}
+             "pinned": b.pinned is not None, "pinned_until": b.pinned,
+             "in_window": b.in_window, "replays_to_segment": b.replays_to}
             for b in info.backups
         ],
-        "windows": [
-            {"timeline": w.timeline,
-             "earliest": {"time": w.earliest_time.isoformat(), "lsn": format_lsn(w.earliest_lsn),
-                          "backup": w.earliest_backup},
-             "latest": {"time": w.latest_time.isoformat(), "lsn": format_lsn(w.latest_lsn),
-                        "segment": w.newest_segment,
-                        "last_transaction_time": _iso(w.last_transaction_time)}}
-            for w in info.windows
-        ],
+        "windows": [_window_document(w) for w in info.windows],
         "wal": {
-            "newest_segment": info.newest_segment,
+            "newest_segment": None if newest is None else newest.newest_segment,
             "newest_segment_modified": _iso(modified),
-            "newest_segment_age_seconds": (None if modified is None
-                                           else (info.now - modified).total_seconds()),
+            "newest_segment_age_seconds": _age(info, modified),
             "timelines": info.timelines,
-            "gaps": [{"timeline": g.timeline, "first": g.first, "last": g.last,
-                      "segments": g.segments} for g in info.gaps],
+            "newest": [{"timeline": t.timeline, "segment": t.newest_segment,
+                        "modified": _iso(t.modified), "age_seconds": _age(info, t.modified),
+                        "switched_away": t.switched_away} for t in info.wal],
+            "gaps": None if info.gaps is None else [_gap_document(g) for g in info.gaps],
+            "gaps_behind_pins": [_gap_document(g) for g in info.pinned_gaps],
         },
         "stored_bytes": info.stored_bytes,
+        "incomplete": [
+            {"name": i.name, "state": i.state, "objects": i.objects, "uploads": i.uploads,
+             "stored_bytes": i.stored_bytes, "run_id": i.run_id, "host": i.host,
+             "started_at": i.started_at, "last_sign_of_life": _iso(i.last_sign_of_life)}
+            for i in info.incomplete
+        ],
         "verify": None if info.verify is None else json.loads(info.verify.model_dump_json()),
     }  # fmt: skip
+
+
+def _window_document(w: Window) -> dict[str, object]:
+    latest = w.latest
+    return {
+        "timeline": w.timeline,
+        "earliest": {"time": w.earliest_time.isoformat(), "lsn": format_lsn(w.earliest_lsn),
+                     "backup": w.earliest_backup},
+        "latest": None if latest is None else {
+            "time": latest.time.isoformat(), "lsn": format_lsn(latest.lsn),
+            "segment": latest.segment,
+            "last_transaction_time": _iso(latest.last_transaction_time)},
+        "unreadable_segment": w.unreadable,
+    }  # fmt: skip
+
+
+def _gap_document(gap: Gap) -> dict[str, object]:
+    return {"timeline": gap.timeline, "first": gap.first, "last": gap.last,
+            "segments": gap.segments}  # fmt: skip
 
 
 def _iso(when: datetime | None) -> str | None:
     return None if when is None else when.isoformat()
 
 
-def format_prometheus(info: Info) -> Iterator[str]:
-    base = {"cluster": info.cluster or "", "location": info.location}
-    newest = max(info.backups, key=lambda b: backup_end(b.manifest), default=None)
-    metrics: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = [
-        ("backups", "complete backups in the store", [(base, len(info.backups))]),
-    ]
-    if newest is not None:
-        end = backup_end(newest.manifest)
-        metrics += [
-            ("newest_backup_end_timestamp_seconds", "when the newest backup ended",
-             [(base, end.timestamp())]),
-            ("newest_backup_age_seconds", "seconds since the newest backup ended",
-             [(base, (info.now - end).total_seconds())]),
-        ]  # fmt: skip
-    per_tl = [({**base, "timeline": str(w.timeline)}, w) for w in info.windows]
-    metrics += [
-        ("restore_window_start_timestamp_seconds",
-         "earliest recovery target time a restore reaches (the oldest usable backup's end)",
-         [(labels, w.earliest_time.timestamp()) for labels, w in per_tl]),
-        ("restore_window_end_timestamp_seconds",
-         "latest recovery target time a restore reaches",
-         [(labels, w.latest_time.timestamp()) for labels, w in per_tl]),
-        ("restore_window_start_lsn_bytes", "earliest recovery target LSN a restore reaches",
-         [(labels, float(w.earliest_lsn)) for labels, w in per_tl]),
-        ("restore_window_end_lsn_bytes", "latest recovery target LSN a restore reaches",
-         [(labels, float(w.latest_lsn)) for labels, w in per_tl]),
-        ("wal_gaps", "runs of missing WAL segments",
-         [({**base, "timeline": str(t)}, sum(1 for g in info.gaps if g.timeline == t))
-          for t in info.timelines]),
-    ]  # fmt: skip
-    modified = info.newest_segment_modified
-    if modified is not None:
-        metrics += [
-            ("wal_newest_segment_timestamp_seconds", "when the newest WAL segment was stored",
-             [(base, modified.timestamp())]),
-            ("wal_archive_lag_seconds", "age of the newest archived WAL segment",
-             [(base, (info.now - modified).total_seconds())]),
-        ]  # fmt: skip
-    metrics.append(("stored_bytes", "bytes stored, by kind (backups, wal, other)",
-                    [({**base, "kind": kind}, float(n))
-                     for kind, n in info.stored_bytes.items()]))  # fmt: skip
-    if info.verify is not None:
-        v = info.verify
-        metrics += [
-            ("verify_ok", "1 when the last verify found nothing wrong", [(base, float(v.ok))]),
-            ("verify_last_timestamp_seconds", "when the last verify finished",
-             [(base, v.finished.timestamp())]),
-            ("verify_problems", "problems the last verify reported", [(base, v.problems)]),
-        ]  # fmt: skip
-    for name, help_text, samples in metrics:
-        if not samples:
-            continue
-        yield f"# HELP cloud_dump_{name} {help_text}"
-        yield f"# TYPE cloud_dump_{name} gauge"
-        for labels, value in samples:
-            yield f"cloud_dump_{name}{{{_labels(labels)}}} {_number(value)}"
-
-
-def _labels(labels: dict[str, str]) -> str:
-    return ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items())
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def _age(info: Info, when: datetime | None) -> float | None:
+    return None if when is None else (info.now - when).total_seconds()

@@ -202,10 +202,10 @@ def _check_backup(
             sound.append(archive)
             if not read:
                 continue
-        try:
-            check.bytes_read += _read_back(storage, key, size, sha256, part_size, parallel)
-        except IntegrityError as exc:
-            check.problems.append(f"backup '{manifest.name}': {exc}")
+        got, problem = _read_back(storage, key, size, sha256, part_size, parallel)
+        check.bytes_read += got
+        if problem is not None:
+            check.problems.append(f"backup '{manifest.name}': {problem}")
     wrapped = manifest.encryption.wrapped_identity_key if manifest.encryption else None
     if wrapped is not None:
         check.objects += 1
@@ -235,14 +235,19 @@ def _add_deep(backups: list[BackupCheck], wal: WalCheck, found: DeepFindings) ->
 
 def _read_back(
     storage: Storage, key: str, size: int, sha256: str, part_size: int, parallel: int
-) -> int:
-    """Read ``key`` whole, checking its SHA-256 (``IntegrityError`` naming it); bytes read."""
+) -> tuple[int, IntegrityError | None]:
+    """Read ``key`` whole, checking its SHA-256: the bytes read, and the ``IntegrityError``
+    naming it when it does not check (the bytes read then too: all of them for a mismatched
+    SHA-256, which is known only at the end)."""
     reader = RangedReader(storage, key, size, range_bytes=range_size_for(part_size),
                           parallel=parallel, sha256=sha256)  # fmt: skip
     with reader:
-        while reader.read(1 << 20):
-            pass
-    return size
+        try:
+            while reader.read(1 << 20):
+                pass
+        except IntegrityError as exc:
+            return reader.bytes_read, exc
+        return reader.bytes_read, None
 
 
 def _check_wal(

@@ -17,14 +17,25 @@ record, a target LSN with their LSNs.
 "Newest" is by the end of the backup as its manifest records it (``end_time``, then
 ``end_lsn``): the order ``cloud-dump list`` shows. Backups of more than one cluster (system
 identifier) under one location are refused rather than mixed: ``--cluster`` or ``--name``
-tells them apart.
+tells them apart. So are backups of diverging histories of one cluster among those that could
+serve (``catalog.find_divergence``): a restored copy that archives and is backed up into its
+source's store makes a second lineage whose times and LSNs interleave with the source's, and
+"the newest backup before the target" would silently pick either; ``--name`` or a numeric
+``--recovery-target-timeline`` says which (the latter keeps only backups that can lie on that
+timeline's history).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.catalog import backup_end, end_order
+from coordinator.catalog import (
+    backup_end,
+    end_order,
+    ends_before_timeline,
+    find_divergence,
+    timeline_starts,
+)
 from coordinator.restore.recovery import RecoveryTarget
 from coordinator.restore.targets import format_lsn, parse_lsn, timeline_number, utc_text
 from storage.errors import BackupNotFound, ConfigError
@@ -35,15 +46,19 @@ LATEST = LATEST_NAME  # --name latest: the newest backup, as with no --name
 
 
 def choose_backup(
-    target: RecoveryTarget | None, backups: Sequence[BackupManifest], where: str
+    target: RecoveryTarget | None,
+    backups: Sequence[BackupManifest],
+    where: str,
+    starts: dict[int, int] | None = None,
 ) -> tuple[BackupManifest, str]:
     """The backup to restore for ``target`` among ``backups`` (any order), and why, as a
     phrase for the log ("the newest backup that ends at or before ..."). ``where``: the backups root
-    as messages name it.
+    as messages name it. ``starts``: the first segment number of each timeline
+    (``catalog.timeline_starts``, from the WAL archive); None: from the backups alone.
 
     Raises ``BackupNotFound`` (exit 11) when there is no backup at all, ``ConfigError`` (exit 3)
-    for a target no backup reaches (naming the nearest ones), an xid or restore point target, or
-    backups of several clusters.
+    for a target no backup reaches (naming the nearest ones), an xid or restore point target,
+    backups of several clusters, or candidates of diverging histories.
     """
     if not backups:
         raise BackupNotFound(f"no backup to restore: none in {where}")
@@ -63,24 +78,38 @@ def choose_backup(
             "known before recovery replays it, so no backup can be chosen for it "
             "('cloud-dump list' shows the backups)"
         )
+    if starts is None:
+        starts = timeline_starts(backups, None)
     timeline = timeline_number(target.timeline) if target is not None else None
     if timeline is not None:
-        ordered = [m for m in ordered if m.timeline <= timeline]
+        ordered = [m for m in ordered if m.timeline == timeline or (
+            m.timeline < timeline and ends_before_timeline(m, timeline, starts))]
         if not ordered:
             raise ConfigError(
                 f"no backup can reach timeline {timeline}: every backup in {where} is of a "
-                f"later timeline ({_nearest([_oldest(backups)])})"
+                f"later timeline or ended after it began ({_nearest([_oldest(backups)])})"
             )
     if target is None or (target.instant is None and target.lsn is None):
-        return ordered[0], "the newest backup"
-    reaching = [m for m in ordered if _reaches(m, target)]
-    if reaching:
-        return reaching[0], f"the newest backup that ends at or before {_target_text(target)}"
-    raise ConfigError(
-        f"no backup can reach {_target_text(target)}: PostgreSQL cannot stop before a backup is "
-        f"consistent, and the oldest backup in {where} ends later "
-        f"({_nearest([ordered[-1]])})"
-    )
+        candidates, why, by = ordered, "the newest backup", "age"
+    else:
+        by = _target_text(target)
+        candidates = [m for m in ordered if _reaches(m, target)]
+        why = f"the newest backup that ends at or before {_target_text(target)}"
+        if not candidates:
+            raise ConfigError(
+                f"no backup can reach {_target_text(target)}: PostgreSQL cannot stop before a "
+                f"backup is consistent, and the oldest backup in {where} ends later "
+                f"({_nearest([ordered[-1]])})"
+            )
+    divergence = find_divergence(candidates, starts)
+    if divergence is not None:
+        raise ConfigError(
+            f"cannot choose a backup by {by} alone: "
+            f"{divergence.describe()}: name the backup with --name, or the history with "
+            f"--recovery-target-timeline {divergence.earlier.timeline} or "
+            f"{divergence.later.timeline}"
+        )
+    return candidates[0], why
 
 
 def _reaches(manifest: BackupManifest, target: RecoveryTarget) -> bool:

@@ -42,6 +42,7 @@ from storage.layout import validate_name
 if TYPE_CHECKING:
     from coordinator.restore.recoveryconf import RecoveryConf
     from coordinator.restore.run import RestoreSummary
+    from coordinator.walarchive import WalArchive
     from storage.manifest import BackupManifest
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,22 @@ def run_restore(args: RestoreSettings, report: Report) -> None:
 def _choose(storage: Storage, args: RestoreSettings, target: RecoveryTarget | None) -> str:
     """The name of the backup ``coordinator.restore.choose`` picks for ``target``; logged with
     the reason, as the operator named none."""
-    from coordinator.catalog import find_backups
+    from coordinator.catalog import (
+        find_backups,
+        read_wal_inventory,
+        segment_size_of,
+        timeline_starts,
+    )
     from coordinator.restore.choose import choose_backup
 
     layout = layout_of(args)
     backups = find_backups(storage, layout)
-    manifest, why = choose_backup(target, backups, layout.describe_backups_root(storage.url))
+    # Where each timeline begins, from one LIST of the archive: backups of diverging histories
+    # (a copy backed up into its source's store) are told apart by it.
+    inventory = (read_wal_inventory(storage, layout, segment_size_of(backups[0]))
+                 if backups else None)  # fmt: skip
+    manifest, why = choose_backup(target, backups, layout.describe_backups_root(storage.url),
+                                  timeline_starts(backups, inventory))
     log.info("restoring backup '%s' (%s; ended %s, LSN %s, timeline %s): %s of %d",
              manifest.name, "--name latest" if args.name else "no --name given",
              manifest.end_time.isoformat(), manifest.end_lsn, manifest.timeline, why,
@@ -121,11 +132,13 @@ def _check_before_download(
     storage: Storage, args: RestoreSettings, name: str, target: RecoveryTarget | None
 ) -> tuple[BackupManifest, RecoveryTarget | None]:
     """The backup's manifest, and the target with the timeline recovery will follow; with a
-    target, refuse one it cannot reach or an ambiguous timeline (exit 3) and a WAL archive
-    location where nothing was ever archived (exit 18)."""
+    target, refuse one it cannot reach or an ambiguous timeline (exit 3), a WAL archive
+    location where nothing was ever archived (exit 18) and WAL keys that would not decrypt the
+    archive (exit 14)."""
     from coordinator.catalog import find_backups, read_manifest
     from coordinator.restore.reachability import check_reachable
-    from coordinator.walarchive import require_wal_archive
+    from coordinator.settings import keys_from
+    from coordinator.walarchive import WalArchive, require_wal_archive
 
     manifest = read_manifest(storage, layout_of(args), name)
     if args.restore_config and target is not None:
@@ -134,8 +147,25 @@ def _check_before_download(
         check_reachable(target, manifest, lambda: find_backups(storage, layout_of(args)))
         require_wal_archive(storage, layout_of(args),
                             immediate=args.recovery_target == "immediate")
-        target = _follow_timeline(storage, args, manifest, target)
+        # The keys wal-fetch will have (the restore config gets the same view of the flags).
+        archive = WalArchive(storage, layout_of(args), keys_from(wal_keys_view(args), None))
+        archive.check_keys(manifest.start_wal_file, lambda mode: _wal_keys_hint(args, mode))
+        target = _follow_timeline(args, archive, manifest, target)
     return manifest, target
+
+
+def _wal_keys_hint(args: RestoreSettings, mode: str) -> str:
+    """What to give for a WAL archive encrypted in ``mode`` ("passphrase" or "recipients"),
+    for the message refusing the keys restore had."""
+    if mode == "passphrase":
+        give = ("give the archive's passphrase with --wal-passphrase-file FILE (or "
+                "CLOUD_DUMP_WAL_PASSPHRASE), or its unwrapped key with --wal-identity-key FILE")
+    else:
+        give = ("give an identity that matches one of its recipients with --wal-identity-key "
+                "FILE (or CLOUD_DUMP_WAL_IDENTITY_KEY)")
+    if wal_keys_view(args) is args:
+        give += " (with no --wal-* key given, restore tried the backup's keys)"
+    return give
 
 
 def _refuse_config_inside_targets(
@@ -158,7 +188,7 @@ def _refuse_config_inside_targets(
 
 
 def _follow_timeline(
-    storage: Storage, args: RestoreSettings, manifest: BackupManifest, target: RecoveryTarget
+    args: RestoreSettings, archive: WalArchive, manifest: BackupManifest, target: RecoveryTarget
 ) -> RecoveryTarget:
     """``target`` pinned to the timeline ``coordinator.restore.timelines`` chooses from the
     archive's history files (refusing an ambiguous or impossible one, exit 3)."""
@@ -166,10 +196,7 @@ def _follow_timeline(
     from coordinator.catalog import segment_size_of
     from coordinator.restore.archiving import archive_url
     from coordinator.restore.timelines import ArchivedTimelines, choose_timeline
-    from coordinator.settings import keys_from
-    from coordinator.walarchive import WalArchive
 
-    archive = WalArchive(storage, layout_of(args), keys_from(wal_keys_view(args), None))
     where = archive_url(storage_url_of(args), args.cluster, args.wal_prefix)
     choice = choose_timeline(
         manifest, target, ArchivedTimelines(archive, segment_size_of(manifest), where))

@@ -1,4 +1,5 @@
-"""age helpers: streams in constant memory, clear errors, no secret in a message."""
+"""age helpers: streams in constant memory, clear errors (a wrong key is not damage), no secret in
+a message."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from coordinator import crypto
 from coordinator.wait import wait_until
-from storage.errors import ConfigError, DecryptionFailed
+from storage.errors import ConfigError, DecryptionFailed, IntegrityError
 
 
 def encrypt_stream(data: bytes, recipients: list[str], chunk: int = 70_000) -> bytes:
@@ -83,3 +84,61 @@ def test_invalid_key_file_error_does_not_echo_the_key(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("# nothing but a comment\n")
     with pytest.raises(ConfigError, match="no recipient"):
         crypto.read_recipients([tmp_path / "empty"])
+
+
+def _changed(sealed: bytes, where: str) -> bytes:
+    """``sealed`` with one byte changed: in a payload chunk, in the header's MAC, in its
+    version line, or cut inside the header."""
+    if where == "cut":
+        return sealed[:60]
+    at = {"payload": len(sealed) // 2, "mac": sealed.index(b"\n--- ") + 10, "version": 5}[where]
+    changed = bytearray(sealed)
+    changed[at] ^= 0x01
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("where", ["payload", "mac", "version", "cut"])
+def test_damaged_ciphertext_is_integrity_error_naming_it_in_both_apis(where: str) -> None:
+    """A wrong key is DecryptionFailed (exit 14); bytes changed after encryption are
+    IntegrityError (exit 15) naming the object, streamed (restore, verify --deep) or whole
+    (wal-fetch, backup_manifest), never a bare OSError."""
+    secret, public = crypto.generate_identity()
+    damaged = _changed(encrypt_stream(os.urandom(300_000), [public]), where)
+    what = "archive 'b1/base.tar.zst.age'"
+    with pytest.raises(IntegrityError, match=f"^{what} is damaged: "):
+        crypto.decrypting_reader(io.BytesIO(damaged), [secret], what).read()
+    with pytest.raises(IntegrityError, match=f"^{what} is damaged: "):
+        crypto.decrypt_bytes(damaged, [secret], what)
+
+
+def test_errors_of_the_source_pass_through_the_decrypting_reader_unchanged() -> None:
+    """A local read error stays the OSError it is (exit 16, naming its file): only age's own
+    failures are classified."""
+    secret, public = crypto.generate_identity()
+    sealed = io.BytesIO(crypto.encrypt_bytes(os.urandom(300_000), [public]))
+    failure = OSError(5, "Input/output error", "/srv/store/b1/base.tar.zst.age")
+
+    class FailingSource(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
+            if sealed.tell() > 100_000:
+                raise failure
+            return sealed.readinto(target)
+
+    with pytest.raises(OSError) as caught:
+        crypto.decrypting_reader(FailingSource(), [secret], "x").read()  # type: ignore[arg-type]
+    assert caught.value is failure
+
+
+def test_header_opens_proves_a_key_on_the_first_bytes_only() -> None:
+    secret, public = crypto.generate_identity()
+    other, _ = crypto.generate_identity()
+    sealed = crypto.encrypt_bytes(os.urandom(300_000), [public])
+    assert crypto.header_opens(sealed[:16 * 1024], [secret], "x") is True
+    assert crypto.header_opens(sealed[:40], [secret], "x") is False  # more bytes needed
+    with pytest.raises(DecryptionFailed, match="no identity given matches"):
+        crypto.header_opens(sealed[:16 * 1024], [other], "x")
+    with pytest.raises(IntegrityError, match="header MAC is invalid"):
+        crypto.header_opens(_changed(sealed, "mac")[:16 * 1024], [secret], "x")

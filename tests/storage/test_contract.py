@@ -355,6 +355,17 @@ def test_local_backend_answers_upload_not_found_after_abort(tmp_path: Path) -> N
         store.complete_multipart("k", upload_id, [part])
 
 
+def test_uploaded_bytes_counts_the_parts_of_an_upload_in_progress(storage: Storage) -> None:
+    upload_id = storage.create_multipart("held/base.tar")
+    assert storage.uploaded_bytes("held/base.tar", upload_id) == 0
+    for number, data in ((1, b"a" * 1000), (2, b"b" * 24), (1, b"c" * 100)):  # 1 replaced
+        storage.upload_part("held/base.tar", upload_id, number, data, sha256=sha256_hex(data))
+    assert storage.uploaded_bytes("held/base.tar", upload_id) == 124
+    storage.abort_multipart("held/base.tar", upload_id)
+    with pytest.raises(UploadNotFound):
+        storage.uploaded_bytes("held/base.tar", upload_id)
+
+
 def test_unknown_upload_id_is_upload_not_found(storage: Storage) -> None:
     with pytest.raises(UploadNotFound):
         storage.abort_multipart("k", "0123456789abcdef0123456789abcdef")

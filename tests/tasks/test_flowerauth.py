@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from devrig.procs import free_port, port_open
-from devrig.services import procfile_process
+from devrig.procs import ServerProcess, free_port, port_open
+from devrig.services import REPO_ROOT, VENV_BIN, procfile_command, procfile_process
 from storage.errors import ConfigError
 from tasks.flowerauth import flower_access
 
@@ -91,3 +91,20 @@ def test_procfile_flower_without_a_login_exits_3_before_it_listens(tmp_path: Pat
     assert not port_open(port)
     log = (tmp_path / "flower.log").read_text()
     assert "flower: error: flower has no credentials" in log, log
+
+
+def test_a_login_on_the_command_line_is_warned_about(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    # "admin" alone is no user:password entry: Flower stops at once, after the warning.
+    flower = ServerProcess(
+        "flower", ["bash", "-c", f"exec {procfile_command('flower')} --basic-auth=admin"],
+        tmp_path / "flower.log", env={**env, "FLOWER_PORT": str(port),
+                                      "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"},
+        cwd=REPO_ROOT)
+    try:
+        assert flower.proc.wait(timeout=60) == 3
+    finally:
+        flower.stop()
+    log = (tmp_path / "flower.log").read_text()
+    assert "--basic-auth on the command line is visible to every user in 'ps'" in log, log

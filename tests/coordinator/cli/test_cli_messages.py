@@ -112,6 +112,10 @@ def test_help_is_still_argparse_help_on_stdout() -> None:
     assert done.stdout.startswith("usage: cloud-dump restore [-h]")
     assert "--archive-mode {preserve,off}" in done.stdout
     assert done.stderr == ""
+    # Ending with the exit codes, as the top-level help does.
+    assert " ".join(done.stdout.split()).endswith(
+        "200 wal-fetch: any failure (1: not in the archive). See README.md.")
+    assert "19 check: WAL did not reach the archive" in " ".join(done.stdout.split())
 
 
 @pytest.fixture(scope="module")

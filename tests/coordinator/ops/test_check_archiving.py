@@ -118,6 +118,16 @@ def test_an_unreachable_server_is_exit_9_without_its_password(archive: StorageTa
     assert "s3cret-pw" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("port", ["54x2", "70000", "0"])
+def test_a_malformed_port_is_a_configuration_error(archive: StorageTarget, port: str) -> None:
+    url = f"postgres://repl:s3cret-pw@127.0.0.1:{port}/postgres"
+    for command in (["check", "--storage", archive.url], ["backup", "--name", "b"]):
+        result = run_cli(*command, "--db-url", url, env=archive.env)
+        assert result.returncode == 3, result.stderr
+        assert f"invalid port '{port}'" in error_line(result.stderr)
+        assert "s3cret-pw" not in result.stderr
+
+
 def test_db_url_needs_a_storage_to_look_in(archiving: PgCluster) -> None:
     result = run_cli("check", "--db-url", archiving.replication_url(),
                      env={"CLOUD_DUMP_STORAGE": ""})

@@ -135,6 +135,23 @@ def test_leftovers_without_a_claim_are_removed_and_foreign_objects_are_not(
     assert not (store / "b2").exists() and (store / "mine" / "notes.txt").exists()
 
 
+def test_a_pinned_prefix_without_its_manifest_stays_until_released(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / "b3").mkdir(parents=True)
+    (store / "b3" / "base.tar.zst").write_bytes(b"an archive whose manifest went missing")
+    (store / "b3" / "keep.json").write_text('{"until": null}')
+    done = cleanup(store)
+    assert (store / "b3" / "base.tar.zst").exists()
+    assert "'b3/' is pinned" in done.stderr and "keep b3 --release" in done.stderr
+    env = {"CLOUD_DUMP_STORAGE": f"file://{store}"}
+    released = run_cli("keep", "b3", "--release", env=env)
+    assert released.returncode == 0, released.stderr
+    cleanup(store)
+    assert not (store / "b3").exists()
+    # Without a pin or a manifest there is nothing to release: no such backup.
+    assert run_cli("keep", "b3", "--release", env=env).returncode == int(ExitCode.BACKUP_NOT_FOUND)
+
+
 def test_a_bad_age_exits_3(tmp_path: Path) -> None:
     done = run_cli("cleanup", "--older-than", "soon",
                    env={"CLOUD_DUMP_STORAGE": f"file://{tmp_path}"})  # fmt: skip

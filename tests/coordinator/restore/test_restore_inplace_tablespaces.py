@@ -17,7 +17,7 @@ from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 from devrig.restored import started
 from devrig.roundtrip import backup_cli
-from devrig.services import VENV_BIN, run_cli
+from devrig.services import VENV_BIN, error_line, run_cli
 from storage.errors import IntegrityError
 from tests.coordinator.restore.rawbackup import LAYOUT, RawBackup, stage_backup
 
@@ -94,14 +94,22 @@ def test_backup_refuses_in_place_tablespace_where_postgres_sends_none_of_it(
     assert len(errors) == 1 and f"'inplace' (pg_tblspc/{oid})" in errors[0], done.stderr
     assert not (tmp_path / "store" / "b" / "manifest.json").exists()
 
-    # A role admitted for replication only cannot be asked: the backup goes on, and says so.
+    # A role admitted for replication only cannot be asked: refused, saying how to allow the
+    # check, unless the operator vouches that there are none.
     hba = cluster.datadir / "pg_hba.conf"
     hba.write_text("local all all trust\nhost replication all 127.0.0.1/32 scram-sha-256\n")
     cluster.sql("SELECT pg_reload_conf()")
     done = run_cli("backup", "--name", "b2", "--db-url", cluster.replication_url(),
                    "--no-progress", env=target.env)
+    assert done.returncode == ExitCode.DATABASE_ERROR, done.stderr
+    line = error_line(done.stderr)
+    assert "could not check" in line and "--allow-unchecked-tablespaces" in line
+    assert "ordinary connection to database 'postgres'" in line
+    assert not (tmp_path / "store" / "b2" / "manifest.json").exists()
+    done = run_cli("backup", "--name", "b2", "--db-url", cluster.replication_url(),
+                   "--no-progress", "--allow-unchecked-tablespaces", env=target.env)
     assert done.returncode == 0, done.stderr
-    assert "could not check" in done.stderr and "in-place tablespaces" in done.stderr
+    assert "could not check" in done.stderr and "backing up anyway" in done.stderr
 
 
 @pytest.mark.parametrize(

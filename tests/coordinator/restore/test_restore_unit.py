@@ -22,6 +22,7 @@ from coordinator.restore.extract import load_backup_manifest
 from coordinator.restore.pgcontrol import checkpoint_lsn, find_crc_offset, invalidate_checkpoint
 from coordinator.restore.pgmanifest import replace_entries
 from coordinator.restore.run import restore_backup
+from devrig.moto import StorageTarget
 from devrig.postgres import as_postgres, make_postgres_dir
 from devrig.procs import free_port
 from storage.base import Storage
@@ -242,6 +243,46 @@ def test_restore_corrupted_stored_object_is_integrity_error_and_leaves_nothing(
         restore_backup(storage, LAYOUT, "b1", pgdata)
     assert_nothing_left(pgdata, restore_dir / "ts")
     assert pgdata.is_dir()
+
+
+def _flipped_in_age(data: bytes, where: str) -> bytes:
+    """``data`` (an age file) with one byte changed: in the middle (a payload chunk), in the
+    recipient stanza's body (to another base64 digit: the wrapped file key changes), or in the
+    header's MAC."""
+    changed = bytearray(data)
+    if where == "payload":
+        changed[len(data) // 2] ^= 0x01
+    elif where == "stanza":
+        at = data.index(b"\n", data.index(b"-> X25519 ")) + 3
+        changed[at] = ord("B") if data[at] == ord("A") else ord("A")
+    else:
+        at = data.index(b"\n--- ") + 10
+        changed[at] = ord("B") if data[at] == ord("A") else ord("A")
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("where", ["payload", "stanza", "mac"])
+def test_restore_damaged_encrypted_archive_is_integrity_error_naming_it(
+    storage: Storage, storage_target: StorageTarget, raw_backup: RawBackup, restore_dir: Path,
+    age_keys: Keys, where: str,
+) -> None:
+    """A byte changed in a stored ``.age`` archive is damage (exit 15) naming the object, as
+    for an unencrypted one, not a wrong key (14) nor a local disk error (16)."""
+    if storage_target.kind == "s3" and where != "payload":
+        pytest.skip("the header's bytes are read the same way from either store")
+    manifest = stage_backup(
+        storage, raw_backup, "enc", recipient=age_keys.public,
+        tablespace_location=str(restore_dir / "ts"),
+        encryption=EncryptionInfo(mode="recipients", recipients=[age_keys.public]),
+    )  # fmt: skip
+    key = manifest.archives[0].key
+    damaged = _flipped_in_age(storage.get(key), where)
+    storage.delete(key)
+    storage.put(key, damaged)
+    pgdata = restore_dir / "data"
+    with pytest.raises(IntegrityError, match=f"archive '{key}' is damaged: "):
+        restore_backup(storage, LAYOUT, "enc", pgdata, identity_paths=[age_keys.identity_file])
+    assert_nothing_left(pgdata, restore_dir / "ts")
 
 
 def test_restore_missing_archive_object_is_integrity_error(

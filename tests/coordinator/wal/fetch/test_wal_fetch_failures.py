@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from coordinator.cli.exitcodes import ExitCode
+from coordinator.crypto import generate_identity
 from devrig.moto import StorageTarget, s3_target
 from devrig.procs import free_port
 from devrig.walarchive import (
@@ -69,6 +70,25 @@ def test_fetch_of_content_not_matching_raw_sha256_fails_and_writes_nothing(
     done = wal_fetch(storage_target, pgdata, SEGMENT)
     assert done.returncode == FETCH_FAILED
     assert "does not match its recorded sha256" in done.stderr
+    assert_not_written(pgdata)
+
+
+def test_fetch_of_a_damaged_encrypted_segment_names_it_as_damaged_not_the_key(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path, tmp_path: Path
+) -> None:
+    identity, recipient = generate_identity()
+    (tmp_path / "wal.key").write_text(identity + "\n")
+    key = archive_wal(storage, Layout(), SEGMENT, segment_bytes(9), recipients=[recipient])
+    damaged = bytearray(storage.get(key))
+    damaged[len(damaged) // 2] ^= 0x01
+    metadata = storage.head(key).metadata
+    storage.delete(key)
+    storage.put(key, bytes(damaged), metadata=metadata)
+    done = wal_fetch(storage_target, pgdata, SEGMENT,
+                     env={"CLOUD_DUMP_IDENTITY_KEY": str(tmp_path / "wal.key")})
+    assert done.returncode == FETCH_FAILED
+    assert f"archived WAL '{key}' is damaged: a chunk of its age payload fails" in done.stderr
+    assert "decrypt" not in done.stderr
     assert_not_written(pgdata)
 
 
