@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import redis
 
+from coordinator.wait import wait_until
 from devrig.procs import ServerProcess, free_port, port_open
 
 if TYPE_CHECKING:
@@ -399,3 +403,32 @@ def _keep_logs(logs: Path) -> None:
     target = Path.cwd() / f"bench-logs-{time.strftime('%Y%m%d-%H%M%S')}"
     shutil.copytree(logs, target)
     print(f"logs kept in {target}")
+
+
+# A request line of moto's log: `"GET /bucket/key HTTP/1.1" 200`, where moto colours the method
+# and the protocol with terminal escapes (one or two codes before the method).
+_MOTO_REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)*([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)?" \d{3}')
+
+
+def moto_requests_since(s3: Any, bucket: str, moto_log: Path, offset: int) -> Counter[str]:
+    """The requests moto logged in ``moto_log`` since byte ``offset``, by method ("GET",
+    "PUT", "DELETE", "POST", ...).
+
+    moto logs a request after its response: the count waits until the log shows a marker
+    request sent after every measured one (``s3``, a boto3 client, lists a prefix of ``bucket``
+    that nothing has), and counts what comes before it. ``BenchError`` if it never shows.
+    """
+    marker = f"bench-log-marker-{uuid.uuid4().hex}"
+    s3.list_objects_v2(Bucket=bucket, Prefix=marker)
+
+    def logged_before_marker() -> tuple[str] | None:
+        with moto_log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        at = text.find(marker)
+        return (text[: text.rfind("\n", 0, at) + 1],) if at >= 0 else None
+
+    logged = wait_until(logged_before_marker, timeout_s=30, first_s=0.005)
+    if logged is None:
+        raise BenchError(f"moto's log did not show the request for '{marker}' within 30 s")
+    return Counter(m.group(1) for m in _MOTO_REQUEST.finditer(logged[0]))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import statistics
 import sys
 import time
@@ -51,11 +50,11 @@ from bench.common import (
     VENV_BIN,
     BenchError,
     load_average,
+    moto_requests_since,
     run_bench,
     run_timed,
     verdict,
 )
-from coordinator.wait import wait_until
 from devrig.procs import ServerProcess, free_port, port_open
 from storage.manifest import BackupManifest
 from storage.walnames import Segment, format_lsn
@@ -70,10 +69,6 @@ AWS_ENV = {
 SEGMENT_BYTES = 16 * 1024 * 1024
 WAL_OBJECT_BYTES = 4096
 TARGET_S = 10.0
-# A request line of moto's (werkzeug's) log; some are wrapped in ANSI colour codes (a DELETE
-# in two of them).
-_REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)*([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)?" \d{3}')
-
 # expire as it was before batch deletes: the same command, each object deleted on its own.
 _ONE_BY_ONE = """
 import sys
@@ -179,22 +174,7 @@ class Bench:
         return Result(timed.wall_s, before - len(left), requests)
 
     def requests_since(self, offset: int) -> Counter[str]:
-        """Requests moto logged since ``offset``, by method. moto logs a request after its
-        response: counted up to a marker request sent after the command ended."""
-        marker = f"bench-log-marker-{uuid.uuid4().hex}"
-        self.s3.list_objects_v2(Bucket=self.bucket, Prefix=marker)
-
-        def logged() -> tuple[str] | None:
-            with self.moto_log.open("rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-            at = text.find(marker)
-            return (text[: text.rfind("\n", 0, at) + 1],) if at >= 0 else None
-
-        found = wait_until(logged, timeout_s=30, first_s=0.005)
-        if found is None:
-            raise BenchError(f"moto's log did not show the request for '{marker}' within 30 s")
-        return Counter(m.group(1) for m in _REQUEST.finditer(found[0]))
+        return moto_requests_since(self.s3, self.bucket, self.moto_log, offset)
 
 
 def _manifest(name: str, first_segment: int, end: datetime) -> bytes:

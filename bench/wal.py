@@ -73,6 +73,7 @@ from bench.common import (
     load_average,
     log_tail,
     mb,
+    moto_requests_since,
     reap_helpers,
     run_bench,
     run_timed,
@@ -81,7 +82,6 @@ from bench.common import (
     tree_cpu_seconds,
     verdict,
 )
-from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
@@ -120,9 +120,6 @@ REFERENCES = {
 COMPONENTS = ["calls", "helpers", "workers", "redis", "moto"]
 # The detached helpers the WAL commands start (reaped and counted by reap_helpers).
 HELPER_MODULES = ["coordinator.wal.push.helper", "coordinator.wal.fetch.helper"]
-# A request line of moto's (werkzeug's) log; errors are wrapped in ANSI colour codes.
-_REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)?([A-Z]+) /\S* HTTP/[\d.]+(?:\x1b\[0m)?" \d{3}')
-
 # Functions timed inside one call by _DRIVER ("module:attribute" or "module:Class.method").
 # A function's time is summed over its calls in the process (a look-ahead batch reads and
 # compresses several segments); its calls and None results are counted too.
@@ -525,26 +522,8 @@ class Bench:
         return self.moto_log.stat().st_size
 
     def s3_requests_since(self, offset: int) -> Counter[str]:
-        """Requests moto logged since ``offset``, by method ("GET", "PUT", "HEAD", ...).
-
-        moto logs a request after its response: the count waits until the log shows a marker
-        request sent after every measured one (a listing of a prefix nothing has), and counts
-        what comes before it.
-        """
-        marker = f"bench-log-marker-{uuid.uuid4().hex}"
-        self.s3.list_objects_v2(Bucket=self.bucket, Prefix=marker)
-
-        def logged_before_marker() -> tuple[str] | None:
-            with self.moto_log.open("rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-            at = text.find(marker)
-            return (text[: text.rfind("\n", 0, at) + 1],) if at >= 0 else None
-
-        logged = wait_until(logged_before_marker, timeout_s=30, first_s=0.005)
-        if logged is None:
-            raise BenchError(f"moto's log did not show the request for '{marker}' within 30 s")
-        return Counter(m.group(1) for m in _REQUEST.finditer(logged[0]))
+        """Requests moto logged since ``offset``, by method (``bench.common``)."""
+        return moto_requests_since(self.s3, self.bucket, self.moto_log, offset)
 
     @contextlib.contextmanager
     def measured(self, label: str, kind: str, target: float | None) -> Iterator[list[Call]]:
