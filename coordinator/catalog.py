@@ -289,15 +289,25 @@ def missing_runs(present: set[int], first: int, last: int) -> list[tuple[int, in
 
 @dataclass(frozen=True)
 class Divergence:
-    """Two backups on histories that diverge: ``earlier`` (on a lower timeline) ended in a
-    segment after the one where ``later``'s timeline begins, so it holds changes the other
-    timeline never saw. ``begins``: the name of that timeline's first segment."""
+    """Two backups on histories that diverge. Either ``earlier`` (on a lower timeline) ended in
+    a segment after the one where ``later``'s timeline begins (``begins``: that segment's name),
+    so it holds changes the other timeline never saw; or both are of one timeline and the one
+    that ended later in time ended earlier in WAL (``begins`` None): two servers wrote that
+    timeline, as a copy restored without a target and started does."""
 
     earlier: BackupManifest
     later: BackupManifest
-    begins: str
+    begins: str | None
 
     def describe(self) -> str:
+        if self.begins is None:
+            return (
+                f"backups '{self.earlier.name}' and '{self.later.name}' are both of timeline "
+                f"{self.later.timeline}, but '{self.later.name}' ended later at an earlier LSN "
+                f"({self.later.end_lsn} against {self.earlier.end_lsn}): two servers wrote that "
+                "timeline (a copy restored without a recovery target, started and backed up "
+                "into its source's store), so they are of diverging histories"
+            )
         return (
             f"backup '{self.earlier.name}' (timeline {self.earlier.timeline}) ended after "
             f"timeline {self.later.timeline} began in {self.begins}, so it and backup "
@@ -346,12 +356,19 @@ def find_divergence(
 ) -> Divergence | None:
     """A pair of ``backups`` on diverging histories (``Divergence``), or None when every backup
     can lie on the history of the newest timeline among them. Timelines are compared by number:
-    a child's number is always above its parent's; two children of one parent diverge too."""
+    a child's number is always above its parent's; two children of one parent diverge too. On
+    one timeline, WAL positions grow with time: a backup that ended later at a lower LSN than
+    another was taken of another server writing the same timeline."""
     ordered = sorted(backups, key=lambda m: (m.timeline, end_order(m)))
     for later in reversed(ordered):
         for earlier in ordered:
-            if earlier.timeline >= later.timeline:
+            if earlier.timeline > later.timeline:
                 break
+            if earlier.timeline == later.timeline:
+                if (backup_end(earlier) < backup_end(later)
+                        and parse_lsn(earlier.end_lsn) > parse_lsn(later.end_lsn)):
+                    return Divergence(earlier, later, None)
+                continue
             if not ends_before_timeline(earlier, later.timeline, starts):
                 size = segment_size_of(later)
                 begins = Segment(later.timeline, starts[later.timeline]).name(size)

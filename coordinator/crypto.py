@@ -251,10 +251,14 @@ class _DecryptingReader(io.RawIOBase):
             writer.put(_EOF)
         except BaseException as exc:
             error = exc
-            # pyrage re-raises what the reader or the writer raised as it was; anything else is
-            # age's own verdict on the bytes (a payload chunk that fails: a bare OSError).
-            passed_through = exc is reader.raised or exc is writer.raised
-            if not passed_through and isinstance(exc, (pyrage.DecryptError, OSError)):
+            if reader.raised is not None:
+                # What the source raised is why age stopped, whatever age made of it: pyrage
+                # passes it through from the payload but wraps it in a DecryptError ("<class>:
+                # <message>") while it reads the header. A short or unreadable object is the
+                # source's to name (exit 15 or 4), not damaged age encryption.
+                error = reader.raised
+            elif exc is not writer.raised and isinstance(exc, (pyrage.DecryptError, OSError)):
+                # age's own verdict on the bytes (a payload chunk that fails: a bare OSError).
                 error = age_failure(exc, self._what)
                 error.__cause__ = exc
             with contextlib.suppress(OSError):  # nobody is reading any more

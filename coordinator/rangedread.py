@@ -200,10 +200,10 @@ class RangedReader(io.RawIOBase):
             data = self._result(start, future)
             self._received += len(data)
             if len(data) != length:
+                # Every range before this one came back whole: the object ends here.
                 raise IntegrityError(
-                    f"object '{self._key}' is shorter than the backup manifest says: "
-                    f"got {len(data)} of {length} bytes at offset {start} "
-                    f"(expected {self._size} bytes in all)"
+                    f"object '{self._key}' is shorter than the backup manifest says: it ends "
+                    f"after {start + len(data)} of {self._size} bytes"
                 )
             self._digest.update(data)
             self._buffer = memoryview(data)

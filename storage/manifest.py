@@ -5,21 +5,39 @@ with its size and SHA-256 and, per archive, the parts it was uploaded in, so tha
 fetch in parallel and verify what it fetched. It holds no secret: encryption is described by
 public keys, or by the key of a passphrase-wrapped identity.
 
-Versioned: readers accept ``format_version`` 1 and refuse what they do not know.
+Versioned: readers accept the ``format_version`` numbers in ``READ_VERSIONS`` and refuse what they
+do not know. A writer records the lowest version that holds what it writes (``version_for``), so
+that older cloud-dump versions keep reading every manifest they can:
+
+- 1: the first format;
+- 2: a passphrase backup's wrapped key recorded with its size and SHA-256
+  (``EncryptionInfo.wrapped_identity_size``, ``wrapped_identity_sha256``). Version 1 readers
+  refuse unknown fields, so of such a manifest they say "written by a newer version?" rather
+  than fail on a field's name; every other manifest is still written as version 1, without
+  the fields.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
-from storage.errors import PermanentStorageError
+from storage.base import sha256_hex
+from storage.errors import IntegrityError, PermanentStorageError
 from storage.layout import CompressedBy as CompressedBy
 from storage.layout import Compression as Compression
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes
+READ_VERSIONS = (1, 2)
 
 
 class _Model(BaseModel):
@@ -55,16 +73,43 @@ class EncryptionInfo(_Model):
 
     ``recipients``: the X25519 public keys the data was encrypted to (restore needs a matching
     identity). ``passphrase``: the data was encrypted to a fresh X25519 identity, stored
-    passphrase-encrypted at ``wrapped_identity_key`` (``age -d`` reads it with the passphrase).
+    passphrase-encrypted at ``wrapped_identity_key`` (``age -d`` reads it with the passphrase),
+    an object of ``wrapped_identity_size`` bytes with SHA-256 ``wrapped_identity_sha256`` (hex;
+    both None in manifests of format version 1, which did not record them).
     """
 
     mode: Literal["recipients", "passphrase"]
     recipients: list[str] = Field(default_factory=list)
     wrapped_identity_key: str | None = None
+    wrapped_identity_size: int | None = Field(default=None, ge=0)
+    wrapped_identity_sha256: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unrecorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Version 1 readers refuse these fields even when null: left out, a manifest that does
+        # not record the checksum stays readable by them.
+        data: dict[str, Any] = handler(self)
+        for name in ("wrapped_identity_size", "wrapped_identity_sha256"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    @property
+    def wrapped_identity_recorded(self) -> bool:
+        """Whether the wrapped key's size and SHA-256 are recorded (format version 2)."""
+        return self.wrapped_identity_size is not None and self.wrapped_identity_sha256 is not None
+
+    def check_wrapped_identity(self, data: bytes) -> None:
+        """Raise ``IntegrityError`` naming the wrapped key when ``data`` (its stored bytes) is
+        not of its recorded size and SHA-256; nothing to check when none is recorded."""
+        key, size, sha256 = (self.wrapped_identity_key, self.wrapped_identity_size,
+                             self.wrapped_identity_sha256)  # fmt: skip
+        if key is not None and size is not None and sha256 is not None:
+            check_stored(data, key, size, sha256)
 
 
 class BackupManifest(_Model):
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = 1
     name: str
     cluster: str | None = None
     tool_version: str
@@ -108,6 +153,28 @@ class BackupManifest(_Model):
             raise PermanentStorageError(f"manifest '{key}' {_what_is_wrong(exc)}") from exc
 
 
+def version_for(encryption: EncryptionInfo | None) -> Literal[1, 2]:
+    """The lowest format version that records ``encryption``: what a writer puts in
+    ``format_version`` (see the module docstring)."""
+    if encryption is not None and (
+        encryption.wrapped_identity_size is not None
+        or encryption.wrapped_identity_sha256 is not None
+    ):
+        return 2
+    return 1
+
+
+def check_stored(data: bytes, key: str, size: int, sha256: str) -> None:
+    """Raise ``IntegrityError`` naming ``key`` when ``data``, the object read from it, is not
+    ``size`` bytes with SHA-256 ``sha256`` (hex), as ``manifest.json`` records."""
+    if len(data) != size:
+        raise IntegrityError(f"object '{key}' is {len(data)} bytes, manifest.json records {size}")
+    actual = sha256_hex(data)
+    if actual != sha256.lower():
+        raise IntegrityError(f"object '{key}' does not match its recorded sha256 "
+                             f"(expected {sha256}, got {actual})")  # fmt: skip
+
+
 def _what_is_wrong(exc: ValidationError) -> str:
     """``exc``'s first error as the rest of a sentence starting with the manifest's key."""
     errors = exc.errors(include_url=False, include_input=False)
@@ -119,7 +186,8 @@ def _what_is_wrong(exc: ValidationError) -> str:
         return "is not a JSON object"
     if where == ("format_version",):
         return (f"has a format_version this cloud-dump does not read (it reads "
-                f"{FORMAT_VERSION}): written by a newer version?")  # fmt: skip
+                f"{' and '.join(map(str, READ_VERSIONS))}): written by a newer "
+                "version?")  # fmt: skip
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in where)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"is not a valid cloud-dump manifest: field '{field.lstrip('.')}': "

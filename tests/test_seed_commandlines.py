@@ -1,10 +1,11 @@
 """Every example command line of the seed's README, run as its operators run them.
 
 The Go tool cloud-dump reimplements documents its command lines in its README
-(``../shared/seed/cloud-dump-README.txt``, fixed). This module reads them from the file (so a new
-example is noticed: ``test_every_example_is_run_or_skipped_for_a_reason``), substitutes the
-placeholders and runs each against real servers: PostgreSQL 15 clusters, and the moto S3 server
-standing for Storj's gateway (``CLOUD_DUMP_S3_ENDPOINT`` at moto, gateway S3 credentials in the
+(``../shared/seed/cloud-dump-README.txt``, fixed; a copy is ``tests/seed/``'s). This module
+reads them from the file (so a new example is noticed:
+``test_every_example_is_run_or_skipped_for_a_reason``), substitutes the placeholders and runs
+each against real servers: PostgreSQL 15 clusters, and the moto S3 server standing for Storj's
+gateway (``CLOUD_DUMP_S3_ENDPOINT`` at moto, gateway S3 credentials in the
 environment; the literal ``"<grant>"`` stays on the command line: with S3 credentials the grant is
 not needed). Each example is checked for what the seed says it does.
 
@@ -59,7 +60,9 @@ from storage.base import Storage
 from storage.factory import open_storage
 from storage.options import StorageOptions
 
-SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "cloud-dump-README.txt"
+# A copy of the Go tool's README (../shared/seed/cloud-dump-README.txt, fixed) kept with the tests,
+# so that a clone runs them wherever it is checked out.
+SEED_README = Path(__file__).resolve().parent / "seed" / "cloud-dump-README.txt"
 _STARTS = ("cloud-dump ", "./cloud-dump ", "archive_command = '", "restore_command = '")
 SYNOPSIS, PROSE = "usage synopsis, not an example", "prose that starts with cloud-dump"
 SEG = "000000010000000000000001"
@@ -115,8 +118,6 @@ def skipped(example: Example) -> str | None:
     return None
 
 
-if not SEED_README.is_file():
-    pytest.skip(f"the seed README is not at {SEED_README}", allow_module_level=True)
 EXAMPLES = seed_examples()
 # The backups the world fixture makes with these lines (and checks), that test_list_lines and
 # the restores use.

@@ -48,6 +48,7 @@ from coordinator.walheader import segment_system_identifier
 from storage.base import Storage, sha256_hex
 from storage.errors import ConfigError, DecryptionFailed, IntegrityError, ObjectNotFound
 from storage.layout import Layout
+from storage.manifest import check_stored
 from storage.walnames import log_prefix
 from workers.location import StorageBound
 from workers.staging import Stage
@@ -71,6 +72,9 @@ class ArchiveCheckRequest(StorageBound):
     backup_manifest_sha256: str
     encryption_mode: str | None = None  # "recipients" or "passphrase"; None: not encrypted
     wrapped_identity_key: str | None = None
+    # What manifest.json records of the wrapped key (None: a manifest of format version 1).
+    wrapped_identity_size: int | None = None
+    wrapped_identity_sha256: str | None = None
     ranges_in_flight: int = 4
 
     def facts(self) -> dict[str, object]:
@@ -134,9 +138,18 @@ class VerifyKeys:
         passphrase_mode = request.encryption_mode == "passphrase"
         if self.identity_paths and not (passphrase_mode and self.passphrase() is not None):
             return read_identities(self.identity_paths)
+
+        def read_wrapped(key: str) -> bytes:
+            # Damage is named as such (IntegrityError), before the passphrase is blamed.
+            data = storage.get(key)
+            size, sha256 = request.wrapped_identity_size, request.wrapped_identity_sha256
+            if size is not None and sha256 is not None:
+                check_stored(data, key, size, sha256)
+            return data
+
         return [passphrase_identity(
             f"backup '{request.backup}'", request.encryption_mode, request.wrapped_identity_key,
-            self.passphrase, storage.get,
+            self.passphrase, read_wrapped,
         )]  # fmt: skip
 
     def for_wal(self) -> Keys:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 from storage.base import Storage, sha256_hex
 from storage.errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, WalConflict
 from storage.layout import WAL_ARCHIVE_INFO_NAME, WAL_OBJECT_SUFFIXES, WAL_RAW_SHA256
+from storage.walnames import kind_of
 from workers.location import StorageBound
 from workers.staging import Stage
 
@@ -101,6 +102,9 @@ class OpenWalArchiveRequest(StorageBound):
     # The wrapped identity (age-scrypt ciphertext, as stored) comes back so that the caller
     # can check that its passphrase opens it before encrypting anything to its recipient.
     want_wrapped_identity: bool = False
+    # A timeline whose newest whole segment in the archive the caller wants to know (backup:
+    # is another server writing this timeline here?).
+    newest_on_timeline: int | None = None
 
     def facts(self) -> dict[str, object]:
         facts: dict[str, object] = {"wal_archive": self.archive_info_key.rpartition("/")[0]}
@@ -112,6 +116,7 @@ class OpenWalArchiveRequest(StorageBound):
 class OpenWalArchiveResult(BaseModel):
     archive: WalArchiveInfo | None
     wrapped_identity_b64: str | None = None
+    newest_segment: str | None = None  # on ``newest_on_timeline``; None: none archived
 
 
 def wal_root_of(key: str) -> str:
@@ -203,10 +208,13 @@ def open_wal_archive(
     as metadata: it decides which of two racing first pushes wins, and the json (rewritten to
     mention it) is derived from it, so every racer writes the same json.
     """
+    newest = (None if request.newest_on_timeline is None
+              else newest_segment(storage, wal_root_of(request.archive_info_key),
+                                  request.newest_on_timeline))  # fmt: skip
     archive = ensure_archive(storage, request.archive_info_key, request.system_identifier)
     if archive is None:
         if request.recipient is None:
-            return OpenWalArchiveResult(archive=None)
+            return OpenWalArchiveResult(archive=None, newest_segment=newest)
         raise ConfigError(
             "cannot set up WAL encryption before the archive knows its system identifier: "
             "push a WAL segment first"
@@ -217,7 +225,24 @@ def open_wal_archive(
     if request.want_wrapped_identity and archive.encryption is not None:
         raw = storage.get(archive.encryption.wrapped_identity_key)
         wrapped = base64.b64encode(raw).decode()
-    return OpenWalArchiveResult(archive=archive, wrapped_identity_b64=wrapped)
+    return OpenWalArchiveResult(archive=archive, wrapped_identity_b64=wrapped,
+                                newest_segment=newest)
+
+
+def newest_segment(storage: Storage, root: str, timeline: int) -> str | None:
+    """The highest whole segment of ``timeline`` stored under the WAL archive ``root`` (one
+    LIST of that timeline's names), or None."""
+    prefix = f"{timeline:08X}"
+    newest = None
+    for info in storage.list(root + prefix):
+        name = info.key[len(root):]
+        for suffix in sorted(WAL_OBJECT_SUFFIXES, key=len, reverse=True):
+            if name.endswith(suffix):
+                name = name[: len(name) - len(suffix)]
+                break
+        if kind_of(name) == "segment" and (newest is None or name > newest):
+            newest = name
+    return newest
 
 
 def _add_encryption(

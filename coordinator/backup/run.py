@@ -35,9 +35,9 @@ from coordinator.backup.work import BackupWork
 from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from storage.base import Capabilities, sha256_hex
-from storage.errors import CloudDumpError, DecryptionFailed
+from storage.errors import CloudDumpError, DecryptionFailed, WalConflict
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
-from storage.manifest import ArchiveRecord, BackupManifest, EncryptionInfo
+from storage.manifest import ArchiveRecord, BackupManifest, EncryptionInfo, version_for
 from storage.walnames import parse_lsn, prev_segment_name, segment_name
 from workers.backup import (
     WRAPPED_KEY_NAME,
@@ -250,11 +250,45 @@ def check_wal_archive_passphrase(plan: BackupPlan, work: BackupWork) -> None:
         ) from exc
 
 
+def refuse_archive_ahead(plan: BackupPlan, work: BackupWork, system: SystemInfo) -> None:
+    """Refuse (``WalConflict``, exit 17) a server whose own timeline is further along in the
+    WAL archive than the server itself.
+
+    A server's archive lags behind it, never leads. An archive holding later segments of this
+    server's timeline was written by another server on the same timeline: a copy restored
+    without a recovery target and started continues its source's timeline (same system
+    identifier, same segment names). Its backup would land beside the source's, and a restore
+    of it would replay the source's WAL under its own segments' names: a cluster that does not
+    start. Nothing archived on that timeline, or no archive: nothing to compare.
+    """
+    layout = Layout(cluster=plan.cluster, wal_prefix=plan.wal_prefix or DEFAULT_WAL_PREFIX)
+    opened = work.open_wal_archive(
+        OpenWalArchiveRequest(
+            archive_info_key=layout.wal_root + ARCHIVE_INFO_NAME,
+            system_identifier=None,
+            newest_on_timeline=system.timeline,
+        )
+    )
+    if opened.archive is not None and opened.archive.system_identifier != system.system_identifier:
+        return  # another cluster's archive: segment names say nothing of this server's WAL
+    newest = opened.newest_segment
+    here = segment_name(system.timeline, parse_lsn(system.xlogpos), system.wal_segment_size)
+    if newest is not None and newest > here:
+        raise WalConflict(
+            f"the WAL archive '{layout.wal_root}' holds timeline {system.timeline} up to "
+            f"{newest}, beyond this server's position {system.xlogpos} (in {here}): another "
+            f"server writes timeline {system.timeline} there (a copy restored without a "
+            "recovery target and started?), and a restore of this backup would replay its "
+            "WAL; back this server up under another --cluster or storage"
+        )
+
+
 def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupManifest:
     plan = run.plan
     started = _now()
     with ReplicationConnection.connect(plan.dsn) as conn:
         system = conn.identify_system()
+        refuse_archive_ahead(plan, run.work, system)
         result = conn.base_backup(
             BaseBackupOptions(
                 label=f"cloud-dump {plan.name}",
@@ -334,7 +368,9 @@ def _build_manifest(
     encrypted = plan.encryption is not None
     stored_manifest = _stored_backup_manifest(run)
     layout = run.layout
+    encryption = _encryption_info(run, layout) if encrypted else None
     return BackupManifest(
+        format_version=version_for(encryption),
         name=plan.name,
         cluster=plan.cluster,
         tool_version=_tool_version(),
@@ -356,7 +392,7 @@ def _build_manifest(
         end_time=times[1],
         compression=codec(plan.compression).name,
         compression_level=plan.compression_level,
-        encryption=_encryption_info(run, layout) if encrypted else None,
+        encryption=encryption,
         archives=[_archive_record(a, plan, uploads) for a in run.archives],
         backup_manifest_key=layout.backup_manifest_key(plan.name, encrypted=encrypted),
         backup_manifest_size=len(stored_manifest),
@@ -396,6 +432,9 @@ def _encryption_info(run: _Run, layout: Layout) -> EncryptionInfo:
             mode="passphrase",
             recipients=encryption.recipients,
             wrapped_identity_key=layout.backup_prefix(run.plan.name) + WRAPPED_KEY_NAME,
+            # The very bytes finalize stores (``FinalizeRequest.wrapped_key_ref``).
+            wrapped_identity_size=len(encryption.wrapped_identity),
+            wrapped_identity_sha256=sha256_hex(encryption.wrapped_identity),
         )
     return EncryptionInfo(mode="recipients", recipients=encryption.recipients)
 

@@ -138,6 +138,8 @@ def _archive_request(
         backup_manifest_sha256=manifest.backup_manifest_sha256,
         encryption_mode=encryption.mode if encryption else None,
         wrapped_identity_key=encryption.wrapped_identity_key if encryption else None,
+        wrapped_identity_size=encryption.wrapped_identity_size if encryption else None,
+        wrapped_identity_sha256=encryption.wrapped_identity_sha256 if encryption else None,
         ranges_in_flight=ranges,
     )  # fmt: skip
 

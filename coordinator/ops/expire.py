@@ -79,7 +79,7 @@ def run_expire(args: ExpireSettings, report: Report) -> None:
             report(f"nothing to expire: no unpinned backups in "
                    f"{layout.describe_backups_root(storage.url)}")  # fmt: skip
             return
-        _refuse_diverging(storage, layout, unpinned)
+        _refuse_diverging(storage, layout, backups)
         kept, expired = plan_expiry(unpinned, args.retain, window, now)
         out = _prefixed(report, args.dry_run)
         for manifest in expired:
@@ -127,7 +127,8 @@ def _refuse_diverging(storage: Storage, layout: Layout, backups: list[BackupMani
     A count or a window over two lineages would keep the newest of either, and remove the
     other's backups and the WAL only they read: a restored copy backed up into its source's
     store would expire the source's backups. Which lineage matters is the operator's call.
-    Pinned backups are left out: they are kept whatever the policy says.
+    Pinned backups count too: pinning the source's backups would leave the copy's the only
+    ones the policy keeps, and the source's WAL would go as it arrives.
     """
     inventory = read_wal_inventory(storage, layout, segment_size_of(backups[0]))
     divergence = find_divergence(backups, timeline_starts(backups, inventory))
@@ -135,8 +136,8 @@ def _refuse_diverging(storage: Storage, layout: Layout, backups: list[BackupMani
         raise ConfigError(
             f"expire will not choose between histories: {divergence.describe()}; keep one "
             "history per location: remove the other's backups with 'cloud-dump delete "
-            "--name' (or pin them with 'cloud-dump keep'), and back copies up under another "
-            "--cluster"
+            "--name' (after 'cloud-dump keep NAME --release' for a pinned one), and back "
+            "copies up under another --cluster"
         )
 
 

@@ -4,9 +4,11 @@
 
 Whatever could be read is printed, in every format, and what could not be is named (``problems``
 in the JSON document, ``cloud_dump_info_ok`` and ``cloud_dump_info_problems`` in the metrics, a
-last section of the text). The command then fails with the exit code of the first such problem
-(``Problem``, in ``infostore.PROBLEM_KINDS`` order), so that a monitoring job both gets output it
-can act on and learns that part of it is missing.
+last section of the text); so are backups of diverging histories, which restore without
+``--name`` and expire refuse (in the text, under the backups). The command then fails with the
+exit code of the first such problem (``Problem``, in ``inforeport.PROBLEM_KINDS`` order), so
+that a monitoring job both gets output it can act on and learns that part of it is missing, or
+that the commands it watches over will fail.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from coordinator.ops.infostore import read_info
 from coordinator.ops.infowindow import Gap, Window
 from coordinator.settings import InfoSettings, Report
 from storage.errors import CloudDumpError
+from storage.layout import KEEP_NAME, MANIFEST_NAME
 from storage.walnames import format_lsn
 
 
@@ -43,7 +46,8 @@ def failure(problems: list[Problem]) -> CloudDumpError:
     first = problems[0]
     error = copy.copy(first.error)
     more = f" ({len(problems)} problems, the first)" if len(problems) > 1 else ""
-    error.args = (f"info could not read everything{more}: {first.message}",)
+    what = "found a problem" if first.found else "could not read everything"
+    error.args = (f"info {what}{more}: {first.message}",)
     return error
 
 
@@ -52,6 +56,9 @@ def format_text(info: Info) -> Iterator[str]:
     yield f"Backups in {info.location} ({layout}); WAL archive {info.wal_location}"
     yield ""
     yield from _backups_text(info)
+    for problem in info.problems:
+        if problem.kind == "diverging_histories":
+            yield f"Diverging histories: {problem.message}"
     yield ""
     yield "Restorable window:"
     if not info.windows:
@@ -74,10 +81,11 @@ def format_text(info: Info) -> Iterator[str]:
         deep = ", deep" if verify.deep else ""
         yield (f"Verify: {verdict}, {verify.backups_checked} backup(s){deep}, finished "
                f"{_utc(verify.finished)}")  # fmt: skip
-    if info.problems:
+    unread = [p for p in info.problems if not p.found]
+    if unread:
         yield ""
         yield "Could not read:"
-        for problem in info.problems:
+        for problem in unread:
             yield f"  {problem.message}"
 
 
@@ -177,6 +185,9 @@ def _incomplete_text(info: Info, incomplete: Incomplete) -> str:
     state = {
         "unclaimed": "no claim and no manifest (an interrupted removal: 'cloud-dump cleanup' "
                      "removes it)",
+        "pinned": f"pinned ({KEEP_NAME}) with no {MANIFEST_NAME}, so not restorable as it is: "
+                  "'cloud-dump cleanup' leaves it alone ('cloud-dump keep "
+                  f"{incomplete.name} --release' lets it remove it)",
         "stray uploads": "complete, with uploads left open (a killed finalize: 'cloud-dump "
                          "cleanup' aborts them)",
         "unreadable manifest": "its manifest.json does not parse",

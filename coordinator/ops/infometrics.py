@@ -10,8 +10,9 @@ labelled with ``cluster`` (empty in the flat layout) and ``location`` (the backu
 (``_lsn_bytes``).
 
 Every metric that could be computed is printed, and ``cloud_dump_info_ok`` (1 only when every
-part of the store was read) and ``cloud_dump_info_problems{kind}`` always are: a metric missing
-for lack of data is told apart from one that could not be read. The ``cloud_dump_verify_*``
+part of the store was read and its backups are of one history) and
+``cloud_dump_info_problems{kind}`` always are: a metric missing for lack of data is told apart
+from one that could not be read. The ``cloud_dump_verify_*``
 metrics appear only once verify has recorded a result.
 """
 
@@ -23,7 +24,8 @@ from coordinator.catalog import backup_end
 from coordinator.ops.inforeport import PROBLEM_KINDS, Info
 
 Samples = list[tuple[dict[str, str], float]]
-INCOMPLETE_STATES = ("running", "silent", "unclaimed", "stray uploads", "unreadable manifest")
+INCOMPLETE_STATES = ("running", "silent", "unclaimed", "pinned", "stray uploads",
+                     "unreadable manifest")  # fmt: skip
 
 
 def format_prometheus(info: Info) -> Iterator[str]:
@@ -44,10 +46,12 @@ Metric = tuple[str, str, Samples]
 
 def _health(info: Info, base: dict[str, str]) -> list[Metric]:
     return [
-        ("info_ok", "1 when info read every part of the store, 0 when it could not (see "
-         "cloud_dump_info_problems; what it could read is still reported)",
+        ("info_ok", "1 when info read every part of the store and found its backups of one "
+         "history, 0 otherwise (see cloud_dump_info_problems; what it could read is still "
+         "reported)",
          [(base, float(not info.problems))]),
-        ("info_problems", "parts of the store info could not read, by kind",
+        ("info_problems", "parts of the store info could not read, and backups of diverging "
+         "histories (which restore without --name and expire refuse), by kind",
          [({**base, "kind": kind}, sum(1 for p in info.problems if p.kind == kind))
           for kind in PROBLEM_KINDS]),
     ]  # fmt: skip
@@ -126,8 +130,8 @@ def _storage(info: Info, base: dict[str, str]) -> list[Metric]:
              "a manifest and open uploads, other)",
              [({**base, "kind": kind}, float(n)) for kind, n in info.stored_bytes.items()]),
             ("incomplete_backups", "backup prefixes without a manifest (or with uploads left "
-             "open), by state (running, silent: killed or hung, unclaimed, stray uploads, "
-             "unreadable manifest)",
+             "open), by state (running, silent: killed or hung, unclaimed, pinned: left alone "
+             "by cleanup, stray uploads, unreadable manifest)",
              [({**base, "state": state.replace(" ", "_")},
                sum(1 for i in info.incomplete if i.state == state))
               for state in INCOMPLETE_STATES]),

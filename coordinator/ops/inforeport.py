@@ -12,14 +12,19 @@ from storage.errors import CloudDumpError
 from storage.manifest import BackupManifest
 from storage.verifyresult import VerifyResult
 
-# The kinds of problem (the ``kind`` label of ``cloud_dump_info_problems``), in report order.
-PROBLEM_KINDS = ("storage", "no_backups", "verify_result", "wal_history", "wal_segment")
+# The kinds of problem (the ``kind`` label of ``cloud_dump_info_problems``), in report order:
+# the first one's exit code is the command's.
+PROBLEM_KINDS = ("storage", "no_backups", "diverging_histories", "verify_result", "wal_history",
+                 "wal_segment")  # fmt: skip
+# Problems the store shows rather than parts of it that could not be read.
+FOUND_KINDS = ("diverging_histories",)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A part of the report that could not be read: ``kind`` (``PROBLEM_KINDS``), what it
-    means for the report (``effect``), and the error (its exit code is the command's)."""
+    """A part of the report that could not be read, or a fault the store shows (``found``):
+    ``kind`` (``PROBLEM_KINDS``), what it means for the report or for the commands that read the
+    store (``effect``), and the error (its exit code is the command's)."""
 
     kind: str
     effect: str
@@ -28,6 +33,11 @@ class Problem:
     @property
     def message(self) -> str:
         return f"{self.effect}: {self.error}"
+
+    @property
+    def found(self) -> bool:
+        """Whether the store shows this fault (``FOUND_KINDS``) rather than hides a part."""
+        return self.kind in FOUND_KINDS
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,8 @@ class Incomplete:
     """A backup prefix without a manifest (or uploads open beside one), and what it holds.
     ``state``: ``running`` (its claim's heartbeat is recent), ``silent`` (no heartbeat for three
     periods: killed or hung, ``cleanup`` removes it), ``unclaimed`` (what an interrupted removal
-    left), ``stray uploads`` (beside a complete backup)."""
+    left), ``pinned`` (no claim, a ``keep.json``: ``cleanup`` leaves it alone), ``stray uploads``
+    (beside a complete backup), ``unreadable manifest``."""
 
     name: str
     state: str
@@ -70,7 +81,8 @@ class TimelineWal:
 
 @dataclass
 class Info:
-    """Everything ``info`` reports for one location; ``problems``: what could not be read."""
+    """Everything ``info`` reports for one location; ``problems``: what could not be read, and
+    the faults found (``Problem.found``)."""
 
     location: str  # where the backups are: storage URL and backups root
     wal_location: str

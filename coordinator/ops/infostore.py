@@ -1,7 +1,8 @@
 """What ``cloud-dump info`` reports, read from the store: the backups, the restorable window of
 each timeline (``coordinator.ops.infowindow``, whose docstring defines it), the WAL archive's
 state per timeline, stored bytes by kind, what running or killed backups hold, and verify's last
-result; and every part of that which could not be read.
+result; every part of that which could not be read; and backups of diverging histories
+(``coordinator.catalog.find_divergence``), which restore without ``--name`` and expire refuse.
 
 Read-only, from one LIST of the location, one of its open multipart uploads (and one request
 per upload for its size), one of the WAL archive, the backups' manifests, pins and claims, the
@@ -14,8 +15,8 @@ the reading early: every later request would fail the same way, or wait out the 
 
 Stored bytes, by kind: ``backups`` (the prefixes of complete backups), ``wal`` (the WAL
 archive), ``incomplete`` (the objects and open multipart uploads of backups that have no
-manifest: running, killed, or an interrupted removal; and uploads left open beside a complete
-backup, whose finalize was killed) and ``other`` (anything else under the location).
+manifest: running, killed, pinned, or an interrupted removal; and uploads left open beside a
+complete backup, whose finalize was killed) and ``other`` (anything else under the location).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from datetime import UTC, datetime
 from coordinator.catalog import (
     WalInventory,
     find_backups,
+    find_divergence,
     read_wal_inventory,
     segment_size_of,
+    timeline_starts,
     wal_file_name,
 )
 from coordinator.history import History, parse_history
@@ -48,11 +51,12 @@ from storage.base import Storage
 from storage.errors import (
     BackupNotFound,
     CloudDumpError,
+    ConfigError,
     ObjectNotFound,
     TransientStorageError,
     UploadNotFound,
 )
-from storage.layout import MANIFEST_NAME, Layout
+from storage.layout import KEEP_NAME, MANIFEST_NAME, Layout
 from storage.manifest import BackupManifest
 from storage.verifyresult import VerifyResult
 from storage.walnames import DEFAULT_SEGMENT_SIZE, Segment, is_segment, segment_number
@@ -117,7 +121,27 @@ def _read_all(storage: Storage, layout: Layout, archive: WalArchive, info: Info)
     except CloudDumpError as exc:
         _problem(info, "storage", "the WAL archive could not be listed", exc)
         return
+    _find_divergence(manifests, inventory, info)
     _read_wal(archive, inventory, manifests, info)
+
+
+def _find_divergence(manifests: list[BackupManifest], inventory: WalInventory, info: Info) -> None:
+    """A problem when the backups, pinned ones included, are of diverging histories: the same
+    test, on the same facts, as restore's choice of a backup and expire's refusal
+    (``coordinator.ops.expire._refuse_diverging``), so that info fails where they will."""
+    divergence = find_divergence(manifests, timeline_starts(manifests, inventory))
+    if divergence is None:
+        return
+    _problem(
+        info,
+        "diverging_histories",
+        "restore without --name and every expire refuse this store",
+        ConfigError(
+            f"{divergence.describe()}; keep one history per location: remove the other's "
+            "backups with 'cloud-dump delete --name' (after 'cloud-dump keep NAME --release' "
+            "for a pinned one), and back copies up under another --cluster"
+        ),
+    )
 
 
 def _read_wal(
@@ -266,10 +290,12 @@ def _claimed(
 ) -> Incomplete:
     """``found`` with what the prefix's claim says: who runs it and whether it is alive, by
     the rule ``cleanup`` removes a run by (its last sign of life older than three heartbeat
-    periods)."""
-    claim = read_claim(storage, layout.backup_prefix(prefix.name) + CLAIM_NAME)
+    periods); without a claim, ``pinned`` or ``unclaimed`` by whether it holds a pin."""
+    base = layout.backup_prefix(prefix.name)
+    claim = read_claim(storage, base + CLAIM_NAME)
     if claim is None:
-        return replace(found, state="unclaimed")
+        # cleanup's rule (``cleanup._leftovers``): a pin keeps even a prefix with no manifest.
+        return replace(found, state="pinned" if base + KEEP_NAME in prefix.keys else "unclaimed")
     last = _time(claim.get("heartbeat_at")) or _time(claim.get("started_at"))
     every = claim.get("heartbeat_every_s")
     alive = (last is not None and isinstance(every, int | float)

@@ -6,7 +6,8 @@ For each backup (``--name``, or every backup):
   ``backup_manifest``, the passphrase-wrapped key) exists with its recorded size, and its
   SHA-256, computed from the bytes read back from storage (``coordinator.rangedread``, as a
   restore reads them), matches the recorded one: checksums a store keeps in its own metadata
-  are not trusted for this;
+  are not trusted for this. A manifest written before the wrapped key's size and SHA-256 were
+  recorded (format version 1) gets the key's presence checked, and a note;
 - the WAL from the backup's first segment to its last, which recovery needs before the copy is
   consistent, is archived on the backup's timeline.
 
@@ -69,6 +70,7 @@ class BackupCheck:
     objects: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
     # --deep: files read out of the archives (and their bytes), checked against backup_manifest
     files_checked: int | None = None
     file_bytes_checked: int | None = None
@@ -186,6 +188,7 @@ def _check_backup(
                for a in manifest.archives]  # fmt: skip
     objects.append((manifest.backup_manifest_key, manifest.backup_manifest_size,
                     manifest.backup_manifest_sha256, 0))  # fmt: skip
+    objects += _wrapped_key(manifest, check, sizes)
     for key, size, sha256, part_size in objects:
         check.objects += 1
         if key not in sizes:
@@ -206,14 +209,33 @@ def _check_backup(
         check.bytes_read += got
         if problem is not None:
             check.problems.append(f"backup '{manifest.name}': {problem}")
-    wrapped = manifest.encryption.wrapped_identity_key if manifest.encryption else None
-    if wrapped is not None:
-        check.objects += 1
-        if not any(True for _ in storage.list(wrapped)):
-            check.problems.append(
-                f"backup '{manifest.name}': its passphrase-wrapped key '{wrapped}' is missing"
-            )
     return check, sound
+
+
+def _wrapped_key(
+    manifest: BackupManifest, check: BackupCheck, sizes: dict[str, int]
+) -> list[tuple[str, int, str, int]]:
+    """The passphrase-wrapped key as one more object to read back, when ``manifest.json``
+    records its size and SHA-256 (format version 2). Of an older manifest only its presence
+    is checked, and a note says so."""
+    encryption = manifest.encryption
+    key = encryption.wrapped_identity_key if encryption else None
+    if encryption is None or key is None:
+        return []
+    size, sha256 = encryption.wrapped_identity_size, encryption.wrapped_identity_sha256
+    if size is not None and sha256 is not None:
+        return [(key, size, sha256, 0)]
+    check.objects += 1
+    if key not in sizes:
+        check.problems.append(
+            f"backup '{manifest.name}': its passphrase-wrapped key '{key}' is missing"
+        )
+    else:
+        check.notes.append(
+            f"backup '{manifest.name}': its passphrase-wrapped key '{key}' is not checked: "
+            "manifest.json (written by an older cloud-dump) records no size or sha256 for it"
+        )
+    return []
 
 
 def _wal_to_read(wal: WalCheck) -> dict[str, list[str]]:
@@ -224,7 +246,9 @@ def _wal_to_read(wal: WalCheck) -> dict[str, list[str]]:
 
 def _add_deep(backups: list[BackupCheck], wal: WalCheck, found: DeepFindings) -> None:
     for check in backups:
-        check.problems += found.backup_problems.get(check.name, [])
+        # A damaged wrapped key is found by both: said once.
+        check.problems += [p for p in found.backup_problems.get(check.name, [])
+                           if p not in check.problems]  # fmt: skip
         check.bytes_read += found.bytes_read.get(check.name, 0)
         check.files_checked = found.files.get(check.name, 0)
         check.file_bytes_checked = found.file_bytes.get(check.name, 0)
@@ -338,6 +362,8 @@ def _print_text(backups: list[BackupCheck], wal: WalCheck, out: Callable[[str], 
             "checked against backup_manifest")
         out(f"backup '{check.name}': {verdict} ({check.objects} objects, "
             f"{human_size(check.bytes_read)} read back{deep})")  # fmt: skip
+        for note in check.notes:
+            out(f"  note: {note}")
         for problem in check.problems:
             out(f"  {problem}")
     verdict = "OK" if not wal.problems else f"{len(wal.problems)} problem(s)"

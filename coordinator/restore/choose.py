@@ -103,12 +103,11 @@ def choose_backup(
             )
     divergence = find_divergence(candidates, starts)
     if divergence is not None:
-        raise ConfigError(
-            f"cannot choose a backup by {by} alone: "
-            f"{divergence.describe()}: name the backup with --name, or the history with "
-            f"--recovery-target-timeline {divergence.earlier.timeline} or "
-            f"{divergence.later.timeline}"
-        )
+        how = "name the backup with --name"
+        if divergence.begins is not None:
+            how += (f", or the history with --recovery-target-timeline "
+                    f"{divergence.earlier.timeline} or {divergence.later.timeline}")
+        raise ConfigError(f"cannot choose a backup by {by} alone: {divergence.describe()}: {how}")
     return candidates[0], why
 
 

@@ -76,6 +76,7 @@ from coordinator.tarwalk import (
 )
 from storage.base import Storage, sha256_hex
 from storage.errors import (
+    DecryptionFailed,
     IntegrityError,
     ObjectNotFound,
 )
@@ -181,17 +182,37 @@ def resolve_identities(
     identity_paths: Sequence[Path],
     passphrase: str | None,
 ) -> list[str] | None:
-    """The age identities that decrypt the backup; None when it is not encrypted."""
+    """The age identities that decrypt the backup; None when it is not encrypted.
+
+    A passphrase backup's wrapped key is checked against the size and SHA-256 its manifest
+    records before the passphrase is tried on it: damage is ``IntegrityError`` naming the key
+    (exit 15), and only a key that is whole can make the passphrase wrong
+    (``DecryptionFailed``, exit 14).
+    """
     encryption = manifest.encryption
     if encryption is None:
         return None
     if identity_paths:
         # Also right for passphrase mode: the unwrapped key may have been saved to a file.
         return read_identities(identity_paths)
-    identity = passphrase_identity(
-        f"backup '{manifest.name}'", encryption.mode, encryption.wrapped_identity_key,
-        lambda: passphrase, lambda key: _get_object(storage, manifest.name, key),
-    )  # fmt: skip
+
+    def read_wrapped(key: str) -> bytes:
+        data = _get_object(storage, manifest.name, key)
+        encryption.check_wrapped_identity(data)
+        return data
+
+    try:
+        identity = passphrase_identity(
+            f"backup '{manifest.name}'", encryption.mode, encryption.wrapped_identity_key,
+            lambda: passphrase, read_wrapped,
+        )  # fmt: skip
+    except DecryptionFailed as exc:
+        if encryption.wrapped_identity_recorded:
+            raise
+        raise DecryptionFailed(
+            f"{exc} (or the key is damaged: this backup's manifest.json, written by an older "
+            "cloud-dump, records no checksum of it)"
+        ) from exc
     return [identity]
 
 

@@ -77,3 +77,14 @@ def test_sibling_timelines_diverge() -> None:
     backups = [_on("two", 2, 5, 7), _on("three", 3, 6, 8)]
     assert find_divergence(backups, {2: 5, 3: 6}) is not None
     assert find_divergence([_on("two", 2, 5, 6), _on("three", 3, 6, 8)], {2: 5, 3: 6}) is None
+
+
+def test_two_servers_writing_one_timeline_diverge() -> None:
+    # The copy's backup ended later in time, at a lower LSN than the source's newer one.
+    source = _on("source", 1, 8, 9)
+    copy = _on("copy", 1, 4, 5).model_copy(update={"end_time": source.end_time.replace(hour=23)})
+    divergence = find_divergence([source, copy], {1: 2})
+    assert divergence is not None and divergence.begins is None
+    assert (divergence.earlier.name, divergence.later.name) == ("source", "copy")
+    assert "two servers wrote that timeline" in divergence.describe()
+    assert find_divergence([_on("a", 1, 4, 5), source], {1: 2}) is None

@@ -44,14 +44,14 @@ def _with(**changes: object) -> bytes:
         (b'{"broken\n', "is not valid JSON (control character"),
         (b"", "is not valid JSON (EOF while parsing a value at line 1 column 0)"),
         (b"[]", "is not a JSON object"),
-        (_with(format_version=2),
-         "has a format_version this cloud-dump does not read (it reads 1)"),
+        (_with(format_version=3),
+         "has a format_version this cloud-dump does not read (it reads 1 and 2)"),
         (_with(end_time="yesterday"), "field 'end_time': input should be a valid datetime"),
         (_with(archives=[{**ARCHIVE, "parts": [{"number": 0, "size": 1, "sha256": ""}]}]),
          "field 'archives[0].parts[0].number': input should be greater than or equal to 1"),
         (json.dumps({"name": "b1"}).encode(), "field 'tool_version': field required (and 15 more)"),
     ],
-    ids=["cut-string", "empty", "array", "format-2", "bad-time", "nested-field", "missing"],
+    ids=["cut-string", "empty", "array", "format-3", "bad-time", "nested-field", "missing"],
 )
 def test_an_unparseable_manifest_is_named_in_one_readable_line(stored: bytes, said: str) -> None:
     assert BackupManifest.from_json(_with(), "b1/manifest.json").name == "b1"

@@ -13,7 +13,7 @@ import pytest
 
 from coordinator import crypto
 from coordinator.wait import wait_until
-from storage.errors import ConfigError, DecryptionFailed, IntegrityError
+from storage.errors import ConfigError, DecryptionFailed, IntegrityError, StorageUnreachable
 
 
 def encrypt_stream(data: bytes, recipients: list[str], chunk: int = 70_000) -> bytes:
@@ -111,23 +111,35 @@ def test_damaged_ciphertext_is_integrity_error_naming_it_in_both_apis(where: str
         crypto.decrypt_bytes(damaged, [secret], what)
 
 
-def test_errors_of_the_source_pass_through_the_decrypting_reader_unchanged() -> None:
-    """A local read error stays the OSError it is (exit 16, naming its file): only age's own
-    failures are classified."""
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(5, "Input/output error", "/srv/store/b1/base.tar.zst.age"),
+     IntegrityError("object 'b1/base.tar.zst.age' is shorter than the backup manifest says"),
+     StorageUnreachable("storage 's3://bucket' cannot be reached")],
+    ids=["local-io", "short-object", "outage"],
+)
+@pytest.mark.parametrize("after", [0, 100_000], ids=["in-header", "in-payload"])
+def test_errors_of_the_source_pass_through_the_decrypting_reader_unchanged(
+    failure: Exception, after: int
+) -> None:
+    """A local read error stays the OSError it is (exit 16, naming its file), a short object
+    the IntegrityError the ranged reader names it with, an outage exit 4, whether age was
+    reading its header (where pyrage wraps them in a DecryptError) or its payload: only age's
+    own failures are classified. (A stub source: the failures are the storage layer's, tested
+    there; here only how they cross age.)"""
     secret, public = crypto.generate_identity()
     sealed = io.BytesIO(crypto.encrypt_bytes(os.urandom(300_000), [public]))
-    failure = OSError(5, "Input/output error", "/srv/store/b1/base.tar.zst.age")
 
     class FailingSource(io.RawIOBase):
         def readable(self) -> bool:
             return True
 
         def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
-            if sealed.tell() > 100_000:
+            if sealed.tell() >= after:
                 raise failure
             return sealed.readinto(target)
 
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(type(failure)) as caught:
         crypto.decrypting_reader(FailingSource(), [secret], "x").read()  # type: ignore[arg-type]
     assert caught.value is failure
 

@@ -50,13 +50,14 @@ def test_ranged_reader_sha256_mismatch_raises_at_end(storage: Storage) -> None:
         reader.read()
 
 
-def test_ranged_reader_object_shorter_than_recorded_names_key_and_offset(
+def test_ranged_reader_object_shorter_than_recorded_names_key_and_where_it_ends(
     storage: Storage,
 ) -> None:
     data = make_object(storage, 10_000)
+    said = r"^object 'b1/base.tar' is shorter than .*: it ends after 10000 of 20000 bytes$"
     with (
         RangedReader(storage, KEY, 20_000, range_bytes=4_096, parallel=4) as reader,
-        pytest.raises(IntegrityError, match=r"'b1/base.tar' is shorter.* at offset 8192"),
+        pytest.raises(IntegrityError, match=said),
     ):
         reader.read()
     assert data  # the object itself is intact

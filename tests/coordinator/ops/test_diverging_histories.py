@@ -133,3 +133,31 @@ def restore_unnamed(store: Store, *flags: str) -> tuple[Path, subprocess.Complet
     if config.exists():  # restore_command runs as postgres and reads it
         chown_postgres(config)
     return pgdata, done
+
+
+def test_a_copy_continuing_its_sources_timeline_is_not_backed_up_beside_it(
+    pg_factory: PgFactory,
+) -> None:
+    target = archive_store()
+    source = archiving_cluster(pg_factory, 15, target)
+    backup_cli(source, target, "p1")
+    for _ in range(3):  # the source's timeline 1 goes on in the archive
+        source.sql("SELECT txid_current()")
+        source.sql("SELECT pg_switch_wal()")
+    wait_archived(source)
+    # A plain restore of p1, started: it continues timeline 1 from p1's end.
+    pgdata, done = restore(target, "p1", "--archive-mode", "off")
+    assert done.returncode == 0, done.stderr
+    with started_as_configured(15, pgdata, {"listen_addresses": "127.0.0.1"}) as copy:
+        url = (f"postgres://{source.repl_user}:{quote(source.repl_password, safe='')}"
+               f"@127.0.0.1:{copy.port}/postgres?replication=yes")  # fmt: skip
+        refused = run_cli("backup", "--name", "plaincopy", "--db-url", url, "--no-progress",
+                          env=target.env)
+        assert refused.returncode == int(ExitCode.WAL_CONFLICT), refused.stderr
+        line = error_line(refused.stderr)
+        assert "another server writes timeline 1 there" in line
+        assert not (Path(target.url.removeprefix("file://")) / "plaincopy").exists()
+        # Under its own cluster the copy is backed up as any other server.
+        own = run_cli("backup", "--name", "plaincopy", "--cluster", "copy", "--db-url", url,
+                      "--no-progress", env=target.env)
+        assert own.returncode == 0, own.stderr

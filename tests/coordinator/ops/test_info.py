@@ -34,9 +34,11 @@ from devrig.recovery import (
 from devrig.restored import chown_postgres, started
 from devrig.roundtrip import backup_cli
 from devrig.services import run_cli
+from devrig.walarchive import archive_wal, segment_bytes
 from storage.base import sha256_hex
 from storage.errors import ConfigError
 from storage.layout import Layout
+from storage.manifest import BackupManifest
 from storage.options import StorageOptions
 from storage.verifyresult import VerifyResult
 from storage.walnames import Segment, is_segment, parse_lsn
@@ -171,7 +173,8 @@ def test_prometheus_output_parses_and_agrees_with_json(source: Source) -> None:
     assert value("cloud_dump_newest_backup_age_seconds") >= 0
     assert value("cloud_dump_info_ok") == 1
     assert {s.labels["kind"]: s.value for s in families["cloud_dump_info_problems"].samples} == {
-        "storage": 0, "no_backups": 0, "verify_result": 0, "wal_history": 0, "wal_segment": 0}
+        "storage": 0, "no_backups": 0, "diverging_histories": 0, "verify_result": 0,
+        "wal_history": 0, "wal_segment": 0}
     assert value("cloud_dump_wal_gaps_behind_pins", timeline="1") == 0
     assert value("cloud_dump_backups_outside_window") == 0
 
@@ -491,3 +494,141 @@ def test_an_encrypted_archive_without_its_key_still_reports_what_it_can(
     text = run_cli("info", env=env)
     assert text.returncode == int(ExitCode.CONFIG), text.stderr
     assert "to: unknown (" in text.stdout and "Could not read:" in text.stdout
+
+
+def test_a_pinned_prefix_without_its_manifest_is_shown_pinned_and_cleanup_leaves_it(
+    source: Source, tmp_path: Path
+) -> None:
+    root, env = copy_of(source, tmp_path)
+    done = run_cli("keep", "b2", env=env)
+    assert done.returncode == 0, done.stderr
+    (root / "b2" / "manifest.json").rename(tmp_path / "b2-manifest.json")
+    held = sorted(p.name for p in (root / "b2").iterdir())
+    done = run_cli("info", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert [(i["name"], i["state"], i["objects"]) for i in info["incomplete"]] == [
+        ("b2", "pinned", len(held))]
+    assert [b["name"] for b in info["backups"]] == ["b1"] and info["ok"] is True
+    text = run_cli("info", env=env).stdout
+    assert ("Incomplete backup 'b2': pinned (keep.json) with no manifest.json, so not "
+            "restorable as it is: 'cloud-dump cleanup' leaves it alone") in text
+    assert "unclaimed" not in text and "removes it" not in text
+    values = metric_values(run_cli("info", "--prometheus", env=env).stdout)
+    assert values[("cloud_dump_incomplete_backups", "pinned")] == 1
+    assert values[("cloud_dump_incomplete_backups", "unclaimed")] == 0
+    # What info says is what cleanup does.
+    cleaned = run_cli("cleanup", "--older-than", "0", env=env)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert sorted(p.name for p in (root / "b2").iterdir()) == held
+
+
+# --- one store, two histories: what restore without --name and expire refuse ---
+
+
+def manifest_on(name: str, timeline: int, first: int, last: int, ended: str) -> BackupManifest:
+    """A backup of ``timeline`` whose WAL runs from segment ``first`` to ``last`` (16 MiB),
+    ended at ``ended`` (an ISO time), as ``backup`` records it."""
+    return BackupManifest.model_validate({
+        "name": name, "tool_version": "t", "pg_version": "15", "pg_version_num": 150000,
+        "system_identifier": "7300000000000000001", "timeline": timeline,
+        "start_lsn": f"0/{first:X}000028", "end_lsn": f"0/{last:X}000100",
+        "start_wal_file": f"{timeline:08X}00000000{first:08X}",
+        "end_wal_file": f"{timeline:08X}00000000{last:08X}",
+        "start_time": "2026-11-01T00:00:00+00:00", "end_time": ended,
+        "compression": "zstd", "archives": [], "backup_manifest_key": f"{name}/backup_manifest",
+        "backup_manifest_size": 1, "backup_manifest_sha256": "0" * 64,
+    })  # fmt: skip
+
+
+def hand_built_store(
+    tmp_path: Path, backups: list[BackupManifest], wal: list[str]
+) -> StorageTarget:
+    """A local store holding ``backups``' manifests (no archives: nothing here reads them) and
+    the WAL segments named ``wal``, each stored as wal-push stores it."""
+    (tmp_path / "store").mkdir()
+    target = StorageTarget("local", f"file://{tmp_path}/store", StorageOptions(),
+                           {"CLOUD_DUMP_STORAGE": f"file://{tmp_path}/store"})  # fmt: skip
+    store = target.open()
+    try:
+        for manifest in backups:
+            store.put(Layout().manifest_key(manifest.name), manifest.to_json())
+        for number, name in enumerate(wal):
+            archive_wal(store, Layout(), name, segment_bytes(number))
+    finally:
+        store.close()
+    return target
+
+
+def test_backups_of_a_timeline_that_began_before_an_older_timelines_backup_ended_are_a_problem(
+    tmp_path: Path,
+) -> None:
+    """The store a restored copy leaves when it archives and is backed up into its source's:
+    s1 on timeline 1; timeline 2 began in segment 4 (its first archived segment); copybk on
+    timeline 2; s2 on timeline 1 ended in segment 5, after timeline 2 began. Only the WAL says
+    where timeline 2 began: its backup starts in segment 6."""
+    backups = [manifest_on("s1", 1, 2, 3, "2026-11-01T01:00:00+00:00"),
+               manifest_on("copybk", 2, 6, 6, "2026-11-01T03:00:00+00:00"),
+               manifest_on("s2", 1, 5, 5, "2026-11-01T04:00:00+00:00")]  # fmt: skip
+    store = hand_built_store(tmp_path, backups, ["000000020000000000000004"])
+    done = run_cli("info", "--json", env=store.env)
+    assert done.returncode == int(ExitCode.CONFIG), done.stderr
+    assert "info found a problem: restore without --name and every expire refuse" in done.stderr
+    info = json.loads(done.stdout)
+    assert info["ok"] is False
+    (problem,) = info["problems"]
+    assert problem["kind"] == "diverging_histories"
+    assert ("backup 's2' (timeline 1) ended after timeline 2 began in 000000020000000000000004, "
+            "so it and backup 'copybk' (timeline 2) are of diverging histories"
+            ) in problem["message"]  # fmt: skip
+    # Everything else is still reported.
+    assert [b["name"] for b in info["backups"]] == ["s2", "copybk", "s1"]
+    assert info["wal"]["newest_segment"] == "000000020000000000000004"
+    assert info["stored_bytes"]["backups"] > 0 and info["stored_bytes"]["wal"] > 0
+    text = run_cli("info", env=store.env)
+    assert text.returncode == int(ExitCode.CONFIG), text.stderr
+    assert ("\nDiverging histories: restore without --name and every expire refuse this store: "
+            "backup 's2' (timeline 1) ended after timeline 2 began") in text.stdout
+    assert "Could not read:" not in text.stdout and "copybk" in text.stdout
+    metrics = run_cli("info", "--prometheus", env=store.env)
+    assert metrics.returncode == int(ExitCode.CONFIG), metrics.stderr
+    values = metric_values(metrics.stdout)
+    assert values[("cloud_dump_info_ok", "")] == 0
+    assert values[("cloud_dump_info_problems", "diverging_histories")] == 1
+    assert values[("cloud_dump_backups", "")] == 3
+    # info fails where the commands it watches over fail.
+    expired = run_cli("expire", "--retain", "1", "--dry-run", env=store.env)
+    assert expired.returncode == int(ExitCode.CONFIG), expired.stderr
+    restored = run_cli("restore", "--pgdata", str(tmp_path / "pgdata"), env=store.env)
+    assert restored.returncode == int(ExitCode.CONFIG), restored.stderr
+    assert "diverging histories" in expired.stderr and "diverging histories" in restored.stderr
+    # Without that WAL timeline 2 begins where its backup does, after s2 ended: one history.
+    for segment in (tmp_path / "store" / "wal_archive").iterdir():
+        segment.unlink()
+    done = run_cli("info", "--json", env=store.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["problems"] == []
+    expired = run_cli("expire", "--retain", "3", "--dry-run", env=store.env)
+    assert expired.returncode == 0, expired.stderr
+
+
+def test_two_servers_writing_one_timeline_are_a_problem_pinned_backups_included(
+    tmp_path: Path,
+) -> None:
+    """x2 ended after x1, at a lower LSN on the same timeline: a copy restored without a
+    recovery target and started wrote timeline 1 too. x1 is pinned: it still counts, as it
+    does for expire."""
+    backups = [manifest_on("x1", 1, 2, 5, "2026-11-01T02:00:00+00:00"),
+               manifest_on("x2", 1, 3, 4, "2026-11-01T03:00:00+00:00")]  # fmt: skip
+    store = hand_built_store(tmp_path, backups, [])
+    done = run_cli("keep", "x1", env=store.env)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("info", "--json", env=store.env)
+    assert done.returncode == int(ExitCode.CONFIG), done.stderr
+    info = json.loads(done.stdout)
+    assert [p["kind"] for p in info["problems"]] == ["diverging_histories"]
+    assert ("backups 'x1' and 'x2' are both of timeline 1, but 'x2' ended later at an earlier "
+            "LSN (0/4000100 against 0/5000100)") in info["problems"][0]["message"]
+    assert [(b["name"], b["pinned"]) for b in info["backups"]] == [("x2", False), ("x1", True)]
+    expired = run_cli("expire", "--retain", "1", "--dry-run", env=store.env)
+    assert expired.returncode == int(ExitCode.CONFIG), expired.stderr

@@ -19,8 +19,9 @@ import pytest
 
 from coordinator.cli.exitcodes import ExitCode
 from coordinator.crypto import generate_identity
-from devrig.postgres import PgCluster, PgFactory
+from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 from devrig.recovery import archive_store, archiving_cluster, wait_archived
+from devrig.restored import started
 from devrig.roundtrip import backup_cli
 from devrig.services import RedisServer, WorkerPool, run_cli
 from storage.manifest import BackupManifest
@@ -367,3 +368,156 @@ def test_deep_runs_on_celery_workers_with_the_workers_keys(
     assert code == INTEGRITY, out + err
     assert "worker 'w" in out and "cannot decrypt it" in out, out
     assert "CLOUD_DUMP_IDENTITY_KEY" in out, out
+
+
+# --- the passphrase-wrapped key (backup_key.age) -----------------------------------------------
+
+
+def restore(store: Path, name: str, *flags: str) -> tuple[int, Path, str]:
+    """``restore --name name`` from ``store`` into a fresh PGDATA: exit code, PGDATA, stderr."""
+    pgdata = make_postgres_dir("cloud-dump-restore-") / "data"
+    done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
+                   env={"CLOUD_DUMP_STORAGE": f"file://{store}"})  # fmt: skip
+    return done.returncode, pgdata, done.stderr
+
+
+def passphrase_flags(archived: Archived) -> list[str]:
+    return ["--passphrase-file", str(archived.keys / "passphrase")]
+
+
+def wrapped_key_recorded_in_v1_form(store: Path, name: str) -> None:
+    """Make ``name``'s manifest.json what cloud-dump wrote before it recorded the wrapped
+    key's size and SHA-256: format version 1, no such fields."""
+    path = store / name / "manifest.json"
+    doc = json.loads(path.read_text())
+    del doc["encryption"]["wrapped_identity_size"], doc["encryption"]["wrapped_identity_sha256"]
+    doc["format_version"] = 1
+    path.write_text(json.dumps(doc))
+
+
+def test_a_passphrase_backup_records_its_wrapped_key_in_format_2_the_others_stay_1(
+    archived: Archived,
+) -> None:
+    """Version 1 readers refuse unknown fields: only a manifest that records the wrapped key
+    says version 2, and no other manifest carries the fields, not even as null."""
+    store = archived.root
+    raw = json.loads((store / "b-passphrase" / "manifest.json").read_text())
+    stored = (store / "b-passphrase" / "backup_key.age").read_bytes()
+    assert raw["format_version"] == 2
+    assert (raw["encryption"]["wrapped_identity_size"],
+            raw["encryption"]["wrapped_identity_sha256"]) == (
+        len(stored), hashlib.sha256(stored).hexdigest())  # fmt: skip
+    for name in ("b-recipients", "b-zstd"):
+        text = (store / name / "manifest.json").read_text()
+        assert json.loads(text)["format_version"] == 1 and "wrapped_identity_s" not in text
+
+
+@pytest.mark.parametrize("where", ["middle", "near-end", "cut"])
+def test_a_damaged_wrapped_key_is_named_by_verify_restore_and_deep_not_blamed_on_the_passphrase(
+    archived: Archived, tmp_path: Path, where: str
+) -> None:
+    store = archived.copy(tmp_path)
+    key = "b-passphrase/backup_key.age"
+    path = store / key
+    data = bytearray(path.read_bytes())
+    if where == "cut":
+        del data[-10:]
+    else:
+        data[len(data) // 2 if where == "middle" else len(data) - 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    said = (f"object '{key}' is {len(data)} bytes, manifest.json records {len(data) + 10}"
+            if where == "cut" else f"object '{key}' does not match its recorded sha256")
+
+    code, out, err = verify(store)
+    assert code == INTEGRITY, out + err
+    assert f"backup 'b-passphrase': {said}" in out and "backup 'b-zstd': OK" in out, out
+    assert err.count("\n") == 1 and said in err, err
+
+    code, pgdata, err = restore(store, "b-passphrase", *passphrase_flags(archived))
+    assert code == INTEGRITY, err
+    assert err.count("\n") == 1 and said in err and "wrong passphrase" not in err, err
+    assert not pgdata.exists()
+
+    # The archives' checks read the key too: they name the same damage (said once), not a
+    # passphrase that fails to open it.
+    code, out, err = verify(store, "--deep", "--name", "b-passphrase", *archived.key_flags())
+    assert code == INTEGRITY, out + err
+    assert "backup 'b-passphrase': 1 problem(s)" in out and said in out, out
+
+
+def test_a_manifest_from_before_the_wrapped_key_was_recorded_verifies_and_restores(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """Of such a key verify checks that it is there, and says that its bytes are unchecked (a
+    note, not a problem); restore unwraps it as before."""
+    store = archived.copy(tmp_path)
+    wrapped_key_recorded_in_v1_form(store, "b-passphrase")
+    unchecked = ("its passphrase-wrapped key 'b-passphrase/backup_key.age' is not checked: "
+                 "manifest.json (written by an older cloud-dump) records no size or sha256")
+    code, out, err = verify(store)
+    assert code == 0, out + err
+    assert "backup 'b-passphrase': OK (3 objects" in out, out
+    assert f"  note: backup 'b-passphrase': {unchecked}" in out, out
+    code, out, _ = verify(store, "--json", "--name", "b-passphrase")
+    report = json.loads(out)["backups"][0]
+    assert code == 0 and report["ok"] and report["problems"] == [], report
+    assert [unchecked in n for n in report["notes"]] == [True], report
+    code, out, err = verify(store, "--deep", "--name", "b-passphrase", *archived.key_flags())
+    assert code == 0, out + err
+
+    code, pgdata, err = restore(store, "b-passphrase", *passphrase_flags(archived))
+    assert code == 0, err
+    with started(archived.cluster.major, pgdata) as restored:
+        assert restored.sql("SELECT count(*) FROM t") == [(25000,)]
+
+    (store / "b-passphrase" / "backup_key.age").unlink()
+    code, out, _ = verify(store, "--name", "b-passphrase")
+    assert code == INTEGRITY, out
+    assert "passphrase-wrapped key 'b-passphrase/backup_key.age' is missing" in out, out
+
+
+def test_a_damaged_unrecorded_wrapped_key_may_still_be_damage_says_restore(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """Without a recorded checksum restore cannot tell damage from a wrong passphrase: exit 14,
+    as before, saying that it may be either."""
+    store = archived.copy(tmp_path)
+    wrapped_key_recorded_in_v1_form(store, "b-passphrase")
+    path = store / "b-passphrase" / "backup_key.age"
+    data = bytearray(path.read_bytes())
+    data[30] ^= 0x01  # in the scrypt stanza: age reports a passphrase that does not open it
+    path.write_bytes(bytes(data))
+    code, _, err = restore(store, "b-passphrase", *passphrase_flags(archived))
+    assert code == int(ExitCode.DECRYPTION_FAILED), err
+    assert err.count("\n") == 1 and "wrong passphrase" in err, err
+    assert "or the key is damaged: this backup's manifest.json" in err, err
+
+
+# --- a truncated encrypted archive -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kept", [100, 20_000])
+def test_a_truncated_encrypted_archive_is_named_in_one_clean_line(
+    archived: Archived, tmp_path: Path, kept: int
+) -> None:
+    """Cut inside age's header (100 bytes) or its payload: restore says the object is short,
+    once, without age's or Python's wording around it; verify (--deep too) names it by its
+    size before reading it."""
+    store = archived.copy(tmp_path)
+    manifest = archived.manifest(store, "b-recipients")
+    index, data = base_archive(store, archived, "b-recipients")
+    key = manifest.archives[index].key
+    (store / key).write_bytes(data[:kept])
+    said = (f"object '{key}' is shorter than the backup manifest says: it ends after {kept} "
+            f"of {len(data)} bytes")
+    identity = ["--identity-key", str(archived.keys / "key.txt")]
+
+    code, pgdata, err = restore(store, "b-recipients", *identity)
+    assert code == INTEGRITY, err
+    assert err == f"cloud-dump: error: {said}\n", err
+    assert "Error" not in err and "does not check" not in err, err
+    assert not pgdata.exists()  # what the failed restore wrote is removed
+    code, out, err = verify(store, "--deep", "--name", "b-recipients", *identity)
+    assert code == INTEGRITY, out + err
+    assert (f"backup 'b-recipients': object '{key}' is {kept} bytes, manifest.json records "
+            f"{len(data)}") in out, out  # fmt: skip
