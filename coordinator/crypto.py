@@ -405,7 +405,10 @@ def _identities(keys: Sequence[str]) -> list[object]:
 
 def _damage(exc: BaseException) -> str:
     """What age's failure says of the bytes, for an ``IntegrityError``."""
-    text = str(exc).strip().rstrip(".")
+    # age's messages may run on ("unknown age format.\nHave you tried upgrading to the latest
+    # version?"): the first line says what is wrong, and the error is one line.
+    lines = str(exc).strip().splitlines()
+    text = (lines[0] if lines else "").strip().rstrip(".")
     if text.lower() == "decryption error":
         return "a chunk of its age payload fails authentication (its bytes changed)"
     if text.lower() in ("failed to fill whole buffer", _INCOMPLETE_HEADER):
