@@ -85,6 +85,17 @@ def public_keys(paths: Sequence[Path]) -> list[str]:
     return [str(pyrage.x25519.Identity.from_str(k).to_public()) for k in read_identities(paths)]
 
 
+def read_passphrase_file(path: str) -> str:
+    """The passphrase a ``--passphrase-file`` (or ``CLOUD_DUMP_PASSPHRASE_FILE``) holds: its
+    first line, "" for an empty file (the caller says what that means). ``ConfigError`` naming
+    the file when it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read passphrase file '{path}': {exc.strerror}") from exc
+    return text.splitlines()[0] if text else ""
+
+
 def generate_identity() -> tuple[str, str]:
     """A fresh X25519 identity: (secret key, public key)."""
     identity = pyrage.x25519.Identity.generate()

@@ -250,13 +250,9 @@ def layout_of(
 def read_passphrase(args: KeyedSettings) -> str | None:
     """From --passphrase-file, CLOUD_DUMP_PASSPHRASE or --passphrase (warned: ps shows it)."""
     if args.passphrase_file:
-        try:
-            text = Path(args.passphrase_file).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read passphrase file '{args.passphrase_file}': {exc.strerror}"
-            ) from exc
-        passphrase = text.splitlines()[0] if text else ""
+        from coordinator.crypto import read_passphrase_file  # pyrage: only when a key is used
+
+        passphrase = read_passphrase_file(args.passphrase_file)
     elif args.passphrase:
         if args.passphrase_from_flag:
             log.warning("--passphrase is visible to every user in 'ps': prefer "

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Task
 
+from coordinator.crypto import read_passphrase_file
 from storage.errors import ConfigError, TransientStorageError
 from tasks.app import app, settings, worker_storage
 from workers import verify
@@ -34,13 +35,7 @@ def _passphrase() -> str | None:
     """The worker's passphrase: the first line of ``CLOUD_DUMP_PASSPHRASE_FILE``, else
     ``CLOUD_DUMP_PASSPHRASE``; ``ConfigError`` naming the file when it cannot be read."""
     if settings.passphrase_file:
-        try:
-            text = Path(settings.passphrase_file).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read passphrase file '{settings.passphrase_file}': {exc.strerror}"
-            ) from exc
-        first = text.splitlines()[0] if text else ""
+        first = read_passphrase_file(settings.passphrase_file)
         if not first:
             raise ConfigError(f"passphrase file '{settings.passphrase_file}' is empty")
         return first
