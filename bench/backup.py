@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 
 from bench.common import (
+    AWS_ENV,
+    CLOUD_DUMP,
     MB,
-    VENV_BIN,
     BenchError,
     Timed,
     directory_bytes,
@@ -66,12 +67,6 @@ from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
 PG_MAJOR = 15
-CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 S3_PREFIX = "bench"
 WORKERS_PER_TARGET = 2
 

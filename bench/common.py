@@ -150,6 +150,14 @@ def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+PYTHON = str(VENV_BIN / "python")
+CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
+# The local S3 server (moto) takes any credentials: these never leave this machine.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 
 from bench.common import (
+    AWS_ENV,
+    CLOUD_DUMP,
+    PYTHON,
     REPO_ROOT,
     VENV_BIN,
     BenchError,
@@ -59,13 +62,6 @@ from devrig.procs import ServerProcess, free_port, port_open
 from storage.manifest import BackupManifest
 from storage.walnames import Segment, format_lsn
 
-PYTHON = str(VENV_BIN / "python")
-CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 SEGMENT_BYTES = 16 * 1024 * 1024
 WAL_OBJECT_BYTES = 4096
 TARGET_S = 10.0

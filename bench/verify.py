@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 
 from bench.common import (
+    AWS_ENV,
+    CLOUD_DUMP,
     MB,
-    VENV_BIN,
     Timed,
     load_average,
     mb,
@@ -51,12 +52,6 @@ from devrig.postgres import PgCluster, start_cluster
 from storage.walnames import Segment
 
 PG_MAJOR = 15
-CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 RATIO_TARGET = 1.0  # restore seconds / verify --deep seconds
 
 

@@ -66,8 +66,10 @@ import boto3
 import zstandard
 
 from bench.common import (
+    AWS_ENV,
+    CLOUD_DUMP,
+    PYTHON,
     REPO_ROOT,
-    VENV_BIN,
     BenchError,
     become_subreaper,
     load_average,
@@ -86,13 +88,6 @@ from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
 PG_MAJOR = 15
-PYTHON = str(VENV_BIN / "python")
-CLOUD_DUMP = str(VENV_BIN / "cloud-dump")
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 S3_PREFIX = "bench"
 WORKERS = 2
 SEGMENT_BYTES = 16 * 1024 * 1024
