@@ -16,6 +16,7 @@ when PostgreSQL's default, 16 MiB, is assumed).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -30,7 +31,7 @@ from storage.errors import (
     ObjectNotFound,
     PermanentStorageError,
 )
-from storage.layout import MANIFEST_NAME, WAL_OBJECT_SUFFIXES, Layout
+from storage.layout import KEEP_NAME, MANIFEST_NAME, WAL_OBJECT_SUFFIXES, Layout
 from storage.manifest import BackupManifest
 from storage.walnames import (
     DEFAULT_SEGMENT_SIZE,
@@ -374,3 +375,25 @@ def find_divergence(
                 begins = Segment(later.timeline, starts[later.timeline]).name(size)
                 return Divergence(earlier, later, begins)
     return None
+
+
+# --- pins (cloud-dump keep) ---------------------------------------------------------------------
+
+
+def pinned_until(storage: Storage, layout: Layout, name: str, now: datetime) -> str | None:
+    """How long the backup is pinned ("until 2027-01-31T00:00:00+00:00", "until released"), or
+    None when it is not (no ``keep.json``, or its date has passed)."""
+    try:
+        pin = json.loads(storage.get(layout.backup_prefix(name) + KEEP_NAME))
+    except ObjectNotFound:
+        return None
+    except ValueError:
+        return "(its keep.json is unreadable: kept to be safe)"
+    until = pin.get("until") if isinstance(pin, dict) else None
+    if until is None:
+        return "until released"
+    try:
+        when = datetime.fromisoformat(str(until))
+    except ValueError:
+        return "(its keep.json is unreadable: kept to be safe)"
+    return f"until {when.isoformat()}" if when > now else None

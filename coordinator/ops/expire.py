@@ -36,6 +36,7 @@ from coordinator.catalog import (
     end_order,
     find_backups,
     find_divergence,
+    pinned_until,
     read_manifest,
     read_wal_inventory,
     segment_size_of,
@@ -260,25 +261,6 @@ def _exists(storage: Storage, key: str) -> bool:
     except ObjectNotFound:
         return False
     return True
-
-
-def pinned_until(storage: Storage, layout: Layout, name: str, now: datetime) -> str | None:
-    """How long the backup is pinned ("until 2027-01-31T00:00:00+00:00", "until released"), or
-    None when it is not (no ``keep.json``, or its date has passed)."""
-    try:
-        pin = json.loads(storage.get(layout.backup_prefix(name) + KEEP_NAME))
-    except ObjectNotFound:
-        return None
-    except ValueError:
-        return "(its keep.json is unreadable: kept to be safe)"
-    until = pin.get("until") if isinstance(pin, dict) else None
-    if until is None:
-        return "until released"
-    try:
-        when = datetime.fromisoformat(str(until))
-    except ValueError:
-        return "(its keep.json is unreadable: kept to be safe)"
-    return f"until {when.isoformat()}" if when > now else None
 
 
 def parse_until(text: str) -> datetime:

@@ -28,6 +28,7 @@ from coordinator.catalog import (
     WalInventory,
     find_backups,
     find_divergence,
+    pinned_until,
     read_wal_inventory,
     segment_size_of,
     timeline_starts,
@@ -35,7 +36,6 @@ from coordinator.catalog import (
 )
 from coordinator.history import History, parse_history
 from coordinator.ops.cleanup import MISSED_HEARTBEATS, Prefix, foreign_objects
-from coordinator.ops.expire import pinned_until
 from coordinator.ops.inforeport import (
     PROBLEM_KINDS,
     BackupInfo,

@@ -95,8 +95,7 @@ def _wal_json(wal: WalRange | None) -> dict[str, object] | None:
 
 
 def run_list(args: ListSettings, report: Report) -> None:
-    from coordinator.catalog import archived_segment_names, find_backups, wal_range
-    from coordinator.ops.expire import pinned_until
+    from coordinator.catalog import archived_segment_names, find_backups, pinned_until, wal_range
 
     layout = layout_of(args)  # `list` has no --wal-prefix: CLOUD_DUMP_WAL_PREFIX sets it
     storage = open_store(args)

@@ -41,13 +41,13 @@ from coordinator.catalog import (
     find_backups,
     human_size,
     missing_runs,
+    pinned_until,
     read_manifest,
     read_wal_inventory,
     segment_size_of,
 )
 from coordinator.ops.cleanup import backup_prefixes, foreign_objects
 from coordinator.ops.deep import DeepFindings, check_deep, wal_to_read
-from coordinator.ops.expire import pinned_until
 from coordinator.ops.walpath import NeededWal, needed_wal
 from coordinator.rangedread import RangedReader, range_size_for
 from coordinator.settings import Report, VerifySettings, keys_from, layout_of, open_store
