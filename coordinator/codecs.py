@@ -104,15 +104,15 @@ class Codec:
 # 2 cores, kept for larger database hosts; a server whose zstd has no threads refuses it and
 # ``coordinator.backup.replication`` asks again without.
 #
-# WAL (zstd 3, gzip 6, lz4 1): zstd's and zlib's own default levels (ZSTD_CLEVEL_DEFAULT and
-# Z_DEFAULT_COMPRESSION: what `zstd` and `gzip` write), chosen with WAL archiving (938fbdc: "~5-10x
-# on WAL at a few hundred MB/s, so a 16 MiB segment costs tens of milliseconds"). WAL can afford
-# more CPU per byte than a base backup: a segment is compressed once, off the archiver's wait,
-# in the pusher's PREPARE_THREADS threads while other segments are in flight, and it is stored
-# for the whole retention. Measured for this registry on three pgbench segments (shared 2-core
-# machine): zstd 3 ~400 MB/s at 6.2x (zstd 1: ~560 MB/s at 6.3x), gzip 6 ~70 MB/s at 5.7x
-# (gzip 1: ~210 MB/s at 5.4x), so 42 ms and 240 ms a segment: zstd 1 would be as small and
-# faster there. Kept, as stored WAL must not change without a measurement of its own (bench/wal).
+# WAL (zstd 1, gzip 6, lz4 1). zstd was 3 (its own default, ZSTD_CLEVEL_DEFAULT) until measured
+# on WAL that is not blank filler: on the bench-peers `prod` WAL (pgbench plus md5-text updates,
+# full-page images) 16 segments took 1.70 s at level 3 and 0.54 s at level 1 for the same ratio
+# (2.23x and 2.24x); on pgbench segments level 1 was ~560 MB/s at 6.3x against ~400 MB/s at 6.2x.
+# The pusher's compression was most of wal-push's CPU (10.4 of 18.9 s per GB), so level 1 is the
+# default (wal-push has no level option). Stored WAL may change bytes without harm: a push
+# compares raw SHA-256s, never stored bytes. gzip 6 and lz4 1 are zlib's default
+# (Z_DEFAULT_COMPRESSION, what `gzip` writes: ~70 MB/s at 5.7x, gzip 1 ~210 MB/s at 5.4x) and
+# python-lz4's, unchanged: gzip is chosen for compatibility, not speed.
 # lz4 1 writes the same bytes as python-lz4's default (0), which wal-push always used.
 #
 # Checksums. Backup streams we write carry one (zstd frame checksum, lz4 content checksum) so that
@@ -127,7 +127,7 @@ class Codec:
 CODECS: Mapping[Compression, Codec] = {
     "zstd": Codec(
         name="zstd", suffix=COMPRESSION_SUFFIXES["zstd"], levels=range(1, 23),
-        backup_level=1, server_level=1, wal_level=3, server_workers=2,
+        backup_level=1, server_level=1, wal_level=1, server_workers=2,
         backup_checksum=True, wal_checksum=False, damaged=("zstandard.ZstdError",),
     ),
     "gzip": Codec(
