@@ -1,8 +1,9 @@
 """The Celery application workers run: ``celery -A tasks.app worker -Q parts,wal``.
 
 Settings are read from the ``CLOUD_DUMP_*`` environment once, when the worker imports this
-module. Each pool process builds its own storage client on first use, after the fork: boto3
-clients must not cross a fork.
+module. The worker process builds its storage client on first use (once, under a lock: the
+pool's threads share it; boto3 clients are thread-safe), and again after a fork, should a pool
+that forks be chosen (``-P prefork``): boto3 clients must not cross a fork.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import replace
 
 from options.seed import storj_location
@@ -36,6 +38,7 @@ class WorkerStorage:
         self._settings = worker_settings
         self._storage: Storage | None = None
         self._pid = 0
+        self._lock = threading.Lock()
 
     def get(self, expected: str | None = None) -> Storage:
         """This process's storage; ``StorageMismatch`` when ``expected`` (the location a
@@ -46,6 +49,10 @@ class WorkerStorage:
         return storage
 
     def _open(self) -> Storage:
+        with self._lock:
+            return self._open_locked()
+
+    def _open_locked(self) -> Storage:
         if self._storage is None or self._pid != os.getpid():
             settings = self._settings
             url, endpoint, problem = storj_location(
@@ -78,12 +85,14 @@ class WorkerStage:
         self._url = url
         self._stage: RedisStage | None = None
         self._pid = 0
+        self._lock = threading.Lock()
 
     def get(self) -> RedisStage:
-        if self._stage is None or self._pid != os.getpid():
-            self._stage = RedisStage(self._url)
-            self._pid = os.getpid()
-        return self._stage
+        with self._lock:
+            if self._stage is None or self._pid != os.getpid():
+                self._stage = RedisStage(self._url)
+                self._pid = os.getpid()
+            return self._stage
 
 
 settings = WorkerSettings()
