@@ -1,8 +1,13 @@
 """Parallel ranged reads of one stored object, consumed as an ordinary file (DESIGN.md §6).
 
 ``RangedReader`` cuts the object into consecutive ranges of ``range_bytes``, keeps at most
-``parallel`` ``get_range`` calls in flight on a thread pool and hands the bytes out strictly in
-order, so memory stays under ``range_bytes * (parallel + 1)`` whatever the object's size. It also
+``parallel`` of them streaming on a thread pool (``Storage.open_range_stream``) and hands the
+bytes out strictly in order. A range is not held whole: each streams into a buffer of at most
+``buffer_bytes`` and waits while that is full, so memory stays under
+``parallel * (buffer_bytes + CHUNK_BYTES)`` whatever the range and object sizes. Ranges can
+therefore be large (few requests: moto reads the whole object for each ranged GET, S3 charges
+per request) without costing memory; with ranges no larger than ``buffer_bytes`` (real S3's
+recommended 8-16 MiB) every range downloads whole in parallel, as plain ranged GETs would. It also
 checks the object against what ``manifest.json`` says about it: every range must come back whole
 (a short range means the object is shorter than recorded) and, at end of file, the SHA-256 of the
 whole object must match, before the caller sees EOF and could believe the data complete.
@@ -13,22 +18,27 @@ that restore sees one plaintext tar stream per archive.
 Retries: the backends retry each request a few times (``--storage-max-attempts``), which rides
 out a blip but not an outage of a few seconds. A backup survives one, because its uploads are
 retried again with backoff; so does a restore: a range whose read fails with a
-``TransientStorageError`` (``StorageUnreachable`` included) is read again with backoff
-(0.5 s doubling to 10 s) until ``retry_budget_s`` (60 s) after its first failure, then the last
-error is raised. Only the ranged reads retry this way: the small reads before them
-(``manifest.json``, ``backup_manifest``) come first, and a store that fails those is down or
-wrong from the start, which is better said at once.
+``TransientStorageError`` (``StorageUnreachable`` included), when opened or mid-body, is read
+again from the first byte it lacks, with backoff (0.5 s doubling to 10 s) until
+``retry_budget_s`` (60 s) after its first failure (bytes received since start the budget
+again), then the last error is raised. Only the ranged reads retry this way: the small reads
+before them (``manifest.json``, ``backup_manifest``) come first, and a store that fails those
+is down or wrong from the start, which is better said at once.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.wait import wait_until
@@ -40,6 +50,12 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 # DESIGN.md §6: moto reads the whole object for every ranged GET, and real S3 charges per request.
 MIN_RANGE_BYTES = 64 * MiB
+# What a range buffers ahead of the reader: with --parallel 4, 32 MiB in all (the restore's peak
+# RSS is ~60 MB of interpreter and boto3 besides). A range no larger is fetched whole at once.
+BUFFER_BYTES = 8 * MiB
+# Read size of a range's body: large enough that the per-read cost (a Python call, a lock) is
+# small against the copy, small enough that glibc serves it from its heap.
+CHUNK_BYTES = 1 * MiB
 RETRY_BUDGET_S = 60.0
 _FIRST_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 10.0
@@ -55,7 +71,8 @@ class RangedReader(io.RawIOBase):
 
     ``sha256`` (hex), when given, is checked at end of file: a mismatch raises
     ``IntegrityError`` from the read that would have returned EOF. ``backup`` names the backup
-    in messages. ``on_bytes`` is called with the size of each range as it is consumed.
+    in messages. ``on_bytes`` is called with the size of each chunk as it is consumed.
+    ``buffer_bytes``: what each range in flight may hold ahead of the reader.
     """
 
     def __init__(
@@ -70,24 +87,26 @@ class RangedReader(io.RawIOBase):
         backup: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
         retry_budget_s: float = RETRY_BUDGET_S,
+        buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         super().__init__()
-        if range_bytes <= 0 or parallel <= 0 or size < 0:
+        if range_bytes <= 0 or parallel <= 0 or size < 0 or buffer_bytes <= 0:
             raise ValueError(f"invalid ranged read size={size} range={range_bytes} x{parallel}")
         self._storage = storage
         self._key = key
         self._size = size
         self._range_bytes = range_bytes
         self._parallel = parallel
+        self._buffer_bytes = buffer_bytes
         self._expected_sha256 = sha256
         self._backup = backup
         self._on_bytes = on_bytes
         self._retry_budget_s = retry_budget_s
-        self._closing = threading.Event()  # wakes retries waiting out a backoff
+        self._closing = threading.Event()  # stops streams and wakes retries waiting out a backoff
         self._digest = hashlib.sha256()
         self._received = 0
         self._next_offset = 0  # start of the next range to submit
-        self._pending: collections.deque[tuple[int, int, Future[bytes]]] = collections.deque()
+        self._pending: collections.deque[_Range] = collections.deque()
         self._buffer = memoryview(b"")
         self._verified = False
         self._submitted_any = False
@@ -104,7 +123,7 @@ class RangedReader(io.RawIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        # Overridden so that a read costs one copy out of the range buffer, not two.
+        # Overridden so that a read costs one copy out of the chunk, not two.
         self._check_open()
         if size is None or size < 0:
             return self.readall()
@@ -117,7 +136,7 @@ class RangedReader(io.RawIOBase):
 
     def readall(self) -> bytes:
         chunks = []
-        while chunk := self.read(self._range_bytes):
+        while chunk := self.read(CHUNK_BYTES):
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -133,15 +152,15 @@ class RangedReader(io.RawIOBase):
 
     def drain(self) -> None:
         """Read to the end (verifying the checksum) and discard what is left."""
-        while self.read(self._range_bytes):
-            pass
+        while self._ensure_buffer():
+            self._buffer = memoryview(b"")
 
     def close(self) -> None:
-        """Cancel ranges not started yet and drop buffered bytes; does not wait for running GETs."""
+        """Stop the streams and drop buffered bytes; does not wait for running reads."""
         if not self.closed:
             self._closing.set()
-            for _, _, future in self._pending:
-                future.cancel()
+            for pending in self._pending:
+                pending.stop()
             self._pending.clear()
             self._buffer = memoryview(b"")
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -159,36 +178,71 @@ class RangedReader(io.RawIOBase):
             self._next_offset < self._size or not self._submitted_any
         ):
             self._submitted_any = True
-            length = min(self._range_bytes, self._size - self._next_offset)
-            start = self._next_offset
-            future = self._pool.submit(self._get_range, start, length)
-            self._pending.append((start, length, future))
-            self._next_offset += length
+            pending = _Range(
+                self._next_offset, min(self._range_bytes, self._size - self._next_offset)
+            )
+            self._pool.submit(self._stream, pending)
+            self._pending.append(pending)
+            self._next_offset += pending.length
 
-    def _get_range(self, start: int, length: int) -> bytes:
-        """One range, read again after transient failures (see the module docstring)."""
+    def _stream(self, pending: _Range) -> None:
+        """The thread of one range: its bytes into its buffer, then ``done`` (or ``error``)."""
         try:
-            return self._storage.get_range(self._key, start, length)
+            if pending.length == 0:
+                self._storage.get_range(self._key, pending.start, 0)  # missing: ObjectNotFound
+            else:
+                self._stream_retrying(pending)
+        except BaseException as exc:  # handed to the reader's thread
+            pending.finish(exc)
+        else:
+            pending.finish(None)
+
+    def _stream_retrying(self, pending: _Range) -> None:
+        """Stream the range, opened again at its first missing byte after transient failures
+        (see the module docstring); bytes received after a failure start a new budget."""
+        errors: list[TransientStorageError] = []
+        if self._attempt(pending, 0.0, errors) == [True]:
+            return
+        while errors:
+            log.warning("reading '%s' at offset %d failed (%s): retrying for up to %.0f s",
+                        self._key, pending.start + pending.received, errors[-1],
+                        self._retry_budget_s)  # fmt: skip
+            since = time.monotonic()
+            attempt = functools.partial(self._attempt, pending, since, errors)
+            # Paused first: the read has just failed. Until the budget is spent or close().
+            outcome = wait_until(attempt, timeout_s=self._retry_budget_s, first_s=_FIRST_BACKOFF_S,
+                                 max_s=_MAX_BACKOFF_S, factor=2.0, pause_first=True,
+                                 interrupt=self._closing)  # fmt: skip
+            if outcome is None:
+                if not self._closing.is_set():
+                    raise errors[-1]
+                return
+            if outcome[0]:
+                return
+
+    def _attempt(
+        self, pending: _Range, since: float, errors: list[TransientStorageError]
+    ) -> list[bool]:
+        """[True] when the range is read; [False] when it broke off after receiving bytes
+        (a new failure); [] when it failed again without any (wait and retry)."""
+        try:
+            self._stream_once(pending)
         except TransientStorageError as exc:
-            error = exc
-        log.warning("reading '%s' at offset %d failed (%s): retrying for up to %.0f s",
-                    self._key, start, error, self._retry_budget_s)  # fmt: skip
+            errors.append(exc)
+            return [False] if pending.progressed_since(since) else []
+        return [True]
 
-        def read() -> list[bytes]:  # a list: an empty range is an answer too
-            nonlocal error
-            try:
-                return [self._storage.get_range(self._key, start, length)]
-            except TransientStorageError as exc:
-                error = exc
-                return []
-
-        # Paused first: the read has just failed. Until the budget is spent or close() is called.
-        data = wait_until(read, timeout_s=self._retry_budget_s, first_s=_FIRST_BACKOFF_S,
-                          max_s=_MAX_BACKOFF_S, factor=2.0, pause_first=True,
-                          interrupt=self._closing)  # fmt: skip
-        if data is None:
-            raise error
-        return data[0]
+    def _stream_once(self, pending: _Range) -> None:
+        offset = pending.start + pending.received
+        stream = self._storage.open_range_stream(
+            self._key, offset, pending.length - pending.received
+        )
+        with contextlib.closing(stream):
+            while pending.received < pending.length and not self._closing.is_set():
+                chunk = stream.read(min(CHUNK_BYTES, pending.length - pending.received))
+                if not chunk:
+                    return  # the object ends early: the reader says so
+                pending.put(chunk, self._buffer_bytes)
 
     def _ensure_buffer(self) -> bool:
         """Make the buffer non-empty; False at end of the object (after verifying it)."""
@@ -196,28 +250,32 @@ class RangedReader(io.RawIOBase):
             if not self._pending:
                 self._verify_whole()
                 return False
-            start, length, future = self._pending.popleft()
-            data = self._result(start, future)
-            self._received += len(data)
-            if len(data) != length:
-                # Every range before this one came back whole: the object ends here.
-                raise IntegrityError(
-                    f"object '{self._key}' is shorter than the backup manifest says: it ends "
-                    f"after {start + len(data)} of {self._size} bytes"
-                )
-            self._digest.update(data)
-            self._buffer = memoryview(data)
-            self._fill_window()
+            pending = self._pending[0]
+            chunk = pending.take()
+            if chunk is None:  # the range is over
+                self._pending.popleft()
+                self._end_of_range(pending)
+                self._fill_window()
+                continue
+            self._received += len(chunk)
+            self._digest.update(chunk)
+            self._buffer = memoryview(chunk)
             if self._on_bytes is not None:
-                self._on_bytes(length)
+                self._on_bytes(len(chunk))
         return True
 
-    def _result(self, start: int, future: Future[bytes]) -> bytes:
-        try:
-            return future.result()
-        except ObjectNotFound as exc:
+    def _end_of_range(self, pending: _Range) -> None:
+        if isinstance(pending.error, ObjectNotFound):
             owner = f"backup '{self._backup}'" if self._backup else "the backup"
-            raise IntegrityError(f"{owner} is missing object '{self._key}'") from exc
+            raise IntegrityError(f"{owner} is missing object '{self._key}'") from pending.error
+        if pending.error is not None:
+            raise pending.error
+        if pending.received != pending.length:
+            # Every range before this one came back whole: the object ends here.
+            raise IntegrityError(
+                f"object '{self._key}' is shorter than the backup manifest says: it ends "
+                f"after {pending.start + pending.received} of {self._size} bytes"
+            )
 
     def _verify_whole(self) -> None:
         if self._verified or self._expected_sha256 is None:
@@ -229,3 +287,61 @@ class RangedReader(io.RawIOBase):
                 f"(expected {self._expected_sha256}, got {actual})"
             )
         self._verified = True
+
+
+@dataclass
+class _Range:
+    """One range in flight: chunks its thread received that the reader has not taken yet."""
+
+    start: int
+    length: int
+    received: int = 0
+    error: BaseException | None = None
+    done: bool = False
+    stopped: bool = False
+    last_progress: float = 0.0
+    chunks: collections.deque[bytes] = field(default_factory=collections.deque)
+    buffered: int = 0
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def put(self, chunk: bytes, limit: int) -> None:
+        """Add a chunk, first waiting while ``limit`` bytes are buffered (the reader is behind)."""
+        with self.changed:
+            while self.buffered >= limit and not self.stopped:
+                self.changed.wait()
+            self.chunks.append(chunk)
+            self.buffered += len(chunk)
+            self.received += len(chunk)
+            self.last_progress = time.monotonic()
+            self.changed.notify_all()
+
+    def take(self) -> bytes | None:
+        """The next chunk, waiting for it; None once the range's thread finished and every
+        chunk was taken."""
+        with self.changed:
+            while not self.chunks and not self.done:
+                self.changed.wait()
+            if not self.chunks:
+                return None
+            chunk = self.chunks.popleft()
+            self.buffered -= len(chunk)
+            self.changed.notify_all()
+            return chunk
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.changed:
+            self.error = error
+            self.done = True
+            self.changed.notify_all()
+
+    def stop(self) -> None:
+        """Unblock the range's thread for good (the reader is closing)."""
+        with self.changed:
+            self.stopped = True
+            self.chunks.clear()
+            self.buffered = 0
+            self.changed.notify_all()
+
+    def progressed_since(self, when: float) -> bool:
+        with self.changed:
+            return self.last_progress > when

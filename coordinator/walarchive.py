@@ -22,11 +22,12 @@ decrypt the WAL recovery reads: a copy whose every ``wal-fetch`` fails would be 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import IO, TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, cast
 
 from coordinator.codecs import decompress_wal
 from storage.base import Storage, sha256_hex
@@ -162,8 +163,64 @@ class WalArchive:
                 f"archived WAL '{key}' does not match its recorded sha256 "
                 f"(expected {expected}, got {actual})"
             )
-        _check_segment_header(plain, stored)
+        _check_segment_header(plain[:SEGMENT_HEADER_BYTES], len(plain), stored)
         return plain, actual
+
+    def copy(self, stored: StoredWal, out: IO[bytes]) -> tuple[int, str]:
+        """Write the original bytes of ``stored`` to ``out`` and return their size and SHA-256,
+        verified as ``read`` verifies them, in ``COPY_CHUNK_BYTES`` chunks: the object is
+        streamed from one GET (its metadata comes with it) through decryption, decompression
+        and hashing, and is never whole in memory.
+
+        ``out`` must be an empty file open for writing; after an error it holds part of the
+        data or wrong data, and the caller discards it. Raises as ``read`` does.
+        """
+        identities = self._keys.identities(self) if stored.encrypted else None
+        try:
+            return self._copy(stored, out, identities)
+        except IntegrityError as exc:
+            failed = exc.__cause__
+            if not isinstance(failed, DecryptionFailed) or identities is None:
+                raise
+            identities = self._keys.refreshed_after(self, identities)
+            if identities is None:
+                raise failed from None  # a wrong key, as ``read`` reports it
+        out.seek(0)
+        out.truncate()
+        return self._copy(stored, out, identities)
+
+    def _copy(
+        self, stored: StoredWal, out: IO[bytes], identities: list[str] | None
+    ) -> tuple[int, str]:
+        from coordinator.codecs import open_plaintext
+
+        key = stored.key
+        stream = self._storage.open_stream(key)
+        try:
+            expected = stream.metadata.get(RAW_SHA256)
+            if not expected:
+                raise IntegrityError(f"archived WAL '{key}' has no {RAW_SHA256} metadata")
+            plain = open_plaintext(cast(BinaryIO, stream), stored.compression,
+                                   identities=identities, what=f"archived WAL '{key}'")  # fmt: skip
+            digest = hashlib.sha256()
+            head = b""
+            size = 0
+            while chunk := plain.read(COPY_CHUNK_BYTES):
+                if len(head) < SEGMENT_HEADER_BYTES:
+                    head += chunk[: SEGMENT_HEADER_BYTES - len(head)]
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        finally:
+            stream.close()
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise IntegrityError(
+                f"archived WAL '{key}' does not match its recorded sha256 "
+                f"(expected {expected}, got {actual})"
+            )
+        _check_segment_header(head, size, stored)
+        return size, actual
 
     def read_info(self) -> dict[str, object]:
         key = self._layout.wal_root + ARCHIVE_INFO_NAME
@@ -235,6 +292,12 @@ class WalArchive:
 
 # Enough for an age header of some hundred recipient stanzas (~90 bytes each): one small GET.
 HEADER_PROBE_BYTES = 16 * 1024
+# What ``WalArchive.copy`` holds of a file at a time: large enough that per-chunk Python work
+# is noise next to the decoders' and the hash's, small enough to stay out of the process's RSS.
+COPY_CHUNK_BYTES = 256 * 1024
+# A segment's long page header (``coordinator.walheader.LONG_HEADER_BYTES``), all the header
+# check reads; not imported from there: the served path's imports stay lean.
+SEGMENT_HEADER_BYTES = 40
 
 
 def _stored(key: str, suffix: str) -> StoredWal | None:
@@ -245,8 +308,9 @@ def _stored(key: str, suffix: str) -> StoredWal | None:
     return StoredWal(key, compression, suffix.endswith(ENCRYPTED_SUFFIX))
 
 
-def _check_segment_header(plain: bytes, stored: StoredWal) -> None:
-    """Refuse a segment whose first page says it is another segment.
+def _check_segment_header(head: bytes, size: int, stored: StoredWal) -> None:
+    """Refuse a segment whose first page says it is another segment (``head``: the file's
+    first ``SEGMENT_HEADER_BYTES`` or all of it when shorter; ``size``: its length).
 
     PostgreSQL would read its "unexpected pageaddr" as the end of WAL and, in archive recovery,
     promote early. wal-push refuses such files since it checks headers; this catches what an
@@ -258,15 +322,15 @@ def _check_segment_header(plain: bytes, stored: StoredWal) -> None:
     name = stored.key.rpartition("/")[2]
     name = name.removesuffix(ENCRYPTED_SUFFIX) if stored.encrypted else name
     name = name.removesuffix(compression_suffix(stored.compression))
-    if kind_of(name) not in ("segment", "partial") or len(plain) < LONG_HEADER_BYTES:
+    if kind_of(name) not in ("segment", "partial") or len(head) < LONG_HEADER_BYTES:
         return
     # A long page header whose segment size is the file's own (a power of two): anything else
     # is not a segment cloud-dump's wal-push would have stored, and is left to PostgreSQL.
-    seg_size = int.from_bytes(plain[32:36], "little")
-    info = int.from_bytes(plain[2:4], "little")
-    if not info & XLP_LONG_HEADER or seg_size != len(plain) or seg_size & (seg_size - 1):
+    seg_size = int.from_bytes(head[32:36], "little")
+    info = int.from_bytes(head[2:4], "little")
+    if not info & XLP_LONG_HEADER or seg_size != size or seg_size & (seg_size - 1):
         return
-    mismatch = segment_address_mismatch(plain, name)
+    mismatch = segment_address_mismatch(head, name)
     if mismatch is not None:
         raise IntegrityError(
             f"archived WAL '{stored.key}' {mismatch}: not handing PostgreSQL another segment "
@@ -309,14 +373,26 @@ class Keys:
         from coordinator.crypto import decrypt_bytes
 
         what = f"archived WAL '{key}'"
-        identities = self._resolve(archive, refresh=False)
+        identities = self.identities(archive)
         try:
             return decrypt_bytes(data, identities, what)
         except DecryptionFailed:
-            if self.identity_paths or self._cached() not in identities:
+            refreshed = self.refreshed_after(archive, identities)
+            if refreshed is None:
                 raise
-        # The cached identity may belong to an archive that was since recreated: unwrap again.
-        return decrypt_bytes(data, self._resolve(archive, refresh=True), what)
+        return decrypt_bytes(data, refreshed, what)
+
+    def identities(self, archive: WalArchive) -> list[str]:
+        """The age identities to decrypt ``archive``'s WAL with (resolved once)."""
+        return self._resolve(archive, refresh=False)
+
+    def refreshed_after(self, archive: WalArchive, failed: list[str]) -> list[str] | None:
+        """Identities to try again after ``failed`` did not decrypt: the passphrase-wrapped key
+        unwrapped afresh when ``failed`` was the cached one, which may belong to an archive
+        since recreated; None when there is nothing else to try."""
+        if self.identity_paths or self._cached() not in failed:
+            return None
+        return self._resolve(archive, refresh=True)
 
     def _resolve(self, archive: WalArchive, *, refresh: bool) -> list[str]:
         with self._lock:  # the prefetcher's threads share one unwrap (scrypt costs ~1.7 s)

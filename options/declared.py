@@ -212,7 +212,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(None, "CLOUD_DUMP_PASSPHRASE", KEYED | {WORKER},
            "the passphrase (instead of --passphrase)", secret=True),
     # Backup: 2N parts of --part-size-mib in memory (and in Redis); restore: N ranges of at
-    # least 64 MiB in memory.
+    # least 64 MiB streaming, each holding at most 8 MiB (coordinator.rangedread).
     Option("--parallel", "CLOUD_DUMP_PARALLEL", {BACKUP},
            "uploads in flight / upload threads without a broker", kind=INT, default=4,
            metavar="N", limit=Limit(int, 1, 64)),
@@ -367,6 +367,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(None, "CLOUD_DUMP_WAL_RETRY_S", {WAL_PUSH},
            "seconds after which a WAL push not yet answered is sent again", kind=FLOAT,
            default=15.0, limit=_seconds(high=HOUR_S)),
+    Option(None, "CLOUD_DUMP_WAL_PUSHER_IDLE_EXIT", {WAL_PUSH},
+           "seconds the WAL pusher waits for the next file before it exits", kind=FLOAT,
+           default=2.0, limit=Limit(float, 0, HOUR_S)),
     Option("--prefetch", "CLOUD_DUMP_WAL_PREFETCH", {WAL_FETCH},
            "keep up to N following segments prefetched", kind=INT, default=8, metavar="N",
            limit=Limit(int, 0, 64)),

@@ -10,6 +10,10 @@ Contract (checked for every backend by ``tests/storage/test_contract.py``):
   requests as the store allows; it returns only when every key is gone, and otherwise raises a
   ``StorageError`` naming a key that is not (a partial failure is never success). The keys of
   one call go in no particular order: what must go first is deleted before, on its own.
+- ``open_stream(key)`` reads one object from its start in chunks, with its metadata (as
+  ``head`` gives it): nothing of it is held in memory beyond the chunk asked for. A read that
+  breaks off raises a ``StorageError`` (not retried: the caller starts again); the caller closes
+  the stream.
 - ``get_range(key, start, length)`` returns ``min(length, size - start)`` bytes, ``b""`` when
   ``start >= size``; it never raises for a range past the end.
 - ``put(..., if_absent=True)`` creates the object only if the key is free and raises
@@ -96,6 +100,21 @@ class MultipartUpload:
     upload_id: str
 
 
+class ObjectStream(Protocol):
+    """One stored object being read from its start (``Storage.open_stream``).
+
+    ``read(size)`` returns up to ``size`` bytes (``b""`` at the end); ``metadata`` is what
+    ``put`` stored with the object (``{}`` when nothing was).
+    """
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class Storage(Protocol):
     """Object storage as cloud-dump needs it. See the module docstring for the contract."""
 
@@ -117,6 +136,15 @@ class Storage(Protocol):
     ) -> ObjectInfo: ...
 
     def get(self, key: str) -> bytes: ...
+
+    def open_stream(self, key: str) -> ObjectStream:
+        """``key`` to read in chunks, from its start; ``ObjectNotFound`` when missing."""
+        ...
+
+    def open_range_stream(self, key: str, start: int, length: int) -> ObjectStream:
+        """``get_range``'s bytes read in chunks, as ``open_stream`` reads an object (restore
+        streams large ranges instead of holding them whole); ``ObjectNotFound`` when missing."""
+        ...
 
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
 

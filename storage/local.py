@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from storage.base import (
     S3_MAX_PART_SIZE_BYTES,
@@ -160,6 +160,30 @@ class LocalStorage:
         path = self._path(key)
         with self._translated("read", path, key=key):
             return path.read_bytes()
+
+    def open_stream(self, key: str) -> LocalObjectStream:
+        path = self._path(key)
+        with self._translated("read", path, key=key):
+            f = path.open("rb")
+            try:
+                return LocalObjectStream(f, _read_metadata(f.fileno()), path)
+            except BaseException:
+                f.close()
+                raise
+
+    def open_range_stream(self, key: str, start: int, length: int) -> LocalObjectStream:
+        if start < 0 or length <= 0:
+            raise ValueError(f"invalid range start={start} length={length}")
+        path = self._path(key)
+        with self._translated("read", path, key=key):
+            f = path.open("rb")
+            try:
+                f.seek(start)
+                # _Limited has the only methods LocalObjectStream calls (read, close).
+                return LocalObjectStream(cast("IO[bytes]", _Limited(f, length)), {}, path)
+            except BaseException:
+                f.close()
+                raise
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -462,6 +486,39 @@ def _copy_part(
         raise PermanentStorageError(
             f"part {part.part_number} of multipart upload '{upload_id}' does not match its etag"
         )
+
+
+class _Limited:
+    """At most ``length`` bytes of ``file``, from where it stands."""
+
+    def __init__(self, file: IO[bytes], length: int) -> None:
+        self._file = file
+        self._left = length
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = self._left if size < 0 else min(size, self._left)
+        data = self._file.read(size)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class LocalObjectStream:
+    """An object file read in chunks (``Storage.open_stream``); read errors translated."""
+
+    def __init__(self, file: IO[bytes], metadata: dict[str, str], path: Path) -> None:
+        self.metadata = metadata
+        self._file = file
+        self._path = path
+
+    def read(self, size: int = -1, /) -> bytes:
+        with _translated("read", self._path):
+            return self._file.read(size)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _object_info(

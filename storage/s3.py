@@ -33,7 +33,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -187,6 +187,27 @@ class S3Storage:
         full_key = self._full_key(key)
         with self._translated(key):
             return self._get_object_bytes(Key=full_key)
+
+    def open_stream(self, key: str) -> S3ObjectStream:
+        with self._translated(key):
+            response = self._client().get_object(Bucket=self._bucket, Key=self._full_key(key))
+        metadata = {str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()}
+        return S3ObjectStream(response["Body"], metadata, self._translated, key)
+
+    def open_range_stream(self, key: str, start: int, length: int) -> S3ObjectStream:
+        if start < 0 or length <= 0:  # S3 has no empty range: get_range answers those
+            raise ValueError(f"invalid range start={start} length={length}")
+        with self._translated(key):
+            try:
+                response = self._client().get_object(
+                    Bucket=self._bucket, Key=self._full_key(key),
+                    Range=f"bytes={start}-{start + length - 1}",
+                )  # fmt: skip
+            except ClientError as exc:
+                if _error_code(exc) != "InvalidRange":  # 416: starts at or past the end
+                    raise
+                return S3ObjectStream(_EmptyBody(), {}, self._translated, key)
+        return S3ObjectStream(response["Body"], {}, self._translated, key)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -459,6 +480,40 @@ class S3Storage:
         ) from exc
 
 
+class _EmptyBody:
+    """The body of a range past the end: nothing."""
+
+    def read(self, size: int | None = None) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class S3ObjectStream:
+    """A GET's body, read in chunks (``Storage.open_stream``).
+
+    A body that breaks off is not retried here (``get`` retries whole reads): botocore's error
+    is translated as for any request, and the caller starts again.
+    """
+
+    def __init__(
+        self, body: Any, metadata: dict[str, str],
+        translated: Callable[[str], contextlib.AbstractContextManager[None]], key: str,
+    ) -> None:  # fmt: skip
+        self.metadata = metadata
+        self._body = body
+        self._translated = translated
+        self._key = key
+
+    def read(self, size: int = -1, /) -> bytes:
+        with self._translated(self._key):
+            return bytes(self._body.read(None if size < 0 else size))
+
+    def close(self) -> None:
+        self._body.close()
+
+
 def _translate(
     exc: Exception, *, bucket: str, endpoint: str, key: str | None, upload_id: str | None
 ) -> StorageError:
@@ -479,7 +534,7 @@ def _translate(
         return PermanentStorageError(NO_CREDENTIALS_MESSAGE)
     if isinstance(exc, PartialCredentialsError | CredentialRetrievalError):
         return PermanentStorageError("storage credentials are incomplete or could not be loaded")
-    if isinstance(exc, HTTPClientError):
+    if isinstance(exc, HTTPClientError | IncompleteReadError):
         # Read timeouts and responses cut short: the request may well succeed next time.
         return StorageUnreachable(
             f"storage request to '{endpoint}' failed: {type(exc).__name__}"

@@ -7,7 +7,8 @@ call's cost is mostly starting Python, and importing argparse, logging and the C
 would double it. So this module answers
 
 - ``wal-push PATH NAME [flags]`` for a file with a confirmation marker that names this very
-  file (one ``stat``), with ``os`` and ``sys`` alone;
+  file (one ``stat``), with ``os`` and ``sys`` alone; and, with a broker and look-ahead, for a
+  file a running WAL pusher confirms while the call waits (``coordinator.wal.push.quickwait``);
 - ``wal-fetch NAME PATH [flags]`` for a spooled segment when no prefetcher needs starting, with
   ``coordinator.wal.fetch.command``'s spool (no argparse, no storage client);
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-from coordinator.cli.limits import DEFAULT_PREFETCH
+from coordinator.cli.limits import DEFAULT_LOOK_AHEAD, DEFAULT_PREFETCH
 from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
 from coordinator.wal.spooldir import wal_spool_dir
 from options.declared import WAL_FETCH, WAL_PUSH, switches, value_flags
@@ -47,12 +48,14 @@ _ENV = {
     "--spool-dir": "CLOUD_DUMP_SPOOL_DIR",
     "--prefetch": "CLOUD_DUMP_WAL_PREFETCH",
     "--storj-bucket": "STORJ_BUCKET",
+    "--broker": "CLOUD_DUMP_BROKER_URL",
+    "--look-ahead": "CLOUD_DUMP_WAL_LOOK_AHEAD",
 }
 
 
 def main() -> int:
     argv = sys.argv[1:]
-    answers = {"wal-push": wal_push_already_archived, "wal-fetch": wal_fetch_from_spool}
+    answers = {"wal-push": wal_push_confirmed, "wal-fetch": wal_fetch_from_spool}
     answer = answers.get(argv[0]) if argv else None
     if answer is not None:
         try:
@@ -96,8 +99,10 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
-def wal_push_already_archived(args: list[str]) -> bool:
-    """Whether ``wal-push`` with these arguments has a confirmation marker to answer from."""
+def wal_push_confirmed(args: list[str]) -> bool:
+    """Whether ``wal-push`` with these arguments is answered without the full CLI: a
+    confirmation marker for this very file, or one a running pusher writes while this call
+    waits (only where the full CLI would go through the pusher too: a broker, look-ahead)."""
     parsed = _parse(args, WAL_PUSH_VALUE_FLAGS, WAL_PUSH_SWITCHES)
     if parsed is None:
         return False
@@ -112,10 +117,15 @@ def wal_push_already_archived(args: list[str]) -> bool:
         return False
     try:
         with open(os.path.join(spool, MARKER_DIR, name)) as f:
-            text = f.read()
+            if marker_answers(f.read(), path, location):  # as Spool.is_confirmed
+                return True
     except OSError:
-        return False
-    return marker_answers(text, path, location)  # as Spool.is_confirmed
+        pass
+    if not settings["--broker"] or int(settings["--look-ahead"] or DEFAULT_LOOK_AHEAD) == 0:
+        return False  # the full CLI pushes in this process
+    from coordinator.wal.push.quickwait import wait_for_pusher
+
+    return wait_for_pusher(spool, name, path, location)
 
 
 def wal_fetch_from_spool(args: list[str]) -> bool:
@@ -130,8 +140,7 @@ def wal_fetch_from_spool(args: list[str]) -> bool:
     (name, path), settings = parsed
     if not settings["--storage"]:
         return False  # the full CLI says what is missing
-    from coordinator.wal.fetch.command import serve_without_cli
-    from coordinator.wal.fetch.spool import archive_source
+    from coordinator.wal.fetch.served import archive_source, serve_without_cli
 
     source = archive_source(settings["--storage"], settings["--cluster"], settings["--wal-prefix"])
     prefetch = int(settings["--prefetch"] or DEFAULT_PREFETCH)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from coordinator.cli.configfile import describe
-from options.declared import WAL_FETCH, Option, option_for, options_of
+from options.declared import WAL_FETCH, WAL_PUSH, Option, option_for, options_of
 
 # ``collections.abc`` for annotations only: importing it costs the fast path ~2 ms (it loads
 # ``collections``), and ``typing.TYPE_CHECKING`` would cost more; type checkers take this name.
@@ -23,10 +23,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-# The one default the fast path applies itself (a spooled segment's call starts the prefetcher).
+# The defaults the fast path applies itself: a spooled segment's call starts the prefetcher,
+# and a wal-push call waits for the pusher only where the full CLI would use one.
 _PREFETCH = option_for(WAL_FETCH, "--prefetch")
 assert _PREFETCH is not None and isinstance(_PREFETCH.default, int)
 DEFAULT_PREFETCH: int = _PREFETCH.default
+_LOOK_AHEAD = option_for(WAL_PUSH, "--look-ahead")
+assert _LOOK_AHEAD is not None and isinstance(_LOOK_AHEAD.default, int)
+DEFAULT_LOOK_AHEAD: int = _LOOK_AHEAD.default
 
 
 def flag_problem(option: Option, text: str, env: str | None = None) -> str | None:

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from coordinator.restore.writebehind import WriteBehind
 from coordinator.tarwalk import FileFacts as FileFacts  # restore's tests import these from here
 from coordinator.tarwalk import load_backup_manifest as load_backup_manifest
 from coordinator.tarwalk import refuse, walk_tar
 from coordinator.tarwalk import verify_against_manifest as verify_against_manifest
 from storage.errors import IntegrityError
 from storage.fsutil import naming as naming  # also run.py's and targetdirs.py's, for now
-from storage.fsutil import write_all
 
 PARTIAL_SUFFIX = ".cloud-dump-partial"
 _DIR_MODE = 0o700
@@ -94,9 +94,10 @@ def extract_archive(
     algorithm to compute (None: sizes only). Unsafe members raise ``IntegrityError`` naming
     ``what`` and the member before anything is written for them.
     """
-    extractor = _Extractor(target, tablespace_links, held_back, what)
-    walked = walk_tar(stream, extractor, algorithm=algorithm, manifest_prefix=manifest_prefix,
-                      what=what)  # fmt: skip
+    with WriteBehind() as writer:
+        extractor = _Extractor(target, tablespace_links, held_back, what, writer)
+        walked = walk_tar(stream, extractor, algorithm=algorithm, manifest_prefix=manifest_prefix,
+                          what=what)  # fmt: skip
     extractor.result.files = walked.files
     extractor.result.bytes_written = walked.bytes
     return extractor.result
@@ -111,8 +112,10 @@ class _Extractor:
         tablespace_links: Mapping[str, Path] | None,
         held_back: Collection[str],
         what: str,
+        writer: WriteBehind,
     ) -> None:
         self.target = target
+        self.writer = writer
         self.real_target = Path(os.path.realpath(target))
         self.tablespace_links = tablespace_links
         self.held_back = set(held_back)
@@ -136,19 +139,15 @@ class _Extractor:
         if name in self.held_back:
             dest = dest.with_name(dest.name + PARTIAL_SUFFIX)
             self.result.held_back[name] = dest
-        mode = file_mode(member.mode)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(dest, flags, mode)
-        except FileExistsError:
-            refuse(self.what, member.name, "appears twice in the archive")
-        try:
-            with naming(dest):
-                os.fchmod(fd, mode)  # open() applied the umask to it
-                for chunk in chunks:
-                    write_all(fd, chunk)
-        finally:
-            os.close(fd)
+        # Created, written and closed on the writer's thread, in this order (writebehind.py).
+        self.writer.open(
+            dest,
+            file_mode(member.mode),
+            lambda: refuse(self.what, member.name, "appears twice in the archive"),
+        )
+        for chunk in chunks:
+            self.writer.write(chunk)
+        self.writer.finish()
 
     def symlink(self, member: tarfile.TarInfo, name: str) -> None:
         self._parent_dir(name)
@@ -175,7 +174,9 @@ class _Extractor:
         if source in self.held_back:
             refuse(self.what, member.name, f"is a hard link to '{member.linkname}', not to a file")
         self._check_no_symlink_above(source, member.name)
-        os.link(self.target / source, self.target / name, follow_symlinks=False)
+        # After the writer has created the source (it runs jobs in order).
+        existing, link = self.target / source, self.target / name
+        self.writer.call(lambda: os.link(existing, link, follow_symlinks=False))
 
     # --- path safety ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ the requests a Celery runner sends (backup and wal-push), and the waits that pau
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 
@@ -191,6 +192,9 @@ class _Flaky:
             if self.calls <= self.failures:
                 raise StorageUnreachable(f"store away (call {self.calls})")
         return b"x" * length
+
+    def open_range_stream(self, key: str, start: int, length: int) -> io.BytesIO:
+        return io.BytesIO(self.get_range(key, start, length))
 
 
 def test_a_range_is_read_again_after_a_transient_failure() -> None:

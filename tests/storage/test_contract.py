@@ -90,13 +90,36 @@ def test_get_range_of_an_empty_object_is_empty(storage: Storage) -> None:
     assert storage.get_range("empty", 0, 10) == b""
 
 
-@pytest.mark.parametrize("operation", ["get", "get_range", "head"])
+def test_open_stream_reads_the_object_in_chunks_with_its_metadata(storage: Storage) -> None:
+    data = random.Random(7).randbytes(3 * MiB + 17)
+    storage.put("streamed", data, metadata={"raw-sha256": "abc"})
+    storage.put("plain", b"x")
+
+    stream = storage.open_stream("streamed")
+    try:
+        chunks = list(iter(lambda: stream.read(MiB), b""))
+    finally:
+        stream.close()
+    plain = storage.open_stream("plain")
+    try:
+        assert plain.read() == b"x"
+        assert plain.metadata == {}
+    finally:
+        plain.close()
+
+    assert b"".join(chunks) == data
+    assert all(len(chunk) <= MiB for chunk in chunks)
+    assert stream.metadata == {"raw-sha256": "abc"}
+
+
+@pytest.mark.parametrize("operation", ["get", "get_range", "head", "open_stream"])
 def test_reading_a_missing_object_raises_object_not_found(storage: Storage, operation: str) -> None:
     storage.put("present/file", b"x")  # the store and its prefix exist; the key does not
     reads: dict[str, Callable[[], object]] = {
         "get": lambda: storage.get("present/missing"),
         "get_range": lambda: storage.get_range("present/missing", 0, 10),
         "head": lambda: storage.head("present/missing"),
+        "open_stream": lambda: storage.open_stream("present/missing"),
     }
 
     with pytest.raises(ObjectNotFound) as caught:

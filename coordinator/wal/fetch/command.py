@@ -26,8 +26,9 @@ A segment request, in order:
 1. spooled (``<spool>/prefetch/``, filled by the detached prefetcher,
 ``coordinator.wal.fetch.helper``):
    moved into ``%p`` by a rename, without reading it. The prefetcher verified it against its
-   archived SHA-256 and fsynced it before writing its sidecar, so a sidecar means a complete
-   file; the call only checks that the sidecar names this archive and the file's size;
+   archived SHA-256 before writing its sidecar, so a sidecar means a complete file; the call
+   only checks that the sidecar names this archive, this boot of the machine (the files are not
+   fsynced: ``coordinator.wal.fetch.served``) and the file's size;
 2. named in the plan of a running prefetcher: the call waits for it (polling), at most
    ``CLOUD_DUMP_WAL_PREFETCH_WAIT`` seconds (default 30), and only while the prefetcher runs and
    still means to deliver it;
@@ -39,6 +40,9 @@ After 1 or 2, when none runs and fewer than half of the next ``--prefetch`` segm
 (or known to be past the end of the archive a moment ago), the call starts one for the missing
 ones. It never waits for it: a call served from the spool imports no storage client at all.
 ``--prefetch 0`` never starts a prefetcher; other files than segments are never prefetched.
+A call served from the spool, or waiting for the prefetcher, with nothing to start
+(``coordinator.cli.fastpath``), loads ``coordinator.wal.fetch.served`` and nothing of this module.
+A fetched file is streamed from storage into place (``WalArchive.copy``), never whole in memory.
 
 Where the spool is. ``--spool-dir`` when given; otherwise it is derived from where the file
 goes: PostgreSQL runs restore_command in the data directory with ``%p`` = ``pg_wal/RECOVERYXLOG``,
@@ -65,6 +69,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from coordinator.wal.fetch.served import await_prefetched, prefetcher_wanted
 from coordinator.wal.fetch.spool import Spool, archive_source, following_segments, spool_root_for
 from options.declared import number_from_env
 from storage.errors import ConfigError, TransientStorageError, WalArchiveGap
@@ -82,8 +87,6 @@ _N = TypeVar("_N", int, float)
 FETCHED = 0
 NOT_IN_ARCHIVE = 1
 RETRY_BASE_DELAY_S = 2.0  # 2 s then 6 s: ~8 s on top of the backends' own per-request retries
-# How long a prefetch's "not archived yet" stands: short, since a standby's archive grows.
-PREFETCH_POLL_S = 0.005
 PREFETCHER = "coordinator.wal.fetch.helper"
 
 
@@ -115,29 +118,6 @@ def run_wal_fetch(args: WalFetchSettings) -> int:
     return code
 
 
-def serve_without_cli(
-    name: str, destination: str, *, spool_dir: str | None, source: str, prefetch: int
-) -> bool:
-    """The served path for ``coordinator.cli.fastpath``: move spooled ``name`` into ``destination``.
-
-    Only when there is nothing else to do: no prefetcher to start (one runs, or half of the
-    next ``prefetch`` segments are spooled), since starting one needs every setting of the full
-    command line. False when it did not serve (then only an unfit spooled file was discarded).
-    """
-    root = spool_root_for(destination, spool_dir)
-    if root is None or not is_segment(name):
-        return False
-    spool = Spool(root, source)
-    if not spool.has(name):
-        return False
-    if prefetch > 0 and spool.count_ahead(name) * 2 < prefetch:
-        from coordinator.background import helper_running
-
-        if not helper_running(spool.lock_path):
-            return False
-    return spool.take(name, Path(destination)) is not None
-
-
 def _serve_spooled(
     args: WalFetchSettings, spool: Spool, file_name: str, destination: Path
 ) -> bool:
@@ -151,7 +131,7 @@ def _serve_spooled(
         return False
     log.debug("served '%s' from the spool", file_name)
     # Counting the spool's entries is cheap; naming the missing segments imports more.
-    if prefetch and spool.count_ahead(file_name) * 2 < prefetch:
+    if prefetcher_wanted(str(spool.root), file_name, prefetch):
         names = _prefetch_names(spool, file_name, prefetch, served_bytes)
         if len(names) * 2 > prefetch:
             _start_prefetcher(args, spool, names, served_bytes)
@@ -190,8 +170,9 @@ def _fetch(archive: WalArchive, file_name: str, destination: Path, *, serve: boo
         else:
             log.info("'%s' is a partial segment: not served without --allow-partial", file_name)
         return NOT_IN_ARCHIVE
-    data, _ = _with_retries(functools.partial(archive.read, stored), attempts)
-    write_atomically(destination, data, sync=False)  # not fsynced: see the module docstring
+    # Streamed into place, never whole in memory; not fsynced: see the module docstring.
+    copy = functools.partial(archive.copy, stored)
+    _with_retries(lambda: write_atomically(destination, copy, sync=False), attempts)
     return FETCHED
 
 
@@ -251,27 +232,8 @@ def _await_prefetched(spool: Spool, name: str, destination: Path) -> int | None:
     gave up on it, or the wait passed its bound (the caller then fetches it itself)."""
     if not spool.being_prefetched(name):
         return None
-    from coordinator.wait import wait_until  # only this path waits: the served one stays lean
-
-    polls = 0
-
-    def delivered_or_abandoned() -> bool:
-        nonlocal polls
-        polls += 1
-        # The plan and the lock are read less often than the sidecar is looked for.
-        return spool.has(name) or (polls % 10 == 0 and not spool.being_prefetched(name))
-
-    bound_s = _prefetch_wait_s()
-    # Sleep first: the caller has just looked. PREFETCH_POLL_S (5 ms, fixed): PostgreSQL replays
-    # nothing while it waits, so the segment is taken within 5 ms of its sidecar appearing;
-    # a stat that often costs nothing.
-    if wait_until(delivered_or_abandoned, timeout_s=bound_s, first_s=PREFETCH_POLL_S,
-                  pause_first=True):  # fmt: skip
-        # Spooled, or the prefetcher left (perhaps right after spooling it): None if not there.
-        return spool.take(name, destination)
-    log.warning("the prefetcher has not delivered '%s' within %.0f s: fetching it directly",
-                name, bound_s)  # fmt: skip
-    return None
+    return await_prefetched(str(spool.root), spool.source, name, str(destination),
+                            _prefetch_wait_s())  # fmt: skip
 
 
 def _prefetch_names(

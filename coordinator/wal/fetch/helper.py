@@ -8,8 +8,10 @@ whole life). It
 - records its plan at once: the segments it still means to deliver, with its pid, so that a call
   asking for one of them waits for it instead of fetching it a second time. A segment leaves the
   plan when it is spooled or given up;
-- fetches them in order in ``FETCH_THREADS`` threads (HEAD for raw-sha256, then GET), verifies
-  each and spools it: the data file, fsynced, then its sidecar (``Spool.put``). Where they are
+- fetches them in order in ``FETCH_THREADS`` threads, one GET each (its raw-sha256 metadata
+  comes with the body), streamed through decryption, decompression and the hash into the spool
+  in chunks (``WalArchive.copy``): no segment is ever whole in memory. Verified, each gets its
+  sidecar (``Spool.put``; not fsynced: ``coordinator.wal.fetch.served``). Where they are
   stored comes from one LIST per timeline and log (256 segments of 16 MiB), listed again only
   for a segment the last listing did not show;
 - then keeps the window full: as calls take segments from the spool, it plans and fetches the
@@ -35,6 +37,8 @@ them too.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -56,13 +60,15 @@ from storage.walnames import is_segment
 
 log = logging.getLogger("cloud-dump.prefetcher")
 
-FETCH_THREADS = 4
+FETCH_THREADS = 2
 DEADLINE_S = 300.0  # no segment is planned after this
 HARD_DEADLINE_S = DEADLINE_S + 60.0
 POLL_S = 0.01
+M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def main() -> int:
+    _limit_malloc_arenas()
     payload = read_payload()
     # The call that started this prefetcher warned about a passphrase typed on its command line.
     args = replace(settings_from_json(WalFetchSettings, payload["settings"]),  # type: ignore[arg-type]
@@ -192,8 +198,7 @@ class Prefetcher:
 
     def _spool_one(self, name: str, stored: StoredWal) -> None:
         try:
-            data, raw_sha256 = self._archive.read(stored)
-            self._spool.put(name, data, raw_sha256)
+            self._spool.put(name, functools.partial(self._archive.copy, stored))
             log.debug("spooled '%s'", name)
         except Exception as exc:  # an optimisation: the wal-fetch call for it fetches it itself
             log.warning("prefetch of '%s' failed: %s", name, exc)
@@ -221,6 +226,16 @@ class Plan:
         with self._lock:
             self.names = [name for name in self.names if name not in names]
             self._spool.write_plan(self.names)
+
+
+def _limit_malloc_arenas() -> None:
+    """One glibc malloc arena for all threads (``mallopt(M_ARENA_MAX, 1)``, as the
+    ``MALLOC_ARENA_MAX`` variable would): each thread's own arena keeps the chunks it freed, and
+    their few allocations a second are no contention worth the memory."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to limit
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
 
 
 def _idle_exit_s() -> float:

@@ -1,33 +1,30 @@
 """wal-fetch's spool in ``<pg_wal>/cloud-dump``: prefetched segments with their sidecars, the
 prefetcher's plan, the end-of-archive memory and the cached identity.
 
-Read by every wal-fetch call (the served path), written by the detached prefetcher.
+Written by the detached prefetcher; read by the wal-fetch calls through the served path's
+functions (``coordinator.wal.fetch.served``, which defines the names and what a spooled file
+promises).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from coordinator.background import make_spool_dir
+from coordinator.wal.fetch import served
+from coordinator.wal.fetch.served import archive_source
 from coordinator.wal.spooldir import wal_spool_dir
 from storage.errors import ConfigError
-from storage.fsutil import TEMP_PREFIX, move, write_atomically
-from storage.walnames import (
-    DEFAULT_SEGMENT_SIZE,
-    following_names,
-    is_segment,
-    is_segment_size,
-    timeline_prefix,
-)
+from storage.fsutil import TEMP_PREFIX, write_atomically
+from storage.walnames import DEFAULT_SEGMENT_SIZE, following_names, is_segment_size
 
 log = logging.getLogger(__name__)
-END_OF_ARCHIVE_MEMORY_S = 10.0
+__all__ = ["Spool", "archive_source", "following_segments", "spool_root_for"]
 
 
 def following_segments(file_name: str, count: int, segment_bytes: int | None) -> list[str]:
@@ -60,22 +57,13 @@ def spool_root_for(destination: str, spool_dir: str | None) -> Path | None:
     return None if root is None else Path(root)
 
 
-def archive_source(storage: str, cluster: str | None, wal_prefix: str | None) -> str:
-    """Names the archive in spooled files' sidecars: the storage URL and the WAL prefix settings.
-
-    Built from the settings rather than from ``Layout`` (whose import a served call avoids): two
-    spellings of one archive only cost a fetch again, two archives never share a name.
-    """
-    return f"{storage}#{cluster or ''}#{wal_prefix or ''}"
-
-
 # --- the spool -----------------------------------------------------------------------------------
 
 
 class Spool:
     """Prefetched segments of one restore, the prefetcher's plan and lock, the cached identity.
 
-    ``prefetch/<segment>`` and its sidecar ``prefetch/<segment>.json``; ``prefetch-plan.json``:
+    ``prefetch/<segment>`` and its sidecar ``prefetch/<segment>.sidecar``; ``prefetch-plan``:
     the segments the running prefetcher still means to deliver, with its pid. See the module
     docstrings of this module and of ``coordinator.wal.fetch.helper``.
     """
@@ -83,44 +71,19 @@ class Spool:
     def __init__(self, root: Path, source: str) -> None:
         self.root = root
         self.source = source
-        self.prefetch_dir = root / "prefetch"
-        self.lock_path = root / "prefetch.lock"
+        self.prefetch_dir = root / served.PREFETCH_DIR
+        self.lock_path = root / served.LOCK_NAME
         self.log_path = root / "prefetch.log"
-        self._plan_path = root / "prefetch-plan.json"
+        self._plan_path = root / served.PLAN_NAME
 
     def has(self, name: str) -> bool:
         """Whether ``name`` is spooled (its sidecar, written last, is there)."""
         return self._sidecar(name).is_file()
 
     def take(self, name: str, destination: Path) -> int | None:
-        """Move spooled ``name`` to ``destination``; its size, or None if it is not spooled."""
-        try:
-            facts = json.loads(self._sidecar(name).read_bytes())
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            facts = None
-        path = self.prefetch_dir / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = None
-        if size is None:
-            problem = "its sidecar has no data file"
-        elif not isinstance(facts, dict):
-            problem = "its sidecar is not valid"
-        elif facts.get("source") != self.source:
-            problem = "it was fetched from another archive"
-        elif facts.get("size") != size:
-            problem = f"it holds {size} bytes, its sidecar says {facts.get('size')}"
-        else:
-            move(path, destination)
-            self._remove(name)
-            self._prune_before(name)
-            return size
-        log.warning("discarding spooled '%s': %s", name, problem)
-        self._remove(name)
-        return None
+        """Move spooled ``name`` to ``destination``; its size, or None if it is not spooled
+        (``served.take``: a file unfit to serve is discarded)."""
+        return served.take(str(self.root), self.source, name, str(destination))
 
     def discard_unfinished(self, name: str) -> None:
         """Remove a data file of ``name`` left without a sidecar by a prefetcher that stopped."""
@@ -128,20 +91,25 @@ class Spool:
             log.warning("discarding spooled '%s': it has no sidecar", name)
             self._remove(name)
 
-    def put(self, name: str, data: bytes, raw_sha256: str) -> None:
-        """Spool verified ``data``: the data file, fsynced, then its sidecar, so that a sidecar
-        always means a complete, durable data file."""
+    def put(self, name: str, write: Callable[[IO[bytes]], tuple[int, str]]) -> None:
+        """Spool ``name``: ``write(f)`` fills its data file and returns its size and SHA-256,
+        having verified them (it raises otherwise, and nothing is spooled). Then its sidecar,
+        with the boot id: see ``coordinator.wal.fetch.served`` for why neither is fsynced
+        (both are where the boot id cannot be read)."""
         self._make_dir(self.prefetch_dir)
-        write_atomically(self.prefetch_dir / name, data)
-        facts = {"raw_sha256": raw_sha256, "size": len(data), "source": self.source}
-        write_atomically(self._sidecar(name), json.dumps(facts).encode(), sync=False)
+        boot = served.boot_id()
+        verified: list[tuple[int, str]] = []
+
+        def fill(f: IO[bytes]) -> None:
+            verified.append(write(f))
+
+        write_atomically(self.prefetch_dir / name, fill, sync=boot is None)
+        sidecar = served.sidecar_text(*verified[0], self.source, boot)
+        write_atomically(self._sidecar(name), sidecar, sync=boot is None)
 
     def count_ahead(self, name: str) -> int:
         """How many segments after ``name`` on its timeline are spooled or being written."""
-        timeline = timeline_prefix(name)
-        return sum(
-            1 for entry in self.entries() if timeline_prefix(entry) == timeline and entry > name
-        )
+        return served.count_ahead(str(self.root), name)
 
     def remove_temp_files(self) -> None:
         """Drop what a stopped writer left (only the prefetcher, holding the lock, calls this)."""
@@ -154,51 +122,28 @@ class Spool:
         make_spool_dir(self.root, directory)
 
     def _sidecar(self, name: str) -> Path:
-        return self.prefetch_dir / f"{name}.json"
+        return self.prefetch_dir / f"{name}{served.SIDECAR_SUFFIX}"
 
     def _remove(self, name: str) -> None:
-        for path in (self.prefetch_dir / name, self._sidecar(name)):
-            path.unlink(missing_ok=True)
-
-    def _prune_before(self, name: str) -> None:
-        """Drop spooled segments of this timeline older than ``name``: never asked for again
-        (a restarted recovery re-fetches them from storage), they only hold disk space."""
-        timeline = timeline_prefix(name)
-        for entry in self.entries():
-            if timeline_prefix(entry) == timeline and entry < name:
-                self._remove(entry)
+        served.remove(str(self.root), name)
 
     def entries(self) -> Iterator[str]:
         """Segments with a data file or a sidecar in the spool."""
-        try:
-            names = {path.name.removesuffix(".json") for path in self.prefetch_dir.iterdir()}
-        except FileNotFoundError:
-            return
-        yield from (name for name in names if is_segment(name))
+        yield from served.entries(str(self.root))
 
     # --- the prefetcher's plan -------------------------------------------------------------------
 
     def write_plan(self, names: list[str]) -> None:
         """Record that this process (holding the prefetcher lock) will deliver ``names``."""
-        plan = {"pid": os.getpid(), "names": names}
         self._make_dir(self.root)
-        write_atomically(self._plan_path, json.dumps(plan).encode(), sync=False)
+        write_atomically(self._plan_path, served.plan_text(os.getpid(), names), sync=False)
 
     def clear_plan(self) -> None:
         self._plan_path.unlink(missing_ok=True)
 
     def being_prefetched(self, name: str) -> bool:
         """Whether a running prefetcher still means to deliver ``name``."""
-        try:
-            plan = json.loads(self._plan_path.read_bytes())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(plan, dict) or name not in plan.get("names", ()):
-            return False
-        from coordinator.background import helper_pid
-
-        # A plan left by a prefetcher that died is not its successor's.
-        return helper_pid(self.lock_path) == plan.get("pid")
+        return served.being_prefetched(str(self.root), name)
 
     # --- end of the archive, cached identity -----------------------------------------------------
 
@@ -207,16 +152,10 @@ class Spool:
         a prefetcher for it or what follows it (only prefetching relies on this)."""
         with contextlib.suppress(OSError):
             self._make_dir(self.root)
-            write_atomically(self.root / "end-of-archive", name.encode(), sync=False)
+            write_atomically(self.root / served.END_OF_ARCHIVE_NAME, name.encode(), sync=False)
 
     def recent_end_of_archive(self) -> str | None:
-        path = self.root / "end-of-archive"
-        try:
-            if time.time() - path.stat().st_mtime < END_OF_ARCHIVE_MEMORY_S:
-                return path.read_text().strip()
-        except OSError:
-            pass
-        return None
+        return served.recent_end_of_archive(str(self.root))
 
     @property
     def _identity_path(self) -> Path:
@@ -232,5 +171,3 @@ class Spool:
     def cache_identity(self, identity: str) -> None:
         self._make_dir(self.root)
         write_atomically(self._identity_path, (identity + "\n").encode(), sync=False)
-
-

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.wait import wait_until
+from coordinator.wal.push.quickwait import asked_here
 from coordinator.wal.push.spool import (
     PUSHER_LOCK,
     PUSHER_LOG,
@@ -100,7 +101,10 @@ def _push_through_pusher(args: WalPushSettings, spool: Spool, location: str) -> 
     path = Path(args.path).absolute()
     path.stat()  # a missing file is this call's error (exit 16), not the pusher's
     lock = spool.directory / PUSHER_LOCK
-    spool.clear_error(name)  # an old failure (e.g. of a look-ahead push) is retried now
+    if name not in asked_here:
+        # An old failure (e.g. of a look-ahead push) is retried now. Not one the pusher
+        # recorded in answer to this call's own request (coordinator.wal.push.quickwait).
+        spool.clear_error(name)
     spool.request(name, path)
     settings = {
         "settings": settings_to_json(args),

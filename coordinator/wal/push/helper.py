@@ -19,10 +19,10 @@ run as ``python -m coordinator.wal.push.helper`` with the call's settings on std
 - on each answer writes the file's marker (storage confirmed it) or its error, for the waiting
   call to report; a push unanswered for ``CLOUD_DUMP_WAL_RETRY_S`` is sent again, one past
   ``--timeout`` becomes an error;
-- exits after ``IDLE_EXIT_S`` with nothing to do, or when the broker stayed away longer than
-  its grace period (``coordinator.wal.push.work``; a broker back within it costs nothing but the
-  re-sends of what it lost), after recording that error for every waiting call: the next call
-  starts a new pusher.
+- exits after ``CLOUD_DUMP_WAL_PUSHER_IDLE_EXIT`` seconds (default 2) with nothing to do, or
+  when the broker stayed away longer than its grace period (``coordinator.wal.push.work``; a
+  broker back within it costs nothing but the re-sends of what it lost), after recording that
+  error for every waiting call: the next call starts a new pusher.
 
 It never marks anything ``.done``: PostgreSQL does, once the call for that file returned 0, so a
 file is never recycled before it is stored. Its log is ``pusher.log`` in the spool.
@@ -59,6 +59,7 @@ from coordinator.wal.push.spool import (
     ready_names,
 )
 from coordinator.wal.push.work import WalWork, open_work
+from options.declared import number_from_env
 from storage.errors import BrokerUnreachable, CloudDumpError
 from storage.walnames import kind_of
 
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cloud-dump.pusher")
 
 PREPARE_THREADS = 2
-IDLE_EXIT_S = 2.0
 # While there is room for more work: how often the (small) requests directory and the
 # archive_status directory (thousands of entries on a server that fell behind) are listed.
 REQUEST_SCAN_S = 0.005
@@ -128,6 +128,7 @@ class Pusher:
         self._look_ahead = self._spool.look_ahead()
         self._encryption = encryption_of(self._args)
         idle_since = time.monotonic()
+        idle_exit_s = float(number_from_env("CLOUD_DUMP_WAL_PUSHER_IDLE_EXIT"))
         last_scan = 0.0
         # A loop, not a wait: each round does the work. LOOP_PAUSE_S (5 ms, fixed) between
         # rounds: a waiting call's request is picked up, and a worker's answer turned into its
@@ -145,7 +146,7 @@ class Pusher:
                 self._collect_answers()
                 if self._preparing or self._in_flight:
                     idle_since = now
-                elif now - idle_since > IDLE_EXIT_S and not self._candidates():
+                elif now - idle_since > idle_exit_s and not self._candidates():
                     break
                 pause.pause()
         prune_markers(self._spool, self._wal_dir)

@@ -11,6 +11,12 @@ import os
 # The spool's marker directory, the marker's format and the archive location it names: defined
 # here, where only os is loaded, and used by coordinator.wal.push.spool.
 MARKER_DIR = "archived"
+# The pusher's lock, and the directories where calls ask for files and the pusher records
+# errors: also read by ``coordinator.wal.push.quickwait`` before anything heavy is imported.
+PUSHER_LOCK = "pusher.lock"
+REQUEST_DIR = "requests"
+ERROR_DIR = "errors"
+TMP_PREFIX = ".tmp-"  # spool files being written; readers skip them
 # A marker is "<format> <raw sha256> <file identity> <location>". Markers of another format
 # (the first one had no identity) answer for nothing.
 MARKER_FORMAT = "2"

@@ -49,7 +49,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from coordinator.background import make_spool_dir
 from coordinator.wal.push.marker import (
+    ERROR_DIR,
     MARKER_DIR,
+    PUSHER_LOCK,
+    REQUEST_DIR,
+    TMP_PREFIX,
     archive_location,
     file_identity,
     marker_answers,
@@ -64,15 +68,20 @@ if TYPE_CHECKING:
 
     Outcome = PushWalResult | BaseException
 
-__all__ = ["MARKER_DIR", "LookAhead", "NoSpool", "Spool", "archive_location", "file_identity"]
+__all__ = [
+    "MARKER_DIR",
+    "PUSHER_LOCK",
+    "LookAhead",
+    "NoSpool",
+    "Spool",
+    "archive_location",
+    "file_identity",
+]
 
-REQUEST_DIR = "requests"
-ERROR_DIR = "errors"
 LOOK_AHEAD_NAME = "look-ahead"
-PUSHER_LOCK = "pusher.lock"
 PUSHER_LOG = "pusher.log"
 ARCHIVE_CACHE_NAME = "archive.json"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 
 
 def open_spool(wal_path: str, spool_dir: str | None) -> Spool:

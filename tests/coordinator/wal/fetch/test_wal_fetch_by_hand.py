@@ -92,7 +92,7 @@ def test_spool_is_in_the_pg_wal_the_file_goes_to_not_in_the_working_directory(
     assert wait_for_prefetcher(scratch)
     assert listing(scratch) == set()
     spooled = pg_wal / "cloud-dump" / "prefetch"
-    assert sorted(p.name for p in spooled.iterdir() if p.suffix != ".json") == [
+    assert sorted(p.name for p in spooled.iterdir() if p.suffix != ".sidecar") == [
         segment_name(2), segment_name(3)]
     # Served from that spool by a call made from yet another directory: gone from storage,
     # only the spool can deliver it.

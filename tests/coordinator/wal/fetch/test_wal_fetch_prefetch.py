@@ -14,7 +14,6 @@ on it for long.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.wait import wait_until
+from coordinator.wal.fetch.served import boot_id, parse_sidecar
 from devrig.moto import StorageTarget
 from devrig.walarchive import (
     SEGMENT_BYTES,
@@ -71,13 +71,15 @@ def test_prefetcher_runs_detached_and_spools_verified_segments_with_sidecars(
     assert wait_for_prefetcher(pgdata)
     spool = spool_dir(pgdata) / "prefetch"
     assert sorted(p.name for p in spool.iterdir()) == sorted(
-        [*names[1:], *(f"{name}.json" for name in names[1:])]
+        [*names[1:], *(f"{name}.sidecar" for name in names[1:])]
     )
     for n, name in enumerate(names[1:], start=1):
-        sidecar = json.loads((spool / f"{name}.json").read_text())
+        sidecar = parse_sidecar((spool / f"{name}.sidecar").read_bytes())
+        assert sidecar is not None
         assert sidecar["raw_sha256"] == hashlib.sha256(segment_bytes(20 + n)).hexdigest()
-        assert sidecar["size"] == SEGMENT_BYTES
+        assert sidecar["size"] == str(SEGMENT_BYTES)
         assert sidecar["source"].startswith(storage_target.url)
+        assert sidecar["boot_id"] == boot_id()
     # Gone from storage: only the spool can serve them now.
     for name in names[1:]:
         storage.delete(Layout().wal_key(name, "zstd", encrypted=False))
@@ -86,7 +88,7 @@ def test_prefetcher_runs_detached_and_spools_verified_segments_with_sidecars(
         assert done.returncode == 0, done.stderr
         assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(20 + n)
         assert not (spool / name).exists()
-        assert not (spool / f"{name}.json").exists()
+        assert not (spool / f"{name}.sidecar").exists()
 
 
 def test_one_prefetcher_keeps_the_window_full_as_calls_take_segments(
@@ -102,7 +104,7 @@ def test_one_prefetcher_keeps_the_window_full_as_calls_take_segments(
     spool = spool_dir(pgdata) / "prefetch"
     for n, name in enumerate(names[1:], start=1):
         # Beyond the first window of two: spooled only because a segment was taken.
-        assert wait_until((spool / f"{name}.json").exists, timeout_s=30, first_s=0.01), (
+        assert wait_until((spool / f"{name}.sidecar").exists, timeout_s=30, first_s=0.01), (
             f"'{name}' was never prefetched")
         storage.delete(Layout().wal_key(name, "zstd", encrypted=False))
         done = wal_fetch(storage_target, pgdata, name, "--prefetch", "2", env=slow_idle)
@@ -158,6 +160,30 @@ def test_segment_spooled_on_another_file_system_is_copied_into_place(
         shutil.rmtree(spool)
 
 
+def test_spooled_file_written_before_the_machine_restarted_is_not_served(
+    storage_target: StorageTarget, storage: Storage, pgdata: Path
+) -> None:
+    names = [segment_name(n) for n in range(1, 3)]
+    for n, name in enumerate(names):
+        archive_wal(storage, Layout(), name, segment_bytes(40 + n))
+    assert wal_fetch(storage_target, pgdata, names[0], "--prefetch", "1").returncode == 0
+    assert wait_for_prefetcher(pgdata)
+    spool = spool_dir(pgdata) / "prefetch"
+    sidecar = spool / f"{names[1]}.sidecar"
+    current = boot_id()
+    assert current is not None and current in sidecar.read_text()
+    # Spooled files are not fsynced: after a crash of the machine, one may hold zeros where its
+    # sidecar, written in the boot before, promises the segment.
+    sidecar.write_text(sidecar.read_text().replace(current, "00000000-0000-0000-0000-000000000000"))
+    (spool / names[1]).write_bytes(bytes(SEGMENT_BYTES))
+
+    done = wal_fetch(storage_target, pgdata, names[1], "--prefetch", "1")
+
+    assert done.returncode == 0, done.stderr
+    assert "written before the machine restarted" in done.stderr
+    assert (pgdata / "pg_wal/RECOVERYXLOG").read_bytes() == segment_bytes(41)
+
+
 def test_spooled_file_without_sidecar_of_wrong_size_or_from_another_archive_is_not_served(
     storage_target: StorageTarget, storage: Storage, pgdata: Path
 ) -> None:
@@ -170,10 +196,11 @@ def test_spooled_file_without_sidecar_of_wrong_size_or_from_another_archive_is_n
     foreign, short, unfinished = names[1:]
     # A spool left by a restore from another archive, a file damaged on disk, and a file whose
     # prefetcher was stopped before it wrote the sidecar.
-    sidecar = json.loads((spool / f"{foreign}.json").read_text())
-    (spool / f"{foreign}.json").write_text(json.dumps({**sidecar, "source": "file:///other#x/"}))
+    sidecar = (spool / f"{foreign}.sidecar").read_text()
+    source = sidecar.split("source=")[1].split("\n")[0]
+    (spool / f"{foreign}.sidecar").write_text(sidecar.replace(source, "file:///other#x/"))
     (spool / short).write_bytes(b"stale")
-    (spool / f"{unfinished}.json").unlink()
+    (spool / f"{unfinished}.sidecar").unlink()
     for n, name in enumerate(names[1:], start=1):
         done = wal_fetch(storage_target, pgdata, name, "--prefetch", "0")
         assert done.returncode == 0, done.stderr

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from coordinator.background import HelperLock
 from coordinator.wal.fetch.spool import Spool, archive_source
@@ -37,9 +39,7 @@ def test_call_waits_for_a_running_prefetcher_that_plans_its_segment(
     lock = HelperLock(spool.lock_path)
     assert lock.try_acquire()
     data = segment_bytes(50)
-    deliver = threading.Timer(
-        0.5, lambda: spool.put(SEGMENT, data, hashlib.sha256(data).hexdigest())
-    )
+    deliver = threading.Timer(0.5, lambda: spool.put(SEGMENT, _writing(data)))
     try:
         spool.write_plan([SEGMENT])
         deliver.start()
@@ -104,3 +104,13 @@ def test_prefetch_0_and_history_files_start_no_prefetcher(
 def _source_of(target: StorageTarget) -> str:
     """The archive as wal-fetch names it in sidecars, with the settings these tests use."""
     return archive_source(target.url, None, None)
+
+
+def _writing(data: bytes) -> Callable[[IO[bytes]], tuple[int, str]]:
+    """A ``Spool.put`` writer of ``data``, as ``WalArchive.copy`` writes a verified file."""
+
+    def write(f: IO[bytes]) -> tuple[int, str]:
+        f.write(data)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    return write

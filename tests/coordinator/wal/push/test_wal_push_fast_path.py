@@ -105,7 +105,7 @@ def test_fast_path_answers_only_for_a_marker_of_the_same_archive(
     Spool(wal_dir.spool).confirm(SEG1, "0" * 64, file_identity(Path(path).stat()), location)
     config = tmp_path / "cloud-dump.conf"
     config.write_text("CLOUD_DUMP_STORAGE=file:///store\n")
-    answered = fastpath.wal_push_already_archived
+    answered = fastpath.wal_push_confirmed
     assert answered([path, SEG1, "--storage", "file:///store", "--cluster", "c1"])
     assert answered([path, SEG1, "--cluster=c1", "--look-ahead", "8", "--config", str(config)])
     monkeypatch.delenv("CLOUD_DUMP_STORAGE")

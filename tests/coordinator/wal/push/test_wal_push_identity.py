@@ -136,7 +136,7 @@ def test_a_marker_without_the_file_identity_answers_for_nothing(
     wal_dir.marker(SEG1).parent.mkdir(parents=True)
     wal_dir.marker(SEG1).write_text(f"{'0' * 64} {location}\n")
     path = str(wal_dir.pg_wal / SEG1)
-    assert not fastpath.wal_push_already_archived([path, SEG1, "--storage", target.url])
+    assert not fastpath.wal_push_confirmed([path, SEG1, "--storage", target.url])
     result = wal_dir.push(SEG1, env=target.env)
     assert result.returncode == 0, result.stderr
     assert f"WAL file '{SEG1}' archived at" in result.stderr  # pushed, not answered
@@ -151,11 +151,11 @@ def test_fast_path_compares_the_marker_with_the_file(tmp_path: Path) -> None:
     assert wal_dir.push(SEG1, env=target.env).returncode == 0
     path = wal_dir.pg_wal / SEG1
     argv = [str(path), SEG1, "--storage", target.url]
-    assert fastpath.wal_push_already_archived(argv)
+    assert fastpath.wal_push_confirmed(argv)
     os.utime(path)  # touched: the mtime differs
-    assert not fastpath.wal_push_already_archived(argv)
+    assert not fastpath.wal_push_confirmed(argv)
     path.unlink()  # gone: nothing to answer for
-    assert not fastpath.wal_push_already_archived(argv)
+    assert not fastpath.wal_push_confirmed(argv)
 
 
 def test_a_file_changing_while_it_is_read_is_not_pushed(tmp_path: Path) -> None:

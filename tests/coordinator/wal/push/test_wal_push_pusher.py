@@ -23,7 +23,7 @@ from devrig.moto import StorageTarget, local_target
 from devrig.procs import free_port
 from devrig.services import PUSH_RECEIVED, WorkerPool, error_line, wait_for_log
 from devrig.tcpproxy import TcpProxy
-from devrig.walfiles import SEG1, SEG2, SYSID_A, WalDir, make_segment
+from devrig.walfiles import SEG1, SEG2, SEG3, SYSID_A, WalDir, make_segment
 
 
 def test_pusher_pushes_ready_files_ahead_and_later_calls_need_no_broker(
@@ -163,3 +163,48 @@ def test_a_pusher_killed_mid_push_is_replaced_and_nothing_is_lost(
     assert wal_dir.marker(SEG1).exists()
     assert_archived(s3_store, stuck_push.segment)
     assert wal_dir.pusher_log().count("WAL pusher started") == 2  # the call started another
+
+
+def test_a_call_waiting_for_a_running_pusher_is_answered_without_the_full_cli(
+    wal_dir: WalDir, start_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    """The common call under load: the pusher runs, the file is not confirmed yet. It waits for
+    its marker without argparse, logging or settings (coordinator.wal.push.quickwait); an error
+    the pusher records for it still comes out of the full CLI with its own exit status."""
+    target = local_target(tmp_path / "store")
+    other = WalDir(tmp_path / "other")
+    other.add(SEG3, make_segment(SYSID_A, 80, SEG3))
+    assert other.push(SEG3, env=target.env).returncode == 0  # SEG3 archived, other content
+    pool = start_workers(target.env, count=1, queues="wal")
+    # A pusher that stays up between the calls, so that each finds it running.
+    env = {"CLOUD_DUMP_BROKER_URL": pool.broker_url, "CLOUD_DUMP_WAL_PUSHER_IDLE_EXIT": "120"}
+    wal_dir.add(SEG1, make_segment(SYSID_A, 81, SEG1), ready=True)
+    assert wal_dir.push(SEG1, env=env).returncode == 0  # starts the pusher
+    pusher = helper_pid(wal_dir.spool / PUSHER_LOCK)
+    assert pusher is not None
+    # Not .ready: the pusher does not push it ahead, so its call has to ask and wait.
+    second = make_segment(SYSID_A, 82, SEG2)
+    wal_dir.add(SEG2, second)
+    result = wal_dir.push(SEG2, env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "coordinator.wal.push.quickwait" in imported
+    assert "coordinator.cli.main" not in imported
+    assert zstandard.ZstdDecompressor().decompress(
+        target.open().get(f"wal_archive/{SEG2}.zst")) == second  # fmt: skip
+    assert wal_dir.marker(SEG2).exists()
+    assert not (wal_dir.spool / "requests" / SEG2).exists()
+    # The same pusher answered: the call started none.
+    assert helper_pid(wal_dir.spool / PUSHER_LOCK) == pusher
+    wal_dir.add(SEG3, make_segment(SYSID_A, 83, SEG3))
+    stored_before = target.open().get(f"wal_archive/{SEG3}.zst")
+    conflict = wal_dir.push(SEG3, env=env)
+    assert conflict.returncode == ExitCode.WAL_CONFLICT, conflict.stderr
+    assert "already archived with different content" in error_line(conflict.stderr)
+    assert target.open().get(f"wal_archive/{SEG3}.zst") == stored_before
+    assert not (wal_dir.spool / "errors" / SEG3).exists()
+    assert not (wal_dir.spool / "requests" / SEG3).exists()
