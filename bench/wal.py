@@ -63,6 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
+import lz4.frame
 import zstandard
 
 from bench.common import (
@@ -83,7 +84,9 @@ from bench.common import (
     start_worker,
     tree_cpu_seconds,
     verdict,
+    walsenders_reaped,
 )
+from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
@@ -112,6 +115,13 @@ REFERENCES = {
         ("barman-cloud-wal-restore", 1.6),
     ],
 }
+# The PostgreSQL tool nearest to WAL archiving, measured in this run (issue 12: "add the
+# same-compression row"): pg_receivewal streaming the same segments from a slot into a local
+# directory. No PostgreSQL tool writes zstd WAL (pg_receivewal -Z takes gzip or lz4, in 15 as in
+# 17), and cloud-dump's WAL default is zstd level 1: lz4, the fast one, is the closest.
+RECEIVEWAL_COMPRESSION = "lz4"
+RECEIVEWAL_LABEL = "pg_receivewal -Z lz4 (no PG tool writes zstd)"
+RECEIVEWAL_SLOT = "bench_receivewal"
 COMPONENTS = ["calls", "helpers", "workers", "redis", "moto"]
 # The detached helpers the WAL commands start (reaped and counted by reap_helpers).
 HELPER_MODULES = ["coordinator.wal.push.helper", "coordinator.wal.fetch.helper"]
@@ -135,7 +145,7 @@ PUSH_WRAPS = [
 ]
 FETCH_WRAPS = [
     "coordinator.wal.fetch.command:run_wal_fetch",
-    "coordinator.wal.fetch.command:serve_without_cli",
+    "coordinator.wal.fetch.served:serve_without_cli",
     "coordinator.wal.fetch.spool:Spool.take",
     "coordinator.wal.fetch.command:_await_prefetched",
     "coordinator.wal.fetch.command:_start_prefetcher",
@@ -300,6 +310,7 @@ class Row:
     cpu: dict[str, float]
     s3_requests: Counter[str]
     target: float | None = None
+    reference: bool = False  # a PostgreSQL tool, not cloud-dump
 
     @property
     def busy_s(self) -> float:
@@ -363,7 +374,10 @@ class Bench:
             },
         )
         try:
+            # Before any WAL is written: the slot keeps where pg_receivewal will start.
+            cluster.sql(f"SELECT pg_create_physical_replication_slot('{RECEIVEWAL_SLOT}', true)")
             self._write_wal(cluster, wanted)
+            self.receivewal(cluster)
         finally:
             cluster.destroy()
 
@@ -407,6 +421,45 @@ class Bench:
               f"{time.perf_counter() - started:.0f} s; zstd -3 of all: {mb(compressed)} of "
               f"{mb(total)} MB ({total / compressed:.1f}x); system identifier {self.sysid}",
               flush=True)  # fmt: skip
+
+    def receivewal(self, cluster: PgCluster) -> None:
+        """The reference row: pg_receivewal streams exactly the benchmark's segments (the slot
+        advanced to the first, ``--endpos`` the end of the last) into a local directory,
+        compressed, fsyncing each; then, untimed, each file must decompress to the original."""
+        first, last = _segment_number(self.segments[0]), _segment_number(self.segments[-1])
+        cluster.sql("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                    (RECEIVEWAL_SLOT, _segment_lsn(first)))  # fmt: skip
+        out = self.workdir / "receivewal"
+        out.mkdir()
+        postmaster = cluster.postmaster_pid
+        assert postmaster is not None
+        before = tree_cpu_seconds(postmaster)
+        timed = run_timed(
+            [str(cluster.bin_dir / "pg_receivewal"), "-D", str(out), "-S", RECEIVEWAL_SLOT,
+             "--endpos", _segment_lsn(last + 1), "--no-loop",
+             f"--compress={RECEIVEWAL_COMPRESSION}", "-h", "127.0.0.1", "-p", str(cluster.port),
+             "-U", cluster.repl_user, "-w"],
+            self.logs / "pg_receivewal.log",
+            env={**os.environ, "PGPASSWORD": cluster.repl_password}, what="pg_receivewal",
+        )  # fmt: skip
+        if not wait_until(lambda: walsenders_reaped(postmaster), timeout_s=30, first_s=0.005):
+            raise BenchError("pg_receivewal: the walsender was not reaped within 30 s")
+        walsender_s = tree_cpu_seconds(postmaster) - before
+        for name in self.segments:
+            stored = out / f"{name}.{RECEIVEWAL_COMPRESSION}"
+            if lz4.frame.decompress(stored.read_bytes()) != (
+                self.wal_source / "pg_wal" / name
+            ).read_bytes():
+                raise BenchError(f"pg_receivewal: {stored.name} differs from the original")
+        shutil.rmtree(out)
+        n = len(self.segments)
+        # One stream, not one process per segment: each "call" is an nth of it.
+        calls = [Call(timed.wall_s / n, timed.cpu_s / n, 0)] * n
+        cpu = {"calls": timed.cpu_s, "helpers": 0.0, "workers": 0.0, "redis": 0.0, "moto": 0.0}
+        row = Row(RECEIVEWAL_LABEL, "push", calls, timed.wall_s, cpu, Counter(), reference=True)
+        self.rows.append(row)
+        print(f"  {RECEIVEWAL_LABEL:46} {row.rate:6.1f} segments/s  ({timed.wall_s:.2f} s; CPU "
+              f"{timed.cpu_s:.1f} s, walsender {walsender_s:.1f} s)", flush=True)  # fmt: skip
 
     def start_services(self) -> None:
         services = start_services(self.stack, self.workdir, self.logs)
@@ -793,7 +846,11 @@ class Bench:
                   f"{verdict(row.rate >= row.target)}")  # fmt: skip
             for name, reference in REFERENCES[row.kind]:
                 print(f"      vs {name:56} {reference:5.1f}  {row.rate / reference:5.2f}x")
-        extra = [r for r in self.rows if r.target is None and r.kind != "repeat"]
+            for ref in (r for r in self.rows if r.reference and r.kind == row.kind):
+                print(f"      vs {ref.label + ', this run':56} {ref.rate:5.1f}  "
+                      f"{row.rate / ref.rate:5.2f}x")  # fmt: skip
+        extra = [r for r in self.rows
+                 if r.target is None and r.kind != "repeat" and not r.reference]  # fmt: skip
         for row in extra:
             best = max(ref for _, ref in REFERENCES[row.kind])
             print(f"  {row.label:46} {row.rate:5.1f} segments/s  (info; "
@@ -829,6 +886,12 @@ def _expand(command: str, p: str, f: str) -> str:
 
 def _segment_number(name: str) -> int:
     return int(name[8:16], 16) * 256 + int(name[16:24], 16)
+
+
+def _segment_lsn(number: int) -> str:
+    """Where segment ``number`` starts, as PostgreSQL prints an LSN (16 MiB segments)."""
+    position = number * SEGMENT_BYTES
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 def _segment_name(timeline: int, number: int) -> str:
