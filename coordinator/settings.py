@@ -83,7 +83,7 @@ class BackupSettings(KeyedSettings):
     encrypt: bool = False
     recipient_key: tuple[str, ...] = ()
     parallel: int = 4
-    part_size_mib: int = 16
+    part_size_mib: int = 8
     part_timeout: float = 300.0
     task_timeout: float = 600.0
     progress: bool = True

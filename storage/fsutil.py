@@ -82,7 +82,9 @@ def write_atomically(
                     with os.fdopen(fd, "wb", closefd=False) as f:
                         data(f)
                 else:
-                    raw = data if isinstance(data, bytes) else data.encode(_text_encoding())
+                    # Anything but text as it is: a worker's staged payload is a bytearray
+                    # (workers.staging).
+                    raw = data.encode(_text_encoding()) if isinstance(data, str) else data
                     write_all(fd, raw)
                 if sync:
                     os.fsync(fd)

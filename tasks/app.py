@@ -14,6 +14,7 @@ import socket
 import threading
 from dataclasses import replace
 
+from coordinator.malloc import tune_malloc
 from options.seed import storj_location
 from storage.base import Storage
 from storage.errors import ConfigError
@@ -95,6 +96,8 @@ class WorkerStage:
             return self._stage
 
 
+# Parts come and go in 16 MiB buffers on the pool's threads: give them back (coordinator.malloc).
+tune_malloc()
 settings = WorkerSettings()
 app = make_app(settings.broker_url, settings.result_backend)
 worker_storage = WorkerStorage(settings)

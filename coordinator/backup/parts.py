@@ -27,7 +27,7 @@ from storage.base import Capabilities, MiB
 from storage.errors import PermanentStorageError
 from storage.manifest import PartRecord
 
-DEFAULT_TARGET_PART_BYTES = 16 * MiB
+DEFAULT_TARGET_PART_BYTES = 8 * MiB  # --part-size-mib's default (options.declared)
 # Parts waiting for each thread: one lets the cutter fill the next part while the previous one
 # is hashed; more would only add memory, since a slow sink is what makes the queue fill.
 _PARTS_QUEUED = 1

@@ -1,18 +1,27 @@
 """The in-flight window of part uploads: bounded memory, every part confirmed.
 
 ``submit`` hands a part to the runner (``BackupWork``), blocking while ``max_in_flight`` parts
-are outstanding, so staged payloads (and the coordinator's memory, which keeps each unconfirmed
-part to stage it again should the broker lose it) stay bounded whatever the backup size
-(DESIGN.md §3, invariant 4). Results are collected as they come; a part's staged payload is
-dropped once it is confirmed. Sending again what a dead worker or a restarted broker lost is
-the runner's job (``coordinator.broker.flights``): here a part is done when its handle says so.
+are outstanding, so staged payloads stay bounded whatever the backup size (DESIGN.md §3,
+invariant 4). Results are collected as they come; a part's staged payload is dropped once it is
+confirmed. Sending again what a dead worker or a restarted broker lost is the runner's job
+(``coordinator.broker.flights``): here a part is done when its handle says so.
+
+Parts are sent by ``SENDERS`` threads, not by the thread that cuts them: staging a part and
+sending its task are two round trips to the broker, which cost nothing on loopback and 100 ms
+with the broker 50 ms away, where one part after another capped a backup at about ten parts a
+second (bench/backup.py, broker 50 ms away). At most ``SENDERS`` parts wait for or are in a
+sender, so the coordinator holds at most that many parts beyond the archive pipeline's own
+(the runner keeps unconfirmed ones in files, not memory). Dropping confirmed parts' results and
+payloads runs on the senders too, off the cutting thread.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from coordinator.backup.work import BackupWork
@@ -26,12 +35,15 @@ from workers.backup import UploadPartRequest, UploadPartResult
 # confirmed after ``--part-timeout``, fails the backup when the broker stays away that long
 # (``coordinator.broker.flights``), and ``abandon`` ends the wait.
 _POLL_S = 0.01
+SENDERS = 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Pending:
     request: UploadPartRequest
-    handle: Handle
+    sending: Future[Handle]  # the handle, once a sender has staged and sent the part
 
 
 @dataclass
@@ -44,6 +56,8 @@ class PartWindow:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _sequence: int = 0
     _abandoned: bool = False
+    senders: int = SENDERS
+    _pool: ThreadPoolExecutor | None = None
 
     def submit(self, key: str, upload_id: str, part_number: int, data: bytes, sha256: str) -> None:
         """Stage and send one part; blocks while the window is full."""
@@ -58,14 +72,21 @@ class PartWindow:
                 sha256=sha256,
                 ref=f"{self.run_id}:{self._sequence}",
             )
-            handle = self.work.upload_part(request, data)
-            self._pending[(key, part_number)] = _Pending(request, handle)
+            sending = self._senders().submit(self.work.upload_part, request, data)
+            self._pending[(key, part_number)] = _Pending(request, sending)
 
     def drain(self) -> dict[str, list[UploadPartResult]]:
         """Wait for every part sent; return the uploaded parts of each key, in order."""
         with self._lock:
             wait_until(self._all_done, timeout_s=math.inf, first_s=_POLL_S)
+            self.close()  # the last releases finish before the backup is finalized
             return {k: [parts[n] for n in sorted(parts)] for k, parts in self._done.items()}
+
+    def close(self) -> None:
+        """Stop the senders once what they were given is done."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def abandon(self) -> None:
         """Give up on the parts not confirmed yet: a ``submit`` waiting for room raises, and
@@ -76,7 +97,13 @@ class PartWindow:
         """
         self._abandoned = True
         pending = list(self._pending.values())
-        self.work.give_up([p.handle for p in pending])
+        for p in pending:
+            p.sending.cancel()  # not picked up by a sender yet: never will be
+        sent = [p.sending.result() for p in pending if p.sending.done()
+                and not p.sending.cancelled() and p.sending.exception() is None]  # fmt: skip
+        self.work.give_up(sent)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def redispatched(self) -> int:
@@ -89,12 +116,15 @@ class PartWindow:
     def _room(self) -> bool:
         """Whether another part may be sent (taking in finished ones first); raises once the
         backup is abandoned, or a part's error."""
-        while len(self._pending) >= self.max_in_flight:
+        while len(self._pending) >= self.max_in_flight or self._unsent() >= self.senders:
             if self._abandoned:
                 raise CloudDumpError("the backup was abandoned")
             if not self._collect():
                 return False
         return True
+
+    def _unsent(self) -> int:
+        return sum(1 for p in self._pending.values() if not p.sending.done())
 
     def _all_done(self) -> bool:
         """Whether every part sent is confirmed (taking in finished ones); raises a part's
@@ -105,13 +135,41 @@ class PartWindow:
         return True
 
     def _collect(self) -> bool:
-        """Take in finished parts (raising a part's error). True if anything finished."""
-        finished = [slot for slot, pending in self._pending.items() if pending.handle.done()]
-        for slot in finished:
-            pending = self._pending.pop(slot)
-            try:
-                result = self.work.part_result(pending.handle)
-            finally:
-                self.work.release([pending.handle])
-            self._done.setdefault(pending.request.key, {})[result.part_number] = result
+        """Take in finished parts (raising a part's error, or a failure to send one). True if
+        anything finished."""
+        finished = [
+            slot
+            for slot, pending in self._pending.items()
+            if pending.sending.done() and pending.sending.result().done()
+        ]
+        handles = []
+        try:
+            for slot in finished:
+                pending = self._pending.pop(slot)
+                handle = pending.sending.result()
+                handles.append(handle)
+                result = self.work.part_result(handle)
+                self._done.setdefault(pending.request.key, {})[result.part_number] = result
+        finally:
+            if handles:
+                self._release(handles)
         return bool(finished)
+
+    def _release(self, handles: list[Handle]) -> None:
+        """Drop answered parts' results and payloads on a sender (best effort)."""
+
+        def release() -> None:
+            try:
+                self.work.release(handles)
+            except Exception:
+                log.debug("dropping answered parts failed", exc_info=True)
+
+        if self._abandoned:
+            release()
+        else:
+            self._senders().submit(release)
+
+    def _senders(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.senders, thread_name_prefix="part-sender")
+        return self._pool

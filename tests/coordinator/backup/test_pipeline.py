@@ -314,7 +314,7 @@ def parts_needed(sizer: PartSizer, stream_bytes: int) -> int:
 
 
 def test_initial_part_size_comes_from_target_minimum_or_estimate() -> None:
-    assert PartSizer(S3, None).size_for(1) == 16 * MiB
+    assert PartSizer(S3, None).size_for(1) == 8 * MiB  # --part-size-mib's default
     assert PartSizer(S3, 1 * GiB, target_part_bytes=1).size_for(1) == 5 * MiB
     # 1 TiB * 1.25 / 10,000 = 131.07 MiB, rounded up to a MiB.
     assert PartSizer(S3, 1024 * GiB).size_for(1) == 132 * MiB
@@ -355,7 +355,7 @@ def test_stream_twenty_times_its_estimate_fits_in_a_thousand_parts() -> None:
 
 def test_stream_without_estimate_grows_to_store_limits() -> None:
     caps = Capabilities(5 * MiB, 5 * GiB, 1000)
-    sizer = PartSizer(caps, None)
+    sizer = PartSizer(caps, None, target_part_bytes=16 * MiB)
 
     # Small backups keep small parts: the first band of 55 parts holds 880 MiB.
     assert sizer.band_parts == 55
