@@ -28,6 +28,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from coordinator.helperlock import lock_held
+
 # A helper's log is rotated (one old generation kept) when it passes this size at start-up.
 LOG_ROTATE_BYTES = 4 * 1024 * 1024
 
@@ -90,17 +92,7 @@ def helper_pid(lock_path: Path) -> int | None:
 
 def helper_running(lock_path: Path) -> bool:
     """Whether a helper holds ``lock_path`` right now."""
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's own lock, if it got one
-    return False
+    return lock_held(lock_path)
 
 
 def spawn_helper(

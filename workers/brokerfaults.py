@@ -40,6 +40,13 @@ def is_broker_fault(exc: BaseException) -> bool:
     return isinstance(exc, fault_types())
 
 
+def is_library_broker_fault(exc: BaseException) -> bool:
+    """A broker fault in redis-py's or kombu's own exception types, not a bare ``OSError``
+    (which storage raises too): what a task fails with when Celery itself lost the broker on
+    the worker, e.g. while storing the task's STARTED state, before any code of ours ran."""
+    return is_broker_fault(exc) and type(exc).__module__.split(".")[0] in ("redis", "kombu")
+
+
 def broker_unreachable(url: str, exc: BaseException) -> BrokerUnreachable:
     """``exc`` (one of ``fault_types``) as the project's error, naming the broker at ``url``."""
     error = BrokerUnreachable(f"cannot reach broker '{redact_url(url)}': {_reason(exc, url)}")

@@ -74,6 +74,7 @@ def redis_client(url: str, *, connect_timeout_s: float, read_timeout_s: float) -
     """
     import redis  # only the broker path needs it
     from redis.backoff import NoBackoff
+    from redis.driver_info import DriverInfo
     from redis.maint_notifications import MaintNotificationsConfig
     from redis.retry import Retry
 
@@ -82,8 +83,7 @@ def redis_client(url: str, *, connect_timeout_s: float, read_timeout_s: float) -
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=read_timeout_s,
         retry=Retry(NoBackoff(), 1),
-        lib_name=None,
-        lib_version=None,
+        driver_info=DriverInfo(name=None, lib_version=None),
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 

@@ -99,11 +99,15 @@ class PartWindow:
         pending = list(self._pending.values())
         for p in pending:
             p.sending.cancel()  # not picked up by a sender yet: never will be
+        # A sender in the middle of a send finishes it: stop its wait for the broker first,
+        # then wait for it, so that the part it sent is given up with the others (its task
+        # would otherwise still reach a worker while the upload is being aborted).
+        self.work.give_up([])
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         sent = [p.sending.result() for p in pending if p.sending.done()
                 and not p.sending.cancelled() and p.sending.exception() is None]  # fmt: skip
         self.work.give_up(sent)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def redispatched(self) -> int:
@@ -166,8 +170,11 @@ class PartWindow:
 
         if self._abandoned:
             release()
-        else:
+            return
+        try:
             self._senders().submit(release)
+        except RuntimeError:  # abandon() shut the senders down meanwhile
+            release()
 
     def _senders(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -105,7 +105,7 @@ class WriteBehind:
         while True:
             kind, payload = self._jobs.get()
             if kind == "stop":
-                self._close()
+                self._close_quietly()
                 return
             if kind == "mark":
                 payload.set()
@@ -114,9 +114,9 @@ class WriteBehind:
                     self._do(kind, payload)
                 except BaseException as exc:  # raised again in the caller's thread
                     self._error = exc
-                    self._close()
+                    self._close_quietly()
             else:
-                self._close()
+                self._close_quietly()
 
     def _do(self, kind: str, payload: Any) -> None:
         if kind == "write":
@@ -141,3 +141,14 @@ class WriteBehind:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+    def _close_quietly(self) -> None:
+        """Close the open file after a failure or when stopping, keeping a close error only if
+        it is the first: the thread must live on, as ``flush`` and ``_stop`` wait for it (a
+        close can fail after a failed write, e.g. on NFS, which reports write-back errors there).
+        """
+        try:
+            self._close()
+        except OSError as exc:
+            if self._error is None:
+                self._error = exc

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 
+from coordinator.helperlock import lock_held
+
 PREFETCH_DIR = "prefetch"
 LOCK_NAME = "prefetch.lock"
 PLAN_NAME = "prefetch-plan"
@@ -206,24 +208,6 @@ def entries(root: str) -> set[str]:
 def count_ahead(root: str, name: str) -> int:
     """How many segments after ``name`` on its timeline are spooled or being written."""
     return sum(1 for entry in entries(root) if entry[:8] == name[:8] and entry > name)
-
-
-def lock_held(lock_path: str) -> bool:
-    """Whether a helper holds ``lock_path`` right now (``coordinator.background.HelperLock``:
-    an ``flock``; probed here without the modules that module loads to start helpers)."""
-    import fcntl
-
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's own lock, if it got one
-    return False
 
 
 def being_prefetched(root: str, name: str) -> bool:

@@ -5,9 +5,10 @@ confirmed (``coordinator.cli.fastpath`` answers from the marker) or in flight: t
 only has to ask for the file and wait for its marker. Doing that through the full CLI (argparse,
 logging, settings) cost ~35 ms of CPU per call, a third of wal-push's CPU per GB next to
 pgBackRest's async archive-push (bench-peers, prod WAL). This module does it with ``os`` and
-``fcntl`` alone:
+``fcntl`` alone (``coordinator.helperlock``):
 
-1. no error is recorded for the file, the pusher holds its lock, and the file exists;
+1. the file is a segment (other names go to the full CLI), no error is recorded for it, the
+   pusher holds its lock, and the file exists;
 2. the request is written (as ``Spool.request`` writes it: temp file, then a rename);
 3. it waits, 1 ms growing to 20 ms between looks, as the full CLI does, until the marker
    answers for this very file: True, the call succeeded.
@@ -22,10 +23,10 @@ once storage confirmed the file.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 
+from coordinator.helperlock import lock_held
 from coordinator.wal.push.marker import (
     ERROR_DIR,
     MARKER_DIR,
@@ -52,9 +53,11 @@ def wait_for_pusher(spool: str, name: str, path: str, location: str) -> bool:
     ``spool``: the spool directory; ``name``: a WAL file name already checked to contain no
     ``/``. Never raises for a problem it meets: it returns False and leaves it to the full CLI.
     """
+    if not _is_segment(name):
+        return False  # history and backup files are rare; a bad name is the full CLI's to refuse
     errors = os.path.join(spool, ERROR_DIR, name)
     marker = os.path.join(spool, MARKER_DIR, name)
-    if os.path.exists(errors) or not _pusher_running(os.path.join(spool, PUSHER_LOCK)):
+    if os.path.exists(errors) or not lock_held(os.path.join(spool, PUSHER_LOCK)):
         return False
     absolute = os.path.abspath(path)
     if not os.path.isfile(absolute) or not _request(spool, name, absolute):
@@ -68,11 +71,17 @@ def wait_for_pusher(spool: str, name: str, path: str, location: str) -> bool:
             return True
         if os.path.exists(errors) or time.monotonic() > deadline:
             return False
-        if not _pusher_running(os.path.join(spool, PUSHER_LOCK)):
+        if not lock_held(os.path.join(spool, PUSHER_LOCK)):
             # It may have confirmed the file and then exited.
             return _answers(marker, absolute, location) and _clear_request(spool, name)
         time.sleep(pause)
         pause = min(pause * _POLL_FACTOR, _POLL_MAX_S)
+
+
+def _is_segment(name: str) -> bool:
+    """A WAL segment's name: 24 upper-case hexadecimal digits (``storage.walnames``, without
+    its regular expressions, which would cost this path their import)."""
+    return len(name) == 24 and all(c in "0123456789ABCDEF" for c in name)
 
 
 def _answers(marker: str, path: str, location: str) -> bool:
@@ -82,23 +91,6 @@ def _answers(marker: str, path: str, location: str) -> bool:
     except OSError:
         return False
     return marker_answers(text, path, location)
-
-
-def _pusher_running(lock: str) -> bool:
-    """As ``coordinator.background.helper_running``: the pusher holds an flock on its lock."""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
 
 
 def _request(spool: str, name: str, path: str) -> bool:

@@ -60,3 +60,37 @@ def test_abandon_skips_what_is_queued(tmp_path: Path) -> None:
     # After abandon returned, the thread is gone: whatever it did is done, nothing comes later.
     assert (tmp_path / "first").exists()
     assert not writer._thread.is_alive()
+
+
+@pytest.mark.timeout(60)  # without the fix, flush() waited forever for a thread that had died
+def test_a_close_failing_after_an_error_does_not_stop_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock: close(2) failing (NFS reports write-back errors there) is not something a local
+    # file system produces. The fd is really closed; only the file under test's close fails.
+    victim = str(tmp_path / "a")
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        try:
+            target = str(Path(f"/proc/self/fd/{fd}").readlink())
+        except OSError:
+            target = ""
+        real_close(fd)
+        if target == victim:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "close", failing_close)
+    writer = WriteBehind()
+    writer.open(tmp_path / "a", 0o600, _taken)
+    writer.write(b"data")
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    writer.call(fail)  # the file is still open: the error path closes it, and that fails too
+    writer.finish()
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    writer.abandon()
+    assert not writer._thread.is_alive()

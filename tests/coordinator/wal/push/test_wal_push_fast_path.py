@@ -151,3 +151,20 @@ def test_an_already_archived_file_is_answered_without_expensive_imports(
     assert "coordinator.cli.fastpath" in imported  # answered by the fast path
     assert "coordinator.cli.main" not in imported
     assert not imported & EXPENSIVE_MODULES, sorted(imported & EXPENSIVE_MODULES)
+
+
+def test_the_quick_wait_asks_the_pusher_for_segments_only(tmp_path: Path) -> None:
+    """Another name (a history file, a typo) goes to the full CLI, which validates it: no
+    request is left behind for the pusher to look for."""
+    import fcntl
+
+    from coordinator.wal.push.quickwait import wait_for_pusher
+
+    spool = tmp_path / "cloud-dump"
+    (spool / "requests").mkdir(parents=True)
+    (tmp_path / "foo").write_bytes(b"x")
+    with (spool / "pusher.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a pusher runs
+        for name in ("foo", "00000002.history", f"{SEG1}.partial", "0000000100000000000000ab"):
+            assert not wait_for_pusher(str(spool), name, str(tmp_path / "foo"), "loc")
+    assert not list((spool / "requests").iterdir())
