@@ -100,6 +100,32 @@ class MultipartUpload:
     upload_id: str
 
 
+class PartBody(Protocol):
+    """A part's bytes for ``upload_part`` without holding them whole (a worker reads a staged
+    part from Redis in slices, ``workers.staging``).
+
+    ``len()`` is the part's size in bytes; ``read`` hands them out in order (fewer than asked
+    is fine, ``b""`` at the end); ``seek``/``tell`` as on a file (botocore measures a body and
+    rewinds it to send it again). A body checks its bytes against the part's SHA-256 before it
+    hands out the last of them and raises ``ChecksumMismatch`` instead: a store then never
+    receives the whole part, so never keeps wrong bytes, even one that does not check the
+    checksum sent with the part itself (moto does not).
+
+    ``failure``: what the body raised while it was read, None until then. An HTTP stack may
+    wrap it (awscrt's signer turns it into ``AwsCrtError``); the backend raises this instead.
+    """
+
+    failure: Exception | None
+
+    def __len__(self) -> int: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
 class ObjectStream(Protocol):
     """One stored object being read from its start (``Storage.open_stream``).
 
@@ -133,7 +159,12 @@ class Storage(Protocol):
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> ObjectInfo: ...
+        sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Store ``data`` under ``key``. ``sha256``: the hex SHA-256 of ``data`` when the
+        caller has just checked it (it saves the backend a pass over the bytes; the store
+        still verifies it where it can); else the backend computes it."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -170,12 +201,20 @@ class Storage(Protocol):
         ...
 
     def upload_part(
-        self, key: str, upload_id: str, part_number: int, data: bytes, *, sha256: str
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        data: bytes | PartBody,
+        *,
+        sha256: str,
     ) -> UploadedPart:
         """Store part ``part_number`` (1-based); ``sha256`` is the hex digest of ``data``.
 
-        Raises ``ChecksumMismatch`` when the bytes do not match ``sha256`` (the store verifies
-        it where it can; a backend that cannot sends it along for the store to check).
+        ``data``: the bytes, or a ``PartBody`` read as they are sent. Raises
+        ``ChecksumMismatch`` when the bytes do not match ``sha256`` (the store verifies it
+        where it can; a backend that cannot sends it along for the store to check), and
+        whatever a ``PartBody`` raises while it is read.
         """
         ...
 

@@ -58,6 +58,7 @@ from storage.base import (
     Capabilities,
     MultipartUpload,
     ObjectInfo,
+    PartBody,
     UploadedPart,
     sha256_hex,
     validate_key,
@@ -139,6 +140,7 @@ class LocalStorage:
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         path = self._path(key)
         meta = dict(validate_metadata(metadata or {}))
@@ -154,7 +156,7 @@ class LocalStorage:
             self._require_root()
             if not _write(path, write, exclusive=if_absent):
                 raise ObjectExists(key)
-            return _object_info(key, path, sha256_hex(data), meta)
+            return _object_info(key, path, sha256 or sha256_hex(data), meta)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -282,24 +284,43 @@ class LocalStorage:
         return upload_id
 
     def upload_part(
-        self, key: str, upload_id: str, part_number: int, data: bytes, *, sha256: str
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        data: bytes | PartBody,
+        *,
+        sha256: str,
     ) -> UploadedPart:
         self._check_part_number(part_number)
         upload_dir = self._upload_dir(key, upload_id)
-        actual = sha256_hex(data)
-        if actual != sha256.lower():
-            raise ChecksumMismatch(
-                f"part {part_number} of multipart upload '{upload_id}' of '{key}' does not "
-                f"match its sha256: expected {sha256.lower()}, got {actual}"
-            )
+        expected = sha256.lower()
+        digest = hashlib.sha256()
+        size = len(data)
+
+        def write(out: IO[bytes]) -> None:
+            # Checked before the part file gets its name: a wrong part is never stored.
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                digest.update(data)
+                out.write(data)
+            else:
+                while chunk := data.read(_COPY_CHUNK_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != expected:
+                raise ChecksumMismatch(
+                    f"part {part_number} of multipart upload '{upload_id}' of '{key}' does "
+                    f"not match its sha256: expected {expected}, got {digest.hexdigest()}"
+                )
+
         path = upload_dir / _part_name(part_number)
         with self._translated("write", path):
             try:
                 # No mkdir here: a missing directory means the upload was aborted meanwhile.
-                write_atomically(path, data, mode=None)
+                write_atomically(path, write, mode=None)
             except FileNotFoundError:
                 raise _upload_not_found(key, upload_id) from None
-        return UploadedPart(part_number, actual, len(data), actual)
+        return UploadedPart(part_number, expected, size, expected)
 
     def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[UploadedPart]

@@ -59,6 +59,7 @@ from storage.base import (
     Capabilities,
     MultipartUpload,
     ObjectInfo,
+    PartBody,
     UploadedPart,
     validate_key,
     validate_metadata,
@@ -164,9 +165,10 @@ class S3Storage:
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         meta = dict(validate_metadata(metadata or {}))
-        digest = hashlib.sha256(data).digest()
+        digest = hashlib.sha256(data).digest() if sha256 is None else bytes.fromhex(sha256)
         args: dict[str, Any] = {
             "Bucket": self._bucket,
             "Key": self._full_key(key),
@@ -266,8 +268,12 @@ class S3Storage:
             for page in paginator.paginate(Bucket=self._bucket, Prefix=self._full_prefix(prefix)):
                 for item in page.get("Contents", []):
                     key = self._relative_key(item["Key"])
-                    yield ObjectInfo(key, int(item["Size"]), _strip_etag(item["ETag"]),
-                                     modified_s=_timestamp(item.get("LastModified")))
+                    yield ObjectInfo(
+                        key,
+                        int(item["Size"]),
+                        _strip_etag(item["ETag"]),
+                        modified_s=_timestamp(item.get("LastModified")),
+                    )
 
     def delete(self, key: str) -> None:
         with self._translated(key):
@@ -335,20 +341,36 @@ class S3Storage:
         return str(response["UploadId"])
 
     def upload_part(
-        self, key: str, upload_id: str, part_number: int, data: bytes, *, sha256: str
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        data: bytes | PartBody,
+        *,
+        sha256: str,
     ) -> UploadedPart:
         self._check_part_number(part_number)
-        with self._translated(key, upload_id):
-            response = self._client().upload_part(
-                Bucket=self._bucket,
-                Key=self._full_key(key),
-                UploadId=upload_id,
-                PartNumber=part_number,
-                Body=data,
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=_sha256_b64(sha256),
-            )
-        return UploadedPart(part_number, _strip_etag(response["ETag"]), len(data), sha256.lower())
+        size = len(data)
+        # A PartBody is read as botocore sends it (and, over plain HTTP, once more before, to
+        # sign the payload); what it raises while read is not retried and leaves unchanged.
+        try:
+            with self._translated(key, upload_id):
+                response = self._client().upload_part(
+                    Bucket=self._bucket,
+                    Key=self._full_key(key),
+                    UploadId=upload_id,
+                    PartNumber=part_number,
+                    Body=data,
+                    ContentLength=size,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=_sha256_b64(sha256),
+                )
+        except Exception as exc:
+            failure = getattr(data, "failure", None)
+            if failure is not None and failure is not exc:
+                raise failure from exc
+            raise
+        return UploadedPart(part_number, _strip_etag(response["ETag"]), size, sha256.lower())
 
     def complete_multipart(
         self, key: str, upload_id: str, parts: Sequence[UploadedPart]
@@ -447,12 +469,20 @@ class S3Storage:
         path_style = options.s3_path_style
         if path_style is None:
             path_style = options.s3_endpoint is not None
+        s3_config: dict[str, object] = {"addressing_style": "path" if path_style else "virtual"}
+        if not (options.s3_endpoint or "https:").startswith("http:"):
+            # Over TLS, no SHA-256 of the payload in the signature: every write already carries
+            # its x-amz-checksum-sha256 for the store to check. botocore would hash each body
+            # once more (S3SigV4Auth._should_sha256_sign_payload looks for Content-MD5 only),
+            # and read a streamed part twice (bench-peers: a pass over every byte a worker
+            # sends). Plain HTTP keeps the signed payload: nothing else protects it in transit.
+            s3_config["payload_signing_enabled"] = False
         config = Config(
             region_name=options.s3_region,
             connect_timeout=options.connect_timeout_s,
             read_timeout=options.read_timeout_s,
             retries={"max_attempts": options.max_attempts, "mode": "standard"},
-            s3={"addressing_style": "path" if path_style else "virtual"},
+            s3=s3_config,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -536,9 +566,7 @@ def _translate(
         return PermanentStorageError("storage credentials are incomplete or could not be loaded")
     if isinstance(exc, HTTPClientError | IncompleteReadError):
         # Read timeouts and responses cut short: the request may well succeed next time.
-        return StorageUnreachable(
-            f"storage request to '{endpoint}' failed: {type(exc).__name__}"
-        )
+        return StorageUnreachable(f"storage request to '{endpoint}' failed: {type(exc).__name__}")
     return PermanentStorageError(f"storage request to '{endpoint}' failed: {type(exc).__name__}")
 
 

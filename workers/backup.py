@@ -22,10 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from storage.base import Storage, UploadedPart, sha256_hex
+from storage.base import Storage, UploadedPart
 from storage.errors import (
     BackupExists,
-    ChecksumMismatch,
     ObjectExists,
     ObjectNotFound,
     UploadNotFound,
@@ -217,14 +216,15 @@ def open_archive(storage: Storage, key: str) -> str:
 
 
 def upload_part(storage: Storage, stage: Stage, request: UploadPartRequest) -> UploadPartResult:
-    """Upload one staged part after checking it is the bytes the coordinator hashed."""
-    data = stage.get(request.ref)
-    if len(data) != request.size or sha256_hex(data) != request.sha256:
-        raise ChecksumMismatch(
-            f"staged part {request.part_number} of '{request.key}' does not match its checksum"
-        )
+    """Upload one staged part; its bytes are checked against the SHA-256 the coordinator
+    computed before the last of them reaches the store (``Stage.open_part``)."""
+    # Read from the stage as it is sent: a worker holds a slice of the part, not all of it.
+    body = stage.open_part(
+        request.ref, size=request.size, sha256=request.sha256,
+        what=f"staged part {request.part_number} of '{request.key}'",
+    )  # fmt: skip
     part = storage.upload_part(
-        request.key, request.upload_id, request.part_number, data, sha256=request.sha256
+        request.key, request.upload_id, request.part_number, body, sha256=request.sha256
     )
     return UploadPartResult(
         part_number=part.part_number, etag=part.etag, size=part.size, sha256=part.sha256

@@ -14,10 +14,13 @@ every payload: the coordinator keeps each one until its task is answered, to sta
 
 from __future__ import annotations
 
+import hashlib
+import io
 import threading
 from typing import TYPE_CHECKING, Protocol, cast
 
-from storage.errors import CloudDumpError
+from storage.base import PartBody
+from storage.errors import ChecksumMismatch, CloudDumpError
 from workers.brokerfaults import broker_faults
 
 if TYPE_CHECKING:
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 
 STAGE_KEY_PREFIX = "cloud-dump:stage:"
 _SLICE_BYTES = 4 * 1024 * 1024
+# A part is read for upload in slices this size: what a worker holds of it at a time (redis-py
+# keeps about three copies of a reply while it reads one).
+_PART_SLICE_BYTES = 1024 * 1024
 
 
 class StagedPayloadMissing(CloudDumpError):
@@ -35,6 +41,15 @@ class Stage(Protocol):
     def put(self, ref: str, data: bytes, ttl_s: int) -> None: ...
 
     def get(self, ref: str) -> bytes: ...
+
+    def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
+        """The staged part ``ref`` to upload, read as it is sent (``storage.base.PartBody``).
+
+        ``size`` bytes whose hex SHA-256 is ``sha256``: other bytes raise
+        ``ChecksumMismatch`` (naming ``what``) before the last of them is handed out, a
+        payload that is gone ``StagedPayloadMissing``.
+        """
+        ...
 
     def delete(self, *refs: str) -> None: ...
 
@@ -56,6 +71,12 @@ class MemoryStage:
                 return self._payloads[ref]
             except KeyError:
                 raise StagedPayloadMissing(f"staged payload '{ref}' is gone") from None
+
+    def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
+        data = self.get(ref)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256.lower():
+            raise ChecksumMismatch(f"{what} does not match its checksum")
+        return _BytesBody(data)
 
     def delete(self, *refs: str) -> None:
         with self._lock:
@@ -129,6 +150,16 @@ class RedisStage:
         # botocore as a body, compare it) takes one; bytes() would copy it again.
         return cast(bytes, data)
 
+    def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
+        key = STAGE_KEY_PREFIX + ref
+        with broker_faults(self.url):
+            staged = int(self._client.strlen(key))
+        if staged == 0:
+            raise StagedPayloadMissing(f"staged payload '{ref}' is gone (expired or abandoned)")
+        if staged != size:
+            raise ChecksumMismatch(f"{what} does not match its checksum ({staged} bytes staged)")
+        return StagedPartBody(self._client, self.url, key, size, sha256.lower(), what)
+
     def delete(self, *refs: str) -> None:
         if not refs:
             return
@@ -137,3 +168,114 @@ class RedisStage:
 
     def close(self) -> None:
         self._client.close()
+
+
+class _BytesBody(io.BytesIO):
+    """Bytes in memory as a ``PartBody`` (checked before it is made)."""
+
+    failure: Exception | None = None
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._size = len(data)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class StagedPartBody:
+    """A part staged in Redis, read in ``_PART_SLICE_BYTES`` slices as it is uploaded
+    (``storage.base.PartBody``): a worker holds one slice of it, not the part.
+
+    The bytes are hashed as they are handed out in order from the start; before the last of
+    them goes out, the digest must be the part's, else ``ChecksumMismatch``. When they were not
+    read in one pass from the start (a rewind in the middle), the last read checks the staged
+    payload with a pass of its own first. A slice that comes back short means the payload
+    expired or was deleted meanwhile: ``StagedPayloadMissing``.
+
+    Once checked, later passes are not hashed again (over plain HTTP botocore reads the body
+    once to sign it, then again to send it): the coordinator writes a payload once and never
+    changes it, and a second pass that differed from the signed first would fail the store's
+    signature check anyway.
+    """
+
+    def __init__(
+        self, client: Redis, url: str, key: str, size: int, sha256: str, what: str
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._key = key
+        self._size = size
+        self._sha256 = sha256
+        self._what = what
+        self._pos = 0
+        self._digest = hashlib.sha256()
+        self._hashed_to = 0  # bytes [0, _hashed_to) went into _digest, in order
+        self._verified = False
+        self._slice = b""
+        self._slice_start = 0
+        self.failure: Exception | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        if self._pos == 0 and not self._verified:
+            self._digest = hashlib.sha256()  # a rewind: hash the next pass afresh
+            self._hashed_to = 0
+        return self._pos
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return self._read(size)
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    def _read(self, size: int) -> bytes:
+        if self._pos >= self._size:
+            return b""
+        offset = self._pos - self._slice_start
+        if not 0 <= offset < len(self._slice):
+            self._slice_start = self._pos - self._pos % _PART_SLICE_BYTES
+            self._slice = self._fetch(self._slice_start)
+            offset = self._pos - self._slice_start
+        end = len(self._slice) if size < 0 else min(len(self._slice), offset + size)
+        chunk = self._slice[offset:end]
+        if not self._verified:
+            if self._hashed_to == self._pos:
+                self._digest.update(chunk)
+                self._hashed_to += len(chunk)
+            if self._pos + len(chunk) == self._size:
+                self._verify()
+        self._pos += len(chunk)
+        return chunk
+
+    def _verify(self) -> None:
+        if self._hashed_to != self._size:
+            digest = hashlib.sha256()
+            for start in range(0, self._size, _PART_SLICE_BYTES):
+                digest.update(self._fetch(start))
+        else:
+            digest = self._digest
+        if digest.hexdigest() != self._sha256:
+            raise ChecksumMismatch(f"{self._what} does not match its checksum")
+        self._verified = True
+
+    def _fetch(self, start: int) -> bytes:
+        want = min(_PART_SLICE_BYTES, self._size - start)
+        with broker_faults(self._url):
+            data = self._client.getrange(self._key, start, start + want - 1)
+        if not isinstance(data, bytes) or len(data) != want:
+            raise StagedPayloadMissing(
+                f"staged payload '{self._key.removeprefix(STAGE_KEY_PREFIX)}' is gone "
+                "(expired or abandoned)"
+            )
+        return data

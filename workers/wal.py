@@ -148,7 +148,9 @@ def push_wal(storage: Storage, stage: Stage, request: PushWalRequest) -> PushWal
     if request.system_identifier is not None:
         metadata[SYSTEM_IDENTIFIER] = request.system_identifier
     try:
-        storage.put(request.key, data, if_absent=True, metadata=metadata)
+        storage.put(
+            request.key, data, if_absent=True, metadata=metadata, sha256=request.stored_sha256
+        )
     except ObjectExists:
         # Another push of the same file won the race: same content is fine, else a conflict.
         existing = _check_archived(storage, root, request.file_name, request.raw_sha256)

@@ -257,10 +257,13 @@ class WatchedStorage:
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         if key == MANIFEST_KEY:
             self.at_manifest = (keys(self._storage), uploads_in_progress(self._storage))
-        return self._storage.put(key, data, if_absent=if_absent, metadata=metadata)
+        return self._storage.put(
+            key, data, if_absent=if_absent, metadata=metadata, sha256=sha256
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._storage, name)

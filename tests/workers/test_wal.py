@@ -20,7 +20,7 @@ import pytest
 from devrig.moto import StorageTarget
 from devrig.services import RedisServer
 from devrig.walfiles import SEG1, SYSID_A, SYSID_B
-from storage.base import Storage, sha256_hex
+from storage.base import PartBody, Storage, sha256_hex
 from storage.errors import WalConflict
 from storage.layout import Layout
 from workers.staging import RedisStage, Stage
@@ -56,6 +56,9 @@ class HeldStage:
     def get(self, ref: str) -> bytes:
         self._barrier.wait()
         return self._stage.get(ref)
+
+    def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
+        return self._stage.open_part(ref, size=size, sha256=sha256, what=what)
 
     def delete(self, *refs: str) -> None:
         self._stage.delete(*refs)
