@@ -211,16 +211,17 @@ OPTIONS: tuple[Option, ...] = (
            "CLOUD_DUMP_PASSPHRASE)", secret=True, group=ENCRYPTION),
     Option(None, "CLOUD_DUMP_PASSPHRASE", KEYED | {WORKER},
            "the passphrase (instead of --passphrase)", secret=True),
-    # Backup: 2N parts of --part-size-mib staged in Redis (the coordinator keeps its copies in
-    # temporary files); restore: N ranges of at least 64 MiB streaming, each holding at most
-    # 8 MiB (coordinator.rangedread).
+    # Backup: N parts of --part-size-mib staged in Redis (the coordinator keeps its copies in
+    # temporary files; 2N bought no speed on bench-peers' prod and cost Redis ~30 MB);
+    # restore: N ranges of at least 64 MiB streaming, each holding at most 8 MiB
+    # (coordinator.rangedread).
     Option("--parallel", "CLOUD_DUMP_PARALLEL", {BACKUP},
            "uploads in flight / upload threads without a broker", kind=INT, default=4,
            metavar="N", limit=Limit(int, 1, 64)),
     Option("--parallel", "CLOUD_DUMP_PARALLEL", {RESTORE}, "ranged downloads in flight",
            kind=INT, default=4, metavar="N", limit=Limit(int, 1, 64)),
     # S3's smallest part (storage.base.S3_MIN_PART_SIZE_BYTES); a part is staged in Redis,
-    # whose largest value is 512 MiB, and 2 x --parallel of them are staged at once. 8 MiB
+    # whose largest value is 512 MiB, and --parallel of them are staged at once. 8 MiB
     # (was 16): on bench-peers' prod backup Redis, workers and coordinator peaked 100 MB lower
     # for the same throughput; parts start to grow past ~67 GB stored (10,000 parts).
     Option("--part-size-mib", "CLOUD_DUMP_PART_SIZE_MIB", {BACKUP},

@@ -39,7 +39,7 @@ def run_backup(args: BackupSettings, report: Report) -> None:
         encryption=None if chosen is None else BackupKeys.of(chosen),
         # `backup` has no --wal-prefix flag: CLOUD_DUMP_WAL_PREFIX sets it (cli.settings).
         wal_prefix=args.wal_prefix,
-        max_in_flight=max(2, args.parallel * 2),
+        max_in_flight=args.parallel,
         part_timeout_s=args.part_timeout,
         target_part_bytes=args.part_size_mib * 1024 * 1024,
         show_progress=args.progress,
