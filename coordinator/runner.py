@@ -80,8 +80,9 @@ class Runner(Protocol):
         ``timeout_s`` unanswered in all: overdue (None: the runner's own bound)."""
         ...
 
-    def release(self, handles: Iterable[Handle]) -> None:
-        """Forget these units: answered, or given up. Their staged payloads are dropped."""
+    def release(self, handles: Iterable[Handle], *, wait: bool = False) -> None:
+        """Forget these units: answered, or given up. Their staged payloads are dropped,
+        before this returns when ``wait`` (else perhaps a little later)."""
         ...
 
     def interrupt(self) -> None:
@@ -210,7 +211,7 @@ class EmbeddedRunner:
         threading.Thread(target=work, name=task, daemon=True).start()
         return handle
 
-    def release(self, handles: Iterable[Handle]) -> None:
+    def release(self, handles: Iterable[Handle], *, wait: bool = False) -> None:
         for handle in handles:
             assert isinstance(handle, _ThreadHandle)
             handle.future.cancel()  # not started yet: never will

@@ -11,8 +11,8 @@ sending its task are two round trips to the broker, which cost nothing on loopba
 with the broker 50 ms away, where one part after another capped a backup at about ten parts a
 second (bench/backup.py, broker 50 ms away). At most ``SENDERS`` parts wait for or are in a
 sender, so the coordinator holds at most that many parts beyond the archive pipeline's own
-(the runner keeps unconfirmed ones in files, not memory). Dropping confirmed parts' results and
-payloads runs on the senders too, off the cutting thread.
+(the runner keeps unconfirmed ones in files, not memory). The runner drops confirmed parts'
+results and payloads off the cutting thread.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class PartWindow:
         """Wait for every part sent; return the uploaded parts of each key, in order."""
         with self._lock:
             wait_until(self._all_done, timeout_s=math.inf, first_s=_POLL_S)
-            self.close()  # the last releases finish before the backup is finalized
+            self.close()
             return {k: [parts[n] for n in sorted(parts)] for k, parts in self._done.items()}
 
     def close(self) -> None:
@@ -160,21 +160,12 @@ class PartWindow:
         return bool(finished)
 
     def _release(self, handles: list[Handle]) -> None:
-        """Drop answered parts' results and payloads on a sender (best effort)."""
-
-        def release() -> None:
-            try:
-                self.work.release(handles)
-            except Exception:
-                log.debug("dropping answered parts failed", exc_info=True)
-
-        if self._abandoned:
-            release()
-            return
+        """Drop answered parts' results and payloads (best effort; the runner does it off
+        this thread, ``Runner.release``)."""
         try:
-            self._senders().submit(release)
-        except RuntimeError:  # abandon() shut the senders down meanwhile
-            release()
+            self.work.release(handles)
+        except Exception:
+            log.debug("dropping answered parts failed", exc_info=True)
 
     def _senders(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -89,9 +89,10 @@ class BackupWork:
         self.runner.release(handles)
 
     def give_up(self, handles: list[Handle]) -> None:
-        """Drop the parts given up on (best effort); a wait for the broker stops now."""
+        """Drop the parts given up on (best effort) before returning; a wait for the broker
+        stops now."""
         self.runner.interrupt()
-        self.runner.release(handles)
+        self.runner.release(handles, wait=True)
 
     def close(self) -> None:
         self.runner.close()

@@ -451,12 +451,17 @@ class CeleryRunner:
         )  # fmt: skip
         return _FlightHandle(self.flights, self.flights.start(flight))
 
-    def release(self, handles: Iterable[Handle]) -> None:
-        """Forget these units on a thread of their own: deleting their results and payloads is
-        two round trips to the broker that nothing waits for (they expire anyway), and with
-        the broker 50 ms away each unit waited for in turn (claim, open, finalize) paid them."""
+    def release(self, handles: Iterable[Handle], *, wait: bool = False) -> None:
+        """Forget these units, on a thread of their own unless ``wait``: deleting their results
+        and payloads is two round trips to the broker that nothing waits for (they expire
+        anyway), and with the broker 50 ms away each unit waited for in turn (claim, open,
+        finalize) paid them. Units given up on are released with ``wait``: their payloads
+        are gone before the abort that follows is sent, so no worker uploads one after it."""
         flights = [h.flight for h in handles if isinstance(h, _FlightHandle)]
         if not flights:
+            return
+        if wait:
+            self._finish(flights)
             return
         with self._cleanup_lock:
             if self._cleanup is None:
