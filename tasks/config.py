@@ -59,5 +59,10 @@ def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
         broker_connection_timeout=5,
         redis_socket_connect_timeout=5,
         redis_socket_timeout=30,
+        # The same bounds for the broker's own connections (kombu's Redis transport has none
+        # by default): a broker host that vanishes without closing its sockets left a
+        # coordinator's send blocked for good, and Ctrl-C waiting on it. Above kombu's 1 s
+        # BRPOP timeout, so an idle worker's wait for tasks never trips it.
+        broker_transport_options={"socket_timeout": 30, "socket_connect_timeout": 5},
     )
     return app

@@ -40,6 +40,7 @@ from devrig.services import (
 from devrig.tcpproxy import TcpProxy
 from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
 from workers.backup import BackupRef, ClaimRequest
+from workers.staging import STAGE_KEY_PREFIX
 
 PASSWORD = "broker-pw-7f3a"  # a test server's password, checked never to leak
 
@@ -119,16 +120,16 @@ def start_backup_under_way(
     own_redis: OwnRedis,
     own_workers: Callable[..., WorkerPool],
     children: list[subprocess.Popen[str]],
-) -> Callable[..., subprocess.Popen[str]]:
+) -> Callable[..., tuple[subprocess.Popen[str], WorkerPool]]:
     """``start(target, *extra)``: backup "b1" of ``big_source`` into ``target`` through two
-    workers on ``own_redis``, returned once a worker has taken a part."""
+    workers on ``own_redis``, returned with the workers once a worker has taken a part."""
 
-    def start(target: StorageTarget, *extra: str) -> subprocess.Popen[str]:
+    def start(target: StorageTarget, *extra: str) -> tuple[subprocess.Popen[str], WorkerPool]:
         pool = own_workers(target.env, count=2)
         coordinator = start_backup(big_source[0], target, own_redis.url, "b1", *extra)
         children.append(coordinator)
         wait_for_log([p.log_path for p in pool.processes], PART_RECEIVED)
-        return coordinator
+        return coordinator, pool
 
     return start
 
@@ -136,15 +137,28 @@ def start_backup_under_way(
 def test_backup_survives_a_broker_restart_and_restores_identically(
     big_source: BigSource,
     own_redis: OwnRedis,
-    start_backup_under_way: Callable[..., subprocess.Popen[str]],
+    start_backup_under_way: Callable[..., tuple[subprocess.Popen[str], WorkerPool]],
     tmp_path: Path,
 ) -> None:
     cluster, tablespace, expected = big_source
     target = local_target(tmp_path / "store")
-    coordinator = start_backup_under_way(target)
-    own_redis.kill()  # parts queued, staged and unconfirmed: all of it is gone with Redis
-    assert coordinator.poll() is None, "the backup ended before the broker went away"
-    own_redis.start()
+    coordinator, pool = start_backup_under_way(target)
+    # Workers stopped, the coordinator fills its window: parts are staged and unconfirmed at
+    # the kill, whatever the pace of either side (a fast store once confirmed every part
+    # before Redis went, and nothing was left to lose).
+    for process in pool.processes:
+        process.kill_group(signal.SIGSTOP)
+    try:
+        client = redis.Redis.from_url(own_redis.url)
+        staged = wait_until(lambda: client.keys(f"{STAGE_KEY_PREFIX}*"), timeout_s=60, first_s=0.01)
+        client.close()
+        assert staged, "no part was staged while the workers were stopped"
+        own_redis.kill()  # parts queued, staged and unconfirmed: all of it is gone with Redis
+        assert coordinator.poll() is None, "the backup ended before the broker went away"
+        own_redis.start()
+    finally:
+        for process in pool.processes:
+            process.kill_group(signal.SIGCONT)
     restarted = time.monotonic()
     _, stderr = coordinator.communicate(timeout=240)
     print(f"backup completed {time.monotonic() - restarted:.1f} s after Redis was back")
@@ -158,13 +172,13 @@ def test_backup_survives_a_broker_restart_and_restores_identically(
 
 def test_backup_whose_broker_stays_away_exits_6_with_one_line(
     own_redis: OwnRedis,
-    start_backup_under_way: Callable[..., subprocess.Popen[str]],
+    start_backup_under_way: Callable[..., tuple[subprocess.Popen[str], WorkerPool]],
     tmp_path: Path,
 ) -> None:
     target = local_target(tmp_path / "store")
     # --part-timeout is also how long a broker may stay away: short here, so that the test
     # does not wait the default five minutes.
-    coordinator = start_backup_under_way(target, "--part-timeout", "5")
+    coordinator, _ = start_backup_under_way(target, "--part-timeout", "5")
     own_redis.kill()
     killed = time.monotonic()
     _, stderr = coordinator.communicate(timeout=90)
