@@ -337,6 +337,15 @@ class _ArchiveStream(io.RawIOBase):
         memoryview(target).cast("B")[: len(data)] = data
         return len(data)
 
+    def close(self) -> None:
+        """Close the decoders too (a decrypting reader's thread stops); zstd's and lz4's
+        readers close the source they read as well, gzip's does not."""
+        if not self.closed:
+            try:
+                self._inner.close()
+            finally:
+                super().close()
+
     def drain(self) -> None:
         """Read to the end: trailing tar padding, and the last bytes the decoders check."""
         while self.read(1024 * 1024):

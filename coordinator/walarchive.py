@@ -22,6 +22,7 @@ decrypt the WAL recovery reads: a copy whose every ``wal-fetch`` fails would be 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -202,15 +203,18 @@ class WalArchive:
                 raise IntegrityError(f"archived WAL '{key}' has no {RAW_SHA256} metadata")
             plain = open_plaintext(cast(BinaryIO, stream), stored.compression,
                                    identities=identities, what=f"archived WAL '{key}'")  # fmt: skip
-            digest = hashlib.sha256()
-            head = b""
-            size = 0
-            while chunk := plain.read(COPY_CHUNK_BYTES):
-                if len(head) < SEGMENT_HEADER_BYTES:
-                    head += chunk[: SEGMENT_HEADER_BYTES - len(head)]
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+            # Closed on every exit: a decrypting reader stops its thread, a decompressor
+            # frees its context, rather than waiting for the garbage collector.
+            with contextlib.closing(plain):
+                digest = hashlib.sha256()
+                head = b""
+                size = 0
+                while chunk := plain.read(COPY_CHUNK_BYTES):
+                    if len(head) < SEGMENT_HEADER_BYTES:
+                        head += chunk[: SEGMENT_HEADER_BYTES - len(head)]
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
         finally:
             stream.close()
         actual = digest.hexdigest()

@@ -96,7 +96,8 @@ class WorkerStage:
             return self._stage
 
 
-# Parts come and go in 16 MiB buffers on the pool's threads: give them back (coordinator.malloc).
+# Large buffers come and go on the pool's threads (1 MiB slices of staged parts, 16 MiB WAL
+# segments): give them back (coordinator.malloc).
 tune_malloc()
 settings = WorkerSettings()
 app = make_app(settings.broker_url, settings.result_backend)

@@ -107,10 +107,6 @@ class Spool:
         sidecar = served.sidecar_text(*verified[0], self.source, boot)
         write_atomically(self._sidecar(name), sidecar, sync=boot is None)
 
-    def count_ahead(self, name: str) -> int:
-        """How many segments after ``name`` on its timeline are spooled or being written."""
-        return served.count_ahead(str(self.root), name)
-
     def remove_temp_files(self) -> None:
         """Drop what a stopped writer left (only the prefetcher, holding the lock, calls this)."""
         with contextlib.suppress(FileNotFoundError):

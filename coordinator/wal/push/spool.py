@@ -81,7 +81,6 @@ __all__ = [
 LOOK_AHEAD_NAME = "look-ahead"
 PUSHER_LOG = "pusher.log"
 ARCHIVE_CACHE_NAME = "archive.json"
-_TMP_PREFIX = TMP_PREFIX
 
 
 def open_spool(wal_path: str, spool_dir: str | None) -> Spool:
@@ -225,7 +224,7 @@ class Spool:
             entries = list((self.directory / kind).iterdir())
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [e.name for e in entries if not e.name.startswith(_TMP_PREFIX)]
+        return [e.name for e in entries if not e.name.startswith(TMP_PREFIX)]
 
     def read_archive_cache(self, location: str) -> str | None:
         """The cached archive identity (JSON text) for ``location``, if any."""
@@ -250,7 +249,7 @@ class Spool:
         """Remove markers whose file name ``keep`` rejects (files PostgreSQL has recycled)."""
         with contextlib.suppress(FileNotFoundError):
             for marker in (self.directory / MARKER_DIR).iterdir():
-                if not marker.name.startswith(_TMP_PREFIX) and not keep(marker.name):
+                if not marker.name.startswith(TMP_PREFIX) and not keep(marker.name):
                     marker.unlink(missing_ok=True)
 
     def _write(self, path: Path, text: str) -> None:
@@ -258,11 +257,11 @@ class Spool:
 
         No fsync: a marker lost in a crash only costs one more (idempotent) push, and a torn
         one fails the location comparison. Mode: 0666 less the umask (the spool's directories are
-        0700). Temporary names start with ``_TMP_PREFIX``, which readers skip.
+        0700). Temporary names start with ``TMP_PREFIX``, which readers skip.
         Raises ``OSError`` naming ``path``.
         """
         make_spool_dir(self.directory, path.parent)
-        write_atomically(path, text, mode=None, sync=False, temp_prefix=_TMP_PREFIX)
+        write_atomically(path, text, mode=None, sync=False, temp_prefix=TMP_PREFIX)
 
 
 class NoSpool(Spool):
