@@ -8,8 +8,9 @@ cloud-dump that user can run: ``launcher`` provides one where the venv's own can
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from devrig.recovery import (
     wait_archived,
     wait_promoted,
 )
-from devrig.restored import chown_postgres, started
+from devrig.restored import RestoredCluster, chown_postgres, started
 from devrig.roundtrip import backup_cli
 from devrig.services import run_cli
 
@@ -50,12 +51,19 @@ def archive_target(request: pytest.FixtureRequest) -> StorageTarget:
 
 
 def restore_into(target: StorageTarget, launcher: Path, name: str, *flags: str) -> Path:
+    return restore_reporting(target, launcher, name, *flags)[0]
+
+
+def restore_reporting(
+    target: StorageTarget, launcher: Path, name: str, *flags: str
+) -> tuple[Path, str]:
+    """Restore ``name``: the data directory and what restore printed."""
     pgdata = make_postgres_dir("cloud-dump-pitr-restore-") / "data"
     done = run_cli("restore", "--name", name, "--pgdata", str(pgdata), *flags,
                    env={**target.env, "CLOUD_DUMP_EXECUTABLE": str(launcher)})
     assert done.returncode == 0, done.stderr
     chown_postgres(default_restore_config(pgdata))
-    return pgdata
+    return pgdata, done.stdout
 
 
 def restore_and_count(
@@ -162,3 +170,44 @@ def test_restore_after_restore_follows_the_new_timeline(
         rows = restored.sql("SELECT phase, count(*) FROM pitr GROUP BY phase ORDER BY phase")
         assert rows == [("a", 10), ("c", 10), ("d", 10)]
         assert restored.sql("SELECT timeline_id FROM pg_control_checkpoint()")[0][0] == 3
+
+
+@pytest.mark.parametrize("archive_target", ["local"], indirect=True)
+def test_a_target_past_the_archived_wal_stops_the_copy_and_promotes_nothing(
+    pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path
+) -> None:
+    """A time or LSN the archive does not reach yet is restored as asked (the WAL may still
+    come), restore's last line says what PostgreSQL will do, and PostgreSQL stops at the end
+    of the archived WAL instead of promoting there with less than was asked for."""
+    cluster = archiving_cluster(pg_factory, 15, archive_target)
+    backup_cli(cluster, archive_target, "base")
+    cluster.sql("CREATE TABLE pitr (id int, phase text)")
+    cluster.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 10) g")
+    wait_archived(cluster)
+    now = server_clock(cluster)
+    lsn = str(cluster.sql("SELECT pg_current_wal_lsn() + 1024 * 1024 * 1024")[0][0])
+
+    for flags in (("--recovery-target-time", str(now + timedelta(hours=1))),
+                  ("--recovery-target-lsn", lsn)):
+        pgdata, stdout = restore_reporting(archive_target, launcher, "base", *flags)
+        on_start = next(line for line in stdout.splitlines() if line.startswith("on start:"))
+        assert "if the archived WAL ends before that target, PostgreSQL stops instead" in on_start
+        log = start_until_it_stops(pgdata)
+        assert "recovery ended before configured recovery target was reached" in log, log
+        assert "selected new timeline ID" not in log, log
+
+
+def start_until_it_stops(pgdata: Path) -> str:
+    """Start a restored PostgreSQL 15 copy, wait until its postmaster has exited: its log."""
+    copy = RestoredCluster(15, pgdata)
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        # pg_ctl -w may see the server accept connections before it stops, or not.
+        with contextlib.suppress(AssertionError):
+            copy.start()
+        stopped = wait_until(lambda: not pid_file.exists(), timeout_s=120, first_s=0.1)
+        log = copy.log_path.read_text()
+    finally:
+        copy.stop()
+    assert stopped, f"the copy did not stop at the end of the archived WAL:\n{log}"
+    return log
