@@ -105,6 +105,17 @@ class RecoveryTarget:
         out["recovery_target_action"] = "promote"
         return out
 
+    @property
+    def sought_in_wal(self) -> bool:
+        """Whether recovery must find this target in the WAL, and may not: every target but
+        'immediate' (met at consistency) and latest (the end of the WAL, wherever it is).
+
+        One the archived WAL ends before is FATAL "recovery ended before configured recovery
+        target was reached", not a promotion at that end (PostgreSQL 13+: StartupXLOG,
+        xlogrecovery.c since 15).
+        """
+        return self.setting not in (None, "recovery_target")
+
     def describe(self) -> str:
         """Where recovery stops, as a phrase."""
         if self.setting is None:

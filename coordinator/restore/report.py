@@ -100,12 +100,6 @@ def _settings_lines(request: SettingsRequest, outcome: SettingsOutcome) -> list[
     return lines
 
 
-# Targets PostgreSQL may not reach within the archived WAL ('immediate' and 'latest' always are).
-_TARGETS_BEYOND_REACH = frozenset(
-    {"recovery_target_time", "recovery_target_lsn", "recovery_target_xid", "recovery_target_name"}
-)
-
-
 def _on_start(
     manifest: BackupManifest, request: SettingsRequest, outcome: SettingsOutcome, archive: str
 ) -> str:
@@ -113,11 +107,9 @@ def _on_start(
         text = (f"on start: the copy replays WAL archived in {archive} (restore_command runs "
                 f"cloud-dump wal-fetch) up to {request.target.describe()}, then promotes to a "
                 "new timeline and opens as a primary")
-        if request.target.setting in _TARGETS_BEYOND_REACH:
-            # PostgreSQL 13+ (StartupXLOG; xlogrecovery.c since 15): a target that the end of
-            # the archived WAL has not met is FATAL, not a promotion at that end. Restore
-            # cannot see it coming (the WAL may still be on its way), so the line says what
-            # the operator will see.
+        if request.target.sought_in_wal:
+            # Restore cannot see it coming (the WAL may still be on its way), so the line says
+            # what the operator will see.
             text += ("; if the archived WAL ends before that target, PostgreSQL stops instead "
                      "(FATAL: recovery ended before configured recovery target was reached) "
                      "and promotes nothing: archive the missing WAL and start it again")
