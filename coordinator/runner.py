@@ -106,7 +106,11 @@ def run(
     timeout_s: float | None = None,
 ) -> Any:
     """Start one unit, wait for its answer, release it; raises its error."""
-    handle = runner.start(task, request, what, payloads, timeout_s=timeout_s)
+    return answer(runner, runner.start(task, request, what, payloads, timeout_s=timeout_s))
+
+
+def answer(runner: Runner, handle: Handle) -> Any:
+    """Wait for the answer of a unit ``runner`` started, release it; raises its error."""
     try:
         # No bound here: every handle is answered, overdue or failed in bounded time (its
         # timeout, the broker's grace period).

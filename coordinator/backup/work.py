@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from coordinator.runner import Handle, Runner, run
+from coordinator.runner import Handle, Runner, answer, run
 from workers.backup import (
     AbortRequest,
     ClaimRequest,
@@ -56,13 +56,24 @@ class BackupWork:
                         timeout_s=timeout_s))  # fmt: skip
 
     def open_wal_archive(self, request: OpenWalArchiveRequest) -> OpenWalArchiveResult:
-        # On the parts queue: the backup's workers may not consume the wal queue.
-        answer = self._run("cloud_dump.open_wal_archive", request)
-        return OpenWalArchiveResult.model_validate(answer)
+        return self.wal_archive(self.start_open_wal_archive(request))
 
-    def open_archive(self, key: str) -> str:
-        """Start the multipart upload of ``key``; its upload ID."""
-        return str(self._run("cloud_dump.open_archive", OpenArchiveRequest(key=key)))
+    def start_open_wal_archive(self, request: OpenWalArchiveRequest) -> Handle:
+        """Start reading the WAL archive's identity; ``wal_archive`` reads the answer."""
+        # On the parts queue: the backup's workers may not consume the wal queue.
+        return self._start("cloud_dump.open_wal_archive", request)
+
+    def wal_archive(self, handle: Handle) -> OpenWalArchiveResult:
+        """The answer of ``start_open_wal_archive``, waited for; raises its error."""
+        return OpenWalArchiveResult.model_validate(answer(self.runner, handle))
+
+    def start_open_archive(self, key: str) -> Handle:
+        """Start opening the multipart upload of ``key``; ``upload_id`` reads the answer."""
+        return self._start("cloud_dump.open_archive", OpenArchiveRequest(key=key))
+
+    def upload_id(self, handle: Handle) -> str:
+        """The upload ID ``start_open_archive`` asked for, waited for; raises its error."""
+        return str(answer(self.runner, handle))
 
     def upload_part(self, request: UploadPartRequest, data: bytes) -> Handle:
         """Start uploading one part; ``part_result`` reads the handle's answer."""
@@ -110,6 +121,9 @@ class BackupWork:
         return run(self.runner, task, request, f"'{task}'", payloads,
                    timeout_s=self.task_timeout_s)  # fmt: skip
 
+    def _start(self, task: str, request: OpenArchiveRequest | OpenWalArchiveRequest) -> Handle:
+        return self.runner.start(task, request, f"'{task}'", timeout_s=self.task_timeout_s)
+
 
 def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:
     """The backup's runner with the limits of the store it writes to: the Celery workers when
@@ -128,7 +142,9 @@ def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:
         # The workers hold the storage; told one, this backup must land there (every task
         # carries it, and a worker storing elsewhere refuses: exit 3).
         location = storage_url(args.storage) if args.storage else None
-        broker = open_broker(args.broker, args.result_backend, args.staging_url)
+        broker = open_broker(
+            args.broker, args.result_backend, args.staging_url, queues=(PARTS_QUEUE,)
+        )
         # A broker that goes away is waited for as long as a part may stay unconfirmed; a
         # staged payload nobody deleted expires after ten part timeouts, an hour at least.
         runner: Runner = CeleryRunner(

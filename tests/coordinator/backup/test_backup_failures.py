@@ -313,3 +313,29 @@ def test_backup_passphrase_is_not_checked_without_a_wal_archive_key(
     (tmp_path / "b").write_text("passphrase b\n")
     backup(source, target, "b1", "--passphrase-file", str(tmp_path / "b"))
     assert listed(target) == ["b1"]
+
+
+@pytest.mark.parametrize("route", ["embedded", "workers"])
+def test_an_upload_that_cannot_be_opened_fails_the_backup_and_stores_nothing(
+    route: str, source: PgCluster, tmp_path: Path, start_workers: Callable[..., WorkerPool]
+) -> None:
+    """An archive's upload is opened while the archive streams (``coordinator.backup.run``):
+    when opening fails, the backup fails with the store's error, and no part or archive is
+    stored. The store's uploads directory is a file here, so no upload opens in it (a real
+    failure of the local backend, not a stub); the clean-up cannot list uploads there either,
+    so it keeps the claim and says which file to delete."""
+    root = tmp_path / "store"
+    target = local_target(root)
+    (root / ".cloud-dump-uploads").write_text("not a directory\n")
+    extra = []
+    if route == "workers":
+        extra = ["--broker", start_workers(target.env).broker_url]
+    result = run_cli("backup", "--name", "unopened", "--db-url", source.replication_url(),
+                     "--no-progress", *extra, env=target.env)  # fmt: skip
+    assert result.returncode == ExitCode.STORAGE_ERROR, result.stderr
+    one_line_error(result.stderr, "cannot write", ".cloud-dump-uploads")
+    assert "backup 'unopened' stays claimed until" in result.stderr
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        ".cloud-dump-uploads", "unopened", "unopened/backup.claim"
+    ]
+    assert listed(target) == []
