@@ -19,6 +19,8 @@ from kombu.entity import Queue
 
 PARTS_QUEUE = "parts"
 WAL_QUEUE = "wal"
+# kombu's Redis transport with fewer round trips per connection (tasks.redistransport).
+QUIET_REDIS_TRANSPORT = "tasks.redistransport:Transport"
 TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal", "tasks.verify"]
 
 
@@ -65,4 +67,6 @@ def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
         # BRPOP timeout, so an idle worker's wait for tasks never trips it.
         broker_transport_options={"socket_timeout": 30, "socket_connect_timeout": 5},
     )
+    if broker_url.partition("://")[0].lower() == "redis":
+        app.conf.broker_transport = QUIET_REDIS_TRANSPORT
     return app

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from storage.base import PartBody
 from storage.errors import ChecksumMismatch, CloudDumpError
@@ -31,6 +32,11 @@ _SLICE_BYTES = 4 * 1024 * 1024
 # A part is read for upload in slices this size: what a worker holds of it at a time (redis-py
 # keeps about three copies of a reply while it reads one).
 _PART_SLICE_BYTES = 1024 * 1024
+
+
+def stage_key(ref: str) -> str:
+    """The Redis key a payload staged under ``ref`` is stored at."""
+    return STAGE_KEY_PREFIX + ref
 
 
 class StagedPayloadMissing(CloudDumpError):
@@ -76,7 +82,7 @@ class MemoryStage:
         data = self.get(ref)
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256.lower():
             raise ChecksumMismatch(f"{what} does not match its checksum")
-        return _BytesBody(data)
+        return _BytesBody(data, sha256.lower())
 
     def delete(self, *refs: str) -> None:
         with self._lock:
@@ -84,19 +90,35 @@ class MemoryStage:
                 self._payloads.pop(ref, None)
 
 
-def redis_client(url: str, *, connect_timeout_s: float, read_timeout_s: float) -> Redis:
-    """A redis-py client for ``url`` that says no more than it must when it connects.
+def quiet_connection_kwargs() -> dict[str, Any]:
+    """redis-py connection settings that send nothing on connect but what the URL asks for
+    (``AUTH`` for a password, ``SELECT`` for a database other than 0).
 
-    One retry, no backoff: enough to replace a connection a restarted Redis closed. No
-    ``CLIENT SETINFO`` (library name and version) and no maintenance-notification handshake:
-    redis-py sends each on every new connection, one round trip apiece, and the backup opens a
-    connection per sending thread; with the broker 50 ms away they added a fifth of a second to
-    each (bench/backup.py, broker 50 ms away).
+    redis-py 8 otherwise opens every connection with ``HELLO 3``, ``CLIENT SETINFO`` (library
+    name, then version) and a maintenance-notification handshake: four round trips before the
+    first command. The backup opens a connection per sending thread and kombu one per
+    producer; with the broker 50 ms away each took a fifth of a second more
+    (bench/backup.py, broker 50 ms away). RESP2 is what redis-py spoke by default before 8.
+    Also the settings of the broker's own connections (``tasks.redistransport``).
+    """
+    from redis.driver_info import DriverInfo
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    return {
+        "protocol": 2,
+        "driver_info": DriverInfo(name=None, lib_version=None),
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+
+
+def redis_client(url: str, *, connect_timeout_s: float, read_timeout_s: float) -> Redis:
+    """A redis-py client for ``url`` that says no more than it must when it connects
+    (``quiet_connection_kwargs``).
+
+    One retry, no backoff: enough to replace a connection a restarted Redis closed.
     """
     import redis  # only the broker path needs it
     from redis.backoff import NoBackoff
-    from redis.driver_info import DriverInfo
-    from redis.maint_notifications import MaintNotificationsConfig
     from redis.retry import Retry
 
     return redis.Redis.from_url(
@@ -104,8 +126,7 @@ def redis_client(url: str, *, connect_timeout_s: float, read_timeout_s: float) -
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=read_timeout_s,
         retry=Retry(NoBackoff(), 1),
-        driver_info=DriverInfo(name=None, lib_version=None),
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **quiet_connection_kwargs(),
     )
 
 
@@ -124,12 +145,23 @@ class RedisStage:
 
     def put(self, ref: str, data: bytes, ttl_s: int) -> None:
         with broker_faults(self.url):
-            self._client.set(STAGE_KEY_PREFIX + ref, data, ex=ttl_s)
+            self._client.set(stage_key(ref), data, ex=ttl_s)
+
+    def put_many(self, payloads: Mapping[str, bytes], ttl_s: int) -> None:
+        """``put`` each of ``payloads`` (ref → bytes), in one round trip to Redis."""
+        if len(payloads) <= 1:
+            for ref, data in payloads.items():
+                self.put(ref, data, ttl_s)
+            return
+        with broker_faults(self.url), self._client.pipeline(transaction=False) as pipe:
+            for ref, data in payloads.items():
+                pipe.set(stage_key(ref), data, ex=ttl_s)
+            pipe.execute()
 
     def get(self, ref: str) -> bytes:
         # In slices: redis-py's reader holds about three copies of one large reply, which put
         # a 48 MiB spike on each worker for a 16 MiB part (bench/backup).
-        key = STAGE_KEY_PREFIX + ref
+        key = stage_key(ref)
         with broker_faults(self.url):
             size = int(self._client.strlen(key))
             # Each slice is copied into one buffer as it arrives, so that the payload is held
@@ -151,7 +183,7 @@ class RedisStage:
         return cast(bytes, data)
 
     def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
-        key = STAGE_KEY_PREFIX + ref
+        key = stage_key(ref)
         with broker_faults(self.url):
             staged = int(self._client.strlen(key))
         if staged == 0:
@@ -164,7 +196,7 @@ class RedisStage:
         if not refs:
             return
         with broker_faults(self.url):
-            self._client.delete(*(STAGE_KEY_PREFIX + ref for ref in refs))
+            self._client.delete(*(stage_key(ref) for ref in refs))
 
     def close(self) -> None:
         self._client.close()
@@ -175,9 +207,10 @@ class _BytesBody(io.BytesIO):
 
     failure: Exception | None = None
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, sha256: str) -> None:
         super().__init__(data)
         self._size = len(data)
+        self.sha256 = sha256
 
     def __len__(self) -> int:
         return self._size
@@ -206,7 +239,7 @@ class StagedPartBody:
         self._url = url
         self._key = key
         self._size = size
-        self._sha256 = sha256
+        self.sha256 = sha256
         self._what = what
         self._pos = 0
         self._digest = hashlib.sha256()
@@ -265,7 +298,7 @@ class StagedPartBody:
                 digest.update(self._fetch(start))
         else:
             digest = self._digest
-        if digest.hexdigest() != self._sha256:
+        if digest.hexdigest() != self.sha256:
             raise ChecksumMismatch(f"{self._what} does not match its checksum")
         self._verified = True
 

@@ -24,17 +24,18 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.base import KeyValueStoreBackend
 
-from storage.errors import ConfigError, NoWorkerAvailable
+from storage.errors import BrokerUnreachable, ConfigError, NoWorkerAvailable
 from storage.redact import redact_url
 from tasks.config import PARTS_QUEUE, WAL_QUEUE, make_app
 from workers.brokerfaults import broker_faults, broker_unreachable, is_broker_fault
-from workers.staging import RedisStage, redis_client
+from workers.staging import RedisStage, redis_client, stage_key
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -84,34 +85,46 @@ class Broker:
         self.stage = RedisStage(staging_url)
         self._result_url = result_url
         # Used offline only: the key a result is stored under, and decoding it (the worker's
-        # own error re-created from its JSON form).
-        self._decoder = RedisBackend(app=self.app, url=result_url)
+        # own error re-created from its JSON form). Both are the key-value base class's, which
+        # the workers' RedisBackend inherits; that class would import redis.asyncio (50 ms of
+        # every command's start) for a connection it never opens here.
+        self._decoder = KeyValueStoreBackend(app=self.app)
         urls = list(dict.fromkeys([broker_url, result_url, staging_url]))
         self._servers = {u: _client(u) for u in urls if _scheme(u) in REDIS_SCHEMES}
+        # ``identity()`` as ``connect`` found it: the flights' first reference.
+        self.identity_at_connect: tuple[str, ...] | None = None
 
     @classmethod
     def connect(
-        cls, broker_url: str, result_backend: str | None = None, staging_url: str | None = None
+        cls,
+        broker_url: str,
+        result_backend: str | None = None,
+        staging_url: str | None = None,
+        *,
+        queues: Sequence[str] = (PARTS_QUEUE, WAL_QUEUE),
     ) -> Broker:
-        """A broker that answered; ``BrokerUnreachable`` (exit 6) at once otherwise."""
+        """A broker that answered; ``BrokerUnreachable`` (exit 6) at once otherwise.
+
+        ``queues``: those the caller will send tasks to (each costs two round trips here)."""
         broker = cls(broker_url, result_backend or broker_url, staging_url or broker_url)
-        # The connection the first send will use, with our queues declared on it: the same
-        # round trips a first send_task would make, made here, while the other Redis clients
-        # answer their PINGs in this thread. A broker 50 ms away took 1.35 s to connect and send
-        # once, one after the other; 0.9 s this way.
+        # The connection the first send will use, with the caller's queues declared on it: the
+        # same round trips a first send_task would make, made here, while this thread asks
+        # every Redis in use who it is (which the flights need before their first send
+        # anyway). A broker 50 ms away took 1.35 s to connect and send once, one after the
+        # other; 0.9 s this way.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            warm = pool.submit(broker._warm_producer)
-            broker.ping()
+            warm = pool.submit(broker._warm_producer, queues)
+            broker.identity_at_connect = broker.identity()
             warm.result()
         return broker
 
-    def _warm_producer(self) -> None:
-        """Connect a producer of the app's pool and declare the queues tasks are sent to."""
+    def _warm_producer(self, queues: Sequence[str]) -> None:
+        """Connect a producer of the app's pool and declare ``queues`` on it."""
         with broker_faults(self.url), self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(
                 max_retries=1, interval_start=0, timeout=_CONNECT_TIMEOUT_S
             )
-            for queue in (PARTS_QUEUE, WAL_QUEUE):
+            for queue in queues:
                 producer.maybe_declare(self.app.amqp.queues[queue])
 
     def send(
@@ -157,13 +170,22 @@ class Broker:
             raws = self._servers[self._result_url].mget(keys)
         return [self._state(raw) for raw in raws]
 
-    def forget(self, *task_ids: str) -> None:
-        """Drop the results of these tasks; best effort, as they expire anyway."""
-        if not task_ids:
-            return
+    def discard(self, task_ids: Sequence[str], refs: Sequence[str]) -> None:
+        """Delete the results of these tasks and the payloads staged under these refs; best
+        effort, as both expire anyway. One round trip when results and payloads share a
+        Redis (the usual set-up): a backup waits for the last of these before it exits."""
         keys = [self._decoder.get_key_for_task(i) for i in task_ids]
-        with contextlib.suppress(Exception), broker_faults(self._result_url):
-            self._servers[self._result_url].delete(*keys)
+        if refs and self.stage.url == self._result_url:
+            keys.extend(stage_key(ref) for ref in refs)
+            refs = []
+        if keys:
+            with contextlib.suppress(Exception), broker_faults(self._result_url):
+                self._servers[self._result_url].delete(*keys)
+        if refs:
+            try:
+                self.stage.delete(*refs)
+            except BrokerUnreachable as exc:
+                log.debug("staged payloads left to expire: %s", exc)
 
     def ping(self) -> None:
         """Raise ``BrokerUnreachable`` unless every Redis in use answers."""
@@ -249,9 +271,14 @@ def _task_id(message: bytes | str) -> str:
 
 
 def open_broker(
-    broker_url: str, result_backend: str | None = None, staging_url: str | None = None
+    broker_url: str,
+    result_backend: str | None = None,
+    staging_url: str | None = None,
+    *,
+    queues: Sequence[str] = (PARTS_QUEUE, WAL_QUEUE),
 ) -> Broker:
-    return Broker.connect(broker_url, result_backend, staging_url)
+    """``Broker.connect``: a broker that answered, ready to send to ``queues``."""
+    return Broker.connect(broker_url, result_backend, staging_url, queues=queues)
 
 
 def connect_broker(broker_url: str, result_backend: str | None = None) -> Celery:

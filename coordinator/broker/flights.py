@@ -130,8 +130,9 @@ class Flights:
         self._lock = threading.RLock()
         self._live: list[Flight] = []
         self._epoch = 0
-        self._identity: tuple[str, ...] | None = None
-        self._identity_at = 0.0
+        # The server run the first flight goes to: as connecting found it, if it did.
+        self._identity: tuple[str, ...] | None = broker.identity_at_connect
+        self._identity_at = time.monotonic()
         self._refreshed_at = 0.0
         self._probed_at = 0.0
         self._durations: dict[str, deque[float]] = {}
@@ -211,11 +212,7 @@ class Flights:
                     if isinstance(kept, KeptPayload):
                         kept.close()
                 flight.payloads = {}
-        self.broker.forget(*(task_id for f in flights for task_id in f.task_ids))
-        try:
-            self.broker.stage.delete(*refs)
-        except BrokerUnreachable as exc:
-            log.debug("staged payloads left to expire: %s", exc)
+        self.broker.discard([task_id for f in flights for task_id in f.task_ids], refs)
 
     def interrupt(self) -> None:
         """Stop waiting for the broker, now and from now on: the work is being given up."""
@@ -318,9 +315,10 @@ class Flights:
     def _stage_and_publish(self, flight: Flight, *, restage: bool) -> str:
         """Stage the flight's payloads (``restage``), then send one copy: its task id. No
         bookkeeping: callers record the copy with ``_sent``."""
-        if restage:
-            for ref, kept in flight.payloads.items():
-                self.broker.stage.put(ref, _payload_bytes(kept), self._ttl_s)
+        if restage and flight.payloads:
+            self.broker.stage.put_many(
+                {ref: _payload_bytes(kept) for ref, kept in flight.payloads.items()}, self._ttl_s
+            )
         return self.broker.send(
             flight.task, flight.argument, flight.queue, label=flight.label,
             expires_s=flight.expires_s,
