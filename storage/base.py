@@ -113,9 +113,12 @@ class PartBody(Protocol):
 
     ``failure``: what the body raised while it was read, None until then. An HTTP stack may
     wrap it (awscrt's signer turns it into ``AwsCrtError``); the backend raises this instead.
+    ``sha256``: the hex SHA-256 the body checks its bytes against; a backend given the same
+    need not hash them again (the local one does not).
     """
 
     failure: Exception | None
+    sha256: str
 
     def __len__(self) -> int: ...
 

@@ -446,6 +446,39 @@ def test_local_upload_part_with_a_wrong_sha256_is_refused_and_not_stored(tmp_pat
         )
 
 
+@pytest.mark.parametrize("xattrs", [True, False], ids=["part-digest-recorded", "no-xattrs"])
+def test_local_complete_takes_each_part_only_as_its_uploader_was_answered(
+    tmp_path: Path, xattrs: bool
+) -> None:
+    """A part replaced after its ETag was handed out is refused at completion (S3's
+    InvalidPart), whether the part's SHA-256 was recorded with it or, on a file system
+    without user xattrs, must be read again."""
+    root = tmp_path / "store"
+    store = local_target(root).open()
+    key = "assembled/base.tar.zst"
+    upload_id = store.create_multipart(key)
+    first, second, tail = payload(1, PART_BYTES), payload(2, PART_BYTES), payload(3, 100)
+    stale = store.upload_part(key, upload_id, 1, first, sha256=sha256_hex(first))
+    fresh = store.upload_part(key, upload_id, 1, second, sha256=sha256_hex(second))
+    last = store.upload_part(key, upload_id, 2, tail, sha256=sha256_hex(tail))
+    part_files = sorted((root / ".cloud-dump-uploads" / upload_id).glob("part-*"))
+    assert len(part_files) == 2
+    for path in part_files:
+        if xattrs:
+            assert os.getxattr(path, "user.cloud-dump.part-sha256")
+        else:
+            os.removexattr(path, "user.cloud-dump.part-sha256")
+
+    with pytest.raises(StorageError, match=r"part 1 .* does not match its etag"):
+        store.complete_multipart(key, upload_id, [stale, last])
+    with pytest.raises(ObjectNotFound):
+        store.head(key)
+
+    info = store.complete_multipart(key, upload_id, [fresh, last])
+    assert store.get(key) == second + tail
+    assert info.size == len(second + tail)
+
+
 def test_metadata_is_stored_with_the_object(storage: Storage) -> None:
     storage.put("meta/a", b"payload", metadata={"raw-sha256": "ab" * 32, "system-id": "123"})
     assert storage.head("meta/a").metadata == {"raw-sha256": "ab" * 32, "system-id": "123"}
