@@ -19,13 +19,17 @@ from kombu.entity import Queue
 
 PARTS_QUEUE = "parts"
 WAL_QUEUE = "wal"
-# kombu's Redis transport with fewer round trips per connection (tasks.redistransport).
+# kombu's Redis transport with fewer round trips per connection (tasks.redistransport), and
+# its variant for the coordinator's commands.
 QUIET_REDIS_TRANSPORT = "tasks.redistransport:Transport"
+CLIENT_REDIS_TRANSPORT = "tasks.redistransport:ClientTransport"
 TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal", "tasks.verify"]
 
 
-def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
-    """A Celery app talking to ``broker_url``; results go to the same Redis unless told."""
+def make_app(broker_url: str, result_backend: str | None = None, *, client: bool = False) -> Celery:
+    """A Celery app talking to ``broker_url``; results go to the same Redis unless told.
+    ``client``: the app of a command that sends tasks, not of a worker
+    (``tasks.redistransport.ClientTransport`` for a ``redis://`` broker)."""
     app = Celery("cloud_dump", include=TASK_MODULES)
     app.conf.update(
         broker_url=broker_url,
@@ -68,5 +72,5 @@ def make_app(broker_url: str, result_backend: str | None = None) -> Celery:
         broker_transport_options={"socket_timeout": 30, "socket_connect_timeout": 5},
     )
     if broker_url.partition("://")[0].lower() == "redis":
-        app.conf.broker_transport = QUIET_REDIS_TRANSPORT
+        app.conf.broker_transport = CLIENT_REDIS_TRANSPORT if client else QUIET_REDIS_TRANSPORT
     return app

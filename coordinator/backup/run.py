@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import logging
-import socket
 import threading
-import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from coordinator.backup.heartbeat import Heartbeat
 from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter, PartSizer
@@ -32,7 +31,7 @@ from coordinator.backup.replication import (
     SystemInfo,
 )
 from coordinator.backup.window import PartWindow
-from coordinator.backup.work import BackupWork
+from coordinator.backup.work import BackupWork, new_claim
 from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from storage.base import Capabilities, sha256_hex
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
     from coordinator.settings import Encryption
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -100,23 +100,34 @@ class BackupPlan:
     allow_unchecked_tablespaces: bool = False
 
 
+def _in_background(name: str, work: Callable[[], _T]) -> Future[_T]:
+    """``work()`` on a daemon thread of its own: its result or error, once there is one."""
+    outcome: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(work())
+        except BaseException as exc:
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return outcome
+
+
 class _Opening:
-    """An archive's multipart upload, opened while the archive streams: the worker's answer
-    is waited for when the first part is due, not before the first byte is read. With the
-    broker 50 ms away the wait cost 100 ms of the server's stream per archive."""
+    """An archive's multipart upload, opened while the archive streams: sent and answered on
+    a thread of its own, waited for when the first part is due, not before the first byte is
+    read. With the broker 50 ms away the wait cost 100 ms of the server's stream per
+    archive."""
 
     def __init__(self, work: BackupWork, key: str) -> None:
-        self._work = work
-        self._handle = work.start_open_archive(key)
-        self._lock = threading.Lock()
-        self._upload_id: str | None = None
+        self._answer = _in_background(
+            "open-upload", lambda: work.upload_id(work.start_open_archive(key))
+        )
 
     def upload_id(self) -> str:
-        """The upload ID, waited for (once); raises the opening's error."""
-        with self._lock:
-            if self._upload_id is None:
-                self._upload_id = self._work.upload_id(self._handle)
-            return self._upload_id
+        """The upload ID, waited for; raises the opening's error."""
+        return self._answer.result()
 
 
 @dataclass
@@ -224,25 +235,42 @@ class _StreamSink:
         self.progress = run.set_progress
 
 
-def run_backup(plan: BackupPlan, work: BackupWork, capabilities: Capabilities) -> BackupManifest:
-    """Take the backup described by ``plan``; return its manifest once it is stored."""
+def run_backup(
+    plan: BackupPlan,
+    work: BackupWork,
+    capabilities: Capabilities,
+    claiming: ClaimRequest | None = None,
+) -> BackupManifest:
+    """Take the backup described by ``plan``; return its manifest once it is stored.
+
+    ``claiming``: the run's claim of the name, if the caller made it (and sent it ahead with
+    ``BackupWork.send_claim``); else one is made here."""
     check_wal_archive_passphrase(plan, work)
-    backup = BackupRef(name=plan.name, cluster=plan.cluster)
-    run_id = uuid.uuid4().hex
-    started = _now().isoformat()
-    claim = work.claim(
-        ClaimRequest(
-            backup=backup, run_id=run_id, host=socket.gethostname(), started_at=started,
-            heartbeat_every_s=plan.heartbeat_every_s, heartbeat_at=started,
-        )
-    )  # fmt: skip
+    if claiming is None:
+        claiming = new_claim(BackupRef(name=plan.name, cluster=plan.cluster),
+                             plan.heartbeat_every_s)  # fmt: skip
+    backup, run_id = claiming.backup, claiming.run_id
+    started = _now()
+    # The server is asked who it is, and the WAL archive about it, while the claim is on its
+    # way (sent ahead by the command): with the broker 50 ms away, one after the other they
+    # held the stream's start back by 100 ms.
+    try:
+        conn, system, ahead = _connect(plan, work)
+    except BaseException:
+        work.withdraw_claim()
+        raise
+    try:
+        claim = work.claim(claiming)
+    except BaseException:
+        conn.close()
+        raise
     heartbeat = Heartbeat(work, backup, run_id, plan.heartbeat_every_s)
     heartbeat.start()
     window = PartWindow(work, plan.max_in_flight, run_id=run_id)
     run = _Run(plan, work, capabilities, window, Progress(plan.show_progress), claim,
-               heartbeat.stop)  # fmt: skip
+               heartbeat.stop, before_first_archive=ahead)  # fmt: skip
     try:
-        return _stream_and_finalize(run, backup, run_id)
+        return _stream_and_finalize(run, backup, run_id, _Connected(conn, system, started))
     except BaseException as exc:
         # Includes KeyboardInterrupt and the SIGTERM the CLI turns into one.
         log.debug("backup failed, aborting: %r", exc)
@@ -304,23 +332,24 @@ class ArchiveAheadCheck:
     """
 
     def __init__(self, plan: BackupPlan, work: BackupWork, system: SystemInfo) -> None:
-        self._work = work
         self._system = system
         self._wal_root = Layout(
             cluster=plan.cluster, wal_prefix=plan.wal_prefix or DEFAULT_WAL_PREFIX
         ).wal_root
-        self._handle = work.start_open_wal_archive(
-            OpenWalArchiveRequest(
-                archive_info_key=self._wal_root + ARCHIVE_INFO_NAME,
-                system_identifier=None,
-                newest_on_timeline=system.timeline,
-            )
+        request = OpenWalArchiveRequest(
+            archive_info_key=self._wal_root + ARCHIVE_INFO_NAME,
+            system_identifier=None,
+            newest_on_timeline=system.timeline,
+        )
+        # Sent and answered on a thread: the caller goes on to start the base backup.
+        self._answer = _in_background(
+            "wal-archive", lambda: work.wal_archive(work.start_open_wal_archive(request))
         )
 
     def __call__(self) -> None:
         """Wait for the answer; raise ``WalConflict`` if the archive is ahead."""
         system = self._system
-        opened = self._work.wal_archive(self._handle)
+        opened = self._answer.result()
         if opened.archive is not None and (
             opened.archive.system_identifier != system.system_identifier
         ):
@@ -336,20 +365,34 @@ class ArchiveAheadCheck:
                 "WAL; back this server up under another --cluster or storage"
             )
 
-    def drop(self) -> None:
-        """Forget the question unanswered (the backup failed before it mattered)."""
-        self._work.release([self._handle])
+
+@dataclass(frozen=True)
+class _Connected:
+    conn: ReplicationConnection
+    system: SystemInfo
+    started: datetime  # before the base backup was asked for
 
 
-def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupManifest:
-    plan = run.plan
-    started = _now()
-    with ReplicationConnection.connect(plan.dsn) as conn:
+def _connect(
+    plan: BackupPlan, work: BackupWork
+) -> tuple[ReplicationConnection, SystemInfo, ArchiveAheadCheck]:
+    """The replication connection, what the server says it is, and the WAL archive's check
+    of it (asked now, answered on its own thread: the first archive waits for it)."""
+    conn = ReplicationConnection.connect(plan.dsn)
+    try:
         system = conn.identify_system()
-        # Asked now, answered while the server checkpoints: the first archive waits for it
-        # (with the broker 50 ms away, asking first cost the backup 100 ms).
-        ahead = ArchiveAheadCheck(plan, run.work, system)
-        run.before_first_archive = ahead
+        return conn, system, ArchiveAheadCheck(plan, work, system)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _stream_and_finalize(
+    run: _Run, backup: BackupRef, run_id: str, connected: _Connected
+) -> BackupManifest:
+    plan = run.plan
+    system, started = connected.system, connected.started
+    with connected.conn as conn:
         try:
             result = conn.base_backup(
                 BaseBackupOptions(
@@ -361,9 +404,7 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
                 _StreamSink(run),
             )
         except BaseException:
-            if run.before_first_archive is not None:
-                run.before_first_archive = None
-                ahead.drop()
+            run.before_first_archive = None  # its thread finishes alone (it is answered)
             raise
         run.check_before_archive()  # passed by every backup, whatever it streamed
     # When the server's stream ended, not when the uploads drained: a restore refuses time

@@ -8,12 +8,17 @@ that the backup never knows whether its work runs on the Celery workers or in th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from coordinator.runner import Handle, Runner, answer, run
 from workers.backup import (
     AbortRequest,
+    BackupRef,
     ClaimRequest,
     FinalizeRequest,
     HeartbeatRequest,
@@ -40,6 +45,7 @@ class BackupWork:
 
     runner: Runner
     task_timeout_s: float
+    _sent_claim: tuple[ClaimRequest, Handle] | None = field(default=None, init=False, repr=False)
 
     @property
     def resent(self) -> int:
@@ -47,8 +53,31 @@ class BackupWork:
         return self.runner.resent
 
     def claim(self, request: ClaimRequest) -> str:
-        """Take the name; return where the claim is stored (for messages)."""
+        """Take the name; return where the claim is stored (for messages). A claim sent ahead
+        with ``send_claim`` is not sent again: its answer is read."""
+        sent, self._sent_claim = self._sent_claim, None
+        if sent is not None and sent[0] == request:
+            return str(answer(self.runner, sent[1]))
         return str(self._run("cloud_dump.claim_backup", request))
+
+    def send_claim(self, request: ClaimRequest) -> None:
+        """Send the claim now, for ``claim`` to read later: a backup sends it as soon as the
+        broker answers, while the rest of the command starts."""
+        self._sent_claim = (request, self._start("cloud_dump.claim_backup", request))
+
+    def withdraw_claim(self) -> None:
+        """Give up a claim sent ahead that no run will use: if it was taken, release it (best
+        effort; a claim left behind is ``cloud-dump cleanup``'s to find)."""
+        sent, self._sent_claim = self._sent_claim, None
+        if sent is None:
+            return
+        request, handle = sent
+        try:
+            answer(self.runner, handle)
+        except Exception:
+            return  # not taken
+        with contextlib.suppress(Exception):
+            self.abort(AbortRequest(backup=request.backup, run_id=request.run_id, uploads=[]))
 
     def heartbeat(self, request: HeartbeatRequest, *, timeout_s: float) -> bool:
         """Record that the run is alive in its claim; False once the claim is not its own."""
@@ -121,8 +150,19 @@ class BackupWork:
         return run(self.runner, task, request, f"'{task}'", payloads,
                    timeout_s=self.task_timeout_s)  # fmt: skip
 
-    def _start(self, task: str, request: OpenArchiveRequest | OpenWalArchiveRequest) -> Handle:
+    def _start(
+        self, task: str, request: ClaimRequest | OpenArchiveRequest | OpenWalArchiveRequest
+    ) -> Handle:
         return self.runner.start(task, request, f"'{task}'", timeout_s=self.task_timeout_s)
+
+
+def new_claim(backup: BackupRef, heartbeat_every_s: float) -> ClaimRequest:
+    """A run's claim of ``backup``'s name: a fresh run id, this host, the time now."""
+    started = datetime.now(UTC).isoformat()
+    return ClaimRequest(
+        backup=backup, run_id=uuid.uuid4().hex, host=socket.gethostname(), started_at=started,
+        heartbeat_every_s=heartbeat_every_s, heartbeat_at=started,
+    )  # fmt: skip
 
 
 def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:

@@ -81,7 +81,7 @@ class Broker:
             _require_redis(url)
         self.url = broker_url
         # Sends only: no result backend, so Celery opens no result subscription (see above).
-        self.app = make_app(broker_url, "disabled")
+        self.app = make_app(broker_url, "disabled", client=True)
         self.stage = RedisStage(staging_url)
         self._result_url = result_url
         # Used offline only: the key a result is stored under, and decoding it (the worker's
@@ -169,6 +169,33 @@ class Broker:
         with broker_faults(self._result_url):
             raws = self._servers[self._result_url].mget(keys)
         return [self._state(raw) for raw in raws]
+
+    def states_and_identity(
+        self, task_ids: list[str]
+    ) -> tuple[list[TaskState], tuple[str, ...]]:
+        """``states`` and ``identity`` together: in one round trip when results, payloads and
+        messages share one Redis (the usual set-up). With the broker 50 ms away the flights'
+        once-a-second identity check otherwise cost the backup's stream a round trip apiece."""
+        if len(self._servers) != 1 or not task_ids:
+            return self.states(task_ids), self.identity()
+        from redis.exceptions import ResponseError
+
+        ((url, client),) = self._servers.items()
+        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
+        with broker_faults(url):
+            with client.pipeline(transaction=False) as pipe:
+                pipe.mget(keys)
+                pipe.info("server")
+                raws, info = pipe.execute(raise_on_error=False)
+            if isinstance(raws, BaseException):
+                raise raws
+            if isinstance(info, ResponseError) and not is_broker_fault(info):
+                run_id = ""  # INFO not allowed to this user: a restart goes unseen
+            elif isinstance(info, BaseException):
+                raise info
+            else:
+                run_id = str(info.get("run_id", ""))
+        return [self._state(raw) for raw in raws], (run_id,)
 
     def discard(self, task_ids: Sequence[str], refs: Sequence[str]) -> None:
         """Delete the results of these tasks and the payloads staged under these refs; best

@@ -229,13 +229,19 @@ class Flights:
 
     def _refresh(self) -> None:
         now = time.monotonic()
-        self._check_identity(now)
         pending = [f for f in self._live if not f.answered]
         for flight in pending:
             if flight.epoch != self._epoch:
                 self._send(flight, first=False)
         ids = [task_id for f in pending for task_id in f.task_ids]
-        states = dict(zip(ids, self.broker.states(ids), strict=True))
+        if now - self._identity_at >= IDENTITY_EVERY_S:
+            # Read with the states (one round trip where the broker allows): a restart seen
+            # here sends the unconfirmed flights again at the next refresh.
+            found, identity = self.broker.states_and_identity(ids)
+            self._take_identity(identity, now)
+        else:
+            found = self.broker.states(ids)
+        states = dict(zip(ids, found, strict=True))
         suspects = []
         for flight in pending:
             self._settle(flight, [(i, states[i]) for i in flight.task_ids if i in states])
@@ -297,10 +303,7 @@ class Flights:
             elif holders and age > self._after(flight.task, STRAY_FLOOR_S, STRAY_FACTOR):
                 self._resend(flight, f"held by no live worker for {age:.0f} s")
 
-    def _check_identity(self, now: float) -> None:
-        if now - self._identity_at < IDENTITY_EVERY_S:
-            return
-        identity = self.broker.identity()
+    def _take_identity(self, identity: tuple[str, ...], now: float) -> None:
         self._identity_at = now
         if self._identity is not None and identity != self._identity:
             self._new_epoch(f"broker '{_shown(self.broker.url)}' was restarted or replaced")
