@@ -4,8 +4,6 @@ Runner interface (the Celery side is tested against real workers in tests/coordi
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +12,7 @@ from coordinator.runner import EmbeddedRunner, run
 from coordinator.wait import wait_until
 from storage.base import Storage
 from storage.errors import StorageUnreachable
-from storage.factory import open_storage
-from storage.urls import local_url
+from tests.coordinator.conftest import overdue
 from workers.backup import UNITS as BACKUP_UNITS
 from workers.backup import (
     BackupRef,
@@ -27,18 +24,6 @@ from workers.backup import (
 from workers.staging import Stage
 from workers.verify import UNITS as VERIFY_UNITS
 from workers.wal import UNITS as WAL_UNITS
-
-
-def overdue(what: str) -> BaseException:
-    return StorageUnreachable(f"{what} overdue")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Storage]:
-    (tmp_path / "store").mkdir()
-    storage = open_storage(local_url(str(tmp_path / "store")))
-    yield storage
-    storage.close()
 
 
 def test_a_part_is_uploaded_from_the_stage_and_answered_in_json_form(store: Storage) -> None:

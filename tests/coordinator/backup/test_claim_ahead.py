@@ -5,30 +5,14 @@ never began. A real local store through the embedded runner."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from coordinator.backup.work import BackupWork, new_claim
 from coordinator.runner import EmbeddedRunner
 from storage.base import Storage
-from storage.errors import BackupExists, StorageUnreachable
-from storage.factory import open_storage
-from storage.urls import local_url
+from storage.errors import BackupExists
+from tests.coordinator.conftest import overdue
 from workers.backup import UNITS, BackupRef
-
-
-def overdue(what: str) -> BaseException:
-    return StorageUnreachable(f"{what} overdue")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Storage]:
-    (tmp_path / "store").mkdir()
-    storage = open_storage(local_url(str(tmp_path / "store")))
-    yield storage
-    storage.close()
 
 
 def work_on(store: Storage) -> BackupWork:
