@@ -141,6 +141,7 @@ def test_out_of_range_settings_are_refused_for_both() -> None:
 
 class _NoBroker:
     url = "redis://nowhere"
+    identity_at_connect = None  # as a Broker made without connecting
 
     def close(self) -> None:
         self.closed = True
