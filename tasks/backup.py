@@ -53,9 +53,9 @@ def finalize_backup_task(request: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name="cloud_dump.abort_backup", **_RETRY)  # type: ignore[untyped-decorator]
-def abort_backup_task(request: dict[str, Any]) -> None:
+def abort_backup_task(request: dict[str, Any]) -> bool:
     parsed = backup.AbortRequest.model_validate(request)
-    backup.abort_backup(worker_storage.get(parsed.storage_url), parsed)
+    return backup.abort_backup(worker_storage.get(parsed.storage_url), parsed)
 
 
 @app.task(name="cloud_dump.heartbeat_backup", **_RETRY)  # type: ignore[untyped-decorator]

@@ -270,16 +270,17 @@ def _abort_strays(storage: Storage, request: FinalizeRequest) -> None:
             log.info("aborted the stray upload %s of '%s'", upload.upload_id, upload.key)
 
 
-def abort_backup(storage: Storage, request: AbortRequest) -> None:
+def abort_backup(storage: Storage, request: AbortRequest) -> bool:
     """Undo a failed run: abort its uploads and remove what it stored, claim last.
 
     Every upload under the backup's prefix is aborted, not only those the coordinator knew of:
     it may have been stopped while an upload was being opened. The claim makes the prefix this
-    run's alone. A complete backup (manifest.json) is never touched.
+    run's alone. A complete backup (manifest.json) is never touched: True when that is what
+    was found (the run failed or was stopped after finalize stored it), else False.
     """
     backup = request.backup
     if _exists(storage, backup.layout.manifest_key(backup.name)):
-        return
+        return True
     prefix = backup.layout.backup_prefix(backup.name)
     known = {(u.key, u.upload_id) for u in request.uploads}
     listed = {(u.key, u.upload_id) for u in storage.list_multipart_uploads(prefix)}
@@ -291,6 +292,7 @@ def abort_backup(storage: Storage, request: AbortRequest) -> None:
     holder = read_claim(storage, claim_key) or {}
     if holder.get("run_id") == request.run_id:
         storage.delete(claim_key)
+    return False
 
 
 def _complete_archive(storage: Storage, archive: ArchiveUpload) -> None:

@@ -33,6 +33,9 @@ def fault_types() -> tuple[type[BaseException], ...]:
         # A failover in progress: the address now leads to a replica, or one without a master.
         redis_errors.ReadOnlyError,
         redis_errors.MasterDownError,
+        # Something that is not Redis answers at the address (an HTTP server, a proxy): as
+        # unreachable as no server at all, not an unexpected error (exit 1).
+        redis_errors.InvalidResponse,
     )
 
 

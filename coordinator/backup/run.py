@@ -1,7 +1,8 @@
 """``cloud-dump backup``: one run, from claiming the name to the manifest written last.
 
-    claim name (sent ahead) ‖ connect, IDENTIFY_SYSTEM, ask the WAL archive → claim answered
-    → BASE_BACKUP → per archive: open upload (answered while it streams), ArchiveWriter
+    claim name (sent while the command starts) → connect, IDENTIFY_SYSTEM, ask the WAL archive
+    (answered while the server checkpoints) → BASE_BACKUP → per archive: open upload
+    (answered while it streams), ArchiveWriter
     (compress if the server did not, encrypt, cut parts) → PartWindow (stage + send) →
     drain → finalize (complete uploads, backup_manifest, wrapped key, manifest.json last)
 
@@ -255,32 +256,28 @@ def run_backup(
         claiming = new_claim(BackupRef(name=plan.name, cluster=plan.cluster),
                              plan.heartbeat_every_s)  # fmt: skip
     backup, run_id = claiming.backup, claiming.run_id
-    started = _now()
-    # The server is asked who it is, and the WAL archive about it, while the claim is on its
-    # way (sent ahead by the command): with the broker 50 ms away, one after the other they
-    # held the stream's start back by 100 ms.
-    try:
-        conn, system, ahead = _connect(plan, work)
-    except BaseException:
-        work.withdraw_claim()
-        raise
-    try:
-        claim = work.claim(claiming)
-    except BaseException:
-        conn.close()
-        raise
+    # Answered before anything else: a database that cannot be reached is looked at only once
+    # the name is this run's, so that the run never waits on a claim it must then undo (with
+    # no worker running, that wait is --task-timeout).
+    claim = work.claim(claiming)
     heartbeat = Heartbeat(work, backup, run_id, plan.heartbeat_every_s)
     heartbeat.start()
     window = PartWindow(work, plan.max_in_flight, run_id=run_id)
     run = _Run(plan, work, capabilities, window, Progress(plan.show_progress), claim,
-               heartbeat.stop, before_first_archive=ahead)  # fmt: skip
+               heartbeat.stop)  # fmt: skip
     try:
-        return _stream_and_finalize(run, backup, run_id, _Connected(conn, system, started))
+        return _stream_and_finalize(run, backup, run_id)
     except BaseException as exc:
         # Includes KeyboardInterrupt and the SIGTERM the CLI turns into one.
         log.debug("backup failed, aborting: %r", exc)
         heartbeat.stop()
-        _abort(run, backup, run_id)
+        if _abort(run, backup, run_id):
+            # Stopped after finalize stored it (a Ctrl-C while its answer was on its way):
+            # the backup is whole, and saying only "interrupted" would hide it.
+            log.warning(
+                "backup '%s' was stored whole before this run stopped: it is kept and "
+                "listed ('cloud-dump delete --name %s' removes it)", plan.name, plan.name,
+            )
         raise
     finally:
         heartbeat.stop()
@@ -371,33 +368,14 @@ class ArchiveAheadCheck:
             )
 
 
-@dataclass(frozen=True)
-class _Connected:
-    conn: ReplicationConnection
-    system: SystemInfo
-    started: datetime  # before the base backup was asked for
-
-
-def _connect(
-    plan: BackupPlan, work: BackupWork
-) -> tuple[ReplicationConnection, SystemInfo, ArchiveAheadCheck]:
-    """The replication connection, what the server says it is, and the WAL archive's check
-    of it (asked now, answered on its own thread: the first archive waits for it)."""
-    conn = ReplicationConnection.connect(plan.dsn)
-    try:
-        system = conn.identify_system()
-        return conn, system, ArchiveAheadCheck(plan, work, system)
-    except BaseException:
-        conn.close()
-        raise
-
-
-def _stream_and_finalize(
-    run: _Run, backup: BackupRef, run_id: str, connected: _Connected
-) -> BackupManifest:
+def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupManifest:
     plan = run.plan
-    system, started = connected.system, connected.started
-    with connected.conn as conn:
+    started = _now()
+    with ReplicationConnection.connect(plan.dsn) as conn:
+        system = conn.identify_system()
+        # Asked now, answered on its own thread while the server checkpoints: the first
+        # archive waits for it (with the broker 50 ms away, asking first cost 100 ms).
+        run.before_first_archive = ArchiveAheadCheck(plan, run.work, system)
         try:
             result = conn.base_backup(
                 BaseBackupOptions(
@@ -553,8 +531,9 @@ def _encryption_info(run: _Run, layout: Layout) -> EncryptionInfo:
     return EncryptionInfo(mode="recipients", recipients=encryption.recipients)
 
 
-def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
-    """Best effort: undo what this run stored. A failure here must not hide the first one."""
+def _abort(run: _Run, backup: BackupRef, run_id: str) -> bool:
+    """Best effort: undo what this run stored. A failure here must not hide the first one.
+    True when the backup was found complete (and left so)."""
     run.window.abandon()  # first: releases a part thread waiting for room or for the broker
     for archive in run.archives:
         if archive.summary is None and archive.writer is not None:
@@ -563,7 +542,9 @@ def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
             except Exception:
                 log.debug("aborting the archive writer failed", exc_info=True)
     try:
-        run.work.abort(AbortRequest(backup=backup, run_id=run_id, uploads=_opened_uploads(run)))
+        return run.work.abort(
+            AbortRequest(backup=backup, run_id=run_id, uploads=_opened_uploads(run))
+        )
     except Exception as exc:
         log.warning(
             "could not clean up after the failed backup (%s): backup '%s' stays claimed "
@@ -572,6 +553,7 @@ def _abort(run: _Run, backup: BackupRef, run_id: str) -> None:
             backup.name,
             run.claim,
         )
+        return False
 
 
 def _opened_uploads(run: _Run) -> list[ArchiveUpload]:

@@ -118,11 +118,12 @@ class BackupWork:
         """Finalize with ``payloads`` staged under the refs ``request`` names."""
         self._run("cloud_dump.finalize_backup", request, payloads)
 
-    def abort(self, request: AbortRequest) -> None:
-        """Undo a failed run; gives up after a bounded time (``ABORT_*``)."""
+    def abort(self, request: AbortRequest) -> bool:
+        """Undo a failed run; gives up after a bounded time (``ABORT_*``). True when the
+        backup turned out complete (finalize had stored it): then nothing was undone."""
         self.runner.revive(ABORT_GRACE_S)
         self.task_timeout_s = min(self.task_timeout_s, ABORT_TIMEOUT_S)
-        self._run("cloud_dump.abort_backup", request)
+        return bool(self._run("cloud_dump.abort_backup", request))
 
     def release(self, handles: list[Handle]) -> None:
         """Drop the staged payloads and results of these parts: answered."""

@@ -324,7 +324,7 @@ class Flights:
             )
         return self.broker.send(
             flight.task, flight.argument, flight.queue, label=flight.label,
-            expires_s=flight.expires_s,
+            expires_s=_expiry(flight),
         )  # fmt: skip
 
     def _sent(self, flight: Flight, task_id: str, *, first: bool, epoch: int) -> None:
@@ -566,6 +566,21 @@ def _keep(flight: Flight) -> None:
                 if not _kept_in_memory_warned:
                     log.warning("keeping unconfirmed parts in memory: no temporary file (%s)", exc)
                     _kept_in_memory_warned = True
+
+
+def _expiry(flight: Flight) -> float | None:
+    """How long a copy may wait for a worker: at most until the flight is given up on.
+
+    A flight with a ``timeout_s`` is answered ``NoWorkerAvailable`` once that has passed; a copy
+    still queued then must not run later, when a worker comes up: a claim that ran after its
+    backup gave up held the name until ``cleanup`` removed it. Celery drops a copy a worker
+    receives past its expiry (a time by the coordinator's clock, compared with the worker's).
+    """
+    if flight.timeout_s is None:
+        return flight.expires_s
+    waited_s = time.monotonic() - flight.first_sent_at if flight.task_ids else 0.0
+    remaining_s = max(1.0, flight.timeout_s - waited_s)
+    return remaining_s if flight.expires_s is None else min(flight.expires_s, remaining_s)
 
 
 def _payload_bytes(kept: bytes | KeptPayload) -> bytes:

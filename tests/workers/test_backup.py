@@ -361,7 +361,7 @@ def test_abort_removes_every_upload_and_object_of_the_run_claim_last(storage: St
     storage.put(BACKUP_MANIFEST_KEY, b"backup manifest of b1")
     assert len(uploads_in_progress(storage)) == 3
 
-    abort_backup(storage, run.abort_request())
+    assert abort_backup(storage, run.abort_request()) is False
 
     assert uploads_in_progress(storage) == set()
     assert keys(storage) == set()
@@ -373,7 +373,7 @@ def test_abort_of_a_run_that_lost_the_name_keeps_the_holders_claim(storage: Stor
     Run(storage, "run-a").claim()
     loser = Run(storage, "run-b")
 
-    abort_backup(storage, loser.abort_request())
+    assert abort_backup(storage, loser.abort_request()) is False
 
     assert json.loads(storage.get(CLAIM_KEY))["run_id"] == "run-a"
 
@@ -385,7 +385,7 @@ def test_abort_never_touches_a_complete_backup(storage: Storage) -> None:
     finalize_backup(storage, run.stage, run.finalize_request())
     before = {key: storage.get(key) for key in keys(storage)}
 
-    abort_backup(storage, run.abort_request())
+    assert abort_backup(storage, run.abort_request()) is True  # the coordinator says so
 
     assert {key: storage.get(key) for key in keys(storage)} == before
     assert MANIFEST_KEY in before

@@ -3,8 +3,10 @@ that looks like a valid backup or a usable PGDATA."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +99,28 @@ def test_backup_unreachable_broker(source: PgCluster, tmp_path: Path) -> None:
                      "--broker", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == ExitCode.BROKER_UNREACHABLE
     one_line_error(result.stderr, "cannot reach broker")
+
+
+@pytest.mark.parametrize("command", ["backup", "check"])
+def test_a_broker_url_that_reaches_no_redis_is_an_unreachable_broker(
+    command: str, source: PgCluster, tmp_path: Path
+) -> None:
+    """An HTTP server where the broker should be (a proxy, a wrong port): exit 6 naming the
+    broker, not an unexpected error (exit 1)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    url = f"redis://127.0.0.1:{server.server_address[1]}/0"
+    extra = ["--name", "b1", "--db-url", source.replication_url()] if command == "backup" else []
+    try:
+        result = run_cli(command, *extra, "--broker", url,
+                         env={"CLOUD_DUMP_STORAGE": f"file://{tmp_path}"})  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == ExitCode.BROKER_UNREACHABLE, result.stderr
+    one_line_error(result.stderr, "cannot reach broker", url)
+    assert not list(tmp_path.iterdir())
 
 
 def test_backup_unreachable_storage(source: PgCluster) -> None:

@@ -39,6 +39,7 @@ from devrig.services import (
 )
 from devrig.tcpproxy import TcpProxy
 from devrig.walfiles import SEG1, SYSID_A, WalDir, make_segment
+from storage.errors import NoWorkerAvailable
 from workers.backup import BackupRef, ClaimRequest
 from workers.staging import STAGE_KEY_PREFIX
 
@@ -307,5 +308,43 @@ def test_a_claim_lost_with_a_restarted_broker_is_sent_again(
         claiming.join(timeout=60)  # far less than the task timeout
         assert answer == [f"{target.url}/b1/backup.claim"]
         assert (tmp_path / "store" / "b1" / "backup.claim").exists()
+    finally:
+        runner.close()
+
+
+# --- a unit given up on for want of a worker ---------------------------------------------------
+
+
+def test_a_claim_given_up_on_is_not_taken_when_a_worker_comes_later(
+    own_redis: OwnRedis, own_workers: Callable[..., WorkerPool], tmp_path: Path
+) -> None:
+    """No worker within the task timeout: the backup fails (exit 7), and its claim, still
+    queued, must not run when a worker starts later: it would hold the name, with no run
+    behind it, until `cleanup` removed it. Each copy is sent with an expiry at the flight's
+    timeout, and the worker drops it (REVOKED)."""
+    target = local_target(tmp_path / "store")
+    runner = CeleryRunner(open_broker(own_redis.url), "parts", storage_url=None, grace_s=60,
+                          payload_ttl_s=600, resend_after_s=600)  # fmt: skip
+    request = ClaimRequest(backup=BackupRef(name="late"), run_id="r1", host="h", started_at="t")
+    try:
+        handle = runner.start("cloud_dump.claim_backup", request, "the claim", timeout_s=2)
+        assert wait_until(handle.done, timeout_s=60, first_s=0.05)
+        with pytest.raises(NoWorkerAvailable):
+            handle.result()
+        task_ids = list(handle.flight.task_ids)  # type: ignore[attr-defined]
+        assert redis.Redis.from_url(own_redis.url).llen("parts") == len(task_ids)
+
+        own_workers(target.env, count=1, queues="parts")
+
+        def dropped() -> bool:
+            return all(s.status == "REVOKED" for s in runner.broker.states(task_ids))
+
+        assert wait_until(dropped, timeout_s=60, first_s=0.05), runner.broker.states(task_ids)
+        assert not (tmp_path / "store" / "late").exists()
+        # The name is free: a claim that a worker answers takes it.
+        work = BackupWork(runner, task_timeout_s=60)
+        assert work.claim(request.model_copy(update={"run_id": "r2"})).endswith(
+            "late/backup.claim"
+        )
     finally:
         runner.close()
