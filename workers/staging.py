@@ -149,10 +149,6 @@ class RedisStage:
 
     def put_many(self, payloads: Mapping[str, bytes], ttl_s: int) -> None:
         """``put`` each of ``payloads`` (ref → bytes), in one round trip to Redis."""
-        if len(payloads) <= 1:
-            for ref, data in payloads.items():
-                self.put(ref, data, ttl_s)
-            return
         with broker_faults(self.url), self._client.pipeline(transaction=False) as pipe:
             for ref, data in payloads.items():
                 pipe.set(stage_key(ref), data, ex=ttl_s)

@@ -37,7 +37,7 @@ from coordinator.backup.replication import (
     SystemInfo,
 )
 from coordinator.backup.window import PartWindow
-from coordinator.backup.work import BackupWork, new_claim
+from coordinator.backup.work import BackupWork
 from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
 from storage.base import Capabilities, sha256_hex
@@ -120,33 +120,18 @@ def _in_background(name: str, work: Callable[[], _T]) -> Future[_T]:
     return outcome
 
 
-class _Opening:
-    """An archive's multipart upload, opened while the archive streams: sent and answered on
-    a thread of its own, waited for when the first part is due, not before the first byte is
-    read. With the broker 50 ms away the wait cost 100 ms of the server's stream per
-    archive."""
-
-    def __init__(self, work: BackupWork, key: str) -> None:
-        self._answer = _in_background(
-            "open-upload", lambda: work.upload_id(work.start_open_archive(key))
-        )
-
-    def upload_id(self) -> str:
-        """The upload ID, waited for; raises the opening's error."""
-        return self._answer.result()
-
-
 @dataclass
 class _Archive:
     info: ArchiveInfo
     key: str
-    opening: _Opening
+    opening: Future[str]  # its multipart upload's ID (``_Run.begin_archive``)
     writer: ArchiveWriter | None = None  # None until it is made (which may fail)
     summary: ArchiveSummary | None = None
 
     @property
     def upload_id(self) -> str:
-        return self.opening.upload_id()
+        """Waited for; raises the opening's error."""
+        return self.opening.result()
 
 
 @dataclass
@@ -177,11 +162,17 @@ class _Run:
         key = self.layout.archive_key(
             plan.name, archive.name, plan.compression, encrypted=encrypted
         )
-        opening = _Opening(self.work, key)
+        # Opened while the archive streams, sent and answered on a thread of its own: waited
+        # for when the first part is due, not before the first byte is read (with the broker
+        # 50 ms away, that wait cost 100 ms of the server's stream per archive).
+        work = self.work
+        opening = _in_background(
+            "open-upload", lambda: work.upload_id(work.start_open_archive(key))
+        )
         client_compression = plan.compression if archive.compression == "none" else "none"
 
         def put_part(part_number: int, data: bytes, sha256: str) -> None:
-            self.window.submit(key, opening.upload_id(), part_number, data, sha256)
+            self.window.submit(key, opening.result(), part_number, data, sha256)
             self.progress.stored(len(data))
 
         # Listed before anything else can fail, so that an abort finds the upload.
@@ -242,19 +233,11 @@ class _StreamSink:
 
 
 def run_backup(
-    plan: BackupPlan,
-    work: BackupWork,
-    capabilities: Capabilities,
-    claiming: ClaimRequest | None = None,
+    plan: BackupPlan, work: BackupWork, capabilities: Capabilities, claiming: ClaimRequest
 ) -> BackupManifest:
-    """Take the backup described by ``plan``; return its manifest once it is stored.
-
-    ``claiming``: the run's claim of the name, if the caller made it (and sent it ahead with
-    ``BackupWork.send_claim``); else one is made here."""
+    """Take the backup described by ``plan``, under ``claiming`` (``work.new_claim``, perhaps
+    sent ahead with ``BackupWork.send_claim``); return its manifest once it is stored."""
     check_wal_archive_passphrase(plan, work)
-    if claiming is None:
-        claiming = new_claim(BackupRef(name=plan.name, cluster=plan.cluster),
-                             plan.heartbeat_every_s)  # fmt: skip
     backup, run_id = claiming.backup, claiming.run_id
     # Answered before anything else: a database that cannot be reached is looked at only once
     # the name is this run's, so that the run never waits on a claim it must then undo (with
@@ -376,19 +359,15 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
         # Asked now, answered on its own thread while the server checkpoints: the first
         # archive waits for it (with the broker 50 ms away, asking first cost 100 ms).
         run.before_first_archive = ArchiveAheadCheck(plan, run.work, system)
-        try:
-            result = conn.base_backup(
-                BaseBackupOptions(
-                    label=f"cloud-dump {plan.name}",
-                    server_compression=plan.compression,
-                    compression_level=plan.compression_level,
-                    require_tablespace_check=not plan.allow_unchecked_tablespaces,
-                ),
-                _StreamSink(run),
-            )
-        except BaseException:
-            run.before_first_archive = None  # its thread finishes alone (it is answered)
-            raise
+        result = conn.base_backup(
+            BaseBackupOptions(
+                label=f"cloud-dump {plan.name}",
+                server_compression=plan.compression,
+                compression_level=plan.compression_level,
+                require_tablespace_check=not plan.allow_unchecked_tablespaces,
+            ),
+            _StreamSink(run),
+        )
         run.check_before_archive()  # passed by every backup, whatever it streamed
     # When the server's stream ended, not when the uploads drained: a restore refuses time
     # targets before end_time, and a late end_time would refuse targets the backup reaches.

@@ -165,9 +165,8 @@ class Broker:
         """The state of each task, in order, in one round trip."""
         if not task_ids:
             return []
-        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
         with broker_faults(self._result_url):
-            raws = self._servers[self._result_url].mget(keys)
+            raws = self._servers[self._result_url].mget(self._result_keys(task_ids))
         return [self._state(raw) for raw in raws]
 
     def states_and_identity(
@@ -178,30 +177,22 @@ class Broker:
         once-a-second identity check otherwise cost the backup's stream a round trip apiece."""
         if len(self._servers) != 1 or not task_ids:
             return self.states(task_ids), self.identity()
-        from redis.exceptions import ResponseError
-
         ((url, client),) = self._servers.items()
-        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
         with broker_faults(url):
             with client.pipeline(transaction=False) as pipe:
-                pipe.mget(keys)
+                pipe.mget(self._result_keys(task_ids))
                 pipe.info("server")
                 raws, info = pipe.execute(raise_on_error=False)
             if isinstance(raws, BaseException):
                 raise raws
-            if isinstance(info, ResponseError) and not is_broker_fault(info):
-                run_id = ""  # INFO not allowed to this user: a restart goes unseen
-            elif isinstance(info, BaseException):
-                raise info
-            else:
-                run_id = str(info.get("run_id", ""))
+            run_id = _run_id(info)
         return [self._state(raw) for raw in raws], (run_id,)
 
     def discard(self, task_ids: Sequence[str], refs: Sequence[str]) -> None:
         """Delete the results of these tasks and the payloads staged under these refs; best
         effort, as both expire anyway. One round trip when results and payloads share a
         Redis (the usual set-up): a backup waits for the last of these before it exits."""
-        keys = [self._decoder.get_key_for_task(i) for i in task_ids]
+        keys = self._result_keys(task_ids)
         if refs and self.stage.url == self._result_url:
             keys.extend(stage_key(ref) for ref in refs)
             refs = []
@@ -228,11 +219,10 @@ class Broker:
         for url, client in self._servers.items():
             with broker_faults(url):
                 try:
-                    ids.append(str(client.info("server").get("run_id", "")))
+                    info: Any = client.info("server")
                 except ResponseError as exc:
-                    if is_broker_fault(exc):  # a failover in progress
-                        raise
-                    ids.append("")  # INFO not allowed to this user: a restart goes unseen
+                    info = exc
+                ids.append(_run_id(info))
         return tuple(ids)
 
     def workers(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
@@ -273,6 +263,10 @@ class Broker:
                 client.close()
         self.stage.close()
 
+    def _result_keys(self, task_ids: Sequence[str]) -> list[Any]:
+        """The keys these tasks' results are stored under."""
+        return [self._decoder.get_key_for_task(i) for i in task_ids]
+
     def _state(self, raw: bytes | str | None) -> TaskState:
         if not raw:
             return TaskState("PENDING", None)
@@ -280,6 +274,19 @@ class Broker:
         status, result = str(meta.get("status")), meta.get("result")
         started = status == "STARTED" and isinstance(result, dict)
         return TaskState(status, result, result.get("hostname") if started else None)
+
+
+def _run_id(info: Any) -> str:
+    """The run id in what ``INFO server`` answered (a dict, or the ``ResponseError`` it raised):
+    "" when INFO is not allowed to this user (a restart then goes unseen); a broker fault (a
+    failover in progress) or any other error is raised."""
+    from redis.exceptions import ResponseError
+
+    if isinstance(info, ResponseError) and not is_broker_fault(info):
+        return ""
+    if isinstance(info, BaseException):
+        raise info
+    return str(info.get("run_id", ""))
 
 
 def _raised_in_kombu(exc: BaseException) -> bool:
