@@ -346,11 +346,6 @@ class _ArchiveStream(io.RawIOBase):
             finally:
                 super().close()
 
-    def drain(self) -> None:
-        """Read to the end: trailing tar padding, and the last bytes the decoders check."""
-        while self.read(1024 * 1024):
-            pass
-
 
 def open_plaintext(
     source: BinaryIO,

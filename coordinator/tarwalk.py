@@ -2,9 +2,9 @@
 ``backup_manifest``: what restore (which writes the files) and ``verify --deep`` (which discards
 them) share.
 
-``walk_tar`` reads a tar stream once (``tarfile`` mode ``r|``) and hands each member to a
-``TarSink``: restore's writes it under its target directory (``coordinator.restore.extract``),
-``DISCARD`` drops the bytes. Names are made safe before a sink sees them: absolute names and
+``walk_tar`` reads a tar stream once, front to back, and hands each member to a ``TarSink``:
+restore's writes it under its target directory (``coordinator.restore.extract``), ``DISCARD``
+drops the bytes. Names are made safe before a sink sees them: absolute names and
 ``..`` components are refused, device files and FIFOs too (restore would never write one), so
 the verdict of a deep verify is the one a restore would reach. Every regular file's size and
 checksum are computed from the bytes as the sink consumes them, in the algorithm the backup's
@@ -24,20 +24,25 @@ Imported by ``workers.verify`` too, so it sits below the workers (``.importlinte
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, NoReturn, Protocol
+from typing import IO, BinaryIO, NoReturn, Protocol, cast
 
 import crc32c
 
 from storage.errors import IntegrityError
 
-# Larger chunks made glibc map and unmap each one: 3x slower (bench/backup).
+# The default chunk of a member's bytes. Larger ones made glibc map and unmap each one in the
+# workers, which fix malloc's mmap threshold at 128 KiB (``coordinator.malloc``): 3x slower.
 COPY_BYTES = 64 * 1024
+_WHOLE_READ_BYTES = 1024 * 1024  # the pieces of a read to the end (only trailing padding)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,9 @@ class TarSink(Protocol):
 
     def directory(self, member: tarfile.TarInfo, name: str) -> None: ...
 
-    def file(self, member: tarfile.TarInfo, name: str, chunks: Iterable[bytes]) -> None: ...
+    def file(
+        self, member: tarfile.TarInfo, name: str, chunks: Iterable[bytes | memoryview]
+    ) -> None: ...
 
     def symlink(self, member: tarfile.TarInfo, name: str) -> None: ...
 
@@ -81,7 +88,9 @@ class _Discard:
     def directory(self, member: tarfile.TarInfo, name: str) -> None:
         pass
 
-    def file(self, member: tarfile.TarInfo, name: str, chunks: Iterable[bytes]) -> None:
+    def file(
+        self, member: tarfile.TarInfo, name: str, chunks: Iterable[bytes | memoryview]
+    ) -> None:
         for _ in chunks:
             pass
 
@@ -102,32 +111,49 @@ def walk_tar(
     algorithm: str | None = "CRC32C",
     manifest_prefix: str = "",
     what: str = "archive",
+    chunk_bytes: int = COPY_BYTES,
+    read_ahead: int = 0,
 ) -> WalkResult:
-    """Hand every member of the tar read from ``stream`` to ``sink``, checksumming files.
+    """Hand every member of the tar read from ``stream`` to ``sink``, checksumming files, then
+    read ``stream`` to its end (the tar's trailing blocks; decoders check their last bytes).
 
     ``algorithm``: the backup_manifest checksum algorithm to compute (None: sizes only).
+    ``chunk_bytes``: the most a chunk handed to ``sink.file`` holds (bytes or a memoryview).
+    ``read_ahead``: read ``stream`` on a thread of its own, up to this many chunks ahead (0: in
+    the caller's thread); ``stream`` is then not to be touched until ``walk_tar`` returns.
     ``IntegrityError`` naming ``what`` for an unreadable tar, a truncated member, or a member
     refused (``refuse``) by the walker or the sink; errors of the sink and of ``stream``
     propagate as they are.
     """
     result = WalkResult()
+    source = _ForwardReader(stream, read_ahead, chunk_bytes)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        # Mode "r:", not the stream mode "r|": that one reads its source 10 KiB at a time and
+        # copies every byte three times on the way (a join and two slices), which was a fifth of
+        # a restore's CPU. tarfile only ever seeks forward here (``_ForwardReader``).
+        with tarfile.open(fileobj=cast(IO[bytes], source), mode="r:") as tar:
             for member in tar:
-                _walk_member(tar, member, sink, algorithm, manifest_prefix, what, result)
+                _walk_member(source, member, sink, algorithm, manifest_prefix, what, result,
+                             chunk_bytes)  # fmt: skip
+        source.drain()
     except (tarfile.TarError, EOFError) as exc:
+        source.stop()
         raise IntegrityError(f"{what} is not a readable tar archive: {exc}") from exc
+    except BaseException:
+        source.stop()
+        raise
     return result
 
 
 def _walk_member(
-    tar: tarfile.TarFile,
+    source: _ForwardReader,
     member: tarfile.TarInfo,
     sink: TarSink,
     algorithm: str | None,
     prefix: str,
     what: str,
     result: WalkResult,
+    chunk_bytes: int,
 ) -> None:
     name = safe_name(member.name, what)
     if name is None:  # "./": the target itself
@@ -135,12 +161,11 @@ def _walk_member(
     if member.isdir():
         sink.directory(member, name)
     elif member.isfile():
-        source = tar.extractfile(member)
-        if source is None:  # only for non-regular members, excluded above
-            refuse(what, member.name, "has no data")
+        if member.sparse is not None:  # PostgreSQL never writes one; restore would not hole it
+            refuse(what, member.name, "is a sparse file")
         checksum = new_checksum(algorithm)
         counted = [0]
-        sink.file(member, name, _checksummed(source, checksum, counted))
+        sink.file(member, name, _checksummed(source, member, chunk_bytes, checksum, counted))
         if counted[0] != member.size:
             raise IntegrityError(f"{what} member '{member.name}' is truncated")
         result.bytes += counted[0]
@@ -159,12 +184,144 @@ def _walk_member(
 
 
 def _checksummed(
-    source: IO[bytes], checksum: _Checksum | hashlib._Hash, counted: list[int]
-) -> Iterator[bytes]:
-    while chunk := source.read(COPY_BYTES):
+    source: _ForwardReader,
+    member: tarfile.TarInfo,
+    chunk_bytes: int,
+    checksum: _Checksum | hashlib._Hash,
+    counted: list[int],
+) -> Iterator[bytes | memoryview]:
+    """The member's bytes, straight from the source (each chunk is the decoder's own buffer or
+    a view of it, never copied), checksummed and counted as they pass."""
+    source.seek(member.offset_data)
+    left = member.size
+    while left and (chunk := source.read_some(min(left, chunk_bytes))):
         checksum.update(chunk)
         counted[0] += len(chunk)
+        left -= len(chunk)
         yield chunk
+
+
+class _ForwardReader:
+    """A stream as tarfile's seeking mode wants it: ``tell``, and ``seek`` forward only (the
+    bytes skipped are read and dropped). ``read(n)`` returns ``n`` bytes unless the stream ends;
+    ``read_some(n)`` at most ``n``, without copying them.
+
+    tarfile seeks to each header and member in order, and back only when asked for a member's
+    bytes a second time, which ``walk_tar`` never does: that would raise ``StreamError``.
+
+    With ``read_ahead`` (chunks), the stream is read on a thread of its own (``_ReadAhead``).
+    """
+
+    def __init__(self, stream: BinaryIO, read_ahead: int, chunk_bytes: int) -> None:
+        self._stream = stream
+        self._position = 0
+        self._ahead = _ReadAhead(stream, read_ahead, chunk_bytes) if read_ahead else None
+        self._view = memoryview(b"")  # the unread rest of the read-ahead's current chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence != os.SEEK_SET:
+            raise tarfile.StreamError("cannot seek from the end of a stream")
+        if offset < self._position:
+            raise tarfile.StreamError("cannot seek backwards in a stream")
+        while offset > self._position and self.read_some(offset - self._position):
+            pass
+        return self._position
+
+    def read_some(self, size: int) -> bytes | memoryview:
+        """At most ``size`` bytes (fewer where a decoder or a chunk ends); empty at the end."""
+        if self._ahead is None:
+            piece: bytes | memoryview = self._stream.read(size)
+        else:
+            if not self._view:
+                self._view = self._ahead.next_chunk()
+            piece, self._view = self._view[:size], self._view[size:]
+        self._position += len(piece)
+        return piece
+
+    def read(self, size: int = -1) -> bytes:
+        pieces = []
+        got = 0
+        while size < 0 or got < size:
+            piece = self.read_some(_WHOLE_READ_BYTES if size < 0 else size - got)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
+
+    def drain(self) -> None:
+        """Read to the end: the tar's trailing blocks, and what the decoders check there."""
+        while self.read_some(_WHOLE_READ_BYTES):
+            pass
+
+    def stop(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+
+
+class _ReadAhead:
+    """Reads a stream ``chunk_bytes`` at a time on a thread of its own, at most ``depth`` chunks
+    ahead of ``next_chunk``.
+
+    Why: decompressing (zstd, which releases the GIL) took half of the restoring thread's time,
+    one after another with parsing the tar and checksumming; on its own thread it overlaps them.
+    An error of the stream is raised by the ``next_chunk`` that would have returned what
+    follows it. ``stop`` (the walk failed) lets the thread end after at most the read it is in:
+    it is not waited for, as that read may be one a stalled network holds; the caller's closing
+    of what it reads from ends it sooner.
+    """
+
+    def __init__(self, stream: BinaryIO, depth: int, chunk_bytes: int) -> None:
+        self._stream = stream
+        self._chunk_bytes = chunk_bytes
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stopping = False
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="tar-read-ahead", daemon=True)
+        self._thread.start()
+
+    def next_chunk(self) -> memoryview:
+        """The next chunk; empty at the end of the stream."""
+        if self._ended:
+            return memoryview(b"")
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if not item:
+            self._ended = True
+            self._thread.join()  # it has put its last chunk and returns
+        return memoryview(item)
+
+    def stop(self) -> None:
+        self._stopping = True
+        # Room for the chunk the thread may be putting; it then sees ``_stopping`` and returns.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._chunks.get_nowait()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                chunk = self._stream.read(self._chunk_bytes)
+                self._chunks.put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # raised again in the walking thread
+            self._chunks.put(exc)
 
 
 def safe_name(raw: str, what: str) -> str | None:
@@ -210,7 +367,7 @@ class _Checksum:
     def __init__(self, crc: bool) -> None:
         self._crc: int | None = 0 if crc else None
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         if self._crc is not None:
             self._crc = crc32c.crc32c(data, self._crc)
 

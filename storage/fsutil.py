@@ -134,7 +134,7 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data`` to ``fd``: a write may take only part of it (a disk filling up, a
     signal). Raises ``OSError`` as ``os.write`` does (naming no file)."""
     view = memoryview(data)

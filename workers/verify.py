@@ -194,7 +194,6 @@ def check_archive(
                     cast(BinaryIO, plain), DISCARD, algorithm=manifest_algorithm(entries),
                     manifest_prefix=_prefix(request.tablespace_oid), what=what,
                 )  # fmt: skip
-                plain.drain()
                 reader.drain()  # the stored object's sha256 is checked at its end
             finally:  # what was read, up to a failure too
                 result.bytes_read = reader.bytes_read

@@ -107,6 +107,6 @@ def write_file(path: Path, data: bytes, mode: int) -> None:
     the mode the restored file had), never through a symbolic link; raises ``OSError`` naming
     ``path``.
 
-    Not fsynced: restore calls ``os.sync()`` once before it makes the directory startable.
+    Not fsynced: restore syncs once (``CreatedPaths.sync``) before it makes the directory startable.
     """
     write_atomically(path, data, mode=mode, sync=False)

@@ -169,6 +169,6 @@ def _file_mode(path: Path) -> int:
 def _replace_keeping_mode(path: Path, text: str) -> None:
     """Replace ``path`` atomically with its mode (``_file_mode``); raises ``OSError`` naming it.
 
-    Not fsynced: this runs before restore's ``os.sync()`` that precedes pg_control.
+    Not fsynced: this runs before restore's sync (``CreatedPaths.sync``) that precedes pg_control.
     """
     write_atomically(path, text, mode=_file_mode(path), sync=False)

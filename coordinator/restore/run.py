@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,7 +159,7 @@ def restore_backup(
             give_to(owner, [plan.pgdata, *plan.outside().values()],
                     [*created.directories, *owned_paths])
             log.info("gave everything restored to %s", owner.name)
-        _make_startable(plan, results)
+        _make_startable(plan, results, created)
     except BaseException:
         created.undo()  # while the targets are still held: nobody else has written in them
         raise
@@ -297,7 +296,6 @@ class _ArchiveRun:
                 held_back=(PG_CONTROL,) if base else (),
                 what=what,
             )
-            plain.drain()
             reader.drain()  # the object's sha256 is checked at its end
         return result
 
@@ -342,9 +340,11 @@ def _complete_pgdata(
         before_startable(plan)
 
 
-def _make_startable(plan: TargetPlan, results: Sequence[ExtractResult]) -> None:
+def _make_startable(
+    plan: TargetPlan, results: Sequence[ExtractResult], created: CreatedPaths
+) -> None:
     # Everything durable before pg_control makes the directory startable.
-    os.sync()
+    created.sync()
     for name, path in _held_back(results).items():
         with naming(path):
             path.rename(plan.pgdata / name)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from coordinator.restore.extract import PARTIAL_SUFFIX, naming
 from storage.errors import ConfigError, IntegrityError, TargetNotEmpty
+from storage.kernelsync import sync_filesystem
 from storage.manifest import BackupManifest
 
 DIR_MODE = 0o700
@@ -213,6 +214,15 @@ class CreatedPaths:
                     directory.rmdir()
                 except OSError:
                     break  # not empty: a parent shared with another restore's target
+
+    def sync(self) -> None:
+        """Make everything on the targets' file systems durable, raising ``OSError`` naming a
+        target when a write there failed since it was held: before this run wrote anything,
+        so the check covers every file it wrote (``storage.kernelsync.sync_filesystem``)."""
+        os.sync()  # also what ``before_startable`` wrote elsewhere; reports no error itself
+        for held in self._held:
+            with naming(held.path):
+                sync_filesystem(held.fd)
 
     def release(self) -> None:
         """Let other restores have the targets: closing the descriptor drops the lock."""

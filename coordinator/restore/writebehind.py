@@ -6,8 +6,12 @@ system call releases the GIL, and so does zstd) they overlap on two cores. ``Wri
 what it is given strictly in submission order, so whatever depends on a file existing (a hard
 link to it) is submitted after it, and ``flush`` waits for all of it.
 
+Write-back: every ``WRITEBACK_BYTES`` of a file, and at its close, the thread asks the kernel
+to start writing what it just wrote to disk (``storage.kernelsync.start_writeback``), so that
+the disk works while the archive is still decompressed, not all at the final sync.
+
 Memory: at most ``max_jobs`` jobs wait, each holding at most one chunk of the tar walk
-(``tarwalk.COPY_BYTES``).
+(``extract.CHUNK_BYTES``): 16 MiB with the defaults.
 
 Errors: the first exception of a job is kept and raised in the caller's thread by the next
 call (``open``, ``write``, ``finish``, ``call``) or by ``flush``; later jobs are skipped, and the
@@ -26,9 +30,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from storage.fsutil import naming, write_all
+from storage.kernelsync import start_writeback
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _STOP = ("stop", None)
+# Large enough that the disk gets whole extents to write, small enough to start early.
+WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
 class WriteBehind:
@@ -36,12 +43,14 @@ class WriteBehind:
     in submission order. Use as a context manager (``flush`` on success, ``abandon`` on error).
     """
 
-    def __init__(self, *, max_jobs: int = 256) -> None:
+    def __init__(self, *, max_jobs: int = 32) -> None:
         self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max_jobs)
         self._error: BaseException | None = None
         self._discard = False
         self._fd: int | None = None
         self._path: Path | None = None
+        self._written = 0  # bytes written to the open file
+        self._started = 0  # of which write-back was started for the first this many
         self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
         self._thread.start()
 
@@ -50,7 +59,7 @@ class WriteBehind:
         ``exists()`` raises the error for a name that is taken."""
         self._put("open", (path, mode, exists))
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` to the file opened last; an ``OSError`` names that file."""
         self._put("write", data)
 
@@ -123,6 +132,10 @@ class WriteBehind:
             assert self._fd is not None and self._path is not None
             with naming(self._path):
                 write_all(self._fd, payload)
+                self._written += len(payload)
+                if self._written - self._started >= WRITEBACK_BYTES:
+                    start_writeback(self._fd, self._started, self._written - self._started)
+                    self._started = self._written
         elif kind == "open":
             path, mode, exists = payload
             try:
@@ -130,6 +143,7 @@ class WriteBehind:
             except FileExistsError:
                 exists()
             self._fd, self._path = fd, path
+            self._written = self._started = 0
             with naming(path):
                 os.fchmod(fd, mode)  # open() applied the umask to it
         elif kind == "close":
@@ -140,7 +154,13 @@ class WriteBehind:
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            try:
+                if self._written > self._started and self._error is None:
+                    assert self._path is not None
+                    with naming(self._path):
+                        start_writeback(fd, self._started, 0)
+            finally:
+                os.close(fd)
 
     def _close_quietly(self) -> None:
         """Close the open file after a failure or when stopping, keeping a close error only if

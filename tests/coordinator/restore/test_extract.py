@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +20,7 @@ from coordinator.restore.extract import (
     load_backup_manifest,
     verify_against_manifest,
 )
+from coordinator.wait import wait_until
 from storage.errors import IntegrityError
 from tests.coordinator.restore.rawbackup import RawBackup
 
@@ -122,6 +124,97 @@ def test_extract_truncated_tar_is_integrity_error(tmp_path: Path) -> None:
     data = tar_of(file_member("big", b"x" * 100_000)).read()[:50_000]
     with pytest.raises(IntegrityError, match=r"not a readable tar|truncated"):
         extract_archive(io.BytesIO(data), tmp_path, tablespace_links=None)
+
+
+class Trickle(io.RawIOBase):
+    """A decoder that returns fewer bytes than asked, as zstd's does at a frame's end."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self._data = memoryview(data)
+        self._most = most
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        take = self._most if size < 0 else min(size, self._most)
+        chunk, self._data = bytes(self._data[:take]), self._data[take:]
+        return chunk
+
+
+@pytest.mark.parametrize("most", [1, 511, 513, 70_000])
+def test_extract_reads_the_same_bytes_from_a_decoder_that_stops_short(
+    tmp_path: Path, most: int
+) -> None:
+    # Sizes around the 512-byte blocks and the 512 KiB chunks: headers, data and padding all
+    # come in pieces, and the member after a large one still starts where it should.
+    big = bytes(range(256)) * 4099
+    archive = tar_of(
+        file_member("base/big", big), file_member("base/small", b"abc"), file_member("empty", b"")
+    ).read()
+    target = tmp_path / "t"
+    target.mkdir()
+    result = extract_archive(Trickle(archive, most), target, tablespace_links=None)  # type: ignore[arg-type]
+    assert (target / "base" / "big").read_bytes() == big
+    assert (target / "base" / "small").read_bytes() == b"abc"
+    assert (target / "empty").read_bytes() == b""
+    assert result.bytes_written == len(big) + 3
+
+
+class FailsAfter(io.RawIOBase):
+    """A decoder that finds damage after ``good`` bytes (raised on the read-ahead thread)."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        self._data = io.BytesIO(data[:good])
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._data.read(size)
+        if not chunk:
+            raise IntegrityError("archive 'x' is damaged: frame checksum mismatch")
+        return chunk
+
+
+def test_a_decoder_error_on_the_read_ahead_thread_is_raised_by_the_extraction(
+    tmp_path: Path,
+) -> None:
+    archive = tar_of(file_member("base/big", b"y" * 3_000_000), file_member("b", b"z")).read()
+    with pytest.raises(IntegrityError, match="frame checksum mismatch"):
+        extract_archive(FailsAfter(archive, 2_000_000), tmp_path, tablespace_links=None)  # type: ignore[arg-type]
+    assert wait_until(lambda: not _read_ahead_threads(), timeout_s=10, first_s=0.01)
+
+
+def test_a_refused_member_stops_the_read_ahead_thread(tmp_path: Path) -> None:
+    # Megabytes follow the refused member: the thread must not stay blocked with chunks to hand.
+    archive = tar_of(
+        file_member("../evil", b"x"), *(file_member(f"f{i}", b"x" * 1_000_000) for i in range(20))
+    )
+    with pytest.raises(IntegrityError, match=r"'\.\.' component"):
+        extract_archive(archive, tmp_path, tablespace_links=None)
+    assert wait_until(lambda: not _read_ahead_threads(), timeout_s=10, first_s=0.01)
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tar-read-ahead"]
+
+
+def test_extract_refuses_a_sparse_member(tmp_path: Path) -> None:
+    # PostgreSQL never writes one; restoring it would need holes, which restore does not make.
+    info = tarfile.TarInfo("base/sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    out = io.BytesIO(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(IntegrityError, match="'base/sparse' is a sparse file"):
+        extract_archive(out, tmp_path, tablespace_links=None)
+    assert snapshot(tmp_path) == set()
+
+
+def test_extract_member_cut_short_is_named_truncated(tmp_path: Path) -> None:
+    # The header promises 100,000 bytes; the stream ends after 50,000 of them.
+    archive = tar_of(file_member("base/big", b"x" * 100_000)).read()
+    with pytest.raises(IntegrityError, match="member 'base/big' is truncated"):
+        extract_archive(io.BytesIO(archive[: 512 + 50_000]), tmp_path, tablespace_links=None)
 
 
 # --- backup_manifest ----------------------------------------------------------------------------
