@@ -14,6 +14,8 @@ Importing this module reads no environment: the coordinator builds its app from 
 
 from __future__ import annotations
 
+import ssl
+
 from celery import Celery
 from kombu.entity import Queue
 
@@ -73,4 +75,12 @@ def make_app(broker_url: str, result_backend: str | None = None, *, client: bool
     )
     if broker_url.partition("://")[0].lower() == "redis":
         app.conf.broker_transport = CLIENT_REDIS_TRANSPORT if client else QUIET_REDIS_TRANSPORT
+    # A rediss:// URL: verify the server's certificate against the system's CAs, or the file
+    # SSL_CERT_FILE names (OpenSSL's own variable), and its name, as our redis-py clients do.
+    # Without this kombu falls back to CERT_NONE (the broker's password then goes to whoever
+    # answers), and Celery's result backend refuses to start at all.
+    if broker_url.partition("://")[0].lower() == "rediss":
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if (result_backend or broker_url).partition("://")[0].lower() == "rediss":
+        app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app

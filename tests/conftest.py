@@ -10,6 +10,7 @@ pytest_plugins = [
     "devrig.sample",
     "devrig.services",
     "devrig.tcpproxy",
+    "devrig.tlsredis",
     "devrig.walarchive",
     "devrig.walfiles",
 ]
