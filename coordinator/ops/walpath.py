@@ -1,8 +1,10 @@
 """Which archived WAL each backup needs, following the timelines' history: verify's map of
 what must be there (and, with ``--deep``, what is read back).
 
-A backup needs the WAL from its first to its last segment to become consistent, and, to be
-replayed to the newest archived WAL, the path PostgreSQL follows to the newest timeline
+A backup carries the WAL from its first to its last segment (BASE_BACKUP's WAL option puts it in
+base.tar), so it becomes consistent without the archive. To be replayed past its end to the
+newest archived WAL it needs, from its last segment on (the archive's copy of that one: the
+backup's holds it only up to the backup's end), the path PostgreSQL follows to the newest timeline
 (``recovery_target_timeline = 'latest'``): on each timeline of that timeline's history
 (``coordinator.history``), from where the path enters it up to the segment before the switch
 point, then the next timeline's, up to the newest archived segment of the last one. The segment
@@ -58,24 +60,27 @@ def needed_wal(
     manifests: list[BackupManifest],
     pinned: set[str],
 ) -> NeededWal:
-    """What ``manifests`` need of the archive ``inventory`` lists (``pinned`` backups: only
-    their consistency WAL, as expire keeps no more for them)."""
+    """What ``manifests`` need of the archive ``inventory`` lists (``pinned`` backups: nothing,
+    as expire keeps no more than the WAL they carry for them)."""
     needed = NeededWal()
     histories, unreadable = _read_histories(archive, inventory, needed)
     newest = max([*inventory.segments, *inventory.partials, *inventory.histories], default=0)
+    if not newest:
+        return needed  # nothing archived: each backup restores to its end, no further
     size = inventory.segment_size
     for manifest in manifests:
-        start = Segment.parse(manifest.start_wal_file, size)
-        end = Segment.parse(manifest.end_wal_file, size)
-        system = manifest.system_identifier
-        needed.add(start.timeline, start.number, end.number, system)
         if manifest.name in pinned:
             continue
+        start = Segment.parse(manifest.start_wal_file, size)
+        # A backup's last segment is on its first one's timeline: PostgreSQL fails a backup
+        # taken on a standby that is promoted meanwhile.
+        end = Segment.parse(manifest.end_wal_file, size)
+        system = manifest.system_identifier
         target = _target(histories, newest, start.timeline, parse_lsn(manifest.end_lsn))
         if newest != target and newest not in inventory.histories:
             needed.problem(_no_history(newest))
         path = histories[target].path_from(start.timeline) if target in histories else ()
-        timeline, first = start.timeline, start.number
+        timeline, first = start.timeline, end.number
         for switch in path:
             timeline = switch.timeline
             needed.add(timeline, first, segment_number(switch.lsn, size) - 1, system)

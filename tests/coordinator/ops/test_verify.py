@@ -145,15 +145,33 @@ def test_a_flipped_byte_is_found_by_reading_the_object_back(
     assert report["bytes_read"] == archived.manifest(store, "b-none").stored_size
 
 
-def test_a_segment_a_backup_needs_is_named(archived: Archived, tmp_path: Path) -> None:
+def test_the_archive_copy_of_a_backups_last_segment_is_needed_not_the_wal_it_carries(
+    archived: Archived, tmp_path: Path
+) -> None:
+    # The backup restores to its end with the WAL inside it; replaying past its end needs the
+    # archive's copy of its last segment (the backup's holds that one only up to its end).
     store = archived.copy(tmp_path)
-    needed = archived.manifest(store, "b-lz4").start_wal_file
-    for path in wal_objects(store, needed):
+    last = archived.manifest(store, "b-lz4").end_wal_file
+    for path in wal_objects(store, last):
         if ".backup" not in path.name:  # the segment, not the backup history file
             path.unlink()
     code, out, err = verify(store)
     assert code == INTEGRITY, out + err
-    assert f"backup 'b-lz4' cannot become consistent: WAL segment {needed} missing" in out
+    assert f"WAL gap on timeline 1: segment {last} missing" in out
+    assert "cannot become consistent" not in out
+
+
+def test_backups_in_a_store_without_archived_wal_verify_with_a_note(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """Backups taken without archive_command: each restores to its own end, so verify passes
+    and says what is not possible (it used to fail every backup, naming a 'timeline 0')."""
+    store = archived.copy(tmp_path)
+    shutil.rmtree(store / "wal_archive")
+    code, out, err = verify(store)
+    assert code == 0, out + err
+    assert "no WAL is archived at" in out and "restores to its own end" in out
+    assert "timeline 0" not in out and "problem" not in out
 
 
 def test_a_gap_in_the_archive_names_its_first_and_last_segment(
