@@ -495,6 +495,15 @@ class LocalStorage:
         doomed = upload_dir.with_name(f"{TMP_PREFIX}{upload_dir.name}")
         upload_dir.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+        # And what an earlier discard left (killed, or a part it could not remove): nobody
+        # lists or reads a renamed upload again, so it is removed whoever renamed it. Without
+        # this its parts held space that no listing, info or cleanup ever showed.
+        with contextlib.suppress(OSError):
+            for left in upload_dir.parent.iterdir():
+                if left.name.startswith(TMP_PREFIX) and _is_upload_id(
+                    left.name.removeprefix(TMP_PREFIX)
+                ):
+                    shutil.rmtree(left, ignore_errors=True)
 
 
 def _write(path: Path, data: Callable[[IO[bytes]], object], *, exclusive: bool = False) -> bool:

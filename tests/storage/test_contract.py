@@ -29,6 +29,8 @@ from storage.errors import (
     UploadNotFound,
 )
 from storage.factory import open_storage
+from storage.fsutil import TEMP_PREFIX
+from storage.local import UPLOADS_DIR
 from storage.options import StorageOptions
 from storage.urls import local_url
 
@@ -376,6 +378,23 @@ def test_local_backend_answers_upload_not_found_after_abort(tmp_path: Path) -> N
         store.upload_part("k", upload_id, 2, b"late", sha256=sha256_hex(b"late"))
     with pytest.raises(UploadNotFound):
         store.complete_multipart("k", upload_id, [part])
+
+
+def test_local_backend_removes_what_an_interrupted_discard_left(tmp_path: Path) -> None:
+    """A discard renames the upload's directory, then removes it: killed in between (or a part
+    it could not remove), the renamed directory held space that no listing showed. The next
+    discard removes it, and nothing else under the uploads directory."""
+    store = local_target(tmp_path / "store").open()
+    interrupted = store.create_multipart("a")
+    store.upload_part("a", interrupted, 1, b"x" * 1000, sha256=sha256_hex(b"x" * 1000))
+    uploads = tmp_path / "store" / UPLOADS_DIR
+    (uploads / interrupted).rename(uploads / f"{TEMP_PREFIX}{interrupted}")  # as if killed here
+    other_tmp = uploads / f"{TEMP_PREFIX}not-an-upload"
+    other_tmp.mkdir()
+    kept = store.create_multipart("b")
+    assert [u.upload_id for u in store.list_multipart_uploads("")] == [kept]
+    store.abort_multipart("c", store.create_multipart("c"))
+    assert sorted(p.name for p in uploads.iterdir()) == sorted([kept, other_tmp.name])
 
 
 def test_uploaded_bytes_counts_the_parts_of_an_upload_in_progress(storage: Storage) -> None:
