@@ -295,6 +295,17 @@ def _add_command(commands: _Subparsers, command: str) -> None:
         _add_option(command, target, option)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), or "unknown" when run from a
+    source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cloud-dump")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full CLI's parser, every option from ``options.declared``.
 
@@ -308,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "point-in-time restore, with a Celery worker pool doing the uploads.",
         epilog=help_epilog(),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_CommandParser)  # fmt: skip
     for command in COMMANDS:

@@ -24,6 +24,13 @@ def test_help_lists_the_seed_commands() -> None:
         assert command in result.stdout
 
 
+def test_version_names_the_installed_release() -> None:
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"cloud-dump {version('cloud-dump')}")
+
+
 def test_wal_fetch_usage_error_stops_recovery() -> None:
     # PostgreSQL takes an exit status up to 125 from restore_command as "not in the archive".
     result = run_cli("wal-fetch", "000000010000000000000001")
