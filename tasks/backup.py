@@ -13,10 +13,12 @@ from typing import Any
 
 from storage.errors import TransientStorageError
 from tasks.app import app, worker_stage, worker_storage
+from tasks.config import EXPECTED_REFUSALS
 from workers import backup
 
 _RETRY: dict[str, Any] = {
     "autoretry_for": (TransientStorageError,),
+    "throws": EXPECTED_REFUSALS,
     "retry_backoff": True,
     "retry_backoff_max": 60,
     "max_retries": 5,

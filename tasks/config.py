@@ -19,6 +19,8 @@ import ssl
 from celery import Celery
 from kombu.entity import Queue
 
+from storage.errors import BackupExists, ObjectExists, UploadNotFound, WalConflict
+
 PARTS_QUEUE = "parts"
 WAL_QUEUE = "wal"
 # kombu's Redis transport with fewer round trips per connection (tasks.redistransport), and
@@ -26,6 +28,14 @@ WAL_QUEUE = "wal"
 QUIET_REDIS_TRANSPORT = "tasks.redistransport:Transport"
 CLIENT_REDIS_TRANSPORT = "tasks.redistransport:ClientTransport"
 TASK_MODULES = ["tasks.diagnostics", "tasks.backup", "tasks.wal", "tasks.verify"]
+# Answers a task gives by raising, in normal operation: a name already taken, a WAL file
+# already archived with other bytes, a create-if-absent that lost, an upload aborted under a
+# late part. The command reports each (with its exit code); the worker logs it as one INFO
+# line ("raised expected"), not as an ERROR with a traceback that would page someone.
+# Celery's ``Task.throws``; every other exception stays an ERROR.
+EXPECTED_REFUSALS: tuple[type[Exception], ...] = (
+    BackupExists, ObjectExists, UploadNotFound, WalConflict,
+)  # fmt: skip
 
 
 def make_app(broker_url: str, result_backend: str | None = None, *, client: bool = False) -> Celery:

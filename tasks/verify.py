@@ -19,10 +19,12 @@ from celery import Task
 from coordinator.crypto import read_passphrase_file
 from storage.errors import ConfigError, TransientStorageError
 from tasks.app import app, settings, worker_storage
+from tasks.config import EXPECTED_REFUSALS
 from workers import verify
 
 _RETRY: dict[str, Any] = {
     "autoretry_for": (TransientStorageError,),
+    "throws": EXPECTED_REFUSALS,
     "retry_backoff": True,
     "retry_backoff_max": 60,
     "max_retries": 5,

@@ -12,11 +12,12 @@ from typing import Any
 
 from storage.errors import TransientStorageError
 from tasks.app import app, worker_stage, worker_storage
-from tasks.config import WAL_QUEUE
+from tasks.config import EXPECTED_REFUSALS, WAL_QUEUE
 from workers import wal
 
 _RETRY: dict[str, Any] = {
     "autoretry_for": (TransientStorageError,),
+    "throws": EXPECTED_REFUSALS,
     "retry_backoff": 1,
     "retry_backoff_max": 4,
     "max_retries": 2,

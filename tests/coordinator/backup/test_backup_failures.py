@@ -82,6 +82,27 @@ def test_backup_refuses_an_existing_name_and_leaves_it_unchanged(
     assert {i.key: i.etag for i in storage_target.open().list("b1/")} == before
 
 
+def test_a_name_taken_is_an_expected_refusal_in_the_workers_log(
+    source: PgCluster,
+    storage_target: StorageTarget,
+    redis_server: RedisServer,
+    start_workers: Callable[..., WorkerPool],
+) -> None:
+    """The command says 'already exists' (exit 12); the worker that refused the claim logs one
+    INFO line, not an ERROR with a traceback (Celery's ``Task.throws``)."""
+    pool = start_workers(storage_target.env, count=1)
+    backup(source, storage_target, "b1", "--broker", redis_server.url)
+    result = run_cli("backup", "--name", "b1", "--db-url", source.replication_url(),
+                     "--broker", redis_server.url, env=storage_target.env)  # fmt: skip
+    assert result.returncode == ExitCode.BACKUP_EXISTS, result.stderr
+    one_line_error(result.stderr, "backup 'b1' already exists")
+    log = pool.processes[0].log_path
+    assert wait_until(lambda: "raised expected: BackupExists" in log.read_text(),
+                      timeout_s=30, first_s=0.05), log.read_text()  # fmt: skip
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text
+
+
 def test_backup_unreachable_database(storage_target: StorageTarget) -> None:
     port = free_port()
     result = run_cli("backup", "--name", "b1", "--db-url",
