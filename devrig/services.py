@@ -82,11 +82,17 @@ class RedisServer:
         redis.Redis(port=self.port).flushall()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def redis_binary() -> str:
+    """The ``redis-server`` on PATH; fails the test when there is none."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make setup`")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = redis_binary()
     workdir = tmp_path_factory.mktemp("redis")
     port = free_port()
     server = ServerProcess(

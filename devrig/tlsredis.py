@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from devrig.procs import ServerProcess, free_port, port_open
+from devrig.services import redis_binary
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,7 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make setup`")
+    binary = redis_binary()
     workdir = tmp_path_factory.mktemp("tls-redis")
     ca_file, cert_file, key_file = _certificates(workdir)
     port = free_port()
