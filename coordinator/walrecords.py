@@ -226,3 +226,19 @@ def main_data(body: bytes, magic: int) -> bytes | None:
     if start + main_len != len(body):
         return None
     return body[start:]
+
+
+def segment_is_whole(data: bytes, start_lsn: int) -> bool:
+    """Whether ``data``, one WAL segment beginning at LSN ``start_lsn``, holds WAL to its end:
+    every page is a valid page of it, or its records reach an ``XLOG_SWITCH``.
+
+    After a switch record PostgreSQL zeroes the rest of the segment, page headers included
+    (``CopyXLogRecordToWAL``), so a switched segment is whole without its later pages; one that
+    was still being written (the last segment of a backup taken on a standby, a recycled file)
+    has pages that are zeros or another segment's.
+    """
+    reader = _Reader(data, start_lsn, len(data))
+    if all(reader.page_header(o) is not None for o in range(0, len(data), PAGE_BYTES)):
+        return True
+    return any(record.is_switch for record in walk_records(data, start_lsn, len(data)))
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.walrecords import walk_records
+from coordinator.walrecords import segment_is_whole, walk_records
 from devrig.pgbin import bin_dir
 from devrig.postgres import PgCluster, PgFactory
 from storage.walnames import Segment, format_lsn, parse_lsn
@@ -94,3 +94,28 @@ def test_a_walk_stops_at_the_first_record_not_wholly_given(wal: tuple[list[Path]
     assert half == whole[: len(half)] and 0 < len(half) < len(whole)
     assert half[-1].end_lsn <= start + len(cut)
 
+
+
+
+def test_whole_segments_are_told_from_cut_and_recycled_ones(
+    wal: tuple[list[Path], int], pg_factory: PgFactory
+) -> None:
+    """wal-fetch lets PostgreSQL read a segment from pg_wal only when it is whole: written to
+    its end, or ended by a switch (whose later pages PostgreSQL zeroes, headers included)."""
+    paths, _ = wal
+    segments = [(p.read_bytes(), Segment.parse(p.name).start_lsn()) for p in paths]
+    assert all(segment_is_whole(data, lsn) for data, lsn in segments)
+    full, lsn = segments[0]
+    half = len(full) // 2
+    assert not segment_is_whole(full[:half] + bytes(len(full) - half), lsn)  # still being written
+    other = segments[1][0]
+    assert not segment_is_whole(full[:half] + other[half:], lsn)  # the rest another segment's
+
+    cluster = pg_factory(15)
+    cluster.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+    name = str(cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+    data = (cluster.datadir / "pg_wal" / name).read_bytes()
+    start = Segment.parse(name).start_lsn()
+    assert any(r.is_switch for r in walk_records(data, start, len(data)))
+    assert data[-8192:] == bytes(8192), "the pages after a switch are zeroes"
+    assert segment_is_whole(data, start)

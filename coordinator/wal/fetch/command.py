@@ -187,7 +187,9 @@ def _unless_a_gap(
     flight while the pusher's look-ahead stored later segments, so the segment is looked for
     again on the fetch retry schedule before recovery is stopped. A standby (``standby.signal``
     beside ``%p``'s pg_wal) is answered 1 with a warning: it keeps asking, and can stream the
-    segment from its primary; stopping it would take the standby down.
+    segment from its primary; stopping it would take the standby down. So is a copy whose
+    pg_wal holds the segment whole (``_whole_segment_at``): PostgreSQL reads that next (the
+    documented order: the archive, then pg_wal) and then asks for the segment after it.
     """
     from coordinator.wait import retry  # not on the served path
 
@@ -217,10 +219,40 @@ def _unless_a_gap(
         log.warning("%s; answering 'not archived' to this standby, which keeps asking and can "
                     "stream it from its primary", gap)  # fmt: skip
         return None
+    if pg_wal.name == "pg_wal" and _whole_segment_at(pg_wal / name, name):
+        log.warning("%s; answering 'not archived': PostgreSQL reads the whole copy of it in "
+                    "pg_wal, which came with the data directory (a backup's own WAL, e.g. of a "
+                    "backup taken before archiving began)", gap)  # fmt: skip
+        return None
     raise WalArchiveGap(
         f"{gap}; recovery stops here rather than end early without the WAL after it (put the "
         "segment back from the source's pg_wal, or restore with a target before it)"
     )
+
+
+def _whole_segment_at(path: Path, name: str) -> bool:
+    """Whether ``path`` is a whole WAL segment named ``name`` (its size, its first page where
+    the name says, WAL to its end: ``coordinator.walrecords.segment_is_whole``).
+
+    Answering 1 for a segment makes PostgreSQL read ``pg_wal/<name>`` next; only a whole copy
+    lets it go on to the next segment, which the archive has. A copy that stops early would end
+    recovery there and promote without the archived WAL after it: that stays a gap (exit 200).
+    """
+    from coordinator.walheader import segment_address_mismatch, segment_system_identifier
+    from coordinator.walrecords import segment_is_whole
+    from storage.errors import IntegrityError
+    from storage.walnames import Segment
+
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        data = path.read_bytes()
+        segment_system_identifier(data, name)  # a long header, and the size it gives
+        if segment_address_mismatch(data, name) is not None:
+            return False
+        return segment_is_whole(data, Segment.parse(name, len(data)).start_lsn(len(data)))
+    except (OSError, IntegrityError, ConfigError):
+        return False
 
 
 class _StillMissing(Exception):

@@ -173,6 +173,32 @@ def test_restore_after_restore_follows_the_new_timeline(
 
 
 @pytest.mark.parametrize("archive_target", ["local"], indirect=True)
+def test_a_backup_taken_before_archiving_began_replays_into_the_archive(
+    pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path
+) -> None:
+    """The backup's own WAL never reached the archive (archive_command stored nothing then);
+    the archive begins after it. Recovery past the backup's end reads the backup's whole
+    copies from pg_wal (wal-fetch answers 'not archived' for them, not 'a gap'), then the
+    archive, and promotes with every row (it used to stop with exit 200 at the first one)."""
+    cluster = pg_factory(15, archive_command="/bin/true")  # archive_mode on, nothing stored
+    cluster.sql("CREATE TABLE pitr (id int, phase text)")
+    cluster.sql("INSERT INTO pitr SELECT g, 'a' FROM generate_series(1, 100) g")
+    backup_cli(cluster, archive_target, "base")
+    wait_archived(cluster)  # by /bin/true: the backup's segments are done, and not stored
+    command = archive_command(archive_target).replace("'", "''")
+    cluster.sql(f"ALTER SYSTEM SET archive_command = '{command}'")
+    cluster.sql("SELECT pg_reload_conf()")
+    cluster.sql("INSERT INTO pitr SELECT g, 'b' FROM generate_series(1, 50) g")
+    wait_archived(cluster)
+    stored = sorted(i.key for i in archive_target.open().list("wal_archive/0000000"))
+    backup_end = archive_target.open().get("base/manifest.json")
+    assert stored, "nothing was archived after archive_command was set"
+
+    assert restore_and_count(cluster, archive_target, launcher, "--recovery-target",
+                             "latest") == [("a", 100), ("b", 50)], backup_end  # fmt: skip
+
+
+@pytest.mark.parametrize("archive_target", ["local"], indirect=True)
 def test_a_target_past_the_archived_wal_stops_the_copy_and_promotes_nothing(
     pg_factory: PgFactory, archive_target: StorageTarget, launcher: Path
 ) -> None:
