@@ -306,9 +306,21 @@ def _check_wal(
             "newest": inventory.name(timeline, newest),
             "segments": len([n for n in present if n >= first]),
         }
+    carried = _carried_by_the_oldest(manifests, pinned, segment_size)
     for timeline in sorted(needed.segments):
         present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())
         missing = set(needed.segments[timeline]) - present
+        if carried is not None and carried[0] == Segment(timeline, min(missing, default=-1)):
+            # Needed by that backup alone, which has its own copy: wal-fetch lets PostgreSQL
+            # read it from pg_wal when it is whole, as a backup's last segment is when it was
+            # taken on a primary (the backup's end switches WAL); on a standby it may not be.
+            missing.discard(carried[0].number)
+            wal.notes.append(
+                f"{inventory.name(timeline, carried[0].number)} is not archived: backup "
+                f"'{carried[1]}', the oldest, carries it, and a restore of it replays past its "
+                "end with its own copy (whole when it was taken on a primary, not always on a "
+                "standby)"
+            )
         for gap_start, gap_end in _runs(missing):
             gap = _run(inventory, timeline, gap_start, gap_end)
             wal.problems.append(f"WAL gap on timeline {timeline}: {gap} missing")
@@ -321,6 +333,17 @@ def _check_wal(
             "with the WAL inside it; recovery past it needs archive_command (wal-push)"
         )
     return wal
+
+
+def _carried_by_the_oldest(
+    manifests: list[BackupManifest], pinned: set[str], segment_size: int
+) -> tuple[Segment, str] | None:
+    """The last segment of the unpinned backup that ends first (in base.tar, with the rest of
+    its WAL), and that backup's name: no other backup's replay needs that segment from the
+    archive. Ordered by timeline, then segment: any other order names fewer segments."""
+    ends = [(Segment.parse(m.end_wal_file, segment_size), m.name)
+            for m in manifests if m.name not in pinned]  # fmt: skip
+    return min(ends, key=lambda end: (end[0].timeline, end[0].number), default=None)
 
 
 def _runs(numbers: set[int]) -> list[tuple[int, int]]:

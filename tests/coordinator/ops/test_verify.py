@@ -161,6 +161,22 @@ def test_the_archive_copy_of_a_backups_last_segment_is_needed_not_the_wal_it_car
     assert "cannot become consistent" not in out
 
 
+def test_the_oldest_backups_own_last_segment_missing_is_a_note(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """Archiving began after the oldest backup ended: that backup replays past its end with
+    its own whole copy (wal-fetch lets PostgreSQL read it from pg_wal), and no other backup
+    needs the segment; the same segment of a later backup is a gap (test above)."""
+    store = archived.copy(tmp_path)
+    last = archived.manifest(store, "b-zstd").end_wal_file
+    for path in wal_objects(store, last):
+        if ".backup" not in path.name:
+            path.unlink()
+    code, out, err = verify(store)
+    assert code == 0, out + err
+    assert f"{last} is not archived: backup 'b-zstd', the oldest, carries it" in out
+
+
 def test_backups_in_a_store_without_archived_wal_verify_with_a_note(
     archived: Archived, tmp_path: Path
 ) -> None:
