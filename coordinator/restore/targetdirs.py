@@ -20,6 +20,7 @@ the directory empty, and the kernel drops the lock of a restore that dies, even 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -197,6 +198,10 @@ class CreatedPaths:
             # Under the lock: a restore that held it before us may have written and finished.
             if not _is_empty(fd):
                 raise _not_empty(path)
+            # Said now, naming the target, rather than by the first write, after the download
+            # began, naming whatever file or directory came first.
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         except BaseException:
             os.close(fd)
             raise

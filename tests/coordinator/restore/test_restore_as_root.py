@@ -153,3 +153,23 @@ def test_restore_not_run_as_root_refuses_to_give_files_to_another_user(
     assert done.returncode == ExitCode.CONFIG, done.stderr
     assert "only root can give restored files to another user" in done.stderr
     assert list(parent.iterdir()) == []
+
+
+def test_a_target_its_user_cannot_write_is_refused_naming_it_before_any_download(
+    archived: Archived, root_owned_dir: Path
+) -> None:
+    """Restored as postgres into an empty directory of root (0755): exit 16 naming that
+    directory, before a byte is fetched (it used to fail at the first subdirectory it made)."""
+    tablespace = make_postgres_dir("cloud-dump-notroot-ts-") / "ts"
+    done = subprocess.run(
+        as_postgres([str(VENV_BIN / "cloud-dump"), "restore", "--name", "b",
+                     "--pgdata", str(root_owned_dir),
+                     "--tablespace-mapping", f"{archived.tablespace}={tablespace}"]),
+        capture_output=True, text=True, cwd="/", check=False, timeout=120,
+        env={**os.environ, **archived.target.env},
+    )  # fmt: skip
+    assert done.returncode == ExitCode.LOCAL_IO, done.stderr
+    error = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and f"'{root_owned_dir}'" in error[0], done.stderr
+    assert "permission denied" in error[0].lower(), done.stderr
+    assert list(root_owned_dir.iterdir()) == []
