@@ -178,24 +178,32 @@ def windows(
 def _reaches(
     path: _Path, inventory: WalInventory, manifests: list[BackupManifest]
 ) -> dict[str, int]:
-    """The newest segment number each backup on ``path`` reaches without a gap, for those whose
-    own WAL (to their end) is archived."""
+    """The newest segment number each backup on ``path`` reaches without a gap from its last
+    segment on (its WAL up to there travels in base.tar). The backup that ends first may lack
+    that last segment in the archive too: it replays with its own copy (wal-fetch lets
+    PostgreSQL read it from pg_wal when whole, as on a primary), and no other backup on the
+    path needs it (``verify`` makes the same allowance)."""
     size = inventory.segment_size
     reached = {}
     on_path = {tli for tli, _ in path.legs}
+    candidates = []
     for manifest in manifests:
         if manifest.timeline not in on_path:
             continue
         left_at = path.left_at.get(manifest.timeline)
         if left_at is not None and left_at < parse_lsn(manifest.end_lsn):
             continue  # the path leaves its timeline before the backup is consistent
-        number = Segment.parse(manifest.start_wal_file, size).number
-        if path.source(inventory, number) is None:
-            continue
+        candidates.append(manifest)
+    first = min(candidates, key=end_order, default=None)
+    for manifest in candidates:
+        number = prev_segment_number(parse_lsn(manifest.end_lsn), size)
+        if path.source(inventory, number) is None and (
+            manifest is not first or path.source(inventory, number + 1) is None
+        ):
+            continue  # (carried by the first, but only worth it with archived WAL after it)
         while path.source(inventory, number + 1) is not None:
             number += 1
-        if number >= prev_segment_number(parse_lsn(manifest.end_lsn), size):
-            reached[manifest.name] = number
+        reached[manifest.name] = number
     return reached
 
 
@@ -295,21 +303,27 @@ class _Reader:
 def gaps(
     inventory: WalInventory, unpinned: list[BackupManifest], pinned: list[BackupManifest]
 ) -> tuple[list[Gap], list[Gap]]:
-    """Missing segments per timeline: ``(gaps, behind_pins)``. Gaps: from the oldest unpinned
-    backup's first segment on that timeline (or the timeline's first archived one) to its
-    newest, as verify reports them. Behind pins: those from the oldest pinned backup's first
-    segment up to there, which ``expire`` leaves once it removed the WAL after a pinned backup
-    (that backup then restores to its own end only)."""
+    """Missing segments per timeline: ``(gaps, behind_pins)``. Gaps: from the last segment of
+    the unpinned backup that ends first on that timeline (its WAL before that travels in
+    base.tar; the very first backup's own last segment too, which it replays with its own copy)
+    or the timeline's first archived one, to its newest, as verify reports them. Behind pins:
+    those from the oldest pinned backup's first segment up to there, which ``expire`` leaves
+    once it removed the WAL after a pinned backup (that backup then restores to its own end
+    only)."""
     size = inventory.segment_size
 
-    def starts(manifests: list[BackupManifest]) -> dict[int, int]:
+    def firsts(names: list[str]) -> dict[int, int]:
         found: dict[int, int] = {}
-        for manifest in manifests:
-            start = Segment.parse(manifest.start_wal_file, size)
-            found[start.timeline] = min(found.get(start.timeline, start.number), start.number)
+        for segment in (Segment.parse(name, size) for name in names):
+            found[segment.timeline] = min(found.get(segment.timeline, segment.number),
+                                          segment.number)  # fmt: skip
         return found
 
-    needed, kept = starts(unpinned), starts(pinned)
+    needed = firsts([m.end_wal_file for m in unpinned])
+    kept = firsts([m.start_wal_file for m in pinned])
+    if needed:  # the backup that ends first (verify's order): its own last segment will do
+        timeline, number = min(needed.items())
+        needed[timeline] = number + 1
     found: tuple[list[Gap], list[Gap]] = ([], [])
     for timeline in sorted(set(inventory.segments) | set(inventory.partials)):
         present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())

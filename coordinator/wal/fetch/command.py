@@ -187,14 +187,24 @@ def _unless_a_gap(
     flight while the pusher's look-ahead stored later segments, so the segment is looked for
     again on the fetch retry schedule before recovery is stopped. A standby (``standby.signal``
     beside ``%p``'s pg_wal) is answered 1 with a warning: it keeps asking, and can stream the
-    segment from its primary; stopping it would take the standby down. So is a copy whose
-    pg_wal holds the segment whole (``_whole_segment_at``): PostgreSQL reads that next (the
-    documented order: the archive, then pg_wal) and then asks for the segment after it.
+    segment from its primary; stopping it would take the standby down. So is, before any
+    retry, a copy whose pg_wal holds the segment whole (``_whole_segment_at``): PostgreSQL
+    reads that next (the documented order: the archive, then pg_wal), then asks for the next.
     """
     from coordinator.wait import retry  # not on the served path
 
     later = _with_retries(lambda: archive.later_segment(name), attempts)
     if later is None:
+        return None
+    pg_wal = destination.parent
+    if pg_wal.name == "pg_wal" and _whole_segment_at(pg_wal / name, name):
+        # At once, not after the retries below: whatever a push in flight would store, the
+        # whole copy here is the same WAL, and every start of such a copy would wait 8 s.
+        log.warning("'%s' is not in the archive at '%s', which holds later WAL of its timeline "
+                    "('%s'); answering 'not archived': PostgreSQL reads the whole copy of it in "
+                    "pg_wal, which came with the data directory (a backup's own WAL, e.g. of a "
+                    "backup taken before archiving began)",
+                    name, archive.location, later)  # fmt: skip
         return None
 
     def stored_by_now() -> StoredWal:
@@ -214,15 +224,9 @@ def _unless_a_gap(
         f"'{name}' is missing from the archive at '{archive.location}', which holds later WAL "
         f"of its timeline ('{later}'): a gap in the archive"
     )
-    pg_wal = destination.parent
     if pg_wal.name == "pg_wal" and (pg_wal.parent / "standby.signal").exists():
         log.warning("%s; answering 'not archived' to this standby, which keeps asking and can "
                     "stream it from its primary", gap)  # fmt: skip
-        return None
-    if pg_wal.name == "pg_wal" and _whole_segment_at(pg_wal / name, name):
-        log.warning("%s; answering 'not archived': PostgreSQL reads the whole copy of it in "
-                    "pg_wal, which came with the data directory (a backup's own WAL, e.g. of a "
-                    "backup taken before archiving began)", gap)  # fmt: skip
         return None
     raise WalArchiveGap(
         f"{gap}; recovery stops here rather than end early without the WAL after it (put the "

@@ -175,6 +175,12 @@ def test_the_oldest_backups_own_last_segment_missing_is_a_note(
     code, out, err = verify(store)
     assert code == 0, out + err
     assert f"{last} is not archived: backup 'b-zstd', the oldest, carries it" in out
+    # info agrees: every backup is in the window, and there is no gap to alert on.
+    done = run_cli("info", "--json", env={"CLOUD_DUMP_STORAGE": f"file://{store}"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert all(b["in_window"] for b in report["backups"]), done.stdout
+    assert report["wal"]["gaps"] == [], done.stdout
 
 
 def test_backups_in_a_store_without_archived_wal_verify_with_a_note(
