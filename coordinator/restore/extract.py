@@ -1,6 +1,6 @@
 """Safe streaming extraction of one tablespace tar into a directory, checksumming as it writes.
 
-``extract_archive`` reads a tar stream once (``tarfile`` mode ``r|``) and refuses anything that
+``extract_archive`` reads a tar stream once, front to back, and refuses anything that
 could write outside the target: absolute names, ``..`` components, symbolic or hard links leading
 outside, members under a symbolic link, device files and FIFOs. The one exception is
 ``pg_tblspc/<oid>`` in the base archive: a symbolic link to the tablespace's location on the
