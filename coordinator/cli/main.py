@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "point-in-time restore, with a Celery worker pool doing the uploads.",
         epilog=help_epilog(),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_CommandParser)  # fmt: skip
     for command in COMMANDS:

@@ -27,8 +27,11 @@ def test_help_lists_the_seed_commands() -> None:
 def test_version_names_the_installed_release() -> None:
     from importlib.metadata import version
 
-    result = run_cli("--version")
-    assert (result.returncode, result.stdout.strip()) == (0, f"cloud-dump {version('cloud-dump')}")
+    for flag in ("--version", "-V"):  # -V: as PostgreSQL's own tools spell it
+        result = run_cli(flag)
+        assert (result.returncode, result.stdout.strip()) == (
+            0, f"cloud-dump {version('cloud-dump')}"
+        )
 
 
 def test_wal_fetch_usage_error_stops_recovery() -> None:
