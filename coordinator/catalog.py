@@ -139,6 +139,17 @@ def end_order(manifest: BackupManifest) -> tuple[datetime, int]:
     return backup_end(manifest), parse_lsn(manifest.end_lsn)
 
 
+def first_backup_end(
+    manifests: Iterable[BackupManifest], segment_size: int
+) -> tuple[Segment, str] | None:
+    """The last segment of the backup that ends first, and that backup's name; None for no
+    backups. Ordered by timeline, then segment: no other backup's replay needs that segment
+    from the archive, as the backup carries it in base.tar (a primary's whole, its end having
+    switched WAL). verify and info both allow the archive to lack it."""
+    ends = [(Segment.parse(m.end_wal_file, segment_size), m.name) for m in manifests]
+    return min(ends, key=lambda end: (end[0].timeline, end[0].number), default=None)
+
+
 def find_backups(storage: Storage, layout: Layout) -> list[BackupManifest]:
     """Manifests of the complete backups under ``layout``, newest first.
 

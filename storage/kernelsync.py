@@ -33,15 +33,13 @@ _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOT
 
 
 @functools.cache
-def _libc_function(name: str) -> Any:
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """C library function ``name`` taking ``argtypes`` and returning an int; None if absent."""
     try:
         function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    if name == "sync_file_range":
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    else:
-        function.argtypes = [ctypes.c_int]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
 
@@ -53,7 +51,9 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     Raises ``OSError`` (naming no file) for an I/O error the kernel reports at once; does
     nothing where the call is not supported.
     """
-    function = _libc_function("sync_file_range")
+    function = _libc_function(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
     if function is None:
         return
     if function(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
@@ -68,7 +68,7 @@ def sync_filesystem(fd: int) -> None:
     Raises ``OSError`` (naming no file) when a write-back on that file system failed since
     ``fd`` was opened (Linux 5.8 and later); ``os.sync()`` where there is no ``syncfs``.
     """
-    function = _libc_function("syncfs")
+    function = _libc_function("syncfs", ctypes.c_int)
     if function is None:
         os.sync()
         return

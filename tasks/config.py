@@ -83,14 +83,19 @@ def make_app(broker_url: str, result_backend: str | None = None, *, client: bool
         # BRPOP timeout, so an idle worker's wait for tasks never trips it.
         broker_transport_options={"socket_timeout": 30, "socket_connect_timeout": 5},
     )
-    if broker_url.partition("://")[0].lower() == "redis":
+    broker_scheme = _scheme(broker_url)
+    if broker_scheme == "redis":
         app.conf.broker_transport = CLIENT_REDIS_TRANSPORT if client else QUIET_REDIS_TRANSPORT
     # A rediss:// URL: verify the server's certificate against the system's CAs, or the file
     # SSL_CERT_FILE names (OpenSSL's own variable), and its name, as our redis-py clients do.
     # Without this kombu falls back to CERT_NONE (the broker's password then goes to whoever
     # answers), and Celery's result backend refuses to start at all.
-    if broker_url.partition("://")[0].lower() == "rediss":
+    if broker_scheme == "rediss":
         app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if (result_backend or broker_url).partition("://")[0].lower() == "rediss":
+    if _scheme(result_backend or broker_url) == "rediss":
         app.conf.redis_backend_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()

@@ -43,7 +43,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from coordinator.catalog import WalInventory, backup_end, end_order, missing_runs
+from coordinator.catalog import (
+    WalInventory,
+    backup_end,
+    end_order,
+    first_backup_end,
+    missing_runs,
+)
 from coordinator.history import History
 from coordinator.walarchive import WalArchive
 from coordinator.walrecords import WalRecord, walk_records
@@ -321,9 +327,9 @@ def gaps(
 
     needed = firsts([m.end_wal_file for m in unpinned])
     kept = firsts([m.start_wal_file for m in pinned])
-    if needed:  # the backup that ends first (verify's order): its own last segment will do
-        timeline, number = min(needed.items())
-        needed[timeline] = number + 1
+    carried = first_backup_end(unpinned, size)
+    if carried is not None:  # its own last segment will do
+        needed[carried[0].timeline] = carried[0].number + 1
     found: tuple[list[Gap], list[Gap]] = ([], [])
     for timeline in sorted(set(inventory.segments) | set(inventory.partials)):
         present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from coordinator.catalog import (
     WalInventory,
     find_backups,
+    first_backup_end,
     human_size,
     pinned_until,
     read_manifest,
@@ -306,7 +307,7 @@ def _check_wal(
             "newest": inventory.name(timeline, newest),
             "segments": len([n for n in present if n >= first]),
         }
-    carried = _carried_by_the_oldest(manifests, pinned, segment_size)
+    carried = first_backup_end((m for m in manifests if m.name not in pinned), segment_size)
     for timeline in sorted(needed.segments):
         present = inventory.segments.get(timeline, set()) | inventory.partials.get(timeline, set())
         missing = set(needed.segments[timeline]) - present
@@ -333,17 +334,6 @@ def _check_wal(
             "with the WAL inside it; recovery past it needs archive_command (wal-push)"
         )
     return wal
-
-
-def _carried_by_the_oldest(
-    manifests: list[BackupManifest], pinned: set[str], segment_size: int
-) -> tuple[Segment, str] | None:
-    """The last segment of the unpinned backup that ends first (in base.tar, with the rest of
-    its WAL), and that backup's name: no other backup's replay needs that segment from the
-    archive. Ordered by timeline, then segment: any other order names fewer segments."""
-    ends = [(Segment.parse(m.end_wal_file, segment_size), m.name)
-            for m in manifests if m.name not in pinned]  # fmt: skip
-    return min(ends, key=lambda end: (end[0].timeline, end[0].number), default=None)
 
 
 def _runs(numbers: set[int]) -> list[tuple[int, int]]:
