@@ -10,19 +10,34 @@ Two glibc defaults hold on to memory that Python has freed:
   returned to the system only from its top.
 
 A worker uploading parts on the threads pool thus kept ~125 MB after its first backup, against
-~86 MB idle with boto3 loaded (bench-peers prod backup). ``tune_malloc`` fixes the threshold
-at glibc's initial 128 KiB (``M_MMAP_THRESHOLD``: large buffers are mapped and unmapped, as
-``MALLOC_MMAP_THRESHOLD_=131072`` would) and, with ``arenas``, limits the arenas
-(``M_ARENA_MAX``, as ``MALLOC_ARENA_MAX``). Source: mallopt(3).
+~86 MB idle with boto3 loaded (bench-peers prod backup), when it read each 16 MiB part whole.
+``tune_malloc`` fixes both thresholds instead of letting them float (mallopt(3)):
+
+- ``M_MMAP_THRESHOLD`` at ``MMAP_THRESHOLD_BYTES``, above the largest buffer a worker holds
+  whole (a WAL file as staged: one segment, 16 MiB at most; parts are read in 1 MiB slices).
+  Below it, a buffer's memory is reused from one task to the next. It was glibc's initial
+  128 KiB until measured: every staged WAL file, its reply slices and socket reads were then
+  mapped, faulted in page by page and unmapped, ~14,000 page faults and 31 ms of system CPU
+  for one 7 MiB WAL push (1 ms at this threshold), in a process whose CPU is what limits WAL
+  archiving (bench-peers prod WAL: workers were a quarter of the host's CPU).
+- ``M_TRIM_THRESHOLD`` at twice that, glibc's own ratio when it raises the threshold: the free
+  top of a heap is kept up to that size (one WAL file's worth and its copies), not returned
+  after every task to be faulted in again by the next.
+
+A worker's memory thus stays bounded by what one task holds at once, plus at most
+``TRIM_THRESHOLD_BYTES`` of free heap per arena; with ``arenas``, the arenas are limited too
+(``M_ARENA_MAX``, as ``MALLOC_ARENA_MAX``).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-M_MMAP_THRESHOLD = -3  # malloc.h
+M_TRIM_THRESHOLD = -1  # malloc.h
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
-MMAP_THRESHOLD_BYTES = 128 * 1024
+MMAP_THRESHOLD_BYTES = 17 * 1024 * 1024  # a 16 MiB WAL segment and its object header fit
+TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 
 
 def tune_malloc(arenas: int | None = None) -> None:
@@ -32,5 +47,6 @@ def tune_malloc(arenas: int | None = None) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
         if arenas is not None:
             libc.mallopt(M_ARENA_MAX, arenas)
