@@ -14,7 +14,9 @@ import socket
 import threading
 from dataclasses import replace
 
-from coordinator.malloc import tune_malloc
+from celery.signals import task_postrun, task_prerun
+
+from coordinator.malloc import release_free_memory, tune_malloc
 from options.seed import storj_location
 from storage.base import Storage
 from storage.errors import ConfigError
@@ -96,9 +98,25 @@ class WorkerStage:
             return self._stage
 
 
-# Large buffers come and go on the pool's threads (1 MiB slices of staged parts, 16 MiB WAL
-# segments): give them back (coordinator.malloc).
+# Large buffers come and go on the pool's threads (1 MiB slices of staged parts, whole WAL
+# files): reused from one task to the next, not mapped afresh each time (coordinator.malloc).
 tune_malloc()
+
+
+# WAL pushes come one after another and reuse the heap's free memory for the next file (the
+# point of tune_malloc's thresholds). Every other task -- a backup's parts above all -- starts
+# and ends with the free heap given back: a backup's memory is then its own, not what the WAL
+# pushes before it left, and the worker does not keep it once the backup is done.
+_REUSES_HEAP = frozenset({"cloud_dump.push_wal"})
+
+
+@task_prerun.connect  # type: ignore[untyped-decorator]
+@task_postrun.connect  # type: ignore[untyped-decorator]
+def _release_free_memory(sender: object = None, **_: object) -> None:
+    if getattr(sender, "name", None) not in _REUSES_HEAP:
+        release_free_memory()
+
+
 settings = WorkerSettings()
 app = make_app(settings.broker_url, settings.result_backend)
 worker_storage = WorkerStorage(settings)

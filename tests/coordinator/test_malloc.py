@@ -43,3 +43,26 @@ def test_a_worker_sized_buffer_is_reused_not_faulted_in_again() -> None:
     # literal and the bytearray).
     assert _faults("fixed-128k") > 20 * 1792
     assert _faults("tuned") < 200
+
+
+_RELEASE = """
+from coordinator.malloc import release_free_memory, tune_malloc
+tune_malloc()
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+# 1 MiB buffers, below the threshold: on the heap. Every other one is freed, so the free ones
+# sit between live ones, where only malloc_trim gives them back.
+buffers = [bytearray(b"x" * (1024 * 1024)) for _ in range(64)]
+del buffers[::2]
+before = rss_kb()
+release_free_memory()
+print(before - rss_kb())
+"""
+
+
+def test_release_gives_back_what_the_heap_holds_free() -> None:
+    out = subprocess.run([sys.executable, "-c", _RELEASE], check=True, capture_output=True,
+                         text=True).stdout  # fmt: skip
+    assert int(out) > 16 * 1024  # of the 32 MiB freed, in kB
+
