@@ -86,9 +86,13 @@ from bench.common import (
     verdict,
     walsenders_reaped,
 )
+from coordinator.codecs import CODECS
 from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
+
+# wal-push's zstd level (coordinator/codecs.py), for the breakdown's compression rows.
+WAL_ZSTD_LEVEL: int = CODECS["zstd"].wal_level or 1
 
 PG_MAJOR = 15
 S3_PREFIX = "bench"
@@ -229,7 +233,7 @@ def push_phases(s: Spans) -> list[tuple[str, float]]:
         ("read segment(s) + sha256", g("read_wal", 0)),
         ("import celery/kombu/redis + connect to broker", g("open_work", 0)),
         ("archive identity (spool cache)", g("archive_for", 0)),
-        ("zstd level 3 (the first call imports zstandard)", g("compress_wal", 0)),
+        (f"zstd level {WAL_ZSTD_LEVEL} (the first call imports zstandard)", g("compress_wal", 0)),
         ("encode_wal other (import workers.wal/pydantic)", encode_other),
         ("stage in Redis (SET), send task(s), wait, delete staged payload(s)",
          g("WalWork.push", 0)),
@@ -749,13 +753,14 @@ class Bench:
             out.append(f"imports, {title}: {total / 1000:.0f} ms (-X importtime, top-level "
                        f"cumulative ms: {top})")  # fmt: skip
 
-        # Compression alone, in this process, over every segment.
-        compressor = zstandard.ZstdCompressor(level=3)
+        # Compression alone, in this process, over every segment, at wal-push's level.
+        compressor = zstandard.ZstdCompressor(level=WAL_ZSTD_LEVEL)
         started = time.perf_counter()
         for segment in segs:
             compressor.compress((self.wal_source / "pg_wal" / segment).read_bytes())
         per = (time.perf_counter() - started) / len(segs)
-        out.append(f"zstd level 3 of one segment (read + compress, warm, in-process): "
+        out.append(f"zstd level {WAL_ZSTD_LEVEL} of one segment (read + compress, warm, "
+                   "in-process): "
                    f"{_ms(per)} ms mean over {len(segs)} segments")  # fmt: skip
 
     def driven(self, cwd: Path, log: Path, argv: list[str], wraps: list[str]) -> Spans:
