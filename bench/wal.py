@@ -86,13 +86,13 @@ from bench.common import (
     verdict,
     walsenders_reaped,
 )
-from coordinator.codecs import CODECS
+from coordinator.codecs import CODECS, compress_wal
 from coordinator.wait import wait_until
 from devrig.postgres import PgCluster, start_cluster
 from devrig.services import WorkerPool
 
-# wal-push's zstd level (coordinator/codecs.py), for the breakdown's compression rows.
-WAL_ZSTD_LEVEL: int = CODECS["zstd"].wal_level or 1
+# wal-push's zstd level (coordinator/codecs.py), named in the breakdown's compression rows.
+WAL_ZSTD_LEVEL = CODECS["zstd"].wal_level
 
 PG_MAJOR = 15
 S3_PREFIX = "bench"
@@ -753,11 +753,10 @@ class Bench:
             out.append(f"imports, {title}: {total / 1000:.0f} ms (-X importtime, top-level "
                        f"cumulative ms: {top})")  # fmt: skip
 
-        # Compression alone, in this process, over every segment, at wal-push's level.
-        compressor = zstandard.ZstdCompressor(level=WAL_ZSTD_LEVEL)
+        # Compression alone, in this process, over every segment, as wal-push compresses.
         started = time.perf_counter()
         for segment in segs:
-            compressor.compress((self.wal_source / "pg_wal" / segment).read_bytes())
+            compress_wal((self.wal_source / "pg_wal" / segment).read_bytes(), "zstd")
         per = (time.perf_counter() - started) / len(segs)
         out.append(f"zstd level {WAL_ZSTD_LEVEL} of one segment (read + compress, warm, "
                    "in-process): "

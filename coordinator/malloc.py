@@ -37,7 +37,9 @@ with the 128 KiB threshold.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+
+from storage.kernelsync import libc_function
 
 M_TRIM_THRESHOLD = -1  # malloc.h
 M_MMAP_THRESHOLD = -3
@@ -49,19 +51,17 @@ TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 def release_free_memory() -> None:
     """Give the memory this process's heaps hold free back to the system (``malloc_trim(0)``,
     which since glibc 2.8 also releases free pages inside a heap, not only at its top)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    malloc_trim = libc_function("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def tune_malloc(arenas: int | None = None) -> None:
     """Apply the settings above to this process; nothing where the C library is not glibc."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        if arenas is not None:
-            libc.mallopt(M_ARENA_MAX, arenas)
+    mallopt = libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    if arenas is not None:
+        mallopt(M_ARENA_MAX, arenas)

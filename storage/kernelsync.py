@@ -33,8 +33,9 @@ _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOT
 
 
 @functools.cache
-def _libc_function(name: str, *argtypes: Any) -> Any:
-    """C library function ``name`` taking ``argtypes`` and returning an int; None if absent."""
+def libc_function(name: str, *argtypes: Any) -> Any:
+    """C library function ``name`` taking ``argtypes`` and returning an int; None if absent.
+    Looked up once per signature (``coordinator.malloc`` uses it too)."""
     try:
         function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
@@ -51,7 +52,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     Raises ``OSError`` (naming no file) for an I/O error the kernel reports at once; does
     nothing where the call is not supported.
     """
-    function = _libc_function(
+    function = libc_function(
         "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
     )
     if function is None:
@@ -68,7 +69,7 @@ def sync_filesystem(fd: int) -> None:
     Raises ``OSError`` (naming no file) when a write-back on that file system failed since
     ``fd`` was opened (Linux 5.8 and later); ``os.sync()`` where there is no ``syncfs``.
     """
-    function = _libc_function("syncfs", ctypes.c_int)
+    function = libc_function("syncfs", ctypes.c_int)
     if function is None:
         os.sync()
         return

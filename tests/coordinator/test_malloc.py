@@ -10,13 +10,13 @@ import sys
 # after a warm-up, in a second thread as a worker's task runs; prints the page faults of those
 # 20 rounds.
 _ROUNDS = """
-import resource, sys, threading
-from coordinator.malloc import MMAP_THRESHOLD_BYTES, tune_malloc
+import ctypes, resource, sys, threading
+from coordinator.malloc import M_MMAP_THRESHOLD, tune_malloc
+from storage.kernelsync import libc_function
 if sys.argv[1] == "tuned":
     tune_malloc()
 else:  # the setting before it was measured: glibc's initial threshold, fixed
-    import ctypes
-    ctypes.CDLL(None).mallopt(-3, 128 * 1024)
+    libc_function("mallopt", ctypes.c_int, ctypes.c_int)(M_MMAP_THRESHOLD, 128 * 1024)
 faults = []
 def task():
     for i in range(23):
