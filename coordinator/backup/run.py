@@ -1,8 +1,8 @@
 """``cloud-dump backup``: one run, from claiming the name to the manifest written last.
 
     claim name (sent while the command starts) → connect, IDENTIFY_SYSTEM, ask the WAL archive
-    (answered while the server checkpoints) → BASE_BACKUP → per archive: open upload
-    (answered while it streams), ArchiveWriter
+    (answered while the server checkpoints and streams; passed before the first part is sent)
+    → BASE_BACKUP → per archive: open upload (answered while it streams), ArchiveWriter
     (compress if the server did not, encrypt, cut parts) → PartWindow (stage + send) →
     drain → finalize (complete uploads, backup_manifest, wrapped key, manifest.json last)
 
@@ -145,8 +145,8 @@ class _Run:
     progress: Progress
     claim: str  # where the claim is stored, storage URL included
     stop_heartbeat: Callable[[], None] = lambda: None
-    # Checks to pass before the first archive opens (the WAL archive's, sent ahead).
-    before_first_archive: Callable[[], None] | None = None
+    # Checks to pass before the first part is sent (the WAL archive's, sent ahead).
+    before_first_part: Callable[[], None] | None = None
     archives: list[_Archive] = field(default_factory=list)
     backup_manifest: bytes | None = None
     stored_backup_manifest: bytes | None = None
@@ -156,7 +156,6 @@ class _Run:
         return Layout(cluster=self.plan.cluster)
 
     def begin_archive(self, archive: ArchiveInfo) -> None:
-        self.check_before_archive()
         plan = self.plan
         encrypted = plan.encryption is not None
         key = self.layout.archive_key(
@@ -172,7 +171,12 @@ class _Run:
         client_compression = plan.compression if archive.compression == "none" else "none"
 
         def put_part(part_number: int, data: bytes, sha256: str) -> None:
-            self.window.submit(key, opening.result(), part_number, data, sha256)
+            # The checks sent ahead are passed before the first part is sent, not before the
+            # first byte is read: their answer and the upload's opening come back while the
+            # archive streams (waiting for both, one after the other, before reading held the
+            # server's stream for four round trips to the broker).
+            self.check_before_first_part()
+            self.window.submit(key, opening, part_number, data, sha256)
             self.progress.stored(len(data))
 
         # Listed before anything else can fail, so that an abort finds the upload.
@@ -191,9 +195,9 @@ class _Run:
         self.archives[-1].writer = writer
         self.progress.begin_archive(archive.name)
 
-    def check_before_archive(self) -> None:
+    def check_before_first_part(self) -> None:
         """Pass the checks sent ahead (once), or raise what they found."""
-        check, self.before_first_archive = self.before_first_archive, None
+        check, self.before_first_part = self.before_first_part, None
         if check is not None:
             check()
 
@@ -356,9 +360,9 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
     started = _now()
     with ReplicationConnection.connect(plan.dsn) as conn:
         system = conn.identify_system()
-        # Asked now, answered on its own thread while the server checkpoints: the first
-        # archive waits for it (with the broker 50 ms away, asking first cost 100 ms).
-        run.before_first_archive = ArchiveAheadCheck(plan, run.work, system)
+        # Asked now, answered on its own thread while the server checkpoints and streams: the
+        # first part waits for it (with the broker 50 ms away, asking first cost 100 ms).
+        run.before_first_part = ArchiveAheadCheck(plan, run.work, system)
         result = conn.base_backup(
             BaseBackupOptions(
                 label=f"cloud-dump {plan.name}",
@@ -368,7 +372,7 @@ def _stream_and_finalize(run: _Run, backup: BackupRef, run_id: str) -> BackupMan
             ),
             _StreamSink(run),
         )
-        run.check_before_archive()  # passed by every backup, whatever it streamed
+        run.check_before_first_part()  # passed by every backup, whatever it streamed
     # When the server's stream ended, not when the uploads drained: a restore refuses time
     # targets before end_time, and a late end_time would refuse targets the backup reaches.
     ended = _now()

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Pending:
-    request: UploadPartRequest
+    key: str
     sending: Future[Handle]  # the handle, once a sender has staged and sent the part
 
 
@@ -59,21 +59,28 @@ class PartWindow:
     senders: int = SENDERS
     _pool: ThreadPoolExecutor | None = None
 
-    def submit(self, key: str, upload_id: str, part_number: int, data: bytes, sha256: str) -> None:
-        """Stage and send one part; blocks while the window is full."""
+    def submit(
+        self, key: str, upload_id: Future[str], part_number: int, data: bytes, sha256: str
+    ) -> None:
+        """Stage and send one part; blocks while the window is full.
+
+        ``upload_id`` is the opening of ``key``'s multipart upload, waited for by the sender,
+        not here: the thread cutting parts goes on reading the stream while the upload is
+        opened (with the broker 50 ms away, the first part waited two round trips for it).
+        """
         with self._lock:
             wait_until(self._room, timeout_s=math.inf, first_s=_POLL_S)
             self._sequence += 1
-            request = UploadPartRequest(
-                key=key,
-                upload_id=upload_id,
-                part_number=part_number,
-                size=len(data),
-                sha256=sha256,
-                ref=f"{self.run_id}:{self._sequence}",
-            )
-            sending = self._senders().submit(self.work.upload_part, request, data)
-            self._pending[(key, part_number)] = _Pending(request, sending)
+            ref = f"{self.run_id}:{self._sequence}"
+
+            def send() -> Handle:
+                request = UploadPartRequest(
+                    key=key, upload_id=upload_id.result(), part_number=part_number,
+                    size=len(data), sha256=sha256, ref=ref,
+                )  # fmt: skip
+                return self.work.upload_part(request, data)
+
+            self._pending[(key, part_number)] = _Pending(key, self._senders().submit(send))
 
     def drain(self) -> dict[str, list[UploadPartResult]]:
         """Wait for every part sent; return the uploaded parts of each key, in order."""
@@ -153,7 +160,7 @@ class PartWindow:
                 handle = pending.sending.result()
                 handles.append(handle)
                 result = self.work.part_result(handle)
-                self._done.setdefault(pending.request.key, {})[result.part_number] = result
+                self._done.setdefault(pending.key, {})[result.part_number] = result
         finally:
             if handles:
                 self._release(handles)

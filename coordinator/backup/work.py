@@ -183,9 +183,7 @@ def open_work(args: BackupSettings) -> tuple[BackupWork, Capabilities]:
         # The workers hold the storage; told one, this backup must land there (every task
         # carries it, and a worker storing elsewhere refuses: exit 3).
         location = storage_url(args.storage) if args.storage else None
-        broker = open_broker(
-            args.broker, args.result_backend, args.staging_url, queues=(PARTS_QUEUE,)
-        )
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
         # A broker that goes away is waited for as long as a part may stay unconfirmed; a
         # staged payload nobody deleted expires after ten part timeouts, an hour at least.
         runner: Runner = CeleryRunner(

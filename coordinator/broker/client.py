@@ -23,8 +23,9 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from celery.backends.base import KeyValueStoreBackend
 from storage.errors import BrokerUnreachable, ConfigError, NoWorkerAvailable
 from storage.redact import redact_url
 from tasks.config import PARTS_QUEUE, WAL_QUEUE, make_app
+from tasks.stagedmessage import staged_with_message
 from workers.brokerfaults import broker_faults, broker_unreachable, is_broker_fault
 from workers.staging import RedisStage, redis_client, stage_key
 
@@ -91,8 +93,13 @@ class Broker:
         self._decoder = KeyValueStoreBackend(app=self.app)
         urls = list(dict.fromkeys([broker_url, result_url, staging_url]))
         self._servers = {u: _client(u) for u in urls if _scheme(u) in REDIS_SCHEMES}
-        # ``identity()`` as ``connect`` found it: the flights' first reference.
-        self.identity_at_connect: tuple[str, ...] | None = None
+        # ``identity()`` as ``connect`` asked it (answered beside the first send): the flights'
+        # first reference. None: not asked.
+        self._identity_at_connect: concurrent.futures.Future[tuple[str, ...]] | None = None
+        # Payloads go in the round trip of the message that refers to them when both live in
+        # one Redis database and the coordinator's own transport delivers it
+        # (``tasks.redistransport.ClientChannel``): the usual set-up.
+        self._stage_with_message = _scheme(broker_url) == "redis" and staging_url == broker_url
 
     @classmethod
     def connect(
@@ -100,46 +107,80 @@ class Broker:
         broker_url: str,
         result_backend: str | None = None,
         staging_url: str | None = None,
-        *,
-        queues: Sequence[str] = (PARTS_QUEUE, WAL_QUEUE),
     ) -> Broker:
-        """A broker that answered; ``BrokerUnreachable`` (exit 6) at once otherwise.
+        """A broker that took a connection; ``BrokerUnreachable`` (exit 6) at once otherwise.
 
-        ``queues``: those the caller will send tasks to (each costs two round trips here)."""
+        Returns once the connection the first send will use is open. Every Redis in use is
+        asked who it is (``identity``) on a thread meanwhile, and the first send does not wait
+        for the answer (``identity_at_connect``): with the broker 50 ms away, each wait before
+        the first send was a round trip more for every command.
+        """
         broker = cls(broker_url, result_backend or broker_url, staging_url or broker_url)
-        # The connection the first send will use, with the caller's queues declared on it: the
-        # same round trips a first send_task would make, made here, while this thread asks
-        # every Redis in use who it is (which the flights need before their first send
-        # anyway). A broker 50 ms away took 1.35 s to connect and send once, one after the
-        # other; 0.9 s this way.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            warm = pool.submit(broker._warm_producer, queues)
-            broker.identity_at_connect = broker.identity()
-            warm.result()
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broker-identity")
+        broker._identity_at_connect = pool.submit(broker.identity)
+        pool.shutdown(wait=False)
+        try:
+            broker._warm_producer()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                broker._identity_at_connect.result()  # not left running past a failed connect
+            raise
         return broker
 
-    def _warm_producer(self, queues: Sequence[str]) -> None:
-        """Connect a producer of the app's pool and declare ``queues`` on it."""
+    @property
+    def asked_identity_at_connect(self) -> bool:
+        """Whether ``connect`` asked the identity (``identity_at_connect`` then answers it)."""
+        return self._identity_at_connect is not None
+
+    def identity_at_connect(self) -> tuple[str, ...] | None:
+        """``identity()`` as ``connect`` asked it, waited for (raises its error); None when
+        this broker was not made by ``connect``.
+
+        Asked beside the first send, not before it: a Redis replaced between the two answers
+        (a window of a round trip at most, at the start of a command) goes unseen as such, and
+        the flight sent to the server that went away is found lost by the flights' probe
+        (``coordinator.broker.flights``: neither queued nor held) and sent again.
+        """
+        return None if self._identity_at_connect is None else self._identity_at_connect.result()
+
+    def _warm_producer(self) -> None:
+        """Open the connection of a producer of the app's pool (no command is sent:
+        ``tasks.redistransport.ClientChannel``)."""
         with broker_faults(self.url), self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(
                 max_retries=1, interval_start=0, timeout=_CONNECT_TIMEOUT_S
             )
-            for queue in queues:
-                producer.maybe_declare(self.app.amqp.queues[queue])
 
     def send(
-        self, task: str, argument: Any, queue: Any, *, label: str, expires_s: float | None = None
+        self,
+        task: str,
+        argument: Any,
+        queue: Any,
+        *,
+        label: str,
+        expires_s: float | None = None,
+        payloads: Mapping[str, bytes] | None = None,
+        payload_ttl_s: int = 3600,
     ) -> str:
         """Send ``task(argument)`` (no argument if None) to ``queue`` (a name, or a kombu
-        ``Queue`` such as a worker's direct queue); return its task id.
+        ``Queue`` such as a worker's direct queue), ``payloads`` (ref → bytes, expiring after
+        ``payload_ttl_s``) staged before any worker can take it; return its task id.
 
         ``label`` is what Flower and the workers' logs show as its arguments (Celery's
         ``argsrepr``, e.g. ``wal=000000010000000000000003 bytes=1234``): facts a person reads,
         in place of the JSON request. Keyword arguments are never sent (``kwargsrepr`` empty).
+
+        A queue named by a string is not declared: the message goes to Redis's list of that
+        name (kombu's default exchange), which the workers consume and declare themselves.
+        Celery would declare it on every new connection, two round trips each.
         """
         task_id = uuid.uuid4().hex
+        if payloads and not self._stage_with_message:
+            self.stage.put_many(payloads, payload_ttl_s)
+            payloads = None
         try:
-            with broker_faults(self.url):
+            keyed = {stage_key(ref): data for ref, data in (payloads or {}).items()}
+            with broker_faults(self.url), staged_with_message(keyed, payload_ttl_s) as staged:
                 self.app.send_task(
                     task,
                     args=[] if argument is None else [argument],
@@ -148,6 +189,7 @@ class Broker:
                     expires=expires_s,
                     argsrepr=label,
                     kwargsrepr="",
+                    **({"declare": []} if isinstance(queue, str) else {}),
                 )
         except AttributeError as exc:
             if not _raised_in_kombu(exc):
@@ -159,6 +201,12 @@ class Broker:
             # other, which the flights wait out and send again.
             lost = ConnectionError("its connection was closed while in use")
             raise broker_unreachable(self.url, lost) from exc
+        if payloads and not staged.delivered:
+            # Published without them (a transport that does not take them): staged now, and a
+            # worker that was quicker fails the copy with StagedPayloadMissing, which the
+            # flights send again.
+            log.debug("task %s published apart from its payloads", task_id)
+            self.stage.put_many(payloads, payload_ttl_s)
         return task_id
 
     def states(self, task_ids: list[str]) -> list[TaskState]:
@@ -188,17 +236,24 @@ class Broker:
             run_id = _run_id(info)
         return [self._state(raw) for raw in raws], (run_id,)
 
-    def discard(self, task_ids: Sequence[str], refs: Sequence[str]) -> None:
+    def discard(
+        self, task_ids: Sequence[str], refs: Sequence[str], *, sent: threading.Event | None = None
+    ) -> None:
         """Delete the results of these tasks and the payloads staged under these refs; best
         effort, as both expire anyway. One round trip when results and payloads share a
-        Redis (the usual set-up): a backup waits for the last of these before it exits."""
+        Redis (the usual set-up).
+
+        ``sent`` is set once that delete is on its way to Redis, before its answer: a command
+        that exits then need not wait for it (``flights.CeleryRunner.close``), as Redis
+        carries out what it received from a client that has since closed its connection.
+        """
         keys = self._result_keys(task_ids)
         if refs and self.stage.url == self._result_url:
             keys.extend(stage_key(ref) for ref in refs)
             refs = []
         if keys:
             with contextlib.suppress(Exception), broker_faults(self._result_url):
-                self._servers[self._result_url].delete(*keys)
+                _delete(self._servers[self._result_url], keys, None if refs else sent)
         if refs:
             try:
                 self.stage.delete(*refs)
@@ -276,6 +331,23 @@ class Broker:
         return TaskState(status, result, result.get("hostname") if started else None)
 
 
+def _delete(client: Redis, keys: Sequence[Any], sent: threading.Event | None) -> None:
+    """``DEL keys`` on a connection of ``client``'s pool; ``sent`` set once it is written."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_command("DEL", *keys)  # type: ignore[no-untyped-call]
+        if sent is not None:
+            sent.set()
+        connection.read_response()
+    except BaseException:
+        # An answer half read must not meet the connection's next command.
+        connection.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(connection)
+
+
 def _run_id(info: Any) -> str:
     """The run id in what ``INFO server`` answered (a dict, or the ``ResponseError`` it raised):
     "" when INFO is not allowed to this user (a restart then goes unseen); a broker fault (a
@@ -308,11 +380,9 @@ def open_broker(
     broker_url: str,
     result_backend: str | None = None,
     staging_url: str | None = None,
-    *,
-    queues: Sequence[str] = (PARTS_QUEUE, WAL_QUEUE),
 ) -> Broker:
-    """``Broker.connect``: a broker that answered, ready to send to ``queues``."""
-    return Broker.connect(broker_url, result_backend, staging_url, queues=queues)
+    """``Broker.connect``: a broker that answered, ready to send."""
+    return Broker.connect(broker_url, result_backend, staging_url)
 
 
 def connect_broker(broker_url: str, result_backend: str | None = None) -> Celery:

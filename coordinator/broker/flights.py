@@ -130,8 +130,11 @@ class Flights:
         self._lock = threading.RLock()
         self._live: list[Flight] = []
         self._epoch = 0
-        # The server run the first flight goes to: as connecting found it, if it did.
-        self._identity: tuple[str, ...] | None = broker.identity_at_connect
+        # The server run the first flight goes to: as connecting asked it (read at the first
+        # refresh, ``Broker.identity_at_connect``), else read before the first send.
+        self._identity: tuple[str, ...] | None = None
+        self._identity_asked = broker.identity_at_connect
+        self._asked_at_connect = broker.asked_identity_at_connect
         self._identity_at = time.monotonic()
         self._refreshed_at = 0.0
         self._probed_at = 0.0
@@ -150,7 +153,8 @@ class Flights:
         the flight sent under the lock, waiting for the broker like every other operation.
         """
         with self._lock:
-            if self._identity is None:  # the server run the first flight went to
+            if self._identity is None and not self._asked_at_connect:
+                # The server run the first flight goes to, read before it is sent.
                 self._identity = self._guarded(self.broker.identity)
                 self._identity_at = time.monotonic()
             epoch = self._epoch
@@ -161,6 +165,10 @@ class Flights:
                 task_id = self._stage_and_publish(flight, restage=True)
         _keep(flight)
         with self._lock:
+            if task_id is None and self._identity is None:
+                # A broker that never answered since it was connected to (a URL that reaches
+                # no Redis) fails the first send now, not after the grace period.
+                self._identity = self._identity_asked()
             if task_id is not None:
                 # Stamped with the epoch it was sent in: if the broker was lost meanwhile, the
                 # next refresh sends it again, staged again.
@@ -199,9 +207,10 @@ class Flights:
         finally:
             self.finish(flight)
 
-    def finish(self, *flights: Flight) -> None:
+    def finish(self, *flights: Flight, sent: threading.Event | None = None) -> None:
         """Forget these flights: their results and staged payloads are deleted (best effort:
-        a broker that is away lets them expire)."""
+        a broker that is away lets them expire); ``sent`` is set once the delete is on its way
+        (``Broker.discard``)."""
         refs: list[str] = []
         with self._lock:
             for flight in flights:
@@ -212,7 +221,8 @@ class Flights:
                     if isinstance(kept, KeptPayload):
                         kept.close()
                 flight.payloads = {}
-        self.broker.discard([task_id for f in flights for task_id in f.task_ids], refs)
+        self.broker.discard([task_id for f in flights for task_id in f.task_ids], refs,
+                            sent=sent)  # fmt: skip
 
     def interrupt(self) -> None:
         """Stop waiting for the broker, now and from now on: the work is being given up."""
@@ -228,6 +238,11 @@ class Flights:
     # --- following flights ------------------------------------------------------------------
 
     def _refresh(self) -> None:
+        if self._identity is None:
+            # Asked as the broker connected, answered by now (a broker fault is waited out by
+            # the caller, ``_guarded``, which reads the identity afresh).
+            self._identity = self._identity_asked() or self.broker.identity()
+            self._identity_at = time.monotonic()
         now = time.monotonic()
         pending = [f for f in self._live if not f.answered]
         for flight in pending:
@@ -316,15 +331,14 @@ class Flights:
         self._sent(flight, task_id, first=first, epoch=self._epoch)
 
     def _stage_and_publish(self, flight: Flight, *, restage: bool) -> str:
-        """Stage the flight's payloads (``restage``), then send one copy: its task id. No
+        """Send one copy, the flight's payloads staged with it (``restage``): its task id. No
         bookkeeping: callers record the copy with ``_sent``."""
+        payloads = None
         if restage and flight.payloads:
-            self.broker.stage.put_many(
-                {ref: _payload_bytes(kept) for ref, kept in flight.payloads.items()}, self._ttl_s
-            )
+            payloads = {ref: _payload_bytes(kept) for ref, kept in flight.payloads.items()}
         return self.broker.send(
             flight.task, flight.argument, flight.queue, label=flight.label,
-            expires_s=_expiry(flight),
+            expires_s=_expiry(flight), payloads=payloads, payload_ttl_s=self._ttl_s,
         )  # fmt: skip
 
     def _sent(self, flight: Flight, task_id: str, *, first: bool, epoch: int) -> None:
@@ -431,6 +445,8 @@ class CeleryRunner:
         self.resend_after_s = resend_after_s
         self._cleanup: ThreadPoolExecutor | None = None
         self._cleanup_lock = threading.Lock()
+        # One per clean-up handed to ``_cleanup``: set once its deletes are on their way.
+        self._cleanups_sent: list[threading.Event] = []
 
     @property
     def resent(self) -> int:
@@ -464,16 +480,21 @@ class CeleryRunner:
         if wait:
             self._finish(flights)
             return
+        sent = threading.Event()
         with self._cleanup_lock:
             if self._cleanup is None:
                 self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="broker-cleanup")
-            self._cleanup.submit(self._finish, flights)
+            self._cleanups_sent = [e for e in self._cleanups_sent if not e.is_set()] + [sent]
+            self._cleanup.submit(self._finish, flights, sent)
 
-    def _finish(self, flights: list[Flight]) -> None:
+    def _finish(self, flights: list[Flight], sent: threading.Event | None = None) -> None:
         try:
-            self.flights.finish(*flights)
+            self.flights.finish(*flights, sent=sent)
         except Exception:
             log.debug("forgetting finished units failed", exc_info=True)
+        finally:
+            if sent is not None:
+                sent.set()
 
     def interrupt(self) -> None:
         self.flights.interrupt()
@@ -488,12 +509,21 @@ class CeleryRunner:
         return request
 
     def close(self) -> None:
-        """Finish the clean-up of released units, then close the broker's connections."""
+        """Send the clean-up of released units, then close the broker's connections.
+
+        The deletes are waited for until they are written, not until Redis answers them:
+        with the broker 50 ms away, the answer to the last one (the finalize's result and
+        payloads) held every backup's exit for a round trip. Closing the connections ends the
+        wait of the clean-up thread for those answers.
+        """
         with self._cleanup_lock:
             cleanup, self._cleanup = self._cleanup, None
+            sent, self._cleanups_sent = self._cleanups_sent, []
+        for event in sent:
+            event.wait()
+        self.broker.close()
         if cleanup is not None:
             cleanup.shutdown(wait=True)
-        self.broker.close()
 
 
 class _FlightHandle:

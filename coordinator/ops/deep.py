@@ -153,9 +153,7 @@ def _open_runner(args: VerifySettings, archives: int) -> tuple[Runner, int]:
         from tasks.config import PARTS_QUEUE
 
         location = storage_url(args.storage) if args.storage else None
-        broker = open_broker(
-            args.broker, args.result_backend, args.staging_url, queues=(PARTS_QUEUE,)
-        )
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
         # Never sent again for taking long: an archive of many GiB takes minutes; a unit lost
         # with its worker is sent again by the flights' own watch (coordinator.broker.flights).
         runner: Runner = CeleryRunner(broker, PARTS_QUEUE, storage_url=location,

@@ -141,7 +141,10 @@ def test_out_of_range_settings_are_refused_for_both() -> None:
 
 class _NoBroker:
     url = "redis://nowhere"
-    identity_at_connect = None  # as a Broker made without connecting
+    asked_identity_at_connect = False  # as a Broker made without connecting
+
+    def identity_at_connect(self) -> None:
+        return None
 
     def close(self) -> None:
         self.closed = True

@@ -145,9 +145,7 @@ def open_work(args: WalPushSettings) -> WalWork:
 
         # Told a storage, the workers must be storing there (checked before connecting).
         location = storage_url(args.storage) if args.storage else None
-        broker = open_broker(
-            args.broker, args.result_backend, args.staging_url, queues=(WAL_QUEUE,)
-        )
+        broker = open_broker(args.broker, args.result_backend, args.staging_url)
         runner: Runner = CeleryRunner(
             broker, WAL_QUEUE, storage_url=location,
             grace_s=min(BROKER_GRACE_MAX_S, timeout_s / 2),

@@ -16,8 +16,11 @@ from typing import Any
 import redis
 
 from coordinator.broker.client import open_broker
+from coordinator.broker.flights import CeleryRunner, _FlightHandle
+from coordinator.wait import wait_until
 from tasks.config import PARTS_QUEUE, make_app
 from tests.coordinator.broker.test_broker_faults import PASSWORD, OwnRedis
+from workers.backup import OpenArchiveRequest
 from workers.staging import stage_key
 
 
@@ -28,7 +31,7 @@ def test_every_connection_of_the_coordinator_opens_without_redis_py_handshakes(
     try:
         checker = redis.Redis(port=server.port, password=PASSWORD, protocol=2)
         errors_before = checker.info("errorstats")  # the start-up's own probes
-        broker = open_broker(server.url, queues=(PARTS_QUEUE,))
+        broker = open_broker(server.url)
         broker.send("cloud_dump.no_such_task", None, PARTS_QUEUE, label="handshake test")
         broker.stage.put_many({"r1": b"one", "r2": b"two"}, 60)
         staged = checker.mget([stage_key("r1"), stage_key("r2")])
@@ -43,16 +46,99 @@ def test_every_connection_of_the_coordinator_opens_without_redis_py_handshakes(
         server.stop()
 
     assert staged == [b"one", b"two"] and left == 0
-    # Opened: our Redis clients, kombu's connections (its channel's PING, the queue declared,
-    # the task sent), the checker's. No HELLO, and no command refused (a Redis 7.0 refuses
+    # Opened: our Redis clients, kombu's connections (its channel's PING, the task sent), the
+    # checker's. No HELLO, and no command refused (a Redis 7.0 refuses
     # CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS: each is an error counted here).
     assert len(clients) >= 3, clients
     assert "cmdstat_hello" not in commands, sorted(commands)
-    # One PING: kombu's channel checks its connection once; redis-py's health check before a
-    # connection's first command is left out (ClientTransport).
-    assert commands["cmdstat_ping"]["calls"] == 1, commands["cmdstat_ping"]
+    # No PING: kombu's channel opens its connection without one, and redis-py's health check
+    # before a connection's first command is left out (ClientTransport).
+    assert "cmdstat_ping" not in commands, commands["cmdstat_ping"]
     assert errors == errors_before, (errors, commands)
     assert {client["resp"] for client in clients} == {"2"}, clients
+
+
+def test_a_message_and_its_payloads_go_in_one_transaction_and_no_queue_is_declared(
+    tmp_path: Path,
+) -> None:
+    """With payloads and messages in one Redis database, a unit's payloads are staged in the
+    ``MULTI``/``EXEC`` that delivers its message: a worker cannot take the message before
+    them, and it costs one round trip, not two. Nothing is declared: the workers declare the
+    queues they consume, and the message goes to the list of the queue's name."""
+    server = OwnRedis(tmp_path)
+    try:
+        checker = redis.Redis(port=server.port, password=PASSWORD, protocol=2)
+        broker = open_broker(server.url)
+        before = checker.info("commandstats")
+        task_id = broker.send("cloud_dump.no_such_task", None, PARTS_QUEUE, label="one trip",
+                              payloads={"p1": b"x" * 3_000_000, "p2": b"y"},
+                              payload_ttl_s=60)  # fmt: skip
+        after = checker.info("commandstats")
+        staged = checker.mget([stage_key("p1"), stage_key("p2")])
+        ttl = checker.ttl(stage_key("p1"))
+        queued = checker.lrange(PARTS_QUEUE, 0, -1)
+        keys = checker.keys("*")
+        broker.close()
+        checker.close()
+    finally:
+        server.stop()
+
+    def calls(command: str) -> int:
+        return int(after.get(f"cmdstat_{command}", {}).get("calls", 0)) - int(
+            before.get(f"cmdstat_{command}", {}).get("calls", 0)
+        )
+
+    assert staged == [b"x" * 3_000_000, b"y"] and 0 < ttl <= 60
+    assert [json.loads(m)["headers"]["id"] for m in queued] == [task_id]
+    assert (calls("multi"), calls("exec"), calls("set"), calls("lpush")) == (1, 1, 2, 1), after
+    assert calls("sadd") == 0 and not [k for k in keys if "_kombu.binding" in str(k)], keys
+
+
+def test_payloads_in_another_redis_database_are_staged_before_the_message(
+    tmp_path: Path,
+) -> None:
+    """A staging URL other than the broker's: the payloads are staged first, on their own."""
+    server = OwnRedis(tmp_path)
+    try:
+        staging = server.url.rsplit("/", 1)[0] + "/3"
+        checker = redis.Redis(port=server.port, password=PASSWORD, protocol=2, db=3)
+        broker = open_broker(server.url, staging_url=staging)
+        broker.send("cloud_dump.no_such_task", None, PARTS_QUEUE, label="two trips",
+                    payloads={"p1": b"z"}, payload_ttl_s=60)  # fmt: skip
+        staged = checker.get(stage_key("p1"))
+        broker.close()
+        checker.close()
+    finally:
+        server.stop()
+    assert staged == b"z"
+
+
+def test_a_closed_runner_has_deleted_the_payloads_and_results_of_its_last_units(
+    tmp_path: Path,
+) -> None:
+    """``CeleryRunner.close`` waits for the last clean-up to be written, not answered (a round
+    trip less at every command's exit with the broker far away): Redis still carries it out,
+    though the connection it came on is closed by then."""
+    server = OwnRedis(tmp_path)
+    try:
+        checker = redis.Redis(port=server.port, password=PASSWORD, protocol=2)
+        runner = CeleryRunner(open_broker(server.url), PARTS_QUEUE, storage_url=None,
+                              grace_s=5, payload_ttl_s=600, resend_after_s=600)  # fmt: skip
+        handle = runner.start("cloud_dump.no_such_task", OpenArchiveRequest(key="b1/base.tar"),
+                              "a unit", {"p1": b"payload"})  # fmt: skip
+        assert isinstance(handle, _FlightHandle)
+        (task_id,) = handle.flight.task_ids
+        result_key = f"celery-task-meta-{task_id}"
+        checker.set(result_key, json.dumps({"status": "SUCCESS", "result": None,
+                                            "task_id": task_id}))  # fmt: skip
+        assert checker.exists(stage_key("p1"), result_key) == 2
+        runner.release([handle])
+        runner.close()
+        assert wait_until(lambda: checker.exists(stage_key("p1"), result_key) == 0,
+                          timeout_s=30, first_s=0.001)  # fmt: skip
+        checker.close()
+    finally:
+        server.stop()
 
 
 def test_only_plain_redis_urls_get_the_quiet_transport() -> None:
@@ -72,7 +158,7 @@ def test_states_and_identity_read_together_see_a_restarted_redis(tmp_path: Path)
     answers what ``states`` and ``identity`` answer apart, and a restarted Redis shows."""
     server = OwnRedis(tmp_path)
     try:
-        broker = open_broker(server.url, queues=(PARTS_QUEUE,))
+        broker = open_broker(server.url)
         task_id = broker.send("cloud_dump.no_such_task", None, PARTS_QUEUE, label="states test")
         checker = redis.Redis(port=server.port, password=PASSWORD, protocol=2)
         checker.set(
@@ -84,7 +170,7 @@ def test_states_and_identity_read_together_see_a_restarted_redis(tmp_path: Path)
         states, identity = broker.states_and_identity([task_id, "unknown"])
         after = checker.info("commandstats")
         assert [(s.status, s.result) for s in states] == [("SUCCESS", "done"), ("PENDING", None)]
-        assert identity == broker.identity() == broker.identity_at_connect
+        assert identity == broker.identity() == broker.identity_at_connect()
 
         def calls(stats: dict[str, Any], command: str) -> int:
             return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))

@@ -44,9 +44,11 @@ def test_backup_resumes_soon_after_every_worker_was_killed_and_new_ones_started(
     # The default --part-timeout (300 s): only noticing the lost parts brings them back.
     coordinator = start_backup(cluster, s3_store, redis_server.url, "b1")
     children.append(coordinator)
-    # Once the first archive's upload is open, hold every upload inside the workers, as on a
-    # host that hangs before it dies...
+    # Once the first archive's upload is open and the WAL archive was read (its answer is
+    # waited for before the first part is sent), hold every upload inside the workers, as on
+    # a host that hangs before it dies...
     wait_for_log(logs, "cloud_dump.open_archive[", "succeeded")
+    wait_for_log(logs, "cloud_dump.open_wal_archive[", "succeeded")
     s3_proxy.hold()
     wait_for_log(logs, PART_RECEIVED)
     # ...and kill them all there: the parts they took are lost with them.
