@@ -6,13 +6,13 @@ invariant 4). Results are collected as they come; a part's staged payload is dro
 confirmed. Sending again what a dead worker or a restarted broker lost is the runner's job
 (``coordinator.broker.flights``): here a part is done when its handle says so.
 
-Parts are sent by ``SENDERS`` threads, not by the thread that cuts them: staging a part and
-sending its task are two round trips to the broker, which cost nothing on loopback and 100 ms
-with the broker 50 ms away, where one part after another capped a backup at about ten parts a
-second (bench/backup.py, broker 50 ms away). At most ``SENDERS`` parts wait for or are in a
-sender, so the coordinator holds at most that many parts beyond the archive pipeline's own
-(the runner keeps unconfirmed ones in files, not memory). The runner drops confirmed parts'
-results and payloads off the cutting thread.
+Parts are sent by ``SENDERS`` threads, not by the thread that cuts them: staging a part with
+its task is a round trip to the broker, which costs nothing on loopback and 50 ms with the
+broker 50 ms away, where one part after another (two round trips each, then) capped a backup at
+about ten parts a second (bench/backup.py, broker 50 ms away). At most ``SENDERS`` parts wait
+for or are in a sender, so the coordinator holds at most that many parts beyond the archive
+pipeline's own (the runner keeps unconfirmed ones in files, not memory). The runner drops
+confirmed parts' results and payloads off the cutting thread.
 """
 
 from __future__ import annotations

@@ -24,14 +24,16 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.backends.base import KeyValueStoreBackend
 
+from coordinator.wait import Backoff
 from storage.errors import BrokerUnreachable, ConfigError, NoWorkerAvailable
 from storage.redact import redact_url
 from tasks.config import PARTS_QUEUE, WAL_QUEUE, make_app
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "START_WORKER_HINT",
     "Broker",
+    "ResultWatch",
     "TaskState",
     "connect_broker",
     "live_workers",
@@ -60,6 +63,14 @@ _READ_TIMEOUT_S = 30
 _DONE = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 # Waiting messages read to tell a queued task from a lost one; a longer queue is not read.
 QUEUE_SCAN_MAX = 1000
+# Where Celery's key-value result backends store a task's state, and the Redis backend
+# publishes it (``KeyValueStoreBackend.task_keyprefix``).
+RESULT_KEY_PREFIX = "celery-task-meta-"
+# The result watch: how long one wait for a message lasts (so that ``close`` is seen within
+# it), and the pauses before subscribing again after a lost connection (doubling).
+_WATCH_POLL_S = 1.0
+_WATCH_RETRY_S = 0.5
+_WATCH_RETRY_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class Broker:
         # ``identity()`` as ``connect`` asked it (answered beside the first send): the flights'
         # first reference. None: not asked.
         self._identity_at_connect: concurrent.futures.Future[tuple[str, ...]] | None = None
+        self._watches: list[ResultWatch] = []
         # Payloads go in the round trip of the message that refers to them when both live in
         # one Redis database and the coordinator's own transport delivers it
         # (``tasks.redistransport.ClientChannel``): the usual set-up.
@@ -161,10 +173,12 @@ class Broker:
         expires_s: float | None = None,
         payloads: Mapping[str, bytes] | None = None,
         payload_ttl_s: int = 3600,
+        task_id: str | None = None,
     ) -> str:
         """Send ``task(argument)`` (no argument if None) to ``queue`` (a name, or a kombu
         ``Queue`` such as a worker's direct queue), ``payloads`` (ref → bytes, expiring after
-        ``payload_ttl_s``) staged before any worker can take it; return its task id.
+        ``payload_ttl_s``) staged before any worker can take it; return its task id
+        (``task_id``, or a new one).
 
         ``label`` is what Flower and the workers' logs show as its arguments (Celery's
         ``argsrepr``, e.g. ``wal=000000010000000000000003 bytes=1234``): facts a person reads,
@@ -174,7 +188,7 @@ class Broker:
         name (kombu's default exchange), which the workers consume and declare themselves.
         Celery would declare it on every new connection, two round trips each.
         """
-        task_id = uuid.uuid4().hex
+        task_id = task_id or uuid.uuid4().hex
         if payloads and not self._stage_with_message:
             self.stage.put_many(payloads, payload_ttl_s)
             payloads = None
@@ -260,6 +274,17 @@ class Broker:
             except BrokerUnreachable as exc:
                 log.debug("staged payloads left to expire: %s", exc)
 
+    def watch_results(self, on_result: Callable[[str, bytes], None]) -> ResultWatch:
+        """Results pushed to ``on_result(task_id, raw)`` as they are stored (``ResultWatch``);
+        ``decode_state`` reads ``raw``. Stops when this broker is closed."""
+        watch = ResultWatch(self._result_url, on_result)
+        self._watches.append(watch)
+        return watch
+
+    def decode_state(self, raw: bytes | str | None) -> TaskState:
+        """A task's state from what its result key holds (or what was published for it)."""
+        return self._state(raw)
+
     def ping(self) -> None:
         """Raise ``BrokerUnreachable`` unless every Redis in use answers."""
         for url, client in self._servers.items():
@@ -313,6 +338,8 @@ class Broker:
         return ids
 
     def close(self) -> None:
+        for watch in self._watches:
+            watch.close()
         for client in self._servers.values():
             with contextlib.suppress(Exception):
                 client.close()
@@ -329,6 +356,76 @@ class Broker:
         status, result = str(meta.get("status")), meta.get("result")
         started = status == "STARTED" and isinstance(result, dict)
         return TaskState(status, result, result.get("hostname") if started else None)
+
+
+class ResultWatch:
+    """Task results as the workers store them, pushed to this process as they land.
+
+    Celery's Redis result backend publishes every state it stores on a channel named as the
+    result's key (``celery.backends.redis.RedisBackend._set``: SET and PUBLISH in one
+    pipeline). A pattern subscription to those channels hands each to ``on_result(task_id,
+    raw)`` on a thread of its own: an answer is known half a round trip after a worker stored
+    it, where polling with MGET took a whole one on average (the poll that sees it must reach
+    Redis after the answer did, then come back; 50 ms with the broker 50 ms away, for each
+    unit a command waits on).
+
+    Polling stays the source of truth: a result stored before the subscription was in place,
+    or while its connection was down, is not pushed. ``covers(publishing_at)`` says whether a
+    task whose message was published after ``publishing_at`` (``time.monotonic()``) has its
+    results pushed: the latest subscription was confirmed before then (redis-py subscribes
+    again on a connection it re-opens, and that confirmation is the new reference). A Redis
+    that refuses the subscription (an ACL user without channel permissions) leaves polling
+    alone.
+    """
+
+    def __init__(self, url: str, on_result: Callable[[str, bytes], None]) -> None:
+        self._client = _client(url)
+        self._on_result = on_result
+        self._subscribed_at: float | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._listen, name="broker-results", daemon=True).start()
+
+    def covers(self, publishing_at: float) -> bool:
+        subscribed_at = self._subscribed_at
+        return subscribed_at is not None and publishing_at > subscribed_at
+
+    def close(self) -> None:
+        """Stop listening (within a second; the thread is a daemon, nothing waits for it)."""
+        self._stop.set()
+
+    def _listen(self) -> None:
+        from redis.exceptions import ResponseError
+
+        backoff = Backoff(_WATCH_RETRY_S, max_s=_WATCH_RETRY_MAX_S, factor=2, interrupt=self._stop)
+        while not self._stop.is_set():
+            try:
+                self._listen_once()
+            except ResponseError as exc:
+                log.debug("results are not pushed (%s): polled alone", exc)
+                return
+            except Exception as exc:
+                log.debug("result subscription lost (%r): polled until it is back", exc)
+            finally:
+                self._subscribed_at = None
+            if not backoff.pause():
+                return
+
+    def _listen_once(self) -> None:
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.psubscribe(RESULT_KEY_PREFIX + "*")
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=_WATCH_POLL_S)
+                if message is None:
+                    continue
+                if message["type"] == "psubscribe":
+                    self._subscribed_at = time.monotonic()
+                elif message["type"] == "pmessage":
+                    channel = bytes(message["channel"])
+                    task_id = channel[len(RESULT_KEY_PREFIX) :].decode(errors="replace")
+                    self._on_result(task_id, message["data"])
+        finally:
+            pubsub.close()
 
 
 def _delete(client: Redis, keys: Sequence[Any], sent: threading.Event | None) -> None:

@@ -2,10 +2,14 @@
 when what is observed says it was lost.
 
 A ``Flight`` is one unit of work (a part upload, a claim, a finalize, a WAL push) with the
-payloads it needs staged in Redis. Re-running any task is harmless (DESIGN.md §3, invariant 5),
-so a flight may have several copies in the queue: it is answered by the first copy that
-succeeds, and fails only when every copy failed. ``Flights`` sends a copy again, its payloads
-staged again, when
+payloads it needs staged in Redis (in the same transaction as its message). Its answer is
+read from the result backend: pushed as the worker stores it where the flights watch results
+(``Broker.watch_results``; the runners do), else by a poll, one MGET for every live flight,
+which also stays the fallback for a push that was lost, at a slower pace.
+
+Re-running any task is harmless (DESIGN.md §3, invariant 5), so a flight may have several
+copies in the queue: it is answered by the first copy that succeeds, and fails only when every
+copy failed. ``Flights`` sends a copy again, its payloads staged again, when
 
 - **the broker went away and came back.** A call failing with ``BrokerUnreachable`` makes the
   caller wait for the broker, up to ``grace_s``, and then fail with that one error. A broker
@@ -36,6 +40,7 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +72,9 @@ _T = TypeVar("_T")
 
 # One MGET reads the state of every flight: a caller polling many flights in a row pays once.
 REFRESH_EVERY_S = 0.005
+# The same when every unanswered flight has its answer pushed (``Broker.watch_results``): the
+# MGET is then the fallback, for an answer the push lost, and the clock of the checks below.
+PUSHED_REFRESH_EVERY_S = 0.25
 IDENTITY_EVERY_S = 1.0
 PROBE_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 1.0
@@ -108,6 +116,9 @@ class Flight:
     outcome: Any = None  # the return value, or the error every copy failed with
     failed_ids: set[str] = field(default_factory=set)
     lost_copies: int = 0
+    # When its first copy was about to be published (``time.monotonic()``): a result
+    # subscription confirmed before that sees every state its copies store.
+    publishing_at: float = 0.0
 
     def result(self) -> Any:
         """The answer; raises the flight's error."""
@@ -123,7 +134,14 @@ class Flights:
     back, so that one thread waits for it and the others wait for that thread.
     """
 
-    def __init__(self, broker: Broker, *, grace_s: float, payload_ttl_s: int = 3600) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        grace_s: float,
+        payload_ttl_s: int = 3600,
+        watch_results: bool = False,
+    ) -> None:
         self.broker = broker
         self.grace_s = grace_s
         self._ttl_s = payload_ttl_s
@@ -143,6 +161,13 @@ class Flights:
         self._gone: BrokerUnreachable | None = None
         self._interrupted = threading.Event()
         self.resent = 0
+        # Answers pushed as workers store them (``watch_results``), kept for the task ids of
+        # live flights until a poll takes them in. Their own lock: the watch's thread never
+        # waits for one that holds the flights' lock while it waits for the broker.
+        self._pushed: dict[str, bytes] = {}
+        self._awaited: set[str] = set()
+        self._pushed_lock = threading.Lock()
+        self._watch = broker.watch_results(self._take_pushed) if watch_results else None
 
     def start(self, flight: Flight) -> Flight:
         """Stage the flight's payloads and send it.
@@ -187,7 +212,10 @@ class Flights:
     def refresh(self) -> None:
         """Take in the answers of every live flight; send again those that were lost."""
         with self._lock:
-            if time.monotonic() - self._refreshed_at < REFRESH_EVERY_S:
+            if self._pushed:
+                self._guarded(self._settle_pushed)
+            every_s = PUSHED_REFRESH_EVERY_S if self._all_pushed() else REFRESH_EVERY_S
+            if time.monotonic() - self._refreshed_at < every_s:
                 return
             self._guarded(self._refresh)
             self._refreshed_at = time.monotonic()
@@ -221,6 +249,10 @@ class Flights:
                     if isinstance(kept, KeptPayload):
                         kept.close()
                 flight.payloads = {}
+                with self._pushed_lock:
+                    for task_id in flight.task_ids:
+                        self._awaited.discard(task_id)
+                        self._pushed.pop(task_id, None)
         self.broker.discard([task_id for f in flights for task_id in f.task_ids], refs,
                             sent=sent)  # fmt: skip
 
@@ -236,6 +268,32 @@ class Flights:
             self.grace_s = min(self.grace_s, grace_s)
 
     # --- following flights ------------------------------------------------------------------
+
+    def _take_pushed(self, task_id: str, raw: bytes) -> None:
+        """A state a worker stored (``Broker.watch_results``'s thread): kept if it is one of
+        ours, for the next poll."""
+        with self._pushed_lock:
+            if task_id in self._awaited:
+                self._pushed[task_id] = raw
+
+    def _settle_pushed(self) -> None:
+        """Take in the states pushed since the last look (no round trip to the broker)."""
+        with self._pushed_lock:
+            pushed, self._pushed = self._pushed, {}
+        for flight in self._live:
+            if not flight.answered:
+                states = [(i, self.broker.decode_state(pushed[i]))
+                          for i in flight.task_ids if i in pushed]  # fmt: skip
+                if states:
+                    self._settle(flight, states)
+
+    def _all_pushed(self) -> bool:
+        """Whether every unanswered flight has its answers pushed (its first copy published
+        after the result subscription was confirmed)."""
+        watch = self._watch
+        return watch is not None and all(
+            f.answered or watch.covers(f.publishing_at) for f in self._live
+        )
 
     def _refresh(self) -> None:
         if self._identity is None:
@@ -336,10 +394,23 @@ class Flights:
         payloads = None
         if restage and flight.payloads:
             payloads = {ref: _payload_bytes(kept) for ref, kept in flight.payloads.items()}
-        return self.broker.send(
-            flight.task, flight.argument, flight.queue, label=flight.label,
-            expires_s=_expiry(flight), payloads=payloads, payload_ttl_s=self._ttl_s,
-        )  # fmt: skip
+        if not flight.publishing_at:
+            flight.publishing_at = time.monotonic()
+        # Awaited before it is published: a worker may store its answer before the publish
+        # returns, and a pushed answer for an id not awaited is dropped.
+        task_id = uuid.uuid4().hex
+        with self._pushed_lock:
+            self._awaited.add(task_id)
+        try:
+            return self.broker.send(
+                flight.task, flight.argument, flight.queue, label=flight.label,
+                expires_s=_expiry(flight), payloads=payloads, payload_ttl_s=self._ttl_s,
+                task_id=task_id,
+            )  # fmt: skip
+        except BaseException:
+            with self._pushed_lock:
+                self._awaited.discard(task_id)
+            raise
 
     def _sent(self, flight: Flight, task_id: str, *, first: bool, epoch: int) -> None:
         now = time.monotonic()
@@ -439,7 +510,8 @@ class CeleryRunner:
         resend_after_s: float,
     ) -> None:
         self.broker = broker
-        self.flights = Flights(broker, grace_s=grace_s, payload_ttl_s=payload_ttl_s)
+        self.flights = Flights(broker, grace_s=grace_s, payload_ttl_s=payload_ttl_s,
+                               watch_results=True)  # fmt: skip
         self.queue = queue
         self.storage_url = storage_url
         self.resend_after_s = resend_after_s
@@ -470,9 +542,9 @@ class CeleryRunner:
 
     def release(self, handles: Iterable[Handle], *, wait: bool = False) -> None:
         """Forget these units, on a thread of their own unless ``wait``: deleting their results
-        and payloads is two round trips to the broker that nothing waits for (they expire
+        and payloads is a round trip to the broker that nothing waits for (they expire
         anyway), and with the broker 50 ms away each unit waited for in turn (claim, open,
-        finalize) paid them. Units given up on are released with ``wait``: their payloads
+        finalize) paid it. Units given up on are released with ``wait``: their payloads
         are gone before the abort that follows is sent, so no worker uploads one after it."""
         flights = [h.flight for h in handles if isinstance(h, _FlightHandle)]
         if not flights:

@@ -146,6 +146,9 @@ class _NoBroker:
     def identity_at_connect(self) -> None:
         return None
 
+    def watch_results(self, on_result: object) -> None:  # nothing is pushed
+        return None
+
     def close(self) -> None:
         self.closed = True
 
