@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.broker import flights as flights_module
-from coordinator.broker.client import open_broker
+from coordinator.broker.client import Broker, open_broker
 from coordinator.broker.flights import Flight, Flights
 from coordinator.wait import wait_until
 from tasks.config import PARTS_QUEUE, make_app
@@ -35,16 +35,22 @@ def _store(url: str, task_id: str, status: str, result: object) -> None:
     backend.store_result(task_id, result, status)
 
 
-def test_an_answer_stored_after_the_subscription_is_pushed(
-    server: OwnRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(flights_module, "PUSHED_REFRESH_EVERY_S", 3600.0)
+def _subscribed_flight(server: OwnRedis) -> tuple[Broker, Flights, Flight]:
+    """Flights watching results, their subscription confirmed, and one flight sent after it."""
     broker = open_broker(server.url)
     flights = Flights(broker, grace_s=5, watch_results=True)
     watch = flights._watch
     assert watch is not None
     assert wait_until(lambda: watch.covers(time.monotonic()), timeout_s=30, first_s=0.001)
     flight = flights.start(Flight("cloud_dump.no_such_task", None, PARTS_QUEUE, "a unit"))
+    return broker, flights, flight
+
+
+def test_an_answer_stored_after_the_subscription_is_pushed(
+    server: OwnRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flights_module, "PUSHED_REFRESH_EVERY_S", 3600.0)
+    broker, flights, flight = _subscribed_flight(server)
     flights.refresh()  # the last MGET: from here on only the push can answer
     (task_id,) = flight.task_ids
     _store(server.url, task_id, "STARTED", {"hostname": "w1@host", "pid": 1})
@@ -76,12 +82,7 @@ def test_an_answer_stored_before_the_subscription_is_polled(
 
 def test_pushed_states_of_other_tasks_are_not_kept(server: OwnRedis) -> None:
     """Every worker's results reach the subscription; only the flights' own are kept."""
-    broker = open_broker(server.url)
-    flights = Flights(broker, grace_s=5, watch_results=True)
-    watch = flights._watch
-    assert watch is not None
-    assert wait_until(lambda: watch.covers(time.monotonic()), timeout_s=30, first_s=0.001)
-    flight = flights.start(Flight("cloud_dump.no_such_task", None, PARTS_QUEUE, "a unit"))
+    broker, flights, flight = _subscribed_flight(server)
     _store(server.url, "someone-elses-task", "SUCCESS", "not ours")
     (task_id,) = flight.task_ids
     _store(server.url, task_id, "SUCCESS", "ours")
