@@ -63,9 +63,6 @@ _READ_TIMEOUT_S = 30
 _DONE = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 # Waiting messages read to tell a queued task from a lost one; a longer queue is not read.
 QUEUE_SCAN_MAX = 1000
-# Where Celery's key-value result backends store a task's state, and the Redis backend
-# publishes it (``KeyValueStoreBackend.task_keyprefix``).
-RESULT_KEY_PREFIX = "celery-task-meta-"
 # The result watch: how long one wait for a message lasts (so that ``close`` is seen within
 # it), and the pauses before subscribing again after a lost connection (doubling).
 _WATCH_POLL_S = 1.0
@@ -229,7 +226,7 @@ class Broker:
             return []
         with broker_faults(self._result_url):
             raws = self._servers[self._result_url].mget(self._result_keys(task_ids))
-        return [self._state(raw) for raw in raws]
+        return [self.decode_state(raw) for raw in raws]
 
     def states_and_identity(
         self, task_ids: list[str]
@@ -248,7 +245,7 @@ class Broker:
             if isinstance(raws, BaseException):
                 raise raws
             run_id = _run_id(info)
-        return [self._state(raw) for raw in raws], (run_id,)
+        return [self.decode_state(raw) for raw in raws], (run_id,)
 
     def discard(
         self, task_ids: Sequence[str], refs: Sequence[str], *, sent: threading.Event | None = None
@@ -277,13 +274,14 @@ class Broker:
     def watch_results(self, on_result: Callable[[str, bytes], None]) -> ResultWatch:
         """Results pushed to ``on_result(task_id, raw)`` as they are stored (``ResultWatch``);
         ``decode_state`` reads ``raw``. Stops when this broker is closed."""
-        watch = ResultWatch(self._result_url, on_result)
+        # The result client's pool: the subscription takes a connection of its own from it.
+        # A result's key, hence its channel, is this prefix and the task id (bytes here, as
+        # the key-value backend's keys: ``_result_keys``).
+        prefix = self._decoder.task_keyprefix
+        prefix = prefix if isinstance(prefix, bytes) else str(prefix).encode()
+        watch = ResultWatch(self._servers[self._result_url], prefix, on_result)
         self._watches.append(watch)
         return watch
-
-    def decode_state(self, raw: bytes | str | None) -> TaskState:
-        """A task's state from what its result key holds (or what was published for it)."""
-        return self._state(raw)
 
     def ping(self) -> None:
         """Raise ``BrokerUnreachable`` unless every Redis in use answers."""
@@ -349,7 +347,8 @@ class Broker:
         """The keys these tasks' results are stored under."""
         return [self._decoder.get_key_for_task(i) for i in task_ids]
 
-    def _state(self, raw: bytes | str | None) -> TaskState:
+    def decode_state(self, raw: bytes | str | None) -> TaskState:
+        """A task's state from what its result key holds (or what was published for it)."""
         if not raw:
             return TaskState("PENDING", None)
         meta = self._decoder.decode_result(raw)
@@ -378,8 +377,11 @@ class ResultWatch:
     alone.
     """
 
-    def __init__(self, url: str, on_result: Callable[[str, bytes], None]) -> None:
-        self._client = _client(url)
+    def __init__(
+        self, client: Redis, key_prefix: bytes, on_result: Callable[[str, bytes], None]
+    ) -> None:
+        self._client = client
+        self._key_prefix = key_prefix
         self._on_result = on_result
         self._subscribed_at: float | None = None
         self._stop = threading.Event()
@@ -390,7 +392,9 @@ class ResultWatch:
         return subscribed_at is not None and publishing_at > subscribed_at
 
     def close(self) -> None:
-        """Stop listening (within a second; the thread is a daemon, nothing waits for it)."""
+        """Stop listening (at once when the client's connections are closed next, as
+        ``Broker.close`` does; else within a second. The thread is a daemon: nothing waits
+        for it)."""
         self._stop.set()
 
     def _listen(self) -> None:
@@ -413,7 +417,7 @@ class ResultWatch:
     def _listen_once(self) -> None:
         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
         try:
-            pubsub.psubscribe(RESULT_KEY_PREFIX + "*")
+            pubsub.psubscribe(self._key_prefix + b"*")
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=_WATCH_POLL_S)
                 if message is None:
@@ -422,7 +426,7 @@ class ResultWatch:
                     self._subscribed_at = time.monotonic()
                 elif message["type"] == "pmessage":
                     channel = bytes(message["channel"])
-                    task_id = channel[len(RESULT_KEY_PREFIX) :].decode(errors="replace")
+                    task_id = channel[len(self._key_prefix) :].decode(errors="replace")
                     self._on_result(task_id, message["data"])
         finally:
             pubsub.close()
@@ -478,7 +482,7 @@ def open_broker(
     result_backend: str | None = None,
     staging_url: str | None = None,
 ) -> Broker:
-    """``Broker.connect``: a broker that answered, ready to send."""
+    """``Broker.connect``: a broker that took a connection, ready to send."""
     return Broker.connect(broker_url, result_backend, staging_url)
 
 

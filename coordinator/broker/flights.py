@@ -151,8 +151,6 @@ class Flights:
         # The server run the first flight goes to: as connecting asked it (read at the first
         # refresh, ``Broker.identity_at_connect``), else read before the first send.
         self._identity: tuple[str, ...] | None = None
-        self._identity_asked = broker.identity_at_connect
-        self._asked_at_connect = broker.asked_identity_at_connect
         self._identity_at = time.monotonic()
         self._refreshed_at = 0.0
         self._probed_at = 0.0
@@ -178,7 +176,7 @@ class Flights:
         the flight sent under the lock, waiting for the broker like every other operation.
         """
         with self._lock:
-            if self._identity is None and not self._asked_at_connect:
+            if self._identity is None and not self.broker.asked_identity_at_connect:
                 # The server run the first flight goes to, read before it is sent.
                 self._identity = self._guarded(self.broker.identity)
                 self._identity_at = time.monotonic()
@@ -193,7 +191,7 @@ class Flights:
             if task_id is None and self._identity is None:
                 # A broker that never answered since it was connected to (a URL that reaches
                 # no Redis) fails the first send now, not after the grace period.
-                self._identity = self._identity_asked()
+                self._identity = self.broker.identity_at_connect()
             if task_id is not None:
                 # Stamped with the epoch it was sent in: if the broker was lost meanwhile, the
                 # next refresh sends it again, staged again.
@@ -299,7 +297,7 @@ class Flights:
         if self._identity is None:
             # Asked as the broker connected, answered by now (a broker fault is waited out by
             # the caller, ``_guarded``, which reads the identity afresh).
-            self._identity = self._identity_asked() or self.broker.identity()
+            self._identity = self.broker.identity_at_connect() or self.broker.identity()
             self._identity_at = time.monotonic()
         now = time.monotonic()
         pending = [f for f in self._live if not f.answered]
