@@ -106,7 +106,7 @@ def run_mode(mode: str, total: int) -> None:
         pool = zstandard.ZstdCompressor(level=1).compress(pool)
     writer = pipeline.ArchiveWriter(
         DropSink(),
-        PartSizer(S3, total),
+        PartSizer(S3),
         client_compression=compression,
         recipients=[generate_identity()[1]] if encrypted else None,
     )

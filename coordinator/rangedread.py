@@ -12,6 +12,9 @@ checks the object against what ``manifest.json`` says about it: every range must
 (a short range means the object is shorter than recorded) and, at end of file, the SHA-256 of the
 whole object must match, before the caller sees EOF and could believe the data complete.
 
+An archive stored as several objects (``ArchiveRecord.objects``) is read by ``ObjectsReader``, one
+``RangedReader`` after the other (``open_objects`` picks).
+
 ``coordinator.codecs.open_plaintext`` stacks age decryption and decompression on such a reader, so
 that restore sees one plaintext tar stream per archive.
 
@@ -36,14 +39,20 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.wait import wait_until
 from storage.base import Storage
-from storage.errors import IntegrityError, ObjectNotFound, TransientStorageError
+from storage.errors import (
+    DecryptionFailed,
+    IntegrityError,
+    ObjectNotFound,
+    TransientStorageError,
+)
+from storage.manifest import StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +354,113 @@ class _Range:
     def progressed_since(self, when: float) -> bool:
         with self.changed:
             return self.last_progress > when
+
+
+class ObjectsReader(io.RawIOBase):
+    """A readable, non-seekable file over the concatenation of ``objects`` (an archive stored as
+    several: ``storage.manifest.ArchiveRecord.stored_objects``), each read by a ``RangedReader``
+    that checks its size and SHA-256 at its own end. The next object's reads start when the
+    previous one's end is checked (one request's wait per object of up to 10,000 parts).
+    Keyword arguments go to every ``RangedReader``; ``bytes_read`` counts across objects.
+    """
+
+    def __init__(
+        self, storage: Storage, objects: Sequence[StoredObject], **reader_args: Any
+    ) -> None:
+        super().__init__()
+        if not objects:
+            raise ValueError("no objects to read")
+        self._storage = storage
+        self._objects = collections.deque(objects)
+        self._reader_args = reader_args
+        self._done_bytes = 0  # of the objects already read to their end
+        self._current_key = objects[0].key
+        self._current = self._open_next()
+
+    @property
+    def current_key(self) -> str:
+        """The object being read."""
+        return self._current_key
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes received so far, of every object (``RangedReader.bytes_read``)."""
+        return self._done_bytes + self._current.bytes_read
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0:
+            return b""
+        while not (data := self._current.read(size)) and self._advance():
+            pass
+        return data
+
+    def readall(self) -> bytes:
+        chunks = []
+        while chunk := self.read(CHUNK_BYTES):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def readinto(self, target: Any) -> int:
+        if not memoryview(target).nbytes:
+            return 0
+        while not (n := self._current.readinto(target)) and self._advance():
+            pass
+        return n
+
+    def drain(self) -> None:
+        """Read every object to its end (each checksum verified) and discard what is left."""
+        self._current.drain()
+        while self._advance():
+            self._current.drain()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._current.close()
+        super().close()
+
+    def _open_next(self) -> RangedReader:
+        stored = self._objects.popleft()
+        self._current_key = stored.key
+        return RangedReader(
+            self._storage, stored.key, stored.size, sha256=stored.sha256, **self._reader_args
+        )
+
+    def _advance(self) -> bool:
+        """At the current object's checked end: on to the next one; False after the last."""
+        if not self._objects:
+            return False
+        self._done_bytes += self._current.bytes_read
+        self._current.close()
+        self._current = self._open_next()
+        return True
+
+
+@contextlib.contextmanager
+def naming_the_object(reader: io.RawIOBase) -> Iterator[None]:
+    """Say which object ``reader`` (an ``ObjectsReader``) was reading when what is stacked on it
+    (age, decompression, the tar walk) found the archive damaged: its messages name the archive
+    only. The damage may lie just before that object, in a chunk that straddles the two."""
+    try:
+        yield
+    except (IntegrityError, DecryptionFailed) as exc:
+        if isinstance(reader, ObjectsReader) and reader.current_key not in str(exc):
+            raise type(exc)(f"{exc} (found reading its object '{reader.current_key}')") from exc
+        raise
+
+
+def open_objects(
+    storage: Storage, objects: Sequence[StoredObject], **reader_args: Any
+) -> RangedReader | ObjectsReader:
+    """A reader of ``objects`` in order: a ``RangedReader`` for one, else an ``ObjectsReader``;
+    ``reader_args`` as ``RangedReader`` takes them (``range_bytes``, ``parallel``...)."""
+    if len(objects) == 1:
+        (stored,) = objects
+        return RangedReader(
+            storage, stored.key, stored.size, sha256=stored.sha256, **reader_args
+        )
+    return ObjectsReader(storage, objects, **reader_args)

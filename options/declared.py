@@ -443,8 +443,9 @@ OPTIONS: tuple[Option, ...] = (
            group=STORAGE_AND_BROKER),
     # storage.base.MIN_CONFIGURABLE_PART_COUNT .. S3_MAX_PART_COUNT
     Option("--s3-max-parts", "CLOUD_DUMP_S3_MAX_PARTS", ALL | {WORKER},
-           "most parts the store accepts in one upload", kind=INT, default=10_000, metavar="N",
-           limit=Limit(int, 1000, 10_000), group=STORAGE_AND_BROKER),
+           "most parts the store accepts in one upload (an archive with more continues in "
+           "another object)", kind=INT, default=10_000, metavar="N",
+           limit=Limit(int, 1, 10_000), group=STORAGE_AND_BROKER),
     Option("--storage-max-attempts", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS", ALL | {WORKER},
            "attempts per storage request, with backoff", kind=INT, default=5, metavar="N",
            limit=Limit(int, 1, 20), group=STORAGE_AND_BROKER),

@@ -52,7 +52,8 @@ MiB = 1024 * 1024
 S3_MIN_PART_SIZE_BYTES = 5 * MiB
 S3_MAX_PART_SIZE_BYTES = 5 * 1024 * MiB
 S3_MAX_PART_COUNT = 10_000
-MIN_CONFIGURABLE_PART_COUNT = 1_000
+# Any count works: an archive longer than that many parts continues in another object.
+MIN_CONFIGURABLE_PART_COUNT = 1
 
 
 @dataclass(frozen=True)

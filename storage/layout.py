@@ -4,6 +4,7 @@ Flat (no cluster)::
 
     <name>/manifest.json
     <name>/base.tar.zst[.age]            <name>/<oid>.tar.zst[.age]
+    <name>/base.tar.zst[.age].0002 ...   (an archive longer than --s3-max-parts parts)
     <name>/backup_manifest[.age]
     <wal_prefix>/<segment>.zst[.age]     (wal_prefix defaults to "wal_archive")
 
@@ -168,6 +169,15 @@ class Layout:
             f"{self.backup_prefix(name)}{archive}.tar"
             f"{compression_suffix(compression)}{_enc(encrypted)}"
         )
+
+    @staticmethod
+    def archive_object_key(archive_key: str, index: int) -> str:
+        """Key of object ``index`` (from 0) of an archive stored as several objects: the first
+        at ``archive_key``, then ``<archive_key>.0002``, ``.0003``... (``cat`` them in order for
+        the stored stream)."""
+        if index < 0:
+            raise ValueError(f"invalid object index {index}")
+        return archive_key if index == 0 else f"{archive_key}.{index + 1:04d}"
 
     def wal_key(self, file_name: str, compression: str, *, encrypted: bool) -> str:
         return f"{self.wal_root}{file_name}{compression_suffix(compression)}{_enc(encrypted)}"

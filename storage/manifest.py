@@ -14,7 +14,10 @@ that older cloud-dump versions keep reading every manifest they can:
   (``EncryptionInfo.wrapped_identity_size``, ``wrapped_identity_sha256``). Version 1 readers
   refuse unknown fields, so of such a manifest they say "written by a newer version?" rather
   than fail on a field's name; every other manifest is still written as version 1, without
-  the fields.
+  the fields;
+- 3: an archive stored as more than one object (``ArchiveRecord.objects``): a store takes at most
+  ``--s3-max-parts`` parts per object, so a longer archive continues in another object rather
+  than in larger parts. Every other manifest is written as before, without the field.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from storage.errors import IntegrityError, PermanentStorageError
 from storage.layout import CompressedBy as CompressedBy
 from storage.layout import Compression as Compression
 
-FORMAT_VERSION = 2  # the newest this version reads and writes
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest this version reads and writes
+READ_VERSIONS = (1, 2, 3)
 
 
 class _Model(BaseModel):
@@ -52,8 +55,25 @@ class PartRecord(_Model):
     sha256: str
 
 
+class StoredObject(_Model):
+    """One object of an archive stored as several: ``key``, its ``size`` in bytes, its SHA-256
+    (hex), and how many of the archive's ``parts`` it holds (the next ones after the previous
+    object's)."""
+
+    key: str
+    size: int = Field(ge=0)
+    sha256: str
+    parts: int = Field(ge=1)
+
+
 class ArchiveRecord(_Model):
-    """One stored tablespace archive: ``base`` (PGDATA) or a tablespace oid."""
+    """One stored tablespace archive: ``base`` (PGDATA) or a tablespace oid.
+
+    ``stored_size`` and ``sha256`` are of the whole stored stream; ``parts`` are numbered from 1
+    across it. Stored as one object (almost always) it is the object at ``key`` and ``objects``
+    is empty; as several, ``objects`` lists them in order, the first at ``key``, and the stream
+    is their concatenation (``stored_objects``).
+    """
 
     name: str
     key: str
@@ -66,6 +86,30 @@ class ArchiveRecord(_Model):
     stored_size: int = Field(ge=0)
     sha256: str
     parts: list[PartRecord]
+    objects: list[StoredObject] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _leave_out_single_object(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Readers of versions 1 and 2 refuse the field even when empty: an archive of one
+        # object is written as they know it.
+        data: dict[str, Any] = handler(self)
+        if not data.get("objects"):
+            data.pop("objects", None)
+        return data
+
+    @property
+    def stored_objects(self) -> list[StoredObject]:
+        """The objects holding the stored stream, in order (one for most archives)."""
+        if self.objects:
+            return list(self.objects)
+        parts = max(len(self.parts), 1)
+        return [StoredObject(key=self.key, size=self.stored_size, sha256=self.sha256,
+                             parts=parts)]  # fmt: skip
+
+    @property
+    def largest_part(self) -> int:
+        """Bytes of the largest part (0 when none is recorded): sizes ranged reads."""
+        return max((p.size for p in self.parts), default=0)
 
 
 class EncryptionInfo(_Model):
@@ -109,7 +153,7 @@ class EncryptionInfo(_Model):
 
 
 class BackupManifest(_Model):
-    format_version: Literal[1, 2] = 1
+    format_version: Literal[1, 2, 3] = 1
     name: str
     cluster: str | None = None
     tool_version: str
@@ -153,9 +197,13 @@ class BackupManifest(_Model):
             raise PermanentStorageError(f"manifest '{key}' {_what_is_wrong(exc)}") from exc
 
 
-def version_for(encryption: EncryptionInfo | None) -> Literal[1, 2]:
-    """The lowest format version that records ``encryption``: what a writer puts in
-    ``format_version`` (see the module docstring)."""
+def version_for(
+    encryption: EncryptionInfo | None, archives: list[ArchiveRecord] | None = None
+) -> Literal[1, 2, 3]:
+    """The lowest format version that records ``encryption`` and ``archives``: what a writer
+    puts in ``format_version`` (see the module docstring)."""
+    if any(a.objects for a in archives or []):
+        return 3
     if encryption is not None and (
         encryption.wrapped_identity_size is not None
         or encryption.wrapped_identity_sha256 is not None
@@ -186,9 +234,15 @@ def _what_is_wrong(exc: ValidationError) -> str:
         return "is not a JSON object"
     if where == ("format_version",):
         return (f"has a format_version this cloud-dump does not read (it reads "
-                f"{' and '.join(map(str, READ_VERSIONS))}): written by a newer "
+                f"{_listed(READ_VERSIONS)}): written by a newer "
                 "version?")  # fmt: skip
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in where)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"is not a valid cloud-dump manifest: field '{field.lstrip('.')}': "
             f"{message[:1].lower()}{message[1:]}{more}")  # fmt: skip
+
+
+def _listed(numbers: tuple[int, ...]) -> str:
+    """``1, 2 and 3``."""
+    *head, last = map(str, numbers)
+    return f"{', '.join(head)} and {last}" if head else last

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from coordinator.codecs import open_plaintext
 from coordinator.crypto import decrypt_bytes, passphrase_identity, read_identities
-from coordinator.rangedread import RangedReader, range_size_for
+from coordinator.rangedread import naming_the_object, open_objects, range_size_for
 from coordinator.tarwalk import (
     DISCARD,
     ManifestEntry,
@@ -48,7 +48,7 @@ from coordinator.walheader import segment_system_identifier
 from storage.base import Storage, sha256_hex
 from storage.errors import ConfigError, DecryptionFailed, IntegrityError, ObjectNotFound
 from storage.layout import Layout
-from storage.manifest import check_stored
+from storage.manifest import StoredObject, check_stored
 from storage.walnames import log_prefix
 from workers.location import StorageBound
 from workers.staging import Stage
@@ -62,6 +62,9 @@ class ArchiveCheckRequest(StorageBound):
     stored_size: int
     sha256: str
     part_size: int
+    # Every object of an archive stored as several (``ArchiveRecord.objects``); empty: the one
+    # object at ``key``.
+    objects: list[StoredObject] = Field(default_factory=list)
     compression: str
     encrypted: bool
     tablespace_oid: int | None = None
@@ -178,13 +181,13 @@ def check_archive(
                 result.problems.append(f"{what}: {keys.missing(exc)}")
                 return result
         entries = _backup_manifest(storage, request, identities)
-        reader = RangedReader(
-            storage, request.key, request.stored_size,
-            range_bytes=range_size_for(request.part_size),
-            parallel=max(1, request.ranges_in_flight), sha256=request.sha256,
-            backup=request.backup,
+        objects = request.objects or [StoredObject(
+            key=request.key, size=request.stored_size, sha256=request.sha256, parts=1)]
+        reader = open_objects(
+            storage, objects, range_bytes=range_size_for(request.part_size),
+            parallel=max(1, request.ranges_in_flight), backup=request.backup,
         )  # fmt: skip
-        with contextlib.closing(reader):
+        with contextlib.closing(reader), naming_the_object(reader):
             try:
                 plain = open_plaintext(
                     cast(BinaryIO, reader), request.compression,
@@ -194,7 +197,7 @@ def check_archive(
                     cast(BinaryIO, plain), DISCARD, algorithm=manifest_algorithm(entries),
                     manifest_prefix=_prefix(request.tablespace_oid), what=what,
                 )  # fmt: skip
-                reader.drain()  # the stored object's sha256 is checked at its end
+                reader.drain()  # each stored object's sha256 is checked at its end
             finally:  # what was read, up to a failure too
                 result.bytes_read = reader.bytes_read
         result.files = len(walked.files)

@@ -1,8 +1,9 @@
 """Cutting one stored stream into multipart parts: part sizes, the cutter and the part thread.
 
 Owns the last two stages of an archive's data path (DESIGN.md §3): bytes that are already
-compressed and encrypted are cut into parts of exactly ``PartSizer.size_for(n)`` bytes (the last
-part shorter), each part is hashed, and handed to a ``PartSink`` in order.
+compressed and encrypted are cut into parts of exactly ``PartSizer.part_bytes`` bytes (the last
+part shorter), each part is hashed, and handed to a ``PartSink`` in order. Parts are numbered
+across the whole stream; every ``PartSizer.parts_per_object`` of them make one stored object.
 
 Threads: ``PartCutter.feed`` runs on whichever thread produces the stored bytes (the caller's,
 or the age thread when encrypting); every ``PartSink.put_part`` call runs on one dedicated thread
@@ -13,7 +14,7 @@ the caller's thread, and the two hashes side by side, pass-through went from ~75
 ~1.1 GB/s (bench/pipeline.py).
 
 Memory: the part being filled, one part queued for each of the two threads and the one inside
-``put_part``: at most about five parts, whatever the length of the stream.
+``put_part``: at most about five parts of a fixed size, whatever the length of the stream.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from storage.base import Capabilities, MiB
-from storage.errors import PermanentStorageError
 from storage.manifest import PartRecord
 
 DEFAULT_TARGET_PART_BYTES = 8 * MiB  # --part-size-mib's default (options.declared)
@@ -46,58 +47,44 @@ class PartSink(Protocol):
 
 
 class PartSizer:
-    """Part size from the archive's size estimate and the store's limits.
+    """Part size and parts per stored object, from the store's limits.
 
-    Rule (N = ``max_part_count``, E = the estimate, 0 when unknown):
-
-    - the initial size s0 = max(target, min part size, E * 1.25 / N rounded up to a MiB),
-      capped at the max part size;
-    - the size doubles every ``band_parts`` = (N - F) // (2 L) parts (at least 1), where
-      F = ceil(E / s0) is the number of parts the estimate needs (at most 0.8 N, unless even
-      max-size parts cannot hold 1.25 E) and L the number of doublings from s0 to the max part
-      size; the first max(F, ``band_parts``) parts are s0, and no part exceeds the maximum.
-
-    So parts stay small while the stream is within its estimate, and the ramp to the max part
-    size uses at most half the parts left after the estimate: the N parts hold at least
-    E + (N - F) / 2 * max part size bytes (``capacity_bytes``, which is exact). A stream up to
-    that size never needs more than N parts. No rule can promise N * max part size to a stream
-    whose first parts are smaller than the maximum.
+    Every part is ``part_bytes`` = the target (``--part-size-mib``) within the store's part
+    sizes, the last one shorter, whatever the archive's size: a store takes at most
+    ``max_part_count`` parts per object (S3: 10,000), so part ``parts_per_object + 1`` begins a
+    second object, and so on (``ArchiveRecord.objects``). Growing the parts instead would grow
+    every buffer that holds one with the database: a 1 TB tablespace needed 125 MB parts.
     """
 
     def __init__(
-        self,
-        capabilities: Capabilities,
-        estimate_bytes: int | None,
-        *,
-        target_part_bytes: int = DEFAULT_TARGET_PART_BYTES,
+        self, capabilities: Capabilities, *, target_part_bytes: int = DEFAULT_TARGET_PART_BYTES
     ) -> None:
         self.capabilities = capabilities
-        count = capabilities.max_part_count
-        estimate = max(estimate_bytes or 0, 0)
-        planned = _round_up(_ceil_div(estimate * 5, 4 * count), MiB)
-        self.initial_part_bytes = min(
-            max(target_part_bytes, capabilities.min_part_size_bytes, planned),
+        self.part_bytes = min(
+            max(target_part_bytes, capabilities.min_part_size_bytes),
             capabilities.max_part_size_bytes,
         )
-        self.estimated_parts = min(_ceil_div(estimate, self.initial_part_bytes), count)
-        self.doublings = _doublings(self.initial_part_bytes, capabilities.max_part_size_bytes)
-        remaining = count - self.estimated_parts
-        self.band_parts = max(1, remaining // (2 * self.doublings)) if self.doublings else 1
+        self.parts_per_object = capabilities.max_part_count
 
     def size_for(self, part_number: int) -> int:
         """Size of part ``part_number`` (1-based) unless it is the last one."""
         if part_number < 1:
             raise ValueError(f"part numbers start at 1, got {part_number}")
-        beyond = part_number - max(self.estimated_parts, self.band_parts)
-        step = 0 if beyond <= 0 else 1 + (beyond - 1) // self.band_parts
-        if step >= self.doublings:
-            return self.capabilities.max_part_size_bytes
-        return self.initial_part_bytes << step
+        return self.part_bytes
 
-    @property
-    def capacity_bytes(self) -> int:
-        """The longest stream that fits in ``max_part_count`` parts."""
-        return sum(self.size_for(n) for n in range(1, self.capabilities.max_part_count + 1))
+    def object_of(self, part_number: int) -> tuple[int, int]:
+        """(object index from 0, part number within that object from 1) of a part."""
+        index, within = divmod(part_number - 1, self.parts_per_object)
+        return index, within + 1
+
+
+@dataclass(frozen=True)
+class ObjectSummary:
+    """One stored object of an archive: its bytes, their SHA-256 (hex), its part count."""
+
+    size: int
+    sha256: str
+    parts: int
 
 
 class PartThread:
@@ -107,10 +94,13 @@ class PartThread:
     it and the remaining parts are discarded, so a producer blocked on the queue is released.
     """
 
-    def __init__(self, sink: PartSink) -> None:
+    def __init__(self, sink: PartSink, parts_per_object: int) -> None:
         self._sink = sink
+        self._parts_per_object = parts_per_object
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=_PARTS_QUEUED)
         self._whole = _RunningHash()
+        self._object_sizes: list[int] = []
+        self._object_parts: list[int] = []
         self._records: list[PartRecord] = []
         self._stored_bytes = 0
         self.discard = False  # set by abort: drop parts instead of calling the sink
@@ -124,12 +114,16 @@ class PartThread:
             raise self.error
         self._queue.put((part_number, data))
 
-    def close(self) -> tuple[list[PartRecord], int, str]:
-        """Wait for every part to reach the sink: (records, stored bytes, whole-object sha256)."""
+    def close(self) -> tuple[list[PartRecord], int, str, list[ObjectSummary]]:
+        """Wait for every part to reach the sink: (records, stored bytes, SHA-256 of the whole
+        stream, the objects it is stored in)."""
         self._stop()
         if self.error is not None:
             raise self.error
-        return self._records, self._stored_bytes, self._whole.hexdigest()
+        whole, objects = self._whole.hexdigests()
+        counts = zip(self._object_sizes, objects, self._object_parts, strict=True)
+        summaries = [ObjectSummary(size, sha256, parts) for size, sha256, parts in counts]
+        return self._records, self._stored_bytes, whole, summaries
 
     def abort(self) -> None:
         """Discard queued parts and wait for the thread (after any ``put_part`` in progress)."""
@@ -151,7 +145,14 @@ class PartThread:
                     self.error = exc
 
     def _put(self, part_number: int, data: bytes) -> None:
-        self._whole.update(data)  # first, so that both hashes of this part run at once
+        starts_object = (part_number - 1) % self._parts_per_object == 0
+        # First, so that both hashes of this part run at once.
+        self._whole.update(data, starts_object=starts_object and part_number > 1)
+        if starts_object:
+            self._object_sizes.append(0)
+            self._object_parts.append(0)
+        self._object_sizes[-1] += len(data)
+        self._object_parts[-1] += 1
         sha256 = hashlib.sha256(data).hexdigest()
         self._sink.put_part(part_number, data, sha256)
         self._records.append(PartRecord(number=part_number, size=len(data), sha256=sha256))
@@ -159,33 +160,51 @@ class PartThread:
 
 
 class _RunningHash:
-    """SHA-256 of the whole stream, updated on its own thread in parallel with the part hash."""
+    """SHA-256 of the whole stream, and of each object it is stored in, updated on a thread of
+    its own in parallel with the part hash.
+
+    The first object's hash is the whole stream's up to its end (a copy), so an archive of one
+    object, nearly every one, is hashed once; bytes past the first object are hashed twice.
+    """
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_PARTS_QUEUED)
+        self._object: hashlib._Hash | None = None  # None: still in the first object
+        self._objects: list[str] = []
+        self._queue: queue.Queue[tuple[bytes, bool] | None] = queue.Queue(maxsize=_PARTS_QUEUED)
         self._thread = threading.Thread(target=self._run, name="archive-hash", daemon=True)
         self._thread.start()
 
-    def update(self, data: bytes) -> None:
-        self._queue.put(data)
+    def update(self, data: bytes, *, starts_object: bool = False) -> None:
+        """Hash ``data``; ``starts_object``: it is the first part of an object after the first."""
+        self._queue.put((data, starts_object))
 
     def stop(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
-    def hexdigest(self) -> str:
+    def hexdigests(self) -> tuple[str, list[str]]:
+        """(the whole stream's SHA-256, each object's), once every update is hashed."""
         self.stop()
-        return self._hash.hexdigest()
+        return self._hash.hexdigest(), [*self._objects, self._current()]
+
+    def _current(self) -> str:
+        return (self._object or self._hash).hexdigest()
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            data, starts_object = item
+            if starts_object:
+                self._objects.append(self._current())
+                self._object = hashlib.sha256()
             self._hash.update(data)
+            if self._object is not None:
+                self._object.update(data)
 
 
 class PartCutter:
-    """Cuts a byte stream into parts of exactly ``sizer.size_for(n)`` bytes.
+    """Cuts a byte stream into parts of exactly ``sizer.part_bytes`` bytes (the last shorter).
 
     Fills a preallocated buffer through memoryview slices and copies it out once per part:
     measured here, that beat both ``del buf[:n]`` and handing over fresh ``BytesIO`` buffers.
@@ -194,9 +213,8 @@ class PartCutter:
     def __init__(self, sizer: PartSizer, parts: PartThread) -> None:
         self._sizer = sizer
         self._parts = parts
-        self._max_parts = sizer.capabilities.max_part_count
         self._number = 1
-        self._size = sizer.size_for(1)
+        self._size = sizer.part_bytes
         self._buffer = bytearray(self._size)
         self._view = memoryview(self._buffer)
         self._filled = 0
@@ -207,7 +225,7 @@ class PartCutter:
             return
         view = memoryview(data).cast("B")
         while view:
-            size = self._size  # _emit moves on to the next part's size
+            size = self._size
             if self._filled == 0 and len(view) >= size:
                 # A whole part in one piece: one copy instead of two (none if it is all of data).
                 if isinstance(data, bytes) and len(data) == len(view) == size:
@@ -232,35 +250,6 @@ class PartCutter:
         self._view.release()
 
     def _emit(self, data: bytes) -> None:
-        if self._number > self._max_parts:
-            raise PermanentStorageError(
-                f"stream exceeds the store's limit of {self._max_parts} parts "
-                f"({self._sizer.capacity_bytes} bytes with this size estimate)"
-            )
         self._parts.submit(self._number, data)
         self._number += 1
         self._filled = 0
-        size = self._sizer.size_for(self._number)
-        if size != self._size:
-            # Rare (the size doubles per band): a new buffer instead of a resize, whose
-            # contents would be copied for nothing.
-            self._view.release()
-            self._size = size
-            self._buffer = bytearray(size)
-            self._view = memoryview(self._buffer)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _round_up(value: int, unit: int) -> int:
-    return _ceil_div(value, unit) * unit
-
-
-def _doublings(initial: int, maximum: int) -> int:
-    """How many doublings take ``initial`` to ``maximum`` (or beyond)."""
-    steps = 0
-    while initial << steps < maximum:
-        steps += 1
-    return steps

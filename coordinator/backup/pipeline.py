@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NoReturn
 
-from coordinator.backup.parts import PartCutter, PartSink, PartSizer, PartThread
+from coordinator.backup.parts import ObjectSummary, PartCutter, PartSink, PartSizer, PartThread
 from coordinator.codecs import stream_compressor
 from coordinator.crypto import StreamEncryptor
 from storage.layout import Compression
@@ -33,6 +33,7 @@ from storage.manifest import PartRecord
 __all__ = [
     "ArchiveSummary",
     "ArchiveWriter",
+    "ObjectSummary",
     "PartSink",
     "PartSizer",
 ]
@@ -52,8 +53,9 @@ class ArchiveSummary:
 
     stored_size: int  # bytes after compression/encryption (what is stored)
     input_size: int  # bytes pushed in
-    sha256: str  # hex SHA-256 of the stored bytes (the whole object)
-    parts: list[PartRecord]  # number, size, sha256 of each part
+    sha256: str  # hex SHA-256 of the stored bytes (the whole stream)
+    parts: list[PartRecord]  # number, size, sha256 of each part, numbered across the stream
+    objects: list[ObjectSummary]  # the objects the stream is stored in (almost always one)
 
 
 class ArchiveWriter:
@@ -66,7 +68,7 @@ class ArchiveWriter:
 
     Use from one thread. ``sink.put_part`` is called on the writer's ``archive-parts`` thread,
     never the caller's. ``write`` may block while the sink applies backpressure. If anything
-    fails (the sink, compression, encryption, too many parts), ``write``/``close`` raise the
+    fails (the sink, compression, encryption), ``write``/``close`` raise the
     original exception once the writer's threads are stopped; the writer is then unusable.
     Call ``abort`` to give up on an archive that will not be closed (safe at any time, also
     after a failure): it discards buffered data and joins the threads. It cannot interrupt a
@@ -85,7 +87,7 @@ class ArchiveWriter:
         self._compressor = stream_compressor(
             client_compression, compression_level, threads=ZSTD_THREADS
         )
-        self._parts = PartThread(sink)
+        self._parts = PartThread(sink, sizer.parts_per_object)
         self._cutter = PartCutter(sizer, self._parts)
         self._encryptor: StreamEncryptor | None = None
         self._stage_error: BaseException | None = None
@@ -121,11 +123,11 @@ class ArchiveWriter:
                 encryptor, self._encryptor = self._encryptor, None
                 encryptor.close()
             self._cutter.finish()
-            records, stored_size, sha256 = self._parts.close()
+            records, stored_size, sha256, objects = self._parts.close()
         except BaseException as exc:
             self._fail(exc)
         self._done = True
-        return ArchiveSummary(stored_size, self._input_bytes, sha256, records)
+        return ArchiveSummary(stored_size, self._input_bytes, sha256, records, objects)
 
     def abort(self) -> None:
         """Stop the helper threads and discard buffered data; idempotent."""

@@ -43,7 +43,13 @@ from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity
 from storage.base import Capabilities, sha256_hex
 from storage.errors import CloudDumpError, DecryptionFailed, WalConflict
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
-from storage.manifest import ArchiveRecord, BackupManifest, EncryptionInfo, version_for
+from storage.manifest import (
+    ArchiveRecord,
+    BackupManifest,
+    EncryptionInfo,
+    StoredObject,
+    version_for,
+)
 from storage.walnames import parse_lsn, prev_segment_name, segment_name
 from workers.backup import (
     WRAPPED_KEY_NAME,
@@ -121,17 +127,26 @@ def _in_background(name: str, work: Callable[[], _T]) -> Future[_T]:
 
 
 @dataclass
-class _Archive:
-    info: ArchiveInfo
+class _Object:
+    """One stored object of an archive, and the opening of its multipart upload."""
+
     key: str
-    opening: Future[str]  # its multipart upload's ID (``_Run.begin_archive``)
-    writer: ArchiveWriter | None = None  # None until it is made (which may fail)
-    summary: ArchiveSummary | None = None
+    opening: Future[str]  # the upload's ID (``_Run.open_object``)
 
     @property
     def upload_id(self) -> str:
         """Waited for; raises the opening's error."""
         return self.opening.result()
+
+
+@dataclass
+class _Archive:
+    info: ArchiveInfo
+    key: str
+    sizer: PartSizer
+    objects: list[_Object]  # opened as their first part is due; the first at ``key``
+    writer: ArchiveWriter | None = None  # None until it is made (which may fail)
+    summary: ArchiveSummary | None = None
 
 
 @dataclass
@@ -161,13 +176,13 @@ class _Run:
         key = self.layout.archive_key(
             plan.name, archive.name, plan.compression, encrypted=encrypted
         )
-        # Opened while the archive streams, sent and answered on a thread of its own: waited
-        # for when the first part is due, not before the first byte is read (with the broker
-        # 50 ms away, that wait cost 100 ms of the server's stream per archive).
-        work = self.work
-        opening = _in_background(
-            "open-upload", lambda: work.upload_id(work.start_open_archive(key))
-        )
+        sizer = PartSizer(self.capabilities, target_part_bytes=plan.target_part_bytes)
+        # The first object is opened while the archive streams, sent and answered on a thread
+        # of its own: waited for when the first part is due, not before the first byte is read
+        # (with the broker 50 ms away, that wait cost 100 ms of the server's stream per archive).
+        # Listed before anything else can fail, so that an abort finds the upload.
+        current = _Archive(archive, key, sizer, [self.open_object(key)])
+        self.archives.append(current)
         client_compression = plan.compression if archive.compression == "none" else "none"
 
         def put_part(part_number: int, data: bytes, sha256: str) -> None:
@@ -176,24 +191,30 @@ class _Run:
             # archive streams (waiting for both, one after the other, before reading held the
             # server's stream for four round trips to the broker).
             self.check_before_first_part()
-            self.window.submit(key, opening, part_number, data, sha256)
+            index, within = sizer.object_of(part_number)
+            if index == len(current.objects):  # the store's part limit: on in a new object
+                current.objects.append(self.open_object(Layout.archive_object_key(key, index)))
+            stored = current.objects[index]
+            self.window.submit(stored.key, stored.opening, within, data, sha256)
             self.progress.stored(len(data))
 
-        # Listed before anything else can fail, so that an abort finds the upload.
-        self.archives.append(_Archive(archive, key, opening))
         writer = ArchiveWriter(
             _CallbackSink(put_part),
-            PartSizer(
-                self.capabilities,
-                archive.size_estimate_bytes,
-                target_part_bytes=plan.target_part_bytes,
-            ),
+            sizer,
             client_compression=client_compression,
             compression_level=plan.compression_level,
             recipients=plan.encryption.recipients if plan.encryption else None,
         )
         self.archives[-1].writer = writer
         self.progress.begin_archive(archive.name)
+
+    def open_object(self, key: str) -> _Object:
+        """Open the multipart upload of ``key``, answered on a thread of its own."""
+        work = self.work
+        return _Object(
+            key,
+            _in_background("open-upload", lambda: work.upload_id(work.start_open_archive(key))),
+        )
 
     def check_before_first_part(self) -> None:
         """Pass the checks sent ahead (once), or raise what they found."""
@@ -406,8 +427,9 @@ def _finalize(
             backup=backup,
             run_id=run_id,
             archives=[
-                ArchiveUpload(key=a.key, upload_id=a.upload_id, parts=uploads.get(a.key, []))
+                ArchiveUpload(key=o.key, upload_id=o.upload_id, parts=uploads.get(o.key, []))
                 for a in run.archives
+                for o in a.objects
             ],
             backup_manifest_key=manifest.backup_manifest_key,
             backup_manifest_ref=refs["backup_manifest"],
@@ -444,8 +466,9 @@ def _build_manifest(
     stored_manifest = _stored_backup_manifest(run)
     layout = run.layout
     encryption = _encryption_info(run, layout) if encrypted else None
+    archives = [_archive_record(a, plan, uploads) for a in run.archives]
     return BackupManifest(
-        format_version=version_for(encryption),
+        format_version=version_for(encryption, archives),
         name=plan.name,
         cluster=plan.cluster,
         tool_version=_tool_version(),
@@ -468,7 +491,7 @@ def _build_manifest(
         compression=codec(plan.compression).name,
         compression_level=plan.compression_level,
         encryption=encryption,
-        archives=[_archive_record(a, plan, uploads) for a in run.archives],
+        archives=archives,
         backup_manifest_key=layout.backup_manifest_key(plan.name, encrypted=encrypted),
         backup_manifest_size=len(stored_manifest),
         backup_manifest_sha256=sha256_hex(stored_manifest),
@@ -480,11 +503,20 @@ def _archive_record(
 ) -> ArchiveRecord:
     summary = archive.summary
     assert summary is not None
-    uploaded = {p.part_number: p for p in uploads.get(archive.key, [])}
+    keys = [o.key for o in archive.objects]
+    if len(keys) != len(summary.objects):
+        raise CloudDumpError(f"'{archive.key}' opened {len(keys)} object(s) for "
+                             f"{len(summary.objects)}")  # fmt: skip
+    uploaded = {(key, p.part_number): p for key in keys for p in uploads.get(key, [])}
     for part in summary.parts:
-        confirmed = uploaded.get(part.number)
+        index, within = archive.sizer.object_of(part.number)
+        confirmed = uploaded.get((keys[index], within))
         if confirmed is None or confirmed.sha256 != part.sha256 or confirmed.size != part.size:
-            raise CloudDumpError(f"part {part.number} of '{archive.key}' was not confirmed")
+            raise CloudDumpError(f"part {within} of '{keys[index]}' was not confirmed")
+    objects = [
+        StoredObject(key=key, size=o.size, sha256=o.sha256, parts=o.parts)
+        for key, o in zip(keys, summary.objects, strict=True)
+    ]
     return ArchiveRecord(
         name=archive.info.name,
         key=archive.key,
@@ -496,6 +528,7 @@ def _archive_record(
         stored_size=summary.stored_size,
         sha256=summary.sha256,
         parts=summary.parts,
+        objects=objects if len(objects) > 1 else [],
     )
 
 
@@ -543,11 +576,11 @@ def _opened_uploads(run: _Run) -> list[ArchiveUpload]:
     """The uploads this run opened, each opening waited for: one answered after the abort was
     sent would be left open."""
     uploads = []
-    for archive in run.archives:
+    for stored in (o for archive in run.archives for o in archive.objects):
         try:
-            uploads.append(ArchiveUpload(key=archive.key, upload_id=archive.upload_id, parts=[]))
+            uploads.append(ArchiveUpload(key=stored.key, upload_id=stored.upload_id, parts=[]))
         except Exception as exc:  # never opened: nothing to abort
-            log.debug("the upload of '%s' was not opened: %r", archive.key, exc)
+            log.debug("the upload of '%s' was not opened: %r", stored.key, exc)
     return uploads
 
 

@@ -58,7 +58,7 @@ MAX_AGE_S = 36500 * 86400.0  # a hundred years: beyond it, dates overflow
 _BACKUP_FILE = re.compile(
     rf"({re.escape(MANIFEST_NAME)}|{re.escape(CLAIM_NAME)}|{re.escape(WRAPPED_KEY_NAME)}"
     rf"|{re.escape(KEEP_NAME)}"
-    rf"|{re.escape(BACKUP_MANIFEST_NAME)}(\.age)?|[0-9A-Za-z_]+\.tar(\.(zst|gz|lz4))?(\.age)?)"
+    rf"|{re.escape(BACKUP_MANIFEST_NAME)}(\.age)?|[0-9A-Za-z_]+\.tar(\.(zst|gz|lz4))?(\.age)?(\.[0-9]{{4,}})?)"
 )
 
 

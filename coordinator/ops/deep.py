@@ -128,7 +128,7 @@ def _archive_request(
     encryption = manifest.encryption
     return ArchiveCheckRequest(
         backup=manifest.name, key=archive.key, stored_size=archive.stored_size,
-        sha256=archive.sha256, part_size=max((p.size for p in archive.parts), default=0),
+        sha256=archive.sha256, part_size=archive.largest_part, objects=archive.objects,
         compression=archive.compression, encrypted=archive.encrypted,
         tablespace_oid=archive.tablespace_oid,
         tablespace_oids=[a.tablespace_oid for a in manifest.archives

@@ -184,8 +184,9 @@ def _check_backup(
     # Sizes from one LIST of the backup's prefix: a HEAD of a local object reads all of it.
     prefix = manifest.backup_manifest_key.rpartition("/")[0] + "/"
     sizes = {info.key: info.size for info in storage.list(prefix)}
-    objects = [(a.key, a.stored_size, a.sha256, max((p.size for p in a.parts), default=0))
-               for a in manifest.archives]  # fmt: skip
+    # An archive stored as several objects (format version 3): each on its own line.
+    objects = [(o.key, o.size, o.sha256, a.largest_part)
+               for a in manifest.archives for o in a.stored_objects]  # fmt: skip
     objects.append((manifest.backup_manifest_key, manifest.backup_manifest_size,
                     manifest.backup_manifest_sha256, 0))  # fmt: skip
     objects += _wrapped_key(manifest, check, sizes)
@@ -200,9 +201,11 @@ def _check_backup(
                 f"manifest.json records {size}"
             )
             continue
-        archive = next((a for a in manifest.archives if a.key == key), None)
+        archive = next((a for a in manifest.archives
+                        if key in (o.key for o in a.stored_objects)), None)  # fmt: skip
         if archive is not None:
-            sound.append(archive)
+            if key == archive.stored_objects[-1].key and archive_present(archive, sizes):
+                sound.append(archive)
             if not read:
                 continue
         got, problem = _read_back(storage, key, size, sha256, part_size, parallel)
@@ -210,6 +213,11 @@ def _check_backup(
         if problem is not None:
             check.problems.append(f"backup '{manifest.name}': {problem}")
     return check, sound
+
+
+def archive_present(archive: ArchiveRecord, sizes: dict[str, int]) -> bool:
+    """Whether every object of ``archive`` is listed at its recorded size."""
+    return all(sizes.get(o.key) == o.size for o in archive.stored_objects)
 
 
 def _wrapped_key(

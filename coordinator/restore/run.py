@@ -6,8 +6,9 @@ Order of work, so that every refusal happens before the disk is touched:
    ``ConfigError``; a wrong passphrase or identity → ``DecryptionFailed``, proven on the small
    ``backup_manifest`` object), PostgreSQL's ``backup_manifest`` itself, and every target
    directory (absent or empty, else ``TargetNotEmpty``).
-2. Per archive: ``RangedReader`` → age → decompression → ``extract_archive``; the base archive
-   into PGDATA, each tablespace archive into its recorded or remapped location.
+2. Per archive: ``RangedReader`` (one per stored object: ``open_objects``) → age → decompression →
+   ``extract_archive``; the base archive into PGDATA, each tablespace archive into its recorded
+   or remapped location.
 3. Every file checked against ``backup_manifest``; then ``coordinator.restore.pgdata`` finishes the
    directory: tablespace links and ``tablespace_map``, the modes the backed-up cluster had
    (0700, or 0750 with group access), ``global/pg_control`` made unusable without
@@ -50,7 +51,7 @@ from typing import BinaryIO, cast
 from coordinator.catalog import read_manifest
 from coordinator.codecs import open_plaintext
 from coordinator.crypto import decrypt_bytes, passphrase_identity, read_identities
-from coordinator.rangedread import RangedReader, range_size_for
+from coordinator.rangedread import naming_the_object, open_objects, range_size_for
 from coordinator.restore.extract import ExtractResult, extract_archive, naming
 from coordinator.restore.ownership import Owner, announce, give_to
 from coordinator.restore.pgdata import (
@@ -272,17 +273,15 @@ class _ArchiveRun:
             with naming(target):
                 target.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         what = f"archive '{archive.key}'"
-        reader = RangedReader(
+        reader = open_objects(
             self.storage,
-            archive.key,
-            archive.stored_size,
-            range_bytes=range_size_for(max((p.size for p in archive.parts), default=0)),
+            archive.stored_objects,
+            range_bytes=range_size_for(archive.largest_part),
             parallel=self.parallel,
-            sha256=archive.sha256,
             backup=self.manifest.name,
             on_bytes=lambda n: self._fetched(archive.name, n),
         )
-        with contextlib.closing(reader):
+        with contextlib.closing(reader), naming_the_object(reader):
             identities = self.identities if archive.encrypted else None
             plain = open_plaintext(
                 cast(BinaryIO, reader), archive.compression, identities=identities, what=what
@@ -296,7 +295,7 @@ class _ArchiveRun:
                 held_back=(PG_CONTROL,) if base else (),
                 what=what,
             )
-            reader.drain()  # the object's sha256 is checked at its end
+            reader.drain()  # each object's sha256 is checked at its end
         return result
 
     def _fetched(self, archive: str, n: int) -> None:

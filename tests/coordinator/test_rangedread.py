@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from coordinator.rangedread import RangedReader
+from coordinator.rangedread import ObjectsReader, RangedReader, naming_the_object, open_objects
 from storage.base import Storage, sha256_hex
 from storage.errors import IntegrityError, StorageUnreachable
+from storage.layout import Layout
+from storage.manifest import StoredObject
 
 KEY = "b1/base.tar"
 
@@ -153,3 +155,68 @@ def test_ranged_reader_resumes_a_broken_range_at_its_first_missing_byte(storage:
     with reader:
         assert reader.read() == data
     assert store.opened == [0, 12_345]
+
+
+# ObjectsReader: an archive stored as several objects (ArchiveRecord.objects).
+
+
+def split_objects(storage: Storage, sizes: list[int]) -> tuple[bytes, list[StoredObject]]:
+    pieces = [os.urandom(size) for size in sizes]
+    objects = []
+    for index, piece in enumerate(pieces):
+        key = Layout.archive_object_key(KEY, index)
+        storage.put(key, piece)
+        objects.append(StoredObject(key=key, size=len(piece), sha256=sha256_hex(piece), parts=1))
+    return b"".join(pieces), objects
+
+
+@pytest.mark.parametrize("sizes", [[30_000, 30_000, 7], [30_000, 0, 5_000], [1, 1, 1, 1]])
+def test_objects_reader_reads_the_concatenation_in_order(
+    storage: Storage, sizes: list[int]
+) -> None:
+    data, objects = split_objects(storage, sizes)
+    seen: list[int] = []
+    reader = open_objects(storage, objects, range_bytes=4_099, parallel=3, on_bytes=seen.append)
+    assert isinstance(reader, ObjectsReader)
+    with reader:
+        got = bytearray()
+        assert reader.read(0) == b""
+        while chunk := reader.read(1_000):
+            got += chunk
+        reader.drain()
+        assert reader.bytes_read == len(data) == sum(seen)
+    assert bytes(got) == data
+    with open_objects(storage, objects, range_bytes=8_192, parallel=2) as again:
+        head = bytearray(5)
+        n = again.readinto(head)  # what the first object's first range holds, at most
+        assert n == min(5, sizes[0])
+        assert bytes(head[:n]) + again.read() == data
+
+
+def test_one_object_is_read_by_a_plain_ranged_reader(storage: Storage) -> None:
+    data, objects = split_objects(storage, [10_000])
+    with open_objects(storage, objects, range_bytes=4_096, parallel=2) as reader:
+        assert isinstance(reader, RangedReader) and reader.read() == data
+
+
+def test_objects_reader_checks_each_object_and_says_which(storage: Storage) -> None:
+    _, objects = split_objects(storage, [10_000, 10_000, 10_000])
+    storage.put(objects[1].key, os.urandom(10_000))
+    reader = open_objects(storage, objects, range_bytes=4_096, parallel=2)
+    assert isinstance(reader, ObjectsReader)
+    with reader, pytest.raises(IntegrityError, match=r"'b1/base.tar.0002' does not match"):
+        reader.read()
+    storage.delete(objects[2].key)
+    reader = open_objects(storage, objects[2:], range_bytes=4_096, parallel=2)
+    with reader, pytest.raises(IntegrityError, match=r"b1/base.tar.0003"):
+        reader.read()
+
+
+def test_damage_found_by_a_stacked_reader_names_the_object_being_read(storage: Storage) -> None:
+    _, objects = split_objects(storage, [100, 100, 100])
+    reader = open_objects(storage, objects, range_bytes=4_096, parallel=2)
+    said = r"^bad bytes \(found reading its object 'b1/base.tar.0002'\)$"
+    with reader, pytest.raises(IntegrityError, match=said), naming_the_object(reader):
+        assert len(reader.read(100)) == 100
+        assert len(reader.read(50)) == 50  # from the second object
+        raise IntegrityError("bad bytes")

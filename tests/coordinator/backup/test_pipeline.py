@@ -14,12 +14,11 @@ from pathlib import Path
 import lz4.frame
 import pytest
 
-from coordinator.backup.parts import PartSizer
+from coordinator.backup.parts import ObjectSummary, PartSizer
 from coordinator.backup.pipeline import ArchiveSummary, ArchiveWriter
 from coordinator.crypto import generate_identity
 from coordinator.wait import wait_until
 from storage.base import Capabilities, MiB
-from storage.errors import PermanentStorageError
 
 GiB = 1024 * MiB
 S3 = Capabilities(min_part_size_bytes=5 * MiB, max_part_size_bytes=5 * GiB, max_part_count=10_000)
@@ -137,7 +136,7 @@ def test_stored_stream_is_cut_exactly_and_decodes_with_standard_tools(
     sink = CollectingSink()
     writer = ArchiveWriter(
         sink,
-        PartSizer(S3, None, target_part_bytes=PART),
+        PartSizer(S3, target_part_bytes=PART),
         client_compression=compression,
         recipients=[public] if encrypted else None,
     )
@@ -158,7 +157,7 @@ def test_age_stream_cut_at_arbitrary_offsets_decrypts_once_concatenated(
     sink = CollectingSink()
     writer = ArchiveWriter(
         sink,
-        PartSizer(odd, None, target_part_bytes=100_003),
+        PartSizer(odd, target_part_bytes=100_003),
         client_compression="none",
         recipients=[public],
     )
@@ -172,7 +171,7 @@ def test_age_stream_cut_at_arbitrary_offsets_decrypts_once_concatenated(
 def test_empty_archive_is_one_empty_part() -> None:
     # A multipart upload needs at least one part; S3 accepts an empty last (here: only) part.
     sink = CollectingSink()
-    summary = ArchiveWriter(sink, PartSizer(S3, 0), client_compression="none").close()
+    summary = ArchiveWriter(sink, PartSizer(S3), client_compression="none").close()
 
     assert [(n, d) for n, d, _ in sink.parts] == [(1, b"")]
     assert summary == ArchiveSummary(
@@ -180,6 +179,7 @@ def test_empty_archive_is_one_empty_part() -> None:
         input_size=0,
         sha256=hashlib.sha256(b"").hexdigest(),
         parts=summary.parts,
+        objects=[ObjectSummary(0, hashlib.sha256(b"").hexdigest(), 1)],
     )
     assert summary.parts[0].size == 0
 
@@ -189,7 +189,7 @@ def test_empty_archive_still_decodes(compression: str, identity: tuple[Path, str
     key_file, public = identity
     sink = CollectingSink()
     summary = ArchiveWriter(
-        sink, PartSizer(S3, 0), client_compression=compression, recipients=[public]
+        sink, PartSizer(S3), client_compression=compression, recipients=[public]
     ).close()
 
     assert len(summary.parts) == 1
@@ -204,7 +204,7 @@ def test_sink_error_is_raised_unwrapped_and_no_thread_is_left(
     sink = CollectingSink(fail_at=2)
     writer = ArchiveWriter(
         sink,
-        PartSizer(S3, None, target_part_bytes=PART),
+        PartSizer(S3, target_part_bytes=PART),
         client_compression="none",
         recipients=[identity[1]] if encrypted else None,
     )
@@ -225,7 +225,7 @@ def test_abort_mid_stream_stops_threads_and_discards_the_rest(
     sink = CollectingSink()
     writer = ArchiveWriter(
         sink,
-        PartSizer(S3, None, target_part_bytes=PART),
+        PartSizer(S3, target_part_bytes=PART),
         client_compression="zstd",
         recipients=[identity[1]] if encrypted else None,
     )
@@ -272,7 +272,7 @@ def test_slow_sink_blocks_writes_within_a_few_parts(sample: bytes) -> None:
 
     sink = BlockingSink()
     writer = ArchiveWriter(
-        sink, PartSizer(S3, None, target_part_bytes=PART), client_compression="none"
+        sink, PartSizer(S3, target_part_bytes=PART), client_compression="none"
     )
     pusher = threading.Thread(target=push, args=(writer,), daemon=True)
     pusher.start()
@@ -290,75 +290,43 @@ def test_slow_sink_blocks_writes_within_a_few_parts(sample: bytes) -> None:
     assert sink.stored == sample
 
 
-def test_stream_beyond_the_part_count_fails_clearly() -> None:
+@pytest.mark.parametrize("length", [0, 1, 11, 12, 13, 29, 100])
+def test_stream_beyond_the_part_count_continues_in_objects(length: int) -> None:
+    # Three 4-byte parts per object: a stream of 29 bytes is objects of 12, 12 and 5 bytes.
     tiny = Capabilities(min_part_size_bytes=1, max_part_size_bytes=4, max_part_count=3)
-    sizer = PartSizer(tiny, None, target_part_bytes=1)
-    assert [sizer.size_for(n) for n in (1, 2, 3)] == [1, 2, 4]
-    writer = ArchiveWriter(CollectingSink(), sizer, client_compression="none")
-    writer.write(b"x" * 7)  # exactly the capacity of three parts
+    sizer = PartSizer(tiny, target_part_bytes=4)
+    data = random.Random(length).randbytes(length)
+    sink = CollectingSink()
+    writer = ArchiveWriter(sink, sizer, client_compression="none")
+    for start in range(0, length, 5):  # writes that straddle parts and objects
+        writer.write(data[start : start + 5])
+    summary = writer.close()
 
-    with pytest.raises(PermanentStorageError, match="limit of 3 parts"):
-        writer.write(b"x")
-        writer.close()
+    assert sink.stored == data
+    assert summary.sha256 == hashlib.sha256(data).hexdigest()
+    assert [p.number for p in summary.parts] == list(range(1, len(summary.parts) + 1))
+    assert all(p.size == 4 for p in summary.parts[:-1])
+    objects = [data[i : i + 12] for i in range(0, length, 12)] or [b""]
+    assert [(o.size, o.sha256, o.parts) for o in summary.objects] == [
+        (len(o), hashlib.sha256(o).hexdigest(), max(1, -(-len(o) // 4))) for o in objects
+    ]
+    assert sum(o.parts for o in summary.objects) == len(summary.parts)
 
 
 # PartSizer: arithmetic only, no bytes.
 
 
-def parts_needed(sizer: PartSizer, stream_bytes: int) -> int:
-    number, covered = 0, 0
-    while covered < stream_bytes:
-        number += 1
-        covered += sizer.size_for(number)
-    return max(number, 1)
-
-
-def test_initial_part_size_comes_from_target_minimum_or_estimate() -> None:
-    assert PartSizer(S3, None).size_for(1) == 8 * MiB  # --part-size-mib's default
-    assert PartSizer(S3, 1 * GiB, target_part_bytes=1).size_for(1) == 5 * MiB
-    # 1 TiB * 1.25 / 10,000 = 131.07 MiB, rounded up to a MiB.
-    assert PartSizer(S3, 1024 * GiB).size_for(1) == 132 * MiB
-    huge = PartSizer(S3, 10_000 * 5 * GiB)
-    assert huge.size_for(1) == 5 * GiB
-
-
-def test_parts_stay_at_the_initial_size_while_within_the_estimate() -> None:
-    sizer = PartSizer(S3, 500 * GiB)
-    initial = sizer.size_for(1)
-    assert parts_needed(sizer, 500 * GiB) <= S3.max_part_count * 0.8
-    assert all(sizer.size_for(n) == initial for n in range(1, parts_needed(sizer, 500 * GiB)))
-
-
-@pytest.mark.parametrize("count", [1000, 10_000])
-@pytest.mark.parametrize("estimate", [None, 0, 10 * MiB, 3 * GiB, 200 * GiB, 4 * 1024 * GiB])
-def test_part_sizes_respect_store_limits_and_never_shrink(count: int, estimate: int | None) -> None:
+@pytest.mark.parametrize("count", [1, 1000, 10_000])
+def test_parts_keep_one_size_and_objects_take_the_store_count(count: int) -> None:
     caps = Capabilities(5 * MiB, 5 * GiB, count)
-    sizer = PartSizer(caps, estimate)
-    sizes = [sizer.size_for(n) for n in range(1, count + 1)]
-    assert all(caps.min_part_size_bytes <= s <= caps.max_part_size_bytes for s in sizes)
-    assert sizes == sorted(sizes)
-    # The guarantee in PartSizer's docstring: the estimate plus half the remaining parts at max.
-    spare_parts = count - sizer.estimated_parts
-    assert sizer.capacity_bytes == sum(sizes)
-    assert sizer.capacity_bytes >= (estimate or 0) + spare_parts // 2 * caps.max_part_size_bytes
-    assert parts_needed(sizer, sizer.capacity_bytes) == count
-
-
-def test_stream_twenty_times_its_estimate_fits_in_a_thousand_parts() -> None:
-    caps = Capabilities(5 * MiB, 5 * GiB, 1000)
-    estimate = 10 * GiB
-    sizer = PartSizer(caps, estimate)
-
-    assert parts_needed(sizer, estimate) <= 800
-    assert parts_needed(sizer, 20 * estimate) <= 1000
-
-
-def test_stream_without_estimate_grows_to_store_limits() -> None:
-    caps = Capabilities(5 * MiB, 5 * GiB, 1000)
-    sizer = PartSizer(caps, None, target_part_bytes=16 * MiB)
-
-    # Small backups keep small parts: the first band of 55 parts holds 880 MiB.
-    assert sizer.band_parts == 55
-    assert {sizer.size_for(n) for n in range(1, 56)} == {16 * MiB}
-    assert sizer.size_for(56) == 32 * MiB
-    assert parts_needed(sizer, 2 * 1024 * GiB) <= 1000
+    assert PartSizer(caps).part_bytes == 8 * MiB  # --part-size-mib's default
+    assert PartSizer(caps, target_part_bytes=1).part_bytes == 5 * MiB
+    assert PartSizer(caps, target_part_bytes=6 * GiB).part_bytes == 5 * GiB
+    sizer = PartSizer(caps)
+    # However long the stream: parts never grow, objects follow one another.
+    assert {sizer.size_for(n) for n in (1, count, count + 1, 1_000_000)} == {8 * MiB}
+    assert sizer.object_of(1) == (0, 1)
+    assert sizer.object_of(count) == (0, count)
+    assert sizer.object_of(count + 1) == (1, 1)
+    assert sizer.object_of(2 * count) == (1, count)
+    assert sizer.object_of(5 * count + 1) == (5, 1)
