@@ -179,8 +179,16 @@ class Layout:
             raise ValueError(f"invalid object index {index}")
         return archive_key if index == 0 else f"{archive_key}.{index + 1:04d}"
 
+    @staticmethod
+    def is_later_object(key: str) -> bool:
+        """Whether ``key`` is an archive's object after its first (``archive_object_key``)."""
+        return _LATER_OBJECT.search(key) is not None
+
     def wal_key(self, file_name: str, compression: str, *, encrypted: bool) -> str:
         return f"{self.wal_root}{file_name}{compression_suffix(compression)}{_enc(encrypted)}"
+
+
+_LATER_OBJECT = re.compile(r"\.tar[.a-z0-9]*\.[0-9]{4,}$")
 
 
 def _enc(encrypted: bool) -> str:

@@ -135,6 +135,7 @@ class FinalizeResult(BaseModel):
     archives: int
     parts: int
     bytes: int
+    objects: int | None = None  # when an archive is stored as several objects
 
 
 class AbortRequest(StorageBound):
@@ -153,8 +154,14 @@ def archive_facts(key: str) -> dict[str, object]:
 
 
 def _upload_totals(archives: list[ArchiveUpload]) -> dict[str, int]:
+    """Archives, parts and bytes of these uploads; with ``objects`` when an archive is stored
+    as several (each object is an upload of its own)."""
     parts = [part for archive in archives for part in archive.parts]
-    return {"archives": len(archives), "parts": len(parts), "bytes": sum(p.size for p in parts)}
+    first = sum(1 for a in archives if not Layout.is_later_object(a.key))
+    totals = {"archives": first, "parts": len(parts), "bytes": sum(p.size for p in parts)}
+    if first != len(archives):
+        totals["objects"] = len(archives)
+    return totals
 
 
 def claim_backup(storage: Storage, request: ClaimRequest) -> str:

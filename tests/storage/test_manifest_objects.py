@@ -71,3 +71,8 @@ def test_object_keys_count_from_the_second() -> None:
     assert Layout.archive_object_key(KEY, 10_000) == KEY + ".10001"
     with pytest.raises(ValueError, match="invalid object index"):
         Layout.archive_object_key(KEY, -1)
+    later = [Layout.archive_object_key(KEY, i) for i in (1, 2, 10_000)]
+    assert [Layout.is_later_object(k) for k in [KEY, *later]] == [False, True, True, True]
+    assert not Layout.is_later_object("b1/backup_manifest.age")
+    assert not Layout.is_later_object("b1/16384.tar.age")
+

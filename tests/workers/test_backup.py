@@ -35,6 +35,7 @@ from workers.backup import (
     HeartbeatRequest,
     UploadPartRequest,
     UploadPartResult,
+    _upload_totals,
     abort_backup,
     claim_backup,
     finalize_backup,
@@ -416,3 +417,13 @@ def test_a_late_heartbeat_never_brings_a_claim_back(storage: Storage) -> None:
     before = storage.get(CLAIM_KEY)
     assert beat(storage, "run-a", "t2") is False  # complete: the claim is not refreshed
     assert storage.get(CLAIM_KEY) == before
+
+
+def test_finalize_counts_archives_and_their_objects() -> None:
+    uploads = [
+        ArchiveUpload(key=Layout.archive_object_key("b1/base.tar.zst", i), upload_id="u", parts=[
+            UploadPartResult(part_number=1, etag="e", size=5, sha256="00" * 32)])
+        for i in range(3)
+    ] + [ArchiveUpload(key="b1/16384.tar.zst", upload_id="u", parts=[])]  # fmt: skip
+    assert _upload_totals(uploads) == {"archives": 2, "objects": 4, "parts": 3, "bytes": 15}
+    assert _upload_totals(uploads[:1]) == {"archives": 1, "parts": 1, "bytes": 5}
