@@ -223,9 +223,9 @@ OPTIONS: tuple[Option, ...] = (
     # S3's smallest part (storage.base.S3_MIN_PART_SIZE_BYTES); a part is staged in Redis,
     # whose largest value is 512 MiB, and --parallel of them are staged at once. 8 MiB
     # (was 16): on bench-peers' prod backup Redis, workers and coordinator peaked 100 MB lower
-    # for the same throughput; parts start to grow past ~67 GB stored (10,000 parts).
+    # for the same throughput. Past --s3-max-parts parts an archive continues in another object.
     Option("--part-size-mib", "CLOUD_DUMP_PART_SIZE_MIB", {BACKUP},
-           "target part size; grows for large archives", kind=INT, default=8, metavar="MIB",
+           "part size (every part but an archive's last)", kind=INT, default=8, metavar="MIB",
            limit=Limit(int, 5, 512)),
     Option("--part-timeout", "CLOUD_DUMP_PART_TIMEOUT", {BACKUP},
            "re-send a part not confirmed after this long", kind=FLOAT, default=300.0,

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from storage.base import Storage, UploadedPart
 from storage.errors import (
     BackupExists,
+    ConfigError,
     ObjectExists,
     ObjectNotFound,
     UploadNotFound,
@@ -69,6 +70,9 @@ class ClaimRequest(StorageBound):
     # ``cloud-dump cleanup`` tells a running backup from a dead one however long it runs.
     heartbeat_every_s: float | None = None
     heartbeat_at: str | None = None
+    # Most parts the run puts in one object (its --s3-max-parts): more than the workers' store
+    # takes would fail at the first object boundary, hours into a large backup. Not stored.
+    parts_per_object: int | None = None
 
     def facts(self) -> dict[str, object]:
         return self.backup.facts() | {"run": self.run_id, "host": self.host}
@@ -171,13 +175,20 @@ def claim_backup(storage: Storage, request: ClaimRequest) -> str:
     should the run die without removing it.
     """
     backup = request.backup
+    limit = storage.capabilities.max_part_count
+    if request.parts_per_object is not None and request.parts_per_object > limit:
+        raise ConfigError(
+            f"the backup puts up to {request.parts_per_object} parts in one object "
+            f"(--s3-max-parts), but the workers' store takes at most {limit} "
+            "(their CLOUD_DUMP_S3_MAX_PARTS): set the same on both"
+        )
     if _exists(storage, backup.layout.manifest_key(backup.name)):
         raise BackupExists(
             f"backup '{backup.name}' already exists in "
             f"{backup.layout.describe_backups_root(storage.url)}"
         )
     claim_key = backup.key(CLAIM_NAME)
-    claim = json.dumps(request.model_dump(exclude={"backup"})).encode()
+    claim = json.dumps(request.model_dump(exclude={"backup", "parts_per_object"})).encode()
     try:
         storage.put(claim_key, claim, if_absent=True)
     except ObjectExists:

@@ -47,7 +47,8 @@ def run_backup(args: BackupSettings, report: Report) -> None:
     # The claim goes out as soon as the runner is open, unless a passphrase must first be
     # checked against the WAL archive's key (backup.run.check_wal_archive_passphrase).
     heartbeat_every_s = float(number_from_env("CLOUD_DUMP_HEARTBEAT_S"))
-    claiming = new_claim(BackupRef(name=name, cluster=args.cluster), heartbeat_every_s)
+    claiming = new_claim(BackupRef(name=name, cluster=args.cluster), heartbeat_every_s,
+                         args.s3_max_parts)  # fmt: skip
     send_ahead = chosen is None or chosen.passphrase is None
 
     def open_and_claim() -> tuple[BackupWork, Capabilities]:

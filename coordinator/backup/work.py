@@ -157,12 +157,16 @@ class BackupWork:
         return self.runner.start(task, request, f"'{task}'", timeout_s=self.task_timeout_s)
 
 
-def new_claim(backup: BackupRef, heartbeat_every_s: float) -> ClaimRequest:
-    """A run's claim of ``backup``'s name: a fresh run id, this host, the time now."""
+def new_claim(
+    backup: BackupRef, heartbeat_every_s: float, parts_per_object: int | None = None
+) -> ClaimRequest:
+    """A run's claim of ``backup``'s name: a fresh run id, this host, the time now, and the
+    most parts the run puts in one object (``--s3-max-parts``), for the workers to check."""
     started = datetime.now(UTC).isoformat()
     return ClaimRequest(
         backup=backup, run_id=uuid.uuid4().hex, host=socket.gethostname(), started_at=started,
         heartbeat_every_s=heartbeat_every_s, heartbeat_at=started,
+        parts_per_object=parts_per_object,
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from devrig.moto import StorageTarget
 from storage.base import MiB, ObjectInfo, Storage, sha256_hex
-from storage.errors import BackupExists, ObjectNotFound, StorageError
+from storage.errors import BackupExists, ConfigError, ObjectNotFound, StorageError
 from storage.factory import open_storage
 from storage.layout import Layout
 from storage.options import StorageOptions
@@ -161,6 +161,18 @@ def test_claim_takes_a_free_name_and_a_rerun_of_the_same_run_keeps_it(storage: S
     # acks_late: the same task may run again; it finds its own claim and carries on.
     assert run.claim() == where
     assert keys(storage) == {CLAIM_KEY}
+
+
+def test_claim_refuses_more_parts_per_object_than_the_store_takes(storage: Storage) -> None:
+    limit = storage.capabilities.max_part_count
+    request = claim_request("run-a").model_copy(update={"parts_per_object": limit + 1})
+    with pytest.raises(ConfigError, match=rf"up to {limit + 1} parts in one object .* at most "
+                                          rf"{limit} .*: set the same on both"):  # fmt: skip
+        claim_backup(storage, request)
+    assert keys(storage) == set()
+    fits = claim_request("run-a").model_copy(update={"parts_per_object": limit})
+    claim_backup(storage, fits)
+    assert "parts_per_object" not in json.loads(storage.get(CLAIM_KEY))
 
 
 def test_claim_refuses_a_name_another_run_holds_and_leaves_its_claim(storage: Storage) -> None:

@@ -21,7 +21,7 @@ from devrig import sample
 from devrig.moto import StorageTarget, local_target
 from devrig.postgres import PgCluster, PgFactory, make_postgres_dir
 from devrig.roundtrip import backup_cli, restore_and_compare
-from devrig.services import RedisServer, WorkerPool, run_cli
+from devrig.services import RedisServer, WorkerPool, error_line, run_cli
 from storage.layout import Layout
 from storage.manifest import ArchiveRecord, BackupManifest
 
@@ -144,3 +144,29 @@ def test_encrypted_split_archive_damaged_in_a_later_object_is_named(
     done = run_cli("verify", "--name", "sealed", *identity, env=target.env)
     assert done.returncode == int(ExitCode.INTEGRITY)
     assert f"object '{last.key}' is missing" in done.stdout
+
+
+def test_workers_taking_fewer_parts_per_object_refuse_the_claim(
+    pg_factory: PgFactory,
+    s3_store: StorageTarget,
+    redis_server: RedisServer,
+    start_workers: Callable[..., WorkerPool],
+) -> None:
+    # The backup decides where an object ends; workers whose store takes fewer parts would
+    # fail the part past their limit, 8 GB into the stream at 1,000 parts: said before any.
+    cluster = pg_factory(15)
+    start_workers({**s3_store.env, "CLOUD_DUMP_S3_MAX_PARTS": "2"}, count=1)
+    done = run_cli("backup", "--name", "mismatch", "--db-url", cluster.replication_url(),
+                   "--broker", redis_server.url, "--no-progress", env=s3_store.env)  # fmt: skip
+    assert done.returncode == int(ExitCode.CONFIG), done.stderr
+    assert error_line(done.stderr) == (
+        "cloud-dump: error: the backup puts up to 10000 parts in one object (--s3-max-parts), "
+        "but the workers' store takes at most 2 (their CLOUD_DUMP_S3_MAX_PARTS): set the same "
+        "on both"
+    )
+    store = s3_store.open()
+    try:
+        assert list(store.list("mismatch/")) == []
+    finally:
+        store.close()
+    backup_cli(cluster, s3_store, "matched", "--s3-max-parts", "2", broker=redis_server)
