@@ -247,6 +247,11 @@ class RangedReader(io.RawIOBase):
             self._key, offset, pending.length - pending.received
         )
         with contextlib.closing(stream):
+            if stream.object_size is not None and stream.object_size > self._size:
+                # Longer than recorded: what follows the recorded bytes would never be read,
+                # and a copy of the objects made by hand would carry it into the stream.
+                raise IntegrityError(f"object '{self._key}' is {stream.object_size} bytes, "
+                                     f"manifest.json records {self._size}")  # fmt: skip
             while pending.received < pending.length and not self._closing.is_set():
                 chunk = stream.read(min(CHUNK_BYTES, pending.length - pending.received))
                 if not chunk:

@@ -134,11 +134,16 @@ class ObjectStream(Protocol):
     """One stored object being read from its start (``Storage.open_stream``).
 
     ``read(size)`` returns up to ``size`` bytes (``b""`` at the end); ``metadata`` is what
-    ``put`` stored with the object (``{}`` when nothing was).
+    ``put`` stored with the object (``{}`` when nothing was); ``object_size`` the size of the
+    whole object when the read was opened (S3: a ranged GET's ``Content-Range`` total), None
+    when the store did not say.
     """
 
     @property
     def metadata(self) -> Mapping[str, str]: ...
+
+    @property
+    def object_size(self) -> int | None: ...
 
     def read(self, size: int = -1, /) -> bytes: ...
 

@@ -175,7 +175,8 @@ class LocalStorage:
         with self._translated("read", path, key=key):
             f = path.open("rb")
             try:
-                return LocalObjectStream(f, _read_metadata(f.fileno()), path)
+                size = os.fstat(f.fileno()).st_size
+                return LocalObjectStream(f, _read_metadata(f.fileno()), path, size)
             except BaseException:
                 f.close()
                 raise
@@ -188,8 +189,9 @@ class LocalStorage:
             f = path.open("rb")
             try:
                 f.seek(start)
+                size = os.fstat(f.fileno()).st_size
                 # _Limited has the only methods LocalObjectStream calls (read, close).
-                return LocalObjectStream(cast("IO[bytes]", _Limited(f, length)), {}, path)
+                return LocalObjectStream(cast("IO[bytes]", _Limited(f, length)), {}, path, size)
             except BaseException:
                 f.close()
                 raise
@@ -598,8 +600,11 @@ class _Limited:
 class LocalObjectStream:
     """An object file read in chunks (``Storage.open_stream``); read errors translated."""
 
-    def __init__(self, file: IO[bytes], metadata: dict[str, str], path: Path) -> None:
+    def __init__(
+        self, file: IO[bytes], metadata: dict[str, str], path: Path, object_size: int | None
+    ) -> None:
         self.metadata = metadata
+        self.object_size = object_size
         self._file = file
         self._path = path
 

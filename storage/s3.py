@@ -194,7 +194,9 @@ class S3Storage:
         with self._translated(key):
             response = self._client().get_object(Bucket=self._bucket, Key=self._full_key(key))
         metadata = {str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()}
-        return S3ObjectStream(response["Body"], metadata, self._translated, key)
+        size = response.get("ContentLength")
+        return S3ObjectStream(response["Body"], metadata, self._translated, key,
+                              size if isinstance(size, int) else None)  # fmt: skip
 
     def open_range_stream(self, key: str, start: int, length: int) -> S3ObjectStream:
         if start < 0 or length <= 0:  # S3 has no empty range: get_range answers those
@@ -208,8 +210,9 @@ class S3Storage:
             except ClientError as exc:
                 if _error_code(exc) != "InvalidRange":  # 416: starts at or past the end
                     raise
-                return S3ObjectStream(_EmptyBody(), {}, self._translated, key)
-        return S3ObjectStream(response["Body"], {}, self._translated, key)
+                return S3ObjectStream(_EmptyBody(), {}, self._translated, key, None)
+        total = _content_range_total(response.get("ContentRange"))
+        return S3ObjectStream(response["Body"], {}, self._translated, key, total)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -530,8 +533,10 @@ class S3ObjectStream:
     def __init__(
         self, body: Any, metadata: dict[str, str],
         translated: Callable[[str], contextlib.AbstractContextManager[None]], key: str,
+        object_size: int | None,
     ) -> None:  # fmt: skip
         self.metadata = metadata
+        self.object_size = object_size
         self._body = body
         self._translated = translated
         self._key = key
@@ -542,6 +547,15 @@ class S3ObjectStream:
 
     def close(self) -> None:
         self._body.close()
+
+
+def _content_range_total(content_range: object) -> int | None:
+    """The object's size from a ranged GET's ``Content-Range: bytes 0-99/1234`` (RFC 9110
+    §14.4), None when absent or unknown (``*``)."""
+    if not isinstance(content_range, str):
+        return None
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 def _translate(

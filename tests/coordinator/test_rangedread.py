@@ -133,6 +133,8 @@ class _BreaksOnce:
         cut = self.cut
 
         class Cut:
+            object_size = stream.object_size
+
             def read(self, size: int = -1, /) -> bytes:
                 nonlocal cut
                 if cut <= 0:
@@ -220,3 +222,18 @@ def test_damage_found_by_a_stacked_reader_names_the_object_being_read(storage: S
         assert len(reader.read(100)) == 100
         assert len(reader.read(50)) == 50  # from the second object
         raise IntegrityError("bad bytes")
+
+
+def test_an_object_longer_than_recorded_is_refused(storage: Storage) -> None:
+    # Bytes appended to an object would never be read (the ranges stop at the recorded size),
+    # yet a copy of the objects concatenated by hand would carry them into the stream.
+    data = make_object(storage, 10_000)
+    storage.put(KEY, data + b"appended")
+    said = r"^object 'b1/base.tar' is 10008 bytes, manifest.json records 10000$"
+    for ranges in (4_096, 64 * 1024):  # the check is on every range, the first included
+        with (
+            RangedReader(storage, KEY, 10_000, range_bytes=ranges, parallel=2,
+                         sha256=sha256_hex(data)) as reader,  # fmt: skip
+            pytest.raises(IntegrityError, match=said),
+        ):
+            reader.read()

@@ -124,16 +124,25 @@ def test_encrypted_split_archive_damaged_in_a_later_object_is_named(
 
     root = Path(target.url.removeprefix("file://"))
     second = base.stored_objects[1]
-    damaged = bytearray((root / second.key).read_bytes())
+    intact = (root / second.key).read_bytes()
+
+    def restore() -> str:
+        pgdata = make_postgres_dir("cloud-dump-split-restore-") / "data"
+        mapping = f"{tablespace}={make_postgres_dir('cloud-dump-split-ts-')}"
+        done = run_cli("restore", "--name", "sealed", "--pgdata", str(pgdata), *identity,
+                       "--tablespace-mapping", mapping, env=target.env)  # fmt: skip
+        assert done.returncode == int(ExitCode.INTEGRITY), done.stderr
+        assert not (pgdata / "global" / "pg_control").exists()
+        return error_line(done.stderr)
+
+    # Bytes appended: never read by the ranges, but not the object the manifest records.
+    (root / second.key).write_bytes(intact + b"appended")
+    assert restore() == (f"cloud-dump: error: object '{second.key}' is {second.size + 8} "
+                         f"bytes, manifest.json records {second.size}")  # fmt: skip
+    damaged = bytearray(intact)
     damaged[len(damaged) // 2] ^= 0xFF
     (root / second.key).write_bytes(damaged)
-
-    pgdata = make_postgres_dir("cloud-dump-split-restore-") / "data"
-    mapping = f"{tablespace}={make_postgres_dir('cloud-dump-split-ts-')}"
-    done = run_cli("restore", "--name", "sealed", "--pgdata", str(pgdata), *identity,
-                   "--tablespace-mapping", mapping, env=target.env)  # fmt: skip
-    assert done.returncode == int(ExitCode.INTEGRITY), done.stderr
-    assert second.key in done.stderr
+    assert second.key in restore()
     for flags in ([], ["--deep"]):
         done = run_cli("verify", "--name", "sealed", *flags, *identity, env=target.env)
         assert done.returncode == int(ExitCode.INTEGRITY), done.stdout + done.stderr
