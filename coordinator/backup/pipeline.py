@@ -72,7 +72,9 @@ class ArchiveWriter:
     original exception once the writer's threads are stopped; the writer is then unusable.
     Call ``abort`` to give up on an archive that will not be closed (safe at any time, also
     after a failure): it discards buffered data and joins the threads. It cannot interrupt a
-    ``put_part`` in progress: a sink that blocks must be released by its owner first.
+    ``put_part`` in progress: a sink that blocks must be released by its owner first. So a
+    ``KeyboardInterrupt`` raised in ``write``/``close`` leaves the threads to ``abort``, which
+    the owner must call (after releasing its sink); any other failure joins them first.
     """
 
     def __init__(
@@ -174,6 +176,15 @@ class ArchiveWriter:
     def _fail(self, exc: BaseException) -> NoReturn:
         # The sink's own exception beats the wrappers it travelled through (EncryptError).
         root = self._parts.error or self._stage_error or exc
+        if root is exc and not isinstance(exc, Exception):
+            # Ctrl-C or SIGTERM on the caller's thread, which is mostly waiting for room in
+            # the part queue while the part thread waits on the sink (for a worker's answer):
+            # joining that thread here waited as long as the sink did, which only the owner
+            # can cut short (the backup abandons its window, then calls abort). A stopped
+            # worker held a backup's Ctrl-C for ten minutes. What still arrives is dropped.
+            self._cutter.discard = True
+            self._parts.discard = True
+            raise exc
         self.abort()
         if root is exc:
             raise exc

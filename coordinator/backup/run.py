@@ -20,8 +20,10 @@ import base64
 import importlib.metadata
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+# How long an abort waits for the uploads being opened, in all (their workers may be stopped).
+OPENING_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -573,12 +578,18 @@ def _abort(run: _Run, backup: BackupRef, run_id: str) -> bool:
 
 
 def _opened_uploads(run: _Run) -> list[ArchiveUpload]:
-    """The uploads this run opened, each opening waited for: one answered after the abort was
-    sent would be left open."""
+    """The uploads this run opened, each opening waited for, up to ``OPENING_WAIT_S`` in all:
+    one answered after the abort ran would be left open. An opening a stopped worker holds is
+    not waited for longer: the abort also aborts every upload it finds under the backup's
+    name, and ``cleanup`` one opened after it."""
     uploads = []
+    deadline = time.monotonic() + OPENING_WAIT_S
     for stored in (o for archive in run.archives for o in archive.objects):
         try:
-            uploads.append(ArchiveUpload(key=stored.key, upload_id=stored.upload_id, parts=[]))
+            upload_id = stored.opening.result(timeout=max(0.0, deadline - time.monotonic()))
+            uploads.append(ArchiveUpload(key=stored.key, upload_id=upload_id, parts=[]))
+        except FutureTimeout:
+            log.debug("the upload of '%s' was not answered in time", stored.key)
         except Exception as exc:  # never opened: nothing to abort
             log.debug("the upload of '%s' was not opened: %r", stored.key, exc)
     return uploads

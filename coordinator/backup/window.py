@@ -22,6 +22,7 @@ import math
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 from coordinator.backup.work import BackupWork
@@ -35,6 +36,8 @@ from workers.backup import UploadPartRequest, UploadPartResult
 # confirmed after ``--part-timeout``, fails the backup when the broker stays away that long
 # (``coordinator.broker.flights``), and ``abandon`` ends the wait.
 _POLL_S = 0.01
+# How often a sender waiting for an upload's opening looks whether the backup was abandoned.
+_ABANDON_CHECK_S = 0.1
 SENDERS = 4
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class PartWindow:
 
             def send() -> Handle:
                 request = UploadPartRequest(
-                    key=key, upload_id=upload_id.result(), part_number=part_number,
+                    key=key, upload_id=self._opened(upload_id), part_number=part_number,
                     size=len(data), sha256=sha256, ref=ref,
                 )  # fmt: skip
                 return self.work.upload_part(request, data)
@@ -115,6 +118,15 @@ class PartWindow:
         sent = [p.sending.result() for p in pending if p.sending.done()
                 and not p.sending.cancelled() and p.sending.exception() is None]  # fmt: skip
         self.work.give_up(sent)
+
+    def _opened(self, upload_id: Future[str]) -> str:
+        """The upload's id once it is opened; raises once the backup is abandoned first (the
+        opening waits for a worker, up to --task-timeout: ``abandon`` must not)."""
+        while not self._abandoned:
+            done, _ = futures_wait([upload_id], timeout=_ABANDON_CHECK_S)
+            if done:
+                return upload_id.result()
+        raise CloudDumpError("the backup was abandoned")
 
     @property
     def redispatched(self) -> int:

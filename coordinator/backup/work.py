@@ -32,10 +32,11 @@ if TYPE_CHECKING:
     from coordinator.settings import BackupSettings
     from storage.base import Capabilities
 
-# How long a failed backup tries to undo what it stored, at most: the broker may be the
-# reason it failed.
+# How long a failed backup tries to undo what it stored, at most: the broker or the workers
+# may be the reason it failed, and an interrupted backup must end well within a service
+# manager's stop timeout (systemd: 90 s, then SIGKILL). What it could not undo, it names.
 ABORT_GRACE_S = 30.0
-ABORT_TIMEOUT_S = 120.0
+ABORT_TIMEOUT_S = 30.0
 
 
 @dataclass

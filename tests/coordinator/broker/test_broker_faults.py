@@ -171,6 +171,42 @@ def test_backup_survives_a_broker_restart_and_restores_identically(
     assert target.open().list_multipart_uploads("") == []
 
 
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether the main thread of ``pid`` sleeps on a futex (a queue or lock), not on the
+    replication socket: the backup's reader waiting for room for its next part."""
+    return Path(f"/proc/{pid}/task/{pid}/wchan").read_text().startswith("futex")
+
+
+def test_backup_interrupted_while_its_workers_are_stopped_ends_and_names_its_claim(
+    own_redis: OwnRedis,
+    start_backup_under_way: Callable[..., tuple[subprocess.Popen[str], WorkerPool]],
+    tmp_path: Path,
+) -> None:
+    # The reader waits for room in the part queue while the part thread waits for a worker's
+    # answer. SIGTERM there once joined that thread, which waited for the stopped workers as
+    # long as they stayed stopped (ten minutes in a trial). The undo now waits 30 s at most.
+    target = local_target(tmp_path / "store")
+    coordinator, pool = start_backup_under_way(target)
+    for process in pool.processes:
+        process.kill_group(signal.SIGSTOP)
+    try:
+        client = redis.Redis.from_url(own_redis.url)
+        assert wait_until(lambda: client.keys(f"{STAGE_KEY_PREFIX}*"), timeout_s=60, first_s=0.01)
+        client.close()
+        waiting = wait_until(lambda: all(_blocked_on_a_lock(coordinator.pid) for _ in range(3)),
+                             timeout_s=60, first_s=0.01)  # fmt: skip
+        assert waiting, "the backup never waited for room"
+        coordinator.send_signal(signal.SIGTERM)
+        # A deadline only to fail rather than hang: the backup gives its undo 30 s.
+        _, stderr = coordinator.communicate(timeout=150)
+    finally:
+        for process in pool.processes:
+            process.kill_group(signal.SIGCONT)
+    assert coordinator.returncode == ExitCode.INTERRUPTED, stderr
+    assert f"'{target.url}/b1/backup.claim'" in stderr, stderr  # what it could not undo
+    assert PASSWORD not in stderr
+
+
 def test_backup_whose_broker_stays_away_exits_6_with_one_line(
     own_redis: OwnRedis,
     start_backup_under_way: Callable[..., tuple[subprocess.Popen[str], WorkerPool]],

@@ -40,7 +40,7 @@ RANGES = {
     "--timeout": "a number above 0, at most 86400",
     "--look-ahead": "a whole number from 0 to 64",
     "--prefetch": "a whole number from 0 to 64",
-    "--s3-max-parts": "a whole number from 1000 to 10000",
+    "--s3-max-parts": "a whole number from 1 to 10000",
     "--storage-max-attempts": "a whole number from 1 to 20",
     "--compression-level": "a whole number from 1 to 22",
 }
@@ -50,7 +50,7 @@ BAD_FLAG_VALUES = [
     ("backup", "--part-timeout", ["0", "-1", "nan", "inf", "86401"]),
     ("backup", "--task-timeout", ["0", "-600"]),
     ("backup", "--compression-level", ["0", "23", "-1"]),
-    ("backup", "--s3-max-parts", ["999", "10001"]),
+    ("backup", "--s3-max-parts", ["0", "10001"]),
     ("backup", "--storage-max-attempts", ["0", "21"]),
     ("restore", "--parallel", ["0", "-3", "65", "1.5"]),
     ("restore", "--s3-max-parts", ["0"]),
@@ -60,7 +60,7 @@ BAD_FLAG_VALUES = [
     ("wal-fetch", "--prefetch", ["-1", "65"]),
     ("wal-fetch", "--storage-max-attempts", ["0"]),
     ("check", "--timeout", ["0", "-1"]),
-    ("list", "--s3-max-parts", ["999"]),
+    ("list", "--s3-max-parts", ["-1"]),
 ]
 # (command, variable, value, what the line must name besides the variable)
 BAD_ENV_VALUES = [
@@ -70,7 +70,7 @@ BAD_ENV_VALUES = [
     ("backup", "CLOUD_DUMP_TASK_TIMEOUT", "-1", "a number above 0, at most 86400"),
     ("backup", "CLOUD_DUMP_COMPRESSION_LEVEL", "99", "a whole number from 1 to 22"),
     ("restore", "CLOUD_DUMP_PARALLEL", "-3", "a whole number from 1 to 64"),
-    ("restore", "CLOUD_DUMP_S3_MAX_PARTS", "100", "a whole number from 1000 to 10000"),
+    ("restore", "CLOUD_DUMP_S3_MAX_PARTS", "0", "a whole number from 1 to 10000"),
     ("restore", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS", "0", "a whole number from 1 to 20"),
     ("wal-push", "CLOUD_DUMP_WAL_PUSH_TIMEOUT", "0", "a number above 0, at most 86400"),
     ("wal-push", "CLOUD_DUMP_WAL_LOOK_AHEAD", "-2", "a whole number from 0 to 64"),
@@ -171,7 +171,7 @@ def test_a_flag_in_range_wins_over_an_environment_value_out_of_range(tmp_path: P
     (tmp_path / "repo").mkdir()
     done = run_cli("check", "--storage", f"file://{tmp_path}/repo", "--s3-max-parts", "1000",
                    "--storage-max-attempts", "20", "--timeout", "0.5",
-                   env={"CLOUD_DUMP_S3_MAX_PARTS": "5", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "0"})
+                   env={"CLOUD_DUMP_S3_MAX_PARTS": "0", "CLOUD_DUMP_STORAGE_MAX_ATTEMPTS": "0"})
     assert done.returncode == 0, done.stderr
 
 
