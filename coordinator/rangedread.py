@@ -70,6 +70,14 @@ _FIRST_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 10.0
 
 
+def _read_all(read: Callable[[int], bytes]) -> bytes:
+    """Everything ``read`` still returns, asked in ``CHUNK_BYTES`` (io's default asks 8 KiB)."""
+    chunks = []
+    while chunk := read(CHUNK_BYTES):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def range_size_for(part_size_bytes: int) -> int:
     """The range size restore uses: the larger of the upload's part size and 64 MiB."""
     return max(part_size_bytes, MIN_RANGE_BYTES)
@@ -144,10 +152,7 @@ class RangedReader(io.RawIOBase):
         return out
 
     def readall(self) -> bytes:
-        chunks = []
-        while chunk := self.read(CHUNK_BYTES):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_all(self.read)
 
     def readinto(self, target: Any) -> int:
         self._check_open()
@@ -405,10 +410,7 @@ class ObjectsReader(io.RawIOBase):
         return data
 
     def readall(self) -> bytes:
-        chunks = []
-        while chunk := self.read(CHUNK_BYTES):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_all(self.read)
 
     def readinto(self, target: Any) -> int:
         if not memoryview(target).nbytes:

@@ -73,6 +73,8 @@ class PartWindow:
         """
         with self._lock:
             wait_until(self._room, timeout_s=math.inf, first_s=_POLL_S)
+            if self._abandoned:  # room, but the senders are gone
+                raise CloudDumpError("the backup was abandoned")
             self._sequence += 1
             ref = f"{self.run_id}:{self._sequence}"
 
