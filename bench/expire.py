@@ -75,8 +75,8 @@ def delete_one_by_one(self, keys):
         self.delete(key)
 
 S3Storage.delete_many = delete_one_by_one
-from coordinator.cli.fastpath import main
-sys.exit(main())
+from coordinator.cli.fastpath import entry
+entry()
 """
 ROWS = {
     "batch": ("cloud-dump expire (batch deletes)", [CLOUD_DUMP]),

@@ -25,8 +25,10 @@ warn about, as only the full CLI has logging to say it with. A combination the f
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+from typing import NoReturn
 
 from coordinator.cli.limits import DEFAULT_LOOK_AHEAD, DEFAULT_PREFETCH
 from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
@@ -53,7 +55,40 @@ _ENV = {
 }
 
 
+def entry() -> NoReturn:
+    """The ``cloud-dump`` console script: ``main``, then an exit that skips the interpreter's
+    last teardown.
+
+    Python's exit joins the threads that are not daemons and runs the ``atexit`` functions
+    (``logging.shutdown``, ``weakref.finalize`` clean-ups, ``tempfile``'s); then it collects
+    garbage and tears every module down, which with Celery, psycopg and pydantic or boto3
+    loaded takes 150-200 ms (measured on ``backup``: 0.15-0.20 s, 0.012 s without) of a
+    command the operator, or a benchmark, waits for. ``_exit_after_atexit`` is registered
+    before any other ``atexit`` function, so it runs after all of them and leaves only that
+    last part out. A command that raised (a bug: ``main`` maps every expected error to a code)
+    exits as Python would, traceback included.
+    """
+    atexit.register(_exit_after_atexit)
+    code = main()
+    _exit_code.append(code)
+    sys.exit(code)
+
+
+# ``main``'s code once it returned (at most one): ``_exit_after_atexit`` exits with it.
+_exit_code: list[int] = []
+
+
+def _exit_after_atexit() -> None:
+    if _exit_code:
+        if "logging" in sys.modules:  # its own atexit function may have been registered first
+            import logging
+
+            logging.shutdown()
+        leave(_exit_code[0])
+
+
 def main() -> int:
+    """Run the command line in ``sys.argv``; its exit code (``coordinator.cli.exitcodes``)."""
     argv = sys.argv[1:]
     answers = {"wal-push": wal_push_confirmed, "wal-fetch": wal_fetch_from_spool}
     answer = answers.get(argv[0]) if argv else None
