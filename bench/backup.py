@@ -1,6 +1,9 @@
 """Backup and restore throughput of cloud-dump against pg_basebackup, on a pgbench database.
 
-One PostgreSQL 15 cluster (Debian's build) with ``pgbench -i -s SCALE`` (logged tables), a
+One PostgreSQL 15 cluster (Debian's build) with ``pgbench -i -s SCALE`` (logged tables) and,
+with ``--noise-rows N``, a table of N rows of md5 text beside it (``--dataset prod`` is
+bench-peers' ``prod``: scale 50 and 4M rows, 1.35 GB that zstd shrinks ~4.8x where pgbench's
+blank filler shrinks ~22x: mixed data, on which issue 12's same-compression target is judged), a
 private Redis, a moto S3 server and two sets of two Celery workers (``-c 1`` each): one set
 writes to a local directory, the other to moto (each set on its own Redis database, so a set
 only ever sees its own target's tasks). Each round runs, in this order::
@@ -24,8 +27,9 @@ restore's) from ``os.wait4``, each worker process's VmHWM from /proc (main proce
 children, if any), and their sum with Redis's: the memory of everything a backup runs.
 
 Usage (as root, from the repository): ``.venv/bin/python bench/backup.py [--scale 100]
-[--rounds 3] [--skip-restore] [--broker-delay-ms 25 | --skip-far-broker]``. Everything it
-starts is stopped by PID, and its temporary directories removed, also on Ctrl-C or SIGTERM.
+[--noise-rows 0 | --dataset prod] [--rounds 3] [--skip-restore] [--broker-delay-ms 25 |
+--skip-far-broker]``. Everything it starts is stopped by PID, and its temporary directories
+removed, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ WORKER_RSS_TARGET = 150 * MB
 SAME_COMPRESSION_RATIO_TARGET = 0.9
 FAR_BROKER_RATIO_TARGET = 0.8
 BACKUP_MEMORY_TARGET = 350 * MB
+# bench-peers' datasets (its setup_pg.sh): pgbench scale, rows of md5 text.
+DATASETS = {"pgbench": (100, 0), "prod": (50, 4_000_000)}
 # The issue's broker distance is a 50 ms round trip: half of it each way through the proxy.
 FAR_BROKER_ONE_WAY_MS = 25.0
 
@@ -108,6 +114,7 @@ B_PLAIN = "pg_basebackup -Ft (uncompressed)"
 B_ZSTD = "pg_basebackup --compress=server-zstd"
 B_SAME = f"pg_basebackup --compress={server_compression()}"
 B_LOCAL = "cloud-dump backup -> local dir"
+B_EMBEDDED = "cloud-dump backup -> local dir, no broker"
 B_S3 = "cloud-dump backup -> S3 (moto)"
 R_TAR = "zstd -dc | tar -x ; sync"
 R_LOCAL = "cloud-dump restore <- local dir"
@@ -200,7 +207,9 @@ class Bench:
         self.cluster = start_cluster(PG_MAJOR)
         self.stack.callback(self.cluster.destroy)
         cluster = self.cluster
-        print(f"PostgreSQL {PG_MAJOR} on port {cluster.port}; pgbench -i -q -s {self.args.scale}")
+        noise = self.args.noise_rows
+        print(f"PostgreSQL {PG_MAJOR} on port {cluster.port}; pgbench -i -q -s {self.args.scale}"
+              + (f", {noise:,} rows of md5 text" if noise else ""))  # fmt: skip
         started = time.perf_counter()
         run_timed(
             [str(cluster.bin_dir / "pgbench"), "-i", "-q", "-s", str(self.args.scale),
@@ -209,6 +218,14 @@ class Bench:
             self.logs / "pgbench.log",
             what="pgbench -i",
         )  # fmt: skip
+        if noise:
+            # bench-peers' setup_pg.sh, DATASET=prod: text that compresses ~3-5x, frozen so
+            # that no backup sees hint bits being set.
+            cluster.sql(
+                "CREATE TABLE noise AS SELECT g id, md5(random()::text)||md5(random()::text) a, "
+                "md5(random()::text) b FROM generate_series(1, %s) g", [noise]
+            )
+            cluster.sql("VACUUM (FREEZE, ANALYZE) noise")
         cluster.sql("CHECKPOINT")
         self.db_size = int(
             cluster.sql("SELECT sum(pg_database_size(datname)) FROM pg_database")[0][0]
@@ -377,6 +394,21 @@ class Bench:
         self.sets[kind].record_peak_rss()
         return timed
 
+    def cloud_dump_backup_embedded(self, name: str) -> Timed:
+        """One backup to the local directory with no broker: the parts are written by threads
+        of the command itself (``coordinator.runner.EmbeddedRunner``), nothing staged."""
+        assert self.cluster is not None
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CLOUD_DUMP_BROKER_URL", "CLOUD_DUMP_RESULT_BACKEND",
+                            "CLOUD_DUMP_STAGING_URL")}  # fmt: skip
+        env["CLOUD_DUMP_DB_URL"] = self.cluster.replication_url()
+        return run_timed(
+            [CLOUD_DUMP, "backup", "--name", name, "--storage", self.local_url, "--no-progress"],
+            self.logs / "backup-embedded.log",
+            env=env,
+            what="cloud-dump backup to local, no broker",
+        )
+
     def cloud_dump_restore(self, name: str, kind: str, target: Path) -> Timed:
         argv = [CLOUD_DUMP, "restore", "--name", name, "--pgdata", str(target)]
         env = dict(os.environ)
@@ -415,6 +447,7 @@ class Bench:
         here.mkdir()
         plain, zstd, same = here / "pgbb-plain", here / "pgbb-zstd", here / "pgbb-same"
         local_name, far_name, s3_name = f"r{number}-local", f"r{number}-far", f"r{number}-s3"
+        embedded_name = f"r{number}-embedded"
 
         self.measure(B_PLAIN, lambda: self.pg_basebackup(plain, None),
                      lambda: directory_bytes(plain))  # fmt: skip
@@ -426,6 +459,9 @@ class Bench:
         shutil.rmtree(same)
         self.measure(B_LOCAL, lambda: self.cloud_dump_backup(local_name, "local"),
                      lambda: directory_bytes(self.local_root / local_name))  # fmt: skip
+        self.measure(B_EMBEDDED, lambda: self.cloud_dump_backup_embedded(embedded_name),
+                     lambda: directory_bytes(self.local_root / embedded_name))  # fmt: skip
+        shutil.rmtree(self.local_root / embedded_name)
         if self.proxy_pid is not None:
             self.measure(self.far_case, lambda: self.cloud_dump_backup(far_name, "local", True),
                          lambda: directory_bytes(self.local_root / far_name))  # fmt: skip
@@ -460,8 +496,9 @@ class Bench:
         rounds = len(self.samples[B_PLAIN])
         print()
         print(
-            f"=== results: database {mb(self.db_size)} MB (pgbench scale {self.args.scale}, "
-            f"PostgreSQL {PG_MAJOR}), medians of {rounds} round(s); MB = 10^6 bytes ==="
+            f"=== results: database {mb(self.db_size)} MB (pgbench scale {self.args.scale}"
+            + (f" and {self.args.noise_rows:,} rows of md5 text" if self.args.noise_rows else "")
+            + f", PostgreSQL {PG_MAJOR}), medians of {rounds} round(s); MB = 10^6 bytes ==="
         )
         header = (
             f"{'case':{CASE_WIDTH}} {'wall s':>7} {'MB/s':>6} {'(min-max)':>11} {'stored MB':>9} "
@@ -499,6 +536,12 @@ class Bench:
             (
                 f"{B_LOCAL} / pg_basebackup same compression",
                 local / same,
+                SAME_COMPRESSION_RATIO_TARGET,
+                "issue 12",
+            ),
+            (
+                f"{B_EMBEDDED} / pg_basebackup same compression",
+                self.throughput(B_EMBEDDED) / same,
                 SAME_COMPRESSION_RATIO_TARGET,
                 "issue 12",
             ),
@@ -623,7 +666,13 @@ def _session_args() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=100, help="pgbench scale (default 100)")
+    parser.add_argument("--scale", type=int, default=None, help="pgbench scale (default 100)")
+    parser.add_argument("--noise-rows", type=int, default=None,
+                        help="rows of md5 text beside pgbench's tables (default 0)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS),
+                        help="bench-peers' datasets: pgbench (scale 100) or prod (scale 50 and "
+                             "4,000,000 rows of md5 text, mixed data); --scale and --noise-rows "
+                             "change them")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--skip-restore", action="store_true", help="time backups only")
     parser.add_argument("--broker-delay-ms", type=float, default=FAR_BROKER_ONE_WAY_MS,
@@ -634,13 +683,19 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true",
                         help="copy the logs to ./bench-logs-<time> at the end")  # fmt: skip
     args = parser.parse_args()
+    scale, noise_rows = DATASETS[args.dataset or "pgbench"]
+    args.scale = scale if args.scale is None else args.scale
+    args.noise_rows = noise_rows if args.noise_rows is None else args.noise_rows
+    if args.noise_rows < 0:
+        parser.error("--noise-rows must be at least 0")
     if args.scale < 1 or args.rounds < 1:
         parser.error("--scale and --rounds must be at least 1")
     if args.broker_delay_ms < 0:
         parser.error("--broker-delay-ms must be at least 0")
     started = time.monotonic()
     print(
-        f"bench/backup.py: scale {args.scale}, {args.rounds} round(s), {os.cpu_count()} CPUs, "
+        f"bench/backup.py: scale {args.scale}, {args.noise_rows:,} noise rows, "
+        f"{args.rounds} round(s), {os.cpu_count()} CPUs, "
         f"load average at start {load_average()}",
         flush=True,
     )
