@@ -88,7 +88,7 @@ class ArchiveCheckResult(BaseModel):
     key: str
     files: int = 0
     bytes_read: int = 0  # stored bytes read back
-    bytes_checked: int = 0  # bytes of the files in the archive
+    bytes_checked: int = 0  # bytes of the files in the archive that backup_manifest lists
     problems: list[str] = Field(default_factory=list)
 
 
@@ -200,9 +200,13 @@ def check_archive(
                 reader.drain()  # each stored object's sha256 is checked at its end
             finally:  # what was read, up to a failure too
                 result.bytes_read = reader.bytes_read
-        result.files = len(walked.files)
-        result.bytes_checked = walked.bytes
         mine = [e for e in entries if _holds(request, e.path)]
+        # Counted as checked: the files backup_manifest lists, as restore counts them. The WAL
+        # base.tar carries (pg_wal/) is not listed: the object's SHA-256 covers it.
+        listed = {e.path for e in mine}
+        checked = [facts for path, facts in walked.files.items() if path in listed]
+        result.files = len(checked)
+        result.bytes_checked = sum(facts.size for facts in checked)
         problems = manifest_problems(mine, walked.files, verb="found in its archive")
         result.problems += [f"{what}: {problem}" for problem in problems]
     except (IntegrityError, DecryptionFailed) as exc:

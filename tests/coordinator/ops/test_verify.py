@@ -308,6 +308,11 @@ def test_deep_passes_intact_backups_of_every_kind(archived: Archived, tmp_path: 
     for backup in report["backups"]:
         assert backup["ok"] and backup["files_checked"] > 900, backup  # a whole PGDATA each
         assert backup["file_bytes_checked"] > 20 * 1024 * 1024
+        manifest = archived.manifest(store, backup["name"])
+        if not manifest.encrypted:  # the count is backup_manifest's, as restore reports it
+            listed = json.loads((store / manifest.backup_manifest_key).read_bytes())["Files"]
+            assert backup["files_checked"] == len(listed), backup
+            assert backup["file_bytes_checked"] == sum(f["Size"] for f in listed), backup
     assert report["wal"]["ok"] and report["wal"]["segments_read"] >= 6, report["wal"]
     code, out, err = verify(store, "--deep", "--parallel", "2", *archived.key_flags())
     assert code == 0 and "files (" in out and "checked against backup_manifest" in out, out + err
