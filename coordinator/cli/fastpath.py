@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import NoReturn
 
 from coordinator.cli.limits import DEFAULT_LOOK_AHEAD, DEFAULT_PREFETCH
 from coordinator.wal.push.marker import MARKER_DIR, archive_location, marker_answers
@@ -55,7 +54,7 @@ _ENV = {
 }
 
 
-def entry() -> NoReturn:
+def entry() -> None:
     """The ``cloud-dump`` console script: ``main``, then an exit that skips the interpreter's
     last teardown.
 
