@@ -217,13 +217,17 @@ class Storage(Protocol):
         data: bytes | PartBody,
         *,
         sha256: str,
+        offset: int | None = None,
     ) -> UploadedPart:
         """Store part ``part_number`` (1-based); ``sha256`` is the hex digest of ``data``.
 
-        ``data``: the bytes, or a ``PartBody`` read as they are sent. Raises
-        ``ChecksumMismatch`` when the bytes do not match ``sha256`` (the store verifies it
-        where it can; a backend that cannot sends it along for the store to check), and
-        whatever a ``PartBody`` raises while it is read.
+        ``data``: the bytes, or a ``PartBody`` read as they are sent. ``offset``: where the
+        part will start in the completed object (bytes), when the caller knows it because
+        every part before it has the same size; a store that can write the part there at once
+        does (the local one: completing then moves no bytes), S3 ignores it. Completion takes
+        the parts it is given either way. Raises ``ChecksumMismatch`` when the bytes do not
+        match ``sha256`` (the store verifies it where it can; a backend that cannot sends it
+        along for the store to check), and whatever a ``PartBody`` raises while it is read.
         """
         ...
 

@@ -351,6 +351,7 @@ class S3Storage:
         data: bytes | PartBody,
         *,
         sha256: str,
+        offset: int | None = None,  # S3 places parts itself, at completion
     ) -> UploadedPart:
         self._check_part_number(part_number)
         size = len(data)

@@ -101,6 +101,9 @@ class UploadPartRequest(StorageBound):
     size: int
     sha256: str
     ref: str
+    # Where the part starts in its object (bytes; storage.base.Storage.upload_part). None from
+    # a coordinator that does not say: the store places the part at completion.
+    offset: int | None = None
 
     def facts(self) -> dict[str, object]:
         return archive_facts(self.key) | {"part": self.part_number, "bytes": self.size}
@@ -242,8 +245,9 @@ def upload_part(storage: Storage, stage: Stage, request: UploadPartRequest) -> U
         what=f"staged part {request.part_number} of '{request.key}'",
     )  # fmt: skip
     part = storage.upload_part(
-        request.key, request.upload_id, request.part_number, body, sha256=request.sha256
-    )
+        request.key, request.upload_id, request.part_number, body, sha256=request.sha256,
+        offset=request.offset,
+    )  # fmt: skip
     return UploadPartResult(
         part_number=part.part_number, etag=part.etag, size=part.size, sha256=part.sha256
     )

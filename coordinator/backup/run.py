@@ -200,7 +200,9 @@ class _Run:
             if index == len(current.objects):  # the store's part limit: on in a new object
                 current.objects.append(self.open_object(Layout.archive_object_key(key, index)))
             stored = current.objects[index]
-            self.window.submit(stored.key, stored.opening, within, data, sha256)
+            # Every part before this one in its object has the sizer's size (PartSizer).
+            offset = (within - 1) * sizer.part_bytes
+            self.window.submit(stored.key, stored.opening, within, data, sha256, offset)
             self.progress.stored(len(data))
 
         writer = ArchiveWriter(

@@ -63,9 +63,16 @@ class PartWindow:
     _pool: ThreadPoolExecutor | None = None
 
     def submit(
-        self, key: str, upload_id: Future[str], part_number: int, data: bytes, sha256: str
+        self,
+        key: str,
+        upload_id: Future[str],
+        part_number: int,
+        data: bytes,
+        sha256: str,
+        offset: int | None = None,
     ) -> None:
-        """Stage and send one part; blocks while the window is full.
+        """Stage and send one part (``offset``: where it starts in the object, in bytes, when
+        known); blocks while the window is full.
 
         ``upload_id`` is the opening of ``key``'s multipart upload, waited for by the sender,
         not here: the thread cutting parts goes on reading the stream while the upload is
@@ -81,7 +88,7 @@ class PartWindow:
             def send() -> Handle:
                 request = UploadPartRequest(
                     key=key, upload_id=self._opened(upload_id), part_number=part_number,
-                    size=len(data), sha256=sha256, ref=ref,
+                    size=len(data), sha256=sha256, ref=ref, offset=offset,
                 )  # fmt: skip
                 return self.work.upload_part(request, data)
 

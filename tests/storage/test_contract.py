@@ -245,14 +245,20 @@ def test_list_does_not_show_multipart_uploads_in_progress(storage: Storage) -> N
 
 
 def upload_part_in_child(
-    url: str, options: StorageOptions, key: str, upload_id: str, part_number: int, size: int
+    url: str,
+    options: StorageOptions,
+    key: str,
+    upload_id: str,
+    part_number: int,
+    size: int,
+    offset: int | None = None,
 ) -> tuple[int, UploadedPart]:
     """Runs in a spawned process: open the store afresh, as a worker would, and upload."""
     data = payload(part_number, size)
     store = open_storage(url, options)
     try:
         return os.getpid(), store.upload_part(
-            key, upload_id, part_number, data, sha256=sha256_hex(data)
+            key, upload_id, part_number, data, sha256=sha256_hex(data), offset=offset
         )
     finally:
         store.close()
@@ -268,9 +274,12 @@ def complete_in_child(
         store.close()
 
 
+@pytest.mark.parametrize("offsets", [False, True], ids=["no-offsets", "offsets-given"])
 def test_multipart_from_separate_processes_assembles_the_exact_bytes(
-    storage_target: StorageTarget, storage: Storage
+    storage_target: StorageTarget, storage: Storage, offsets: bool
 ) -> None:
+    """Parts sent in reverse order, each by a process of its own; with their offsets, the
+    local store writes them in place."""
     key = "backup-1/base.tar.zst"
     sizes = {1: PART_BYTES, 2: PART_BYTES, 3: 12345}
     upload_id = storage.create_multipart(key)
@@ -286,11 +295,12 @@ def test_multipart_from_separate_processes_assembles_the_exact_bytes(
                 upload_id,
                 n,
                 sizes[n],
+                (n - 1) * PART_BYTES if offsets else None,
             )
-            for n in (1, 2, 3)
+            for n in (3, 2, 1)
         ]
         results = [f.result(timeout=120) for f in uploads]
-        parts = [part for _, part in results]
+        parts = sorted((part for _, part in results), key=lambda part: part.part_number)
         completion = executors[3].submit(
             complete_in_child, storage_target.url, storage_target.options, key, upload_id, parts
         )
@@ -335,14 +345,20 @@ def test_a_single_small_part_is_a_valid_last_part(storage: Storage) -> None:
     assert storage.get("tiny") == b"abc"
 
 
-def test_reuploading_a_part_number_replaces_the_part(storage: Storage) -> None:
+@pytest.mark.parametrize("offsets", [False, True], ids=["no-offsets", "offsets-given"])
+def test_reuploading_a_part_number_replaces_the_part(storage: Storage, offsets: bool) -> None:
     key = "re/upload"
     upload_id = storage.create_multipart(key)
     first, second, tail = payload(1, PART_BYTES), payload(2, PART_BYTES), b"tail"
-    storage.upload_part(key, upload_id, 1, first, sha256=sha256_hex(first))
-    replacement = storage.upload_part(key, upload_id, 1, second, sha256=sha256_hex(second))
-    last = storage.upload_part(key, upload_id, 2, tail, sha256=sha256_hex(tail))
+    at_1, at_2 = (0, PART_BYTES) if offsets else (None, None)
+    stale = storage.upload_part(key, upload_id, 1, first, sha256=sha256_hex(first), offset=at_1)
+    replacement = storage.upload_part(
+        key, upload_id, 1, second, sha256=sha256_hex(second), offset=at_1
+    )
+    last = storage.upload_part(key, upload_id, 2, tail, sha256=sha256_hex(tail), offset=at_2)
 
+    with pytest.raises(StorageError):  # S3's InvalidPart: the part was replaced since
+        storage.complete_multipart(key, upload_id, [stale, last])
     storage.complete_multipart(key, upload_id, [replacement, last])
 
     assert storage.get(key) == second + tail
