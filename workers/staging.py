@@ -84,8 +84,19 @@ class MemoryStage:
                 raise StagedPayloadMissing(f"staged payload '{ref}' is gone") from None
 
     def open_part(self, ref: str, *, size: int, sha256: str, what: str) -> PartBody:
+        """The staged part, checked by its size alone when it is ``bytes``.
+
+        Bytes staged here never left this process: the coordinator hashed this very object a
+        moment ago (``coordinator.backup.parts.PartThread``) and ``bytes`` cannot change, so
+        hashing it again could only catch a part staged under the wrong reference, which its
+        size and the whole object's SHA-256 (checked by ``restore`` and ``verify`` as they read
+        it) catch too. That pass cost a no-broker backup 0.3 CPU s per 280 MB stored, on the
+        two cores the server's compression needs. A mutable payload is hashed.
+        """
         data = self.get(ref)
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256.lower():
+        if len(data) != size or (
+            not isinstance(data, bytes) and hashlib.sha256(data).hexdigest() != sha256.lower()
+        ):
             raise ChecksumMismatch(f"{what} does not match its checksum")
         return _BytesBody(data, sha256.lower())
 
