@@ -17,7 +17,6 @@ staged payloads deleted, so nothing is left that looks like a backup.
 from __future__ import annotations
 
 import base64
-import importlib.metadata
 import logging
 import threading
 import time
@@ -42,6 +41,7 @@ from coordinator.backup.window import PartWindow
 from coordinator.backup.work import BackupWork
 from coordinator.codecs import DEFAULT_COMPRESSION, codec, compressed_by
 from coordinator.crypto import encrypt_bytes, generate_identity, unwrap_identity, wrap_identity
+from coordinator.toolversion import tool_version
 from storage.base import Capabilities, sha256_hex
 from storage.errors import CloudDumpError, DecryptionFailed, WalConflict
 from storage.layout import DEFAULT_WAL_PREFIX, Layout
@@ -478,7 +478,7 @@ def _build_manifest(
         format_version=version_for(encryption, archives),
         name=plan.name,
         cluster=plan.cluster,
-        tool_version=_tool_version(),
+        tool_version=tool_version(),
         pg_version=system.server_version,
         pg_version_num=system.server_version_num,
         system_identifier=system.system_identifier,
@@ -595,13 +595,6 @@ def _opened_uploads(run: _Run) -> list[ArchiveUpload]:
         except Exception as exc:  # never opened: nothing to abort
             log.debug("the upload of '%s' was not opened: %r", stored.key, exc)
     return uploads
-
-
-def _tool_version() -> str:
-    try:
-        return importlib.metadata.version("cloud-dump")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _now() -> datetime:

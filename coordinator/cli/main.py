@@ -21,6 +21,7 @@ from coordinator.cli.exitcodes import ExitCode, exit_code_for, help_epilog
 from coordinator.cli.limits import env_only_problems, flag_problem
 from coordinator.cli.seed import apply_seed_variables
 from coordinator.logs import setup_cli_logging
+from coordinator.toolversion import tool_version
 from options.declared import (
     BACKUP,
     BOOL,
@@ -295,15 +296,22 @@ def _add_command(commands: _Subparsers, command: str) -> None:
         _add_option(command, target, option)
 
 
-def _version() -> str:
-    """The installed distribution's version (pyproject.toml), or "unknown" when run from a
-    source tree that was never installed."""
-    from importlib.metadata import PackageNotFoundError, version
+class _VersionAction(argparse.Action):
+    """``-V``/``--version``, with the version looked up only when it is asked for."""
 
-    try:
-        return version("cloud-dump")
-    except PackageNotFoundError:
-        return "unknown"
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str | None = None) -> None:  # fmt: skip
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser._print_message(f"{parser.prog} {tool_version()}\n", sys.stdout)
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         "point-in-time restore, with a Celery worker pool doing the uploads.",
         epilog=help_epilog(),
     )
-    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-V", "--version", action=_VersionAction,
+                        help="show program's version number and exit")  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_CommandParser)  # fmt: skip
     for command in COMMANDS:
