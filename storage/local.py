@@ -117,6 +117,9 @@ _NO_KERNEL_COPY_ERRNOS = frozenset(
 # A file only this call creates (a claim, an upload's ``object``): never one that is there.
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# flock refused by the file system, not by another holder: no locking there.
+_NO_LOCK_ERRNOS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
 # Errors that retrying cannot fix: the operator must change permissions, space or the path.
 _PERMANENT_ERRNOS = frozenset(
     {
@@ -362,9 +365,11 @@ class LocalStorage:
         with self._translated("write", path):
             if offset is not None and _claim(upload_dir, part_number):
                 where = _Placement(part_number, offset, size, expected)
-                if not _write_in_place(upload_dir, where, data, checked):
+                placed = _write_in_place(upload_dir, where, data, checked)
+                if placed is False:
                     raise _upload_not_found(key, upload_id)
-                return UploadedPart(part_number, expected, size, expected)
+                if placed:
+                    return UploadedPart(part_number, expected, size, expected)
             try:
                 # No mkdir here: a missing directory means the upload was aborted meanwhile.
                 write_atomically(path, write, mode=None)
@@ -385,13 +390,14 @@ class LocalStorage:
             placed_fd: int | None = None
             with contextlib.suppress(FileNotFoundError):  # an upload begun before in-place parts
                 placed_fd = os.open(in_place, os.O_RDWR | os.O_CLOEXEC)
+            locked = False
             if placed_fd is not None:
                 held.callback(os.close, placed_fd)
                 # Until the upload is discarded: no part's writer is writing or recording now,
                 # and none will write into the file once it is renamed onto the key.
-                fcntl.flock(placed_fd, fcntl.LOCK_EX)
+                locked = _lock(placed_fd, fcntl.LOCK_EX)
             sources = self._check_parts(key, upload_id, upload_dir, parts)
-            if placed_fd is not None and _tiled(upload_dir, sources):
+            if placed_fd is not None and locked and _tiled(upload_dir, sources):
                 os.ftruncate(placed_fd, sum(source.size for source in sources))
                 os.fsync(placed_fd)  # the parts' data is synced already: the size, if it changed
                 _rename_into_place(in_place, target)
@@ -681,11 +687,25 @@ def _claim(upload_dir: Path, part_number: int) -> bool:
     return True
 
 
+def _lock(fd: int, operation: int) -> bool:
+    """``flock`` ``fd``; False where the file system has no locks (an NFS mount without a
+    lock manager answers ENOLCK): parts are then written as files of their own and completion
+    assembles them, which needs no lock."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as exc:
+        if exc.errno in _NO_LOCK_ERRNOS:
+            return False
+        raise
+    return True
+
+
 def _write_in_place(
     upload_dir: Path, where: _Placement, data: bytes | PartBody, checked: bool
-) -> bool:
-    """Write a part at its offset in ``object`` and sync it, then record where it is; False
-    when the upload is gone (completed or aborted meanwhile).
+) -> bool | None:
+    """Write a part at its offset in ``object`` and sync it, then record where it is: True.
+    False when the upload is gone (completed or aborted meanwhile); None, with nothing
+    written, where ``object`` cannot be locked (the caller writes a part file instead).
 
     ``checked``: ``data`` checks itself against ``where.sha256`` (``PartBody``); else it is
     hashed here. Raises ``ChecksumMismatch`` with nothing recorded."""
@@ -695,7 +715,8 @@ def _write_in_place(
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # completion waits for this part to be recorded
+        if not _lock(fd, fcntl.LOCK_SH):  # completion waits for this part to be recorded
+            return None
         try:
             if path.stat().st_ino != os.fstat(fd).st_ino:
                 return False  # completed and begun again: not our file any more

@@ -9,7 +9,9 @@ refuse with nothing stored.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import os
 import random
 import threading
 from pathlib import Path
@@ -307,3 +309,26 @@ def _lock_waiter(inode: str) -> bool:
     """Whether some process waits for a lock on the file with inode ``inode`` (":N ")."""
     return any("->" in line and inode in line
                for line in Path("/proc/locks").read_text().splitlines())  # fmt: skip
+
+
+def test_a_file_system_without_locks_stores_parts_as_files(
+    root: Path, store: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stub: an NFS mount without a lock manager answers ENOLCK to flock, which no file system
+    here does. Parts sent with offsets are then stored as files of their own and assembled."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    key = "b1/base.tar.zst"
+    upload_id = store.create_multipart(key)
+    chunks = [payload(1, PART), payload(2, 10)]
+    parts = [upload(store, key, upload_id, n, chunks[n - 1], (n - 1) * PART) for n in (1, 2)]
+    assert sorted(p.name for p in (root / UPLOADS_DIR / upload_id).glob("part-*")) == [
+        "part-00001", "part-00002"
+    ]
+
+    store.complete_multipart(key, upload_id, parts)
+
+    assert store.get(key) == b"".join(chunks)
