@@ -723,7 +723,7 @@ def _write_in_place(
         except FileNotFoundError:
             return False  # renamed onto the key, or discarded, before we got here
         digest = hashlib.sha256()
-        position = where.offset
+        position, end = where.offset, where.offset + where.size
         if isinstance(data, (bytes, bytearray, memoryview)):
             chunks: Iterator[bytes | bytearray | memoryview] = iter((data,))
         else:
@@ -732,11 +732,13 @@ def _write_in_place(
             if not checked:
                 digest.update(chunk)
             view = memoryview(chunk)
+            if position + len(view) > end:  # never into the next part's place
+                raise ChecksumMismatch(f"part {where.part_number} is over {where.size} bytes")
             while view:
                 written = os.pwrite(fd, view, position)
                 view = view[written:]
                 position += written
-        if position - where.offset != where.size:
+        if position != end:
             raise ChecksumMismatch(
                 f"part {where.part_number} is {position - where.offset} bytes, not {where.size}"
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import random
 import threading
@@ -332,3 +333,36 @@ def test_a_file_system_without_locks_stores_parts_as_files(
     store.complete_multipart(key, upload_id, parts)
 
     assert store.get(key) == b"".join(chunks)
+
+
+class _LongBody(io.BytesIO):
+    """A PartBody that hands out more bytes than its length says (a broken reader): the
+    store must not write them into the next part's place."""
+
+    failure: Exception | None = None
+
+    def __init__(self, data: bytes, claimed: int) -> None:
+        super().__init__(data)
+        self._claimed = claimed
+        self.sha256 = sha256_hex(data[:claimed])
+
+    def __len__(self) -> int:
+        return self._claimed
+
+
+def test_a_part_longer_than_its_size_never_writes_into_the_next_place(
+    root: Path, store: Storage
+) -> None:
+    key = "b1/base.tar.zst"
+    upload_id = store.create_multipart(key)
+    first, second = payload(1, PART), payload(2, 10)
+    part_2 = upload(store, key, upload_id, 2, second, PART)
+    body = _LongBody(first + b"x" * 5, PART)
+
+    with pytest.raises(ChecksumMismatch):
+        store.upload_part(key, upload_id, 1, body, sha256=body.sha256, offset=0)
+    parts = [upload(store, key, upload_id, 1, first, 0), part_2]
+
+    store.complete_multipart(key, upload_id, parts)
+
+    assert store.get(key) == first + second
