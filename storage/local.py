@@ -102,6 +102,9 @@ UPLOADS_DIR = ".cloud-dump-uploads"
 _META_NAME = "meta.json"
 _IN_PLACE_NAME = "object"  # the object its parts are written into, at their offsets
 _CLAIM_SUFFIX = ".claim"
+# An upload being built is TMP_PREFIX + this + its id; one this old was left by a dead process.
+_STAGING_INFIX = "new-"
+_STALE_STAGING_S = 3600.0
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 _COPY_CHUNK_BYTES = 1024 * 1024
 # Object metadata lives in an extended attribute of the object's own file.
@@ -133,6 +136,7 @@ _PERMANENT_ERRNOS = frozenset(
         errno.ENAMETOOLONG,
         errno.EEXIST,
         errno.ENOTSUP,
+        errno.EXDEV,  # a rename across mounts never succeeds on retry
     }
 )
 # On a read, these mean "there is no object under that key" (S3 would answer 404).
@@ -305,7 +309,9 @@ class LocalStorage:
         self._path(key)
         upload_id = uuid.uuid4().hex
         uploads = self._root / UPLOADS_DIR
-        staging = uploads / f"{TMP_PREFIX}{upload_id}"
+        # Not TMP_PREFIX + id: that is a discarded upload, which any discard sweeps away, and
+        # another backup's discard would remove this one while it is being built.
+        staging = uploads / f"{TMP_PREFIX}{_STAGING_INFIX}{upload_id}"
         meta = {"key": key, "initiated_ns": time.time_ns()}
         with self._translated("write", staging):
             self._require_root()
@@ -362,7 +368,8 @@ class LocalStorage:
             _record_part_sha256(out, expected)
 
         path = upload_dir / _part_name(part_number)
-        with self._translated("write", path):
+        # Errors name the file written: the upload's ``object`` (or the part's record there).
+        with self._translated("write", upload_dir / _IN_PLACE_NAME):
             if offset is not None and _claim(upload_dir, part_number):
                 where = _Placement(part_number, offset, size, expected)
                 placed = _write_in_place(upload_dir, where, data, checked)
@@ -370,6 +377,7 @@ class LocalStorage:
                     raise _upload_not_found(key, upload_id)
                 if placed:
                     return UploadedPart(part_number, expected, size, expected)
+        with self._translated("write", path):
             try:
                 # No mkdir here: a missing directory means the upload was aborted meanwhile.
                 write_atomically(path, write, mode=None)
@@ -397,11 +405,13 @@ class LocalStorage:
                 # and none will write into the file once it is renamed onto the key.
                 locked = _lock(placed_fd, fcntl.LOCK_EX)
             sources = self._check_parts(key, upload_id, upload_dir, parts)
-            if placed_fd is not None and locked and _tiled(upload_dir, sources):
-                os.ftruncate(placed_fd, sum(source.size for source in sources))
-                os.fsync(placed_fd)  # the parts' data is synced already: the size, if it changed
-                _rename_into_place(in_place, target)
-            else:
+            renamed = (
+                placed_fd is not None
+                and locked
+                and _tiled(upload_dir, sources)
+                and _rename_into_place(placed_fd, in_place, target, sources)
+            )
+            if not renamed:
 
                 def assemble(out: IO[bytes]) -> None:
                     out.flush()  # from here on the parts go to its descriptor, not its buffer
@@ -564,11 +574,17 @@ class LocalStorage:
         shutil.rmtree(doomed, ignore_errors=True)
         # And what an earlier discard left (killed, or a part it could not remove): nobody
         # lists or reads a renamed upload again, so it is removed whoever renamed it. Without
-        # this its parts held space that no listing, info or cleanup ever showed.
+        # this its parts held space that no listing, info or cleanup ever showed. An upload
+        # being built (``create_multipart``) is someone's for milliseconds: only one an hour
+        # old was left by a process that died building it.
         with contextlib.suppress(OSError):
             for left in upload_dir.parent.iterdir():
-                if left.name.startswith(TMP_PREFIX) and _is_upload_id(
-                    left.name.removeprefix(TMP_PREFIX)
+                name = left.name.removeprefix(TMP_PREFIX)
+                if name == left.name:
+                    continue
+                if _is_upload_id(name) or (
+                    _is_upload_id(name.removeprefix(_STAGING_INFIX))
+                    and time.time() - left.stat().st_mtime > _STALE_STAGING_S
                 ):
                     shutil.rmtree(left, ignore_errors=True)
 
@@ -784,9 +800,16 @@ def _tiled(upload_dir: Path, sources: Sequence[_Source]) -> bool:
     return taken == numbers
 
 
-def _rename_into_place(source: Path, target: Path) -> None:
-    """Rename ``source`` onto ``target`` and sync the directory, making the directory first;
-    made again once if a delete pruned it in between (``_prune_empty``)."""
+def _rename_into_place(
+    placed_fd: int, source: Path, target: Path, sources: Sequence[_Source]
+) -> bool:
+    """Make ``source`` (open as ``placed_fd``) the object: cut to the parts' size, synced,
+    renamed onto ``target``, the directory synced. The directory is made first, and again once
+    if a delete pruned it in between (``_prune_empty``). False, with ``source`` in place, when
+    ``target`` is on another file system (a key's directory mounted apart): the caller copies.
+    """
+    os.ftruncate(placed_fd, sum(part.size for part in sources))
+    os.fsync(placed_fd)  # the parts' data is synced already: the size, if it changed
     for attempt in (1, 2):
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -795,8 +818,13 @@ def _rename_into_place(source: Path, target: Path) -> None:
             if attempt == 2 or not source.exists():
                 raise
             continue
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return False
+            raise
         fsync_dir(target.parent)
-        return
+        return True
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _copy_placed(placed_fd: int, where: _Placement, out: int) -> str:

@@ -14,13 +14,21 @@ import fcntl
 import io
 import os
 import random
+import re
+import shutil
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.wait import wait_until
 from devrig.moto import local_target
+from storage import fsutil
+from storage import local as local_module
 from storage.base import MiB, Storage, UploadedPart, sha256_hex
 from storage.errors import ChecksumMismatch, ObjectNotFound, StorageError, UploadNotFound
 from storage.fsutil import TEMP_PREFIX
@@ -366,3 +374,102 @@ def test_a_part_longer_than_its_size_never_writes_into_the_next_place(
     store.complete_multipart(key, upload_id, parts)
 
     assert store.get(key) == first + second
+
+
+def test_a_key_on_another_file_system_is_copied_into_place(
+    root: Path, store: Storage, tmp_path: Path
+) -> None:
+    """A directory of the store mounted apart (here: a link to /dev/shm, a tmpfs): the upload's
+    file cannot be renamed there (EXDEV), so completion copies and checks the parts instead."""
+    elsewhere = Path("/dev/shm") / f"cloud-dump-test-{tmp_path.name}"
+    if not Path("/dev/shm").is_dir() or Path("/dev/shm").stat().st_dev == root.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's directory")
+    elsewhere.mkdir()
+    try:
+        (root / "cl").symlink_to(elsewhere)
+        key = "cl/b1/base.tar.zst"
+        upload_id = store.create_multipart(key)
+        chunks = [payload(1, PART), payload(2, 3)]
+        parts = [upload(store, key, upload_id, n, chunks[n - 1], (n - 1) * PART) for n in (1, 2)]
+
+        store.complete_multipart(key, upload_id, parts)
+
+        assert store.get(key) == b"".join(chunks)
+        assert (elsewhere / "b1" / "base.tar.zst").stat().st_dev != root.stat().st_dev
+        assert store.list_multipart_uploads("") == []
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_an_upload_being_opened_survives_another_uploads_discard(
+    root: Path, store: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two backups in one store: one completes or aborts an upload (which sweeps what earlier
+    discards left) while the other is opening one. The opening must not be swept away.
+
+    The interleaving is forced: the discard runs just as the opening writes its meta.json."""
+    finished = store.create_multipart("a/base.tar.zst")
+    real_write = fsutil.write_atomically  # what storage.local calls it by
+    interleaved: list[bool] = []
+
+    def write_then_discard(path: Path, *args: Any, **kwargs: Any) -> bool:
+        if path.name == "meta.json" and not interleaved:
+            interleaved.append(True)
+            store.abort_multipart("a/base.tar.zst", finished)
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(local_module, "write_atomically", write_then_discard)
+    opened = store.create_multipart("b/base.tar.zst")
+
+    assert interleaved
+    assert [u.upload_id for u in store.list_multipart_uploads("")] == [opened]
+    part = upload(store, "b/base.tar.zst", opened, 1, b"b", 0)
+    store.complete_multipart("b/base.tar.zst", opened, [part])
+    assert store.get("b/base.tar.zst") == b"b"
+
+
+def test_an_upload_left_half_opened_is_swept_once_stale(root: Path, store: Storage) -> None:
+    """A process that died while opening an upload left its directory being built: a discard
+    removes it once it is an hour old, not before."""
+    uploads = root / UPLOADS_DIR
+    uploads.mkdir()
+    stale = uploads / f"{TEMP_PREFIX}new-{'a' * 32}"
+    fresh = uploads / f"{TEMP_PREFIX}new-{'b' * 32}"
+    for left in (stale, fresh):
+        left.mkdir()
+        (left / "meta.json").write_text("{}")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+
+    store.abort_multipart("k", store.create_multipart("k"))
+
+    assert not stale.exists()
+    assert fresh.exists()
+
+
+def test_a_failed_write_in_place_names_the_file_written(tmp_path: Path) -> None:
+    """The store's file size limit (RLIMIT_FSIZE, set in a child process so that nothing else
+    is limited) makes the part's write fail with EFBIG: the error names the upload's object,
+    the file being written, not a part file that does not exist."""
+    code = f"""
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from devrig.moto import local_target
+from storage.base import sha256_hex
+from storage.errors import StorageError
+store = local_target(Path({str(tmp_path / "store")!r})).open()
+upload_id = store.create_multipart("k")
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, resource.RLIM_INFINITY))
+data = bytes(2 * 1024 * 1024)
+try:
+    store.upload_part("k", upload_id, 1, data, sha256=sha256_hex(data), offset=0)
+except StorageError as exc:
+    print(exc)
+    sys.exit(0)
+sys.exit("no error")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=60, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"cannot write '.*/object': file too large", done.stdout), done.stdout
