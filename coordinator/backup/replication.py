@@ -23,7 +23,9 @@ except the backup_manifest.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
 import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -259,12 +261,40 @@ class ReplicationConnection:
         try:
             if version < inplace.SENT_SINCE:
                 self._refuse_in_place_tablespaces(version, options.require_tablespace_check)
+            self._hold_wal(version)
             if version < NEW_FRAMING:
                 return self._run(replication_legacy.command(options), sink, "none")
             return self._run_with_fallback(options, sink)
         except BaseException:
             self.close()
             raise
+
+    def _hold_wal(self, version: int) -> None:
+        """Keep the WAL this backup will include from being removed while it runs.
+
+        BASE_BACKUP with WAL reads the segments from its start to its end out of pg_wal once
+        the files are sent; a checkpoint in between (another backup's, a busy server's, or any
+        once they are archived) may remove or recycle the first of them, and the backup then
+        fails with "requested WAL segment ... has already been removed". A temporary physical
+        slot reserving WAL, made on this connection, holds them from now on and goes away with
+        the connection (CREATE_REPLICATION_SLOT, "Streaming Replication Protocol" in the
+        PostgreSQL docs; pg_basebackup makes one for its WAL stream). Where none can be made
+        (max_replication_slots all taken, or 0), the backup goes on without and says so: what
+        it risks is that error, nothing worse.
+        """
+        # Slot names: lowercase letters, digits and underscores, at most 63 bytes.
+        name = f"cloud_dump_{os.getpid()}_{secrets.token_hex(4)}"
+        reserve = "(RESERVE_WAL)" if version >= NEW_FRAMING else "RESERVE_WAL"
+        command = f"CREATE_REPLICATION_SLOT {name} TEMPORARY PHYSICAL {reserve}".encode()
+        result = self._pgconn().exec_(command)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            failure = psycopg.errors.error_from_result(result)
+            log.warning(
+                "postgres at %s made no temporary replication slot for this backup (%s): a "
+                "checkpoint while it runs may remove WAL it includes; free a slot "
+                "(max_replication_slots) or keep WAL with wal_keep_size",
+                self._target, pgconn.message(failure),
+            )  # fmt: skip
 
     def _refuse_in_place_tablespaces(self, version: int, required: bool) -> None:
         """PG 13-15 send nothing of an in-place tablespace (``coordinator.backup.inplace``).

@@ -349,6 +349,64 @@ def test_server_gone_mid_stream_is_a_database_error(
     assert "\n" not in str(caught.value)
 
 
+class RecyclingSink(FileSink):
+    """At the first data it receives, has the server move past the backup's first WAL segment
+    and checkpoint, three times: without something holding that WAL, the checkpoints remove
+    or recycle it before BASE_BACKUP reads it at its end (another backup's checkpoint, or a
+    busy server's, does the same)."""
+
+    cluster: PgCluster
+
+    def write(self, data: memoryview) -> None:
+        if "recycled" not in self.events:
+            self.events.append("recycled")
+            self.cluster.sql("CREATE TABLE IF NOT EXISTS churn (x int)")
+            for _ in range(3):
+                self.cluster.sql("INSERT INTO churn SELECT generate_series(1, 1000)")
+                self.cluster.sql("SELECT pg_switch_wal()")
+                self.cluster.sql("CHECKPOINT")
+        super().write(data)
+
+
+@pytest.fixture(scope="module", params=MAJORS, ids=lambda major: f"pg{major}")
+def major(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+def test_checkpoints_during_a_backup_do_not_remove_the_wal_it_includes(
+    major: int, pg_factory: PgFactory, tmp_path: Path
+) -> None:
+    """The backup holds its WAL with a temporary replication slot while it runs."""
+    cluster = pg_factory(major, settings={"wal_keep_size": 0, "min_wal_size": "32MB"})
+    sink = RecyclingSink(tmp_path)
+    sink.cluster = cluster
+
+    with ReplicationConnection.connect(cluster.replication_url()) as conn:
+        result = conn.base_backup(BaseBackupOptions(label="held", server_compression="none"), sink)
+
+    assert "recycled" in sink.events
+    first_wal = f"pg_wal/{wal_file_name(result.start_timeline, result.start_lsn, 16 * MIB)}"
+    assert first_wal in tar_members(sink.paths["base"], "none")
+    # The slot went with the connection: nothing left holding WAL on the server.
+    assert cluster.sql("SELECT count(*) FROM pg_replication_slots")[0][0] == 0
+
+
+def test_a_backup_without_a_free_slot_goes_on_and_says_so(
+    pg_factory: PgFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = pg_factory(15, settings={"max_replication_slots": 0})
+
+    with caplog.at_level(logging.WARNING), ReplicationConnection.connect(
+        cluster.replication_url()
+    ) as conn:
+        result = conn.base_backup(BaseBackupOptions(label="unheld", server_compression="none"),
+                                  FileSink(tmp_path))  # fmt: skip
+
+    assert result.archives
+    assert "made no temporary replication slot" in caplog.text
+    assert "max_replication_slots" in caplog.text
+
+
 # --- LSNs and WAL file names -------------------------------------------------------------------
 
 
