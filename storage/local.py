@@ -416,7 +416,7 @@ class LocalStorage:
                 def assemble(out: IO[bytes]) -> None:
                     out.flush()  # from here on the parts go to its descriptor, not its buffer
                     for part, source in zip(parts, sources, strict=True):
-                        _append_part(source, out.fileno(), part, upload_id, placed_fd)
+                        _append_part(source, out.fileno(), part, upload_id)
 
                 _write(target, assemble)
             self._discard_upload_dir(upload_dir)
@@ -609,26 +609,26 @@ def _record_part_sha256(out: IO[bytes], sha256: str) -> None:
         os.setxattr(out.fileno(), _PART_SHA256_XATTR, sha256.encode())
 
 
-def _append_part(
-    source: _Source, out: int, part: UploadedPart, upload_id: str, placed_fd: int | None
-) -> None:
+def _append_part(source: _Source, out: int, part: UploadedPart, upload_id: str) -> None:
     """Append one part to the file open as ``out``, checking it is the part the caller
     uploaded (its ETag).
 
-    A part in place (in ``object``, open as ``placed_fd``) is read back, hashed and written
-    here: the assembly that needs it is the rare one (a part replaced, or uploaded without its
-    offset), and a writer that failed may have left other bytes in its place. A part file
+    A part in place (its range of ``object``) is read back, hashed and written here: the
+    assembly that needs it is the rare one (a part replaced, or uploaded without its offset),
+    and a writer that failed may have left other bytes in its place. A part file
     written with its SHA-256 recorded (``_PART_SHA256_XATTR``) is checked by that and copied by
     the kernel (``copy_file_range``: no pass through this process, which made completing a
     280 MB archive 0.76 s, now 0.3 s, most of it the fsync). A part file without one (a file
     system without user xattrs) is read, hashed and written here.
     """
     if source.placed is not None:
-        assert placed_fd is not None  # a placement is only read where the file was opened
-        if source.placed.sha256 != part.etag or _copy_placed(placed_fd, source.placed, out) != (
-            part.etag
-        ):
+        if source.placed.sha256 != part.etag:
             raise _part_replaced(part, upload_id)
+        with source.path.open("rb") as f:
+            f.seek(source.placed.offset)
+            # Shorter than recorded: the digest says so.
+            if _copy_hashed(cast("IO[bytes]", _Limited(f, source.size)), out) != part.etag:
+                raise _part_replaced(part, upload_id)
         return
     with source.path.open("rb") as f:
         try:
@@ -696,10 +696,8 @@ def _claim(upload_dir: Path, part_number: int) -> bool:
         return False
     try:
         os.close(os.open(upload_dir / _claim_name(part_number), _NEW_FILE_FLAGS, 0o666))
-    except FileExistsError:
-        return False
-    except FileNotFoundError:  # the upload is gone: ``_write_in_place`` finds it so
-        return True
+    except (FileExistsError, FileNotFoundError):  # taken; or the upload is gone, which the
+        return False  # part file's write then finds
     return True
 
 
@@ -827,28 +825,12 @@ def _rename_into_place(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _copy_placed(placed_fd: int, where: _Placement, out: int) -> str:
-    """Copy a part in place to the descriptor ``out``; the SHA-256 (hex) of what it copied."""
-    digest = hashlib.sha256()
-    position, end = where.offset, where.offset + where.size
-    while position < end:
-        chunk = os.pread(placed_fd, min(_COPY_CHUNK_BYTES, end - position), position)
-        if not chunk:
-            break  # shorter than recorded: the digest says so
-        digest.update(chunk)
-        write_all(out, chunk)
-        position += len(chunk)
-    return digest.hexdigest()
-
-
 def _copy_hashed(f: IO[bytes], out: int) -> str:
     """Copy the rest of ``f`` to the descriptor ``out``; the SHA-256 (hex) of what it copied."""
     digest = hashlib.sha256()
     while chunk := f.read(_COPY_CHUNK_BYTES):
         digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(out, view) :]
+        write_all(out, chunk)
     return digest.hexdigest()
 
 

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import io
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -29,16 +28,13 @@ from coordinator.wait import wait_until
 from devrig.moto import local_target
 from storage import fsutil
 from storage import local as local_module
-from storage.base import MiB, Storage, UploadedPart, sha256_hex
+from storage.base import Storage, UploadedPart, sha256_hex
 from storage.errors import ChecksumMismatch, ObjectNotFound, StorageError, UploadNotFound
 from storage.fsutil import TEMP_PREFIX
 from storage.local import UPLOADS_DIR
+from tests.storage.test_contract import PART_BYTES, payload
 
-PART = 5 * MiB  # S3's smallest part, which the local store also requires
-
-
-def payload(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+PART = PART_BYTES  # S3's smallest part, which the local store also requires
 
 
 @pytest.fixture
